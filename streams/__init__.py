@@ -1,0 +1,1 @@
+"""usage-stream: the Faust app, topics, event schema and codec, producer side."""

@@ -1,0 +1,102 @@
+"""Prometheus metrics (CONTRACT §7), prefix ``usage_stream_``, on one registry.
+
+``prometheus_client`` appends ``_total`` to counters itself, so counters are declared
+without it. ``REGISTRY`` is private to the app (no default process collectors twice).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import ProcessCollector
+
+from streams.event import REASONS
+
+__all__ = [
+    "CONSUMER_LAG",
+    "EVENTS_CONSUMED",
+    "EVENTS_DUPLICATE",
+    "EVENTS_INVALID",
+    "EVENTS_LATE",
+    "OPEN_DAYS",
+    "RAW_POINTS_WRITTEN",
+    "RAW_SINK_CIRCUIT_OPEN",
+    "RAW_WRITE_ERRORS",
+    "RAW_WRITE_SECONDS",
+    "REFRESH_LAST_SUCCESS",
+    "REFRESH_RUNS",
+    "REGISTRY",
+    "ROLLUP_SECONDS",
+    "SUMMARIES_WRITTEN",
+    "USD_PLN_RATE",
+    "render",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+
+_P = "usage_stream_"
+
+EVENTS_CONSUMED = Counter(
+    _P + "events_consumed", "Messages read from the usage topic", registry=REGISTRY
+)
+EVENTS_DUPLICATE = Counter(
+    _P + "events_duplicate", "Valid events dropped as duplicates of a request_id", registry=REGISTRY
+)
+EVENTS_INVALID = Counter(
+    _P + "events_invalid",
+    "Invalid messages sent to the dead-letter topic",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in REASONS:
+    EVENTS_INVALID.labels(reason=_reason)
+EVENTS_LATE = Counter(
+    _P + "events_late", "Unique events for a day that had already closed", registry=REGISTRY
+)
+RAW_POINTS_WRITTEN = Counter(
+    _P + "raw_points_written", "Raw points acknowledged by the raw sink", registry=REGISTRY
+)
+RAW_WRITE_ERRORS = Counter(
+    _P + "raw_write_errors", "Failed raw sink write attempts (retried)", registry=REGISTRY
+)
+SUMMARIES_WRITTEN = Counter(
+    _P + "summaries_written", "usage_daily rows inserted or changed", registry=REGISTRY
+)
+REFRESH_RUNS = Counter(
+    _P + "refresh_runs",
+    "Reference data refresh attempts",
+    ["source", "result"],
+    registry=REGISTRY,
+)
+RAW_WRITE_SECONDS = Histogram(
+    _P + "raw_write_seconds", "Duration of one raw sink batch write", registry=REGISTRY
+)
+ROLLUP_SECONDS = Histogram(
+    _P + "rollup_seconds", "Duration of one rollup pass over pending days", registry=REGISTRY
+)
+RAW_SINK_CIRCUIT_OPEN = Gauge(
+    _P + "raw_sink_circuit_open", "1 while the raw sink circuit breaker is open", registry=REGISTRY
+)
+OPEN_DAYS = Gauge(
+    _P + "open_days", "Usage dates with aggregates not yet written", registry=REGISTRY
+)
+CONSUMER_LAG = Gauge(
+    _P + "consumer_lag",
+    "Messages between the committed offset and the high watermark",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
+REFRESH_LAST_SUCCESS = Gauge(
+    _P + "refresh_last_success_timestamp_seconds",
+    "Unix time of the last successful refresh",
+    ["source"],
+    registry=REGISTRY,
+)
+USD_PLN_RATE = Gauge(
+    _P + "usd_pln_rate", "Latest stored NBP table A USD mid rate", registry=REGISTRY
+)
+
+
+def render() -> bytes:
+    """The registry in the Prometheus text exposition format."""
+    return generate_latest(REGISTRY)

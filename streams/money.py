@@ -1,0 +1,32 @@
+"""Exact money: integer nano-units (1e-9 of a currency unit) and Decimal, never float sums."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+
+NANO = Decimal(1_000_000_000)
+
+__all__ = ["NANO", "nano_to_decimal", "nano_to_float", "scale_nano", "to_nano"]
+
+
+def to_nano(amount: Decimal | int | str) -> int:
+    """``amount`` (currency units) rounded half-even to an integer number of nano-units."""
+    try:
+        value = Decimal(amount) * NANO
+    except InvalidOperation:
+        raise ValueError(f"not a decimal amount: {amount!r}") from None
+    return int(value.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def scale_nano(nano: int, factor: Decimal) -> int:
+    """round-half-even(nano × factor): markup and currency conversion, applied per row."""
+    return int((Decimal(nano) * factor).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def nano_to_decimal(nano: int) -> Decimal:
+    return Decimal(nano) / NANO
+
+
+def nano_to_float(nano: int | None) -> float | None:
+    """The REAL convenience columns beside the exact ``*_nano`` ones."""
+    return None if nano is None else float(Decimal(nano) / NANO)

@@ -1,0 +1,1 @@
+"""State: the dedupe table, the per-event ledger, daily aggregates and the SQLite summary store."""

@@ -1,0 +1,223 @@
+"""The SQLite schema (CONTRACT §3) and its forward-only migrations.
+
+Each migration is a list of statements applied in one transaction and recorded in
+``schema_migrations``; start-up applies the ones missing. To evolve the schema, append a
+new ``(version, statements)`` pair to :data:`MIGRATIONS`; never edit a released one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiosqlite
+
+__all__ = ["MIGRATIONS", "connect", "migrate", "utc_now_text"]
+
+_SUMMED = """
+    SUM(input_tokens) AS input_tokens,
+    SUM(output_tokens) AS output_tokens,
+    SUM(total_tokens) AS total_tokens,
+    SUM(requests) AS requests,
+    SUM(estimated_requests) AS estimated_requests,
+    SUM(raw_cost_nano) AS raw_cost_nano,
+    SUM(markup_cost_nano) AS markup_cost_nano,
+    CASE WHEN COUNT(markup_cost_pln_nano) = COUNT(*) THEN SUM(markup_cost_pln_nano) END
+        AS markup_cost_pln_nano,
+    SUM(raw_cost_nano) / 1e9 AS raw_cost_usd,
+    SUM(markup_cost_nano) / 1e9 AS markup_cost_usd,
+    CASE WHEN COUNT(markup_cost_pln_nano) = COUNT(*) THEN SUM(markup_cost_pln_nano) / 1e9 END
+        AS markup_cost_pln,
+"""
+
+# Daily views carry the day's rate (one per usage date); the monthly view spans many rates.
+_DAY_RATE = """
+    CASE WHEN COUNT(usd_pln_rate) = COUNT(*) THEN MAX(usd_pln_rate) END AS usd_pln_rate,
+    CASE WHEN COUNT(nbp_table_no) = COUNT(*) THEN MAX(nbp_table_no) END AS nbp_table_no,
+    MAX(revision) AS revision,
+    MAX(updated_at) AS updated_at
+"""
+_MONTH_RATE = """
+    NULL AS usd_pln_rate,
+    NULL AS nbp_table_no,
+    MAX(revision) AS revision,
+    MAX(updated_at) AS updated_at
+"""
+
+
+def _view(name: str, keys: str, group: str, rate: str = _DAY_RATE) -> str:
+    return f"CREATE VIEW {name} AS SELECT {keys}, {_SUMMED} {rate} FROM usage_daily GROUP BY {group}"
+
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            # The ledger: one row per unique request (membership). Daily totals are derived
+            # from it, so a redelivered or replayed event cannot count twice.
+            """CREATE TABLE usage_events (
+                request_id TEXT PRIMARY KEY,
+                usage_date TEXT NOT NULL,
+                client_org_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                input_tokens INTEGER NOT NULL,
+                output_tokens INTEGER NOT NULL,
+                cost_nano INTEGER NOT NULL,
+                cost_estimated INTEGER NOT NULL,
+                event_ms INTEGER NOT NULL,
+                source_topic TEXT NOT NULL,
+                source_partition INTEGER NOT NULL,
+                source_offset INTEGER NOT NULL,
+                recorded_at TEXT NOT NULL
+            ) WITHOUT ROWID""",
+            "CREATE INDEX usage_events_by_day ON usage_events"
+            " (usage_date, client_org_id, user_id, model)",
+            # Summary keys whose ledger rows changed since their last rollup.
+            """CREATE TABLE rollup_pending (
+                usage_date TEXT NOT NULL,
+                client_org_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                PRIMARY KEY (usage_date, client_org_id, user_id, model)
+            ) WITHOUT ROWID""",
+            # Days whose first close happened; events for them are late.
+            """CREATE TABLE closed_days (
+                usage_date TEXT PRIMARY KEY,
+                closed_at TEXT NOT NULL,
+                closed_by TEXT NOT NULL
+            )""",
+            """CREATE TABLE usage_daily (
+                client_org_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                usage_date TEXT NOT NULL,
+                input_tokens INTEGER NOT NULL,
+                output_tokens INTEGER NOT NULL,
+                total_tokens INTEGER NOT NULL,
+                requests INTEGER NOT NULL,
+                estimated_requests INTEGER NOT NULL,
+                raw_cost_nano INTEGER NOT NULL,
+                markup_cost_nano INTEGER NOT NULL,
+                markup_cost_pln_nano INTEGER,
+                raw_cost_usd REAL NOT NULL,
+                markup_cost_usd REAL NOT NULL,
+                markup_cost_pln REAL,
+                usd_pln_rate TEXT,
+                nbp_table_no TEXT,
+                revision INTEGER NOT NULL DEFAULT 1,
+                updated_at TEXT NOT NULL,
+                PRIMARY KEY (client_org_id, user_id, model, usage_date)
+            )""",
+            "CREATE INDEX usage_daily_by_date ON usage_daily (usage_date)",
+            _view(
+                "client_daily_usage",
+                "client_org_id, usage_date",
+                "client_org_id, usage_date",
+            ),
+            _view(
+                "client_user_daily_usage",
+                "client_org_id, user_id, usage_date",
+                "client_org_id, user_id, usage_date",
+            ),
+            _view(
+                "client_model_daily_usage",
+                "client_org_id, model, usage_date",
+                "client_org_id, model, usage_date",
+            ),
+            _view(
+                "client_monthly_usage",
+                "client_org_id, substr(usage_date, 1, 7) AS usage_month",
+                "client_org_id, substr(usage_date, 1, 7)",
+                _MONTH_RATE,
+            ),
+            """CREATE TABLE nbp_rates (
+                currency TEXT NOT NULL,
+                effective_date TEXT NOT NULL,
+                table_no TEXT NOT NULL,
+                mid TEXT NOT NULL,
+                fetched_at TEXT NOT NULL,
+                PRIMARY KEY (currency, effective_date)
+            )""",
+            """CREATE TABLE model_pricing (
+                model_id TEXT NOT NULL,
+                prompt_usd_per_token TEXT NOT NULL,
+                completion_usd_per_token TEXT NOT NULL,
+                request_usd TEXT NOT NULL,
+                fetched_at TEXT NOT NULL,
+                PRIMARY KEY (model_id, fetched_at)
+            )""",
+            """CREATE TABLE batch_runs (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                kind TEXT NOT NULL CHECK (kind IN ('rollup', 'replay', 'refresh')),
+                processing_date TEXT,
+                started_at TEXT NOT NULL,
+                finished_at TEXT,
+                duration_seconds REAL,
+                success INTEGER NOT NULL DEFAULT 0,
+                records_processed INTEGER NOT NULL DEFAULT 0,
+                summaries_written INTEGER NOT NULL DEFAULT 0,
+                clients_processed INTEGER NOT NULL DEFAULT 0,
+                data_corrections INTEGER NOT NULL DEFAULT 0,
+                late_events INTEGER NOT NULL DEFAULT 0,
+                error TEXT
+            )""",
+            "CREATE INDEX batch_runs_by_kind ON batch_runs (kind, id)",
+            # Last outcome per reference-data source (nbp, openrouter), for /status.
+            """CREATE TABLE refresh_status (
+                source TEXT PRIMARY KEY,
+                last_attempt_at TEXT,
+                last_success_at TEXT,
+                last_error TEXT
+            )""",
+        ],
+    ),
+]
+
+
+def utc_now_text() -> str:
+    """RFC 3339 UTC with microseconds, the format of every ``*_at`` column."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+async def connect(path: Path) -> aiosqlite.Connection:
+    """Open the summary DB in WAL mode (readers never block the writer) and migrate it.
+
+    The connection is in autocommit mode: writers open ``BEGIN IMMEDIATE`` themselves so
+    that concurrent workers serialise on the write lock instead of failing on upgrade.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = await aiosqlite.connect(path, isolation_level=None, timeout=60)
+    try:
+        await conn.execute("PRAGMA busy_timeout = 60000")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = NORMAL")
+        await migrate(conn)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def migrate(conn: aiosqlite.Connection) -> None:
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    for version, statements in MIGRATIONS:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = await conn.execute(
+                "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+            )
+            if await cursor.fetchone() is None:
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?)", (version, utc_now_text())
+                )
+            await conn.execute("COMMIT")
+        except (sqlite3.Error, BaseException):
+            await conn.execute("ROLLBACK")
+            raise
