@@ -166,8 +166,9 @@ def _cost_nano(obj: dict, raw: bytes) -> int | None:
         except InvalidOperation:
             raise _Invalid("bad_value", f"cost_usd is not a decimal: {value!r:.40}") from None
     else:
-        raise _Invalid("bad_type", f"cost_usd must be a number or a decimal string, got "
-                       f"{type(value).__name__}")
+        raise _Invalid(
+            "bad_type", f"cost_usd must be a number or a decimal string, got {type(value).__name__}"
+        )
     if not amount.is_finite():
         raise _Invalid("bad_value", "cost_usd must be finite")
     if amount < 0:

@@ -48,8 +48,7 @@ _MONTH_RATE = """
 
 def _view(name: str, keys: str, group: str, rate: str = _DAY_RATE) -> str:
     return (
-        f"CREATE VIEW {name} AS SELECT {keys}, {_SUMMED} {rate}"
-        f" FROM usage_daily GROUP BY {group}"
+        f"CREATE VIEW {name} AS SELECT {keys}, {_SUMMED} {rate} FROM usage_daily GROUP BY {group}"
     )
 
 
