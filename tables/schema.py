@@ -175,6 +175,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        2,
+        [
+            # Calendar days whose NBP table A status is known for a currency: a row in
+            # nbp_rates, or a confirmed absence (weekend, holiday). A rate applies to usage
+            # date D only when every day between it and D-1 is known, so a missing fetch is
+            # never mistaken for a holiday.
+            """CREATE TABLE nbp_coverage (
+                currency TEXT NOT NULL,
+                day TEXT NOT NULL,
+                checked_at TEXT NOT NULL,
+                PRIMARY KEY (currency, day)
+            ) WITHOUT ROWID""",
+        ],
+    ),
 ]
 
 
