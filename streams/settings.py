@@ -29,9 +29,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=True)
 
     # Kafka
+    APP_ID: str = Field("usage-stream", min_length=1)  # consumer group and internal topic prefix
     KAFKA_BROKER: str = "kafka://localhost:9092"
     USAGE_TOPIC: str = "usage-events"
     USAGE_TOPIC_PARTITIONS: int = Field(4, ge=1, le=10_000)
+    KAFKA_REPLICATION_FACTOR: int = Field(1, ge=1)  # for the topics the worker creates
     KAFKA_SECURITY_PROTOCOL: str = "PLAINTEXT"
     KAFKA_SASL_MECHANISM: str | None = None
     KAFKA_SASL_USERNAME: str | None = None

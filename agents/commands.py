@@ -1,0 +1,63 @@
+"""Operator commands (``@app.command``): publish, refresh and the local ``dev`` stack."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+from faust.cli import argument, option
+
+from streams.app import app, settings
+from streams.cli import fail
+
+
+@app.command(argument("source", default="-", required=False))
+async def publish(self: object, source: str) -> None:
+    """Publish JSON-lines events from FILE (or - for stdin), keyed by request_id."""
+    from streams.broker import BrokerUnreachable, ensure_topics
+    from streams.producer import publish_lines
+
+    try:
+        await ensure_topics(settings)
+        if source == "-":
+            sent = await publish_lines(settings, sys.stdin.buffer)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                fail(f"no such file: {source}")
+            with path.open("rb") as lines:
+                sent = await publish_lines(settings, lines)
+    except BrokerUnreachable as error:
+        fail(str(error))
+    print(f"sent {sent} events to {settings.USAGE_TOPIC}")
+
+
+@app.command()
+async def refresh(self: object) -> None:
+    """Refresh the NBP USD/PLN rates and OpenRouter model prices now."""
+    from agents.refresh import run_refresh
+    from tables.schema import connect
+
+    try:
+        conn = await connect(settings.summary_db_path)
+    except (sqlite3.Error, OSError) as error:
+        fail(f"summary DB {settings.summary_db_path} is not writable: {error}")
+    try:
+        result = await run_refresh(settings, conn)
+    finally:
+        await conn.close()
+    print(result.summary() if hasattr(result, "summary") else result)
+    if not getattr(result, "success", False):
+        fail(f"refresh failed: {getattr(result, 'error', result)}")
+
+
+@app.command(
+    option("--demo/--no-demo", default=False, help="also run a synthetic producer"),
+    option("--rate", default=200, type=int, help="demo events per second"),
+)
+async def dev(self: object, demo: bool, rate: int) -> None:
+    """Run the embedded stack: bundled broker, the worker, and (--demo) a synthetic producer."""
+    from streams.dev_stack import run_dev_stack
+
+    await run_dev_stack(settings, demo=demo, rate=rate)

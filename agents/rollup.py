@@ -1,0 +1,79 @@
+"""Rollup: write closed days (and re-opened ones) from the ledger into ``usage_daily``.
+
+Runs on every worker every ``ROLLUP_INTERVAL_SECONDS``. A date with pending summary keys is
+written when it is due (see tables.daily) or, if it closed before, at once: late events
+re-open their day and its affected rows are re-written (``revision`` + 1). Concurrent
+workers are safe: each day is one ``BEGIN IMMEDIATE`` transaction computed from the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import date
+
+import aiosqlite
+
+from streams.app import app, settings, summary_db
+from streams.metrics import OPEN_DAYS, ROLLUP_SECONDS, SUMMARIES_WRITTEN
+from tables.daily import DayCloser, day_closer
+from tables.reference import rate_for_date, record_batch_run
+from tables.schema import utc_now_text
+from tables.summary_store import DayRollup, closed_days, pending_dates, rollup_day
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RollupPass:
+    written: list[DayRollup]
+    still_open: list[str]
+
+
+async def run_rollup(conn: aiosqlite.Connection, closer: DayCloser) -> RollupPass:
+    """One pass: roll up every pending date that is due or already closed."""
+    dates = await pending_dates(conn)
+    closed = await closed_days(conn, dates)
+    written: list[DayRollup] = []
+    still_open: list[str] = []
+    for day in dates:
+        if day not in closed and not closer.is_due(date.fromisoformat(day)):
+            still_open.append(day)
+            continue
+        started = utc_now_text()
+        begin = time.monotonic()
+        rate = await rate_for_date(conn, date.fromisoformat(day))
+        result = await rollup_day(conn, day, settings.USAGE_MARKUP_MULTIPLIER, rate)
+        ROLLUP_SECONDS.observe(time.monotonic() - begin)
+        SUMMARIES_WRITTEN.inc(result.summaries_written)
+        await record_batch_run(
+            conn,
+            "rollup",
+            day,
+            started,
+            utc_now_text(),
+            True,
+            records_processed=result.records,
+            summaries_written=result.summaries_written,
+            clients_processed=result.clients,
+            data_corrections=result.summaries_written if result.late_rewrite else 0,
+        )
+        log.info(
+            "rollup %s: %d summaries written from %d records%s",
+            day,
+            result.summaries_written,
+            result.records,
+            " (late events)" if result.late_rewrite else "",
+        )
+        written.append(result)
+    OPEN_DAYS.set(len(still_open))
+    return RollupPass(written, still_open)
+
+
+@app.timer(interval=settings.ROLLUP_INTERVAL_SECONDS)
+async def rollup() -> None:
+    try:
+        await run_rollup(await summary_db(), day_closer())
+    except Exception:  # the next tick retries; pending keys stay pending
+        log.exception("rollup pass failed")

@@ -1,0 +1,82 @@
+"""The one Faust app object. Agents, tables, pages and commands are autodiscovered.
+
+Importing this module reads the settings (:func:`streams.settings.get_settings`); the
+console script goes through :func:`streams.cli.main`, which turns a bad setting into a
+one-line error before this module is imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiosqlite
+import faust
+from faust.types.auth import SASLMechanism, SSLCredentials
+
+from streams.settings import Settings, get_settings
+from tables.schema import connect
+
+__all__ = ["app", "settings", "summary_db"]
+
+settings: Settings = get_settings()
+
+
+def _credentials(settings: Settings) -> object | None:
+    if settings.KAFKA_SASL_MECHANISM:
+        password = settings.KAFKA_SASL_PASSWORD
+        ssl_context = None
+        if settings.KAFKA_SECURITY_PROTOCOL.endswith("SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            cafile = str(settings.KAFKA_SSL_CAFILE) if settings.KAFKA_SSL_CAFILE else None
+            ssl_context = create_ssl_context(cafile=cafile)
+        return faust.SASLCredentials(
+            username=settings.KAFKA_SASL_USERNAME,
+            password=password.get_secret_value() if password else None,
+            mechanism=SASLMechanism(settings.KAFKA_SASL_MECHANISM),
+            ssl_context=ssl_context,
+        )
+    if settings.KAFKA_SECURITY_PROTOCOL.endswith("SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        cafile = str(settings.KAFKA_SSL_CAFILE) if settings.KAFKA_SSL_CAFILE else None
+        return SSLCredentials(create_ssl_context(cafile=cafile))
+    return None
+
+
+app = faust.App(
+    settings.APP_ID,
+    broker=settings.KAFKA_BROKER,
+    broker_credentials=_credentials(settings),
+    # Durable local table state (rocksdict): a restart reads its own RocksDB instead of
+    # relying on a complete changelog recovery, which the test broker cannot guarantee.
+    store="rocksdb://",
+    datadir=str(settings.DATA_DIR / "faust"),
+    autodiscover=["agents", "tables"],
+    origin="streams",
+    web_port=settings.WEB_PORT,
+    web_bind=settings.WEB_HOST,
+    web_host=settings.WEB_HOST,
+    topic_partitions=settings.USAGE_TOPIC_PARTITIONS,
+    topic_replication_factor=settings.KAFKA_REPLICATION_FACTOR,
+    broker_session_timeout=settings.KAFKA_SESSION_TIMEOUT_SECONDS,
+    broker_rebalance_timeout=settings.KAFKA_REBALANCE_TIMEOUT_SECONDS,
+    broker_heartbeat_interval=settings.KAFKA_HEARTBEAT_INTERVAL_SECONDS,
+    producer_enable_idempotence=settings.KAFKA_PRODUCER_IDEMPOTENCE,
+    consumer_auto_offset_reset="earliest",
+    # At-least-once: offsets are committed only for acked events, after a producer flush.
+    processing_guarantee="at_least_once",
+    timezone=settings.tz,
+)
+
+_db: aiosqlite.Connection | None = None
+_db_lock = asyncio.Lock()
+
+
+async def summary_db() -> aiosqlite.Connection:
+    """The worker's shared connection to the summary DB (opened and migrated on first use)."""
+    global _db
+    async with _db_lock:
+        if _db is None:
+            _db = await connect(settings.summary_db_path)
+        return _db

