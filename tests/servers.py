@@ -9,6 +9,7 @@ overridden with ``INFLUXD_BIN`` / ``VICTORIA_METRICS_BIN``.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -140,8 +141,10 @@ class InfluxServer(_Process):
 
     name = "influxd"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, auth: tuple[str, str] | None = None) -> None:
+        """``auth``: enable authentication with this admin (user, password)."""
         binary = _require_binary(INFLUXD_BIN, "influxdb")
+        self.auth = auth
         self.port = free_port()
         self.rpc_port = free_port()
         config = workdir / "influxdb.conf"
@@ -163,6 +166,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
   enabled = true
   bind-address = "127.0.0.1:{self.port}"
   log-enabled = false
+  auth-enabled = {"true" if auth else "false"}
 
 [monitor]
   store-enabled = false
@@ -183,13 +187,31 @@ bind-address = "127.0.0.1:{self.rpc_port}"
     def _ready(self) -> bool:
         return http("GET", self.url + "/ping")[0] == 204
 
+    def start(self) -> None:
+        super().start()
+        if self.auth:  # allowed without credentials while no user exists; idempotent
+            user, password = self.auth
+            q = f"CREATE USER \"{user}\" WITH PASSWORD '{password}' WITH ALL PRIVILEGES"
+            http("POST", f"{self.url}/query?{urllib.parse.urlencode({'q': q})}")
+
+    def _headers(self) -> dict[str, str]:
+        if not self.auth:
+            return {}
+        token = base64.b64encode(":".join(self.auth).encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    def write(self, db: str, body: bytes) -> tuple[int, bytes]:
+        """POST line protocol to ``/write?db=..&precision=ns``."""
+        query = urllib.parse.urlencode({"db": db, "precision": "ns"})
+        return http("POST", f"{self.url}/write?{query}", body, self._headers())
+
     def query(self, q: str, db: str | None = None, method: str = "GET") -> list[dict[str, Any]]:
         """Run InfluxQL (``epoch=ns``); return the ``series`` of the first statement."""
         params = {"q": q, "epoch": "ns"}
         if db:
             params["db"] = db
         url = f"{self.url}/query?{urllib.parse.urlencode(params)}"
-        status, body = http(method, url)
+        status, body = http(method, url, headers=self._headers())
         result = json.loads(body)
         if status != 200 or "error" in result or "error" in result["results"][0]:
             raise AssertionError(f"InfluxQL {q!r} failed: HTTP {status} {body[:300]!r}")
@@ -244,10 +266,10 @@ class VictoriaMetricsServer(_Process):
 
 
 @contextmanager
-def influxd_server() -> Iterator[InfluxServer]:
+def influxd_server(*, auth: tuple[str, str] | None = None) -> Iterator[InfluxServer]:
     """A running ``influxd`` on free ports; stopped and its directories removed at exit."""
     with tempfile.TemporaryDirectory(prefix="influxd-") as tmp:
-        server = InfluxServer(Path(tmp))
+        server = InfluxServer(Path(tmp), auth=auth)
         server.start()
         try:
             yield server

@@ -7,6 +7,7 @@ too. The database must exist (``CREATE DATABASE``): a 404 is retried and logged.
 
 from __future__ import annotations
 
+import base64
 import gzip
 
 import aiohttp
@@ -40,7 +41,10 @@ class InfluxV1Writer:
         if retention_policy:
             params["rp"] = retention_policy
         self._url = (base / "write").with_query(params)
-        self._auth = aiohttp.BasicAuth(username, password or "") if username else None
+        self._headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if username:  # built by hand: aiohttp.BasicAuth is deprecated in aiohttp 3.14
+            token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
+            self._headers["Authorization"] = f"Basic {token}"
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._gzip = use_gzip
         self._session: aiohttp.ClientSession | None = None
@@ -64,12 +68,12 @@ class InfluxV1Writer:
         if not lines:
             return
         body = "\n".join(lines).encode()
-        headers = {"Content-Type": "text/plain; charset=utf-8"}
+        headers = self._headers
         if self._gzip:
             body = gzip.compress(body, compresslevel=1)
-            headers["Content-Encoding"] = "gzip"
+            headers = {**headers, "Content-Encoding": "gzip"}
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, auth=self._auth)
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
         try:
             async with self._session.post(self._url, data=body, headers=headers) as response:
                 if response.status // 100 == 2:

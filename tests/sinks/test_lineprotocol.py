@@ -1,0 +1,131 @@
+"""Line protocol builder: exact text, escaping, money formatting, timestamps."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from streams.sinks.lineprotocol import (
+    RawPoint,
+    format_nano,
+    sub_ms,
+    timestamp_ns,
+    to_line,
+    to_lines,
+)
+
+MS = 1_795_169_472_123
+
+
+def point(**overrides: object) -> RawPoint:
+    values: dict[str, object] = {
+        "request_id": "req-1",
+        "client_org_id": "org-1",
+        "user_id": "user-1",
+        "model": "openai/gpt-4o-mini",
+        "input_tokens": 120,
+        "output_tokens": 45,
+        "cost_nano": 218_700,
+        "markup_cost_nano": 284_310,
+        "event_ms": MS,
+    }
+    values.update(overrides)
+    return RawPoint(**values)  # type: ignore[arg-type]
+
+
+def test_exact_line() -> None:
+    assert to_line(point()) == (
+        "usage_tracking,client_org_id=org-1,model=openai/gpt-4o-mini,user_id=user-1 "
+        "input_tokens=120i,output_tokens=45i,total_tokens=165i,"
+        'cost_usd=0.000218700,markup_cost_usd=0.000284310,request_id="req-1" '
+        f"{MS * 1_000_000 + sub_ms('req-1')}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("nano", "text"),
+    [
+        (0, "0.000000000"),
+        (1, "0.000000001"),
+        (218_700, "0.000218700"),
+        (1_000_000_000, "1.000000000"),
+        (12_345_678_901_234, "12345.678901234"),
+        (-1_500_000_000, "-1.500000000"),
+    ],
+)
+def test_format_nano_is_exact_decimal_text(nano: int, text: str) -> None:
+    assert format_nano(nano) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "escaped"),
+    [
+        ("a,b", "a\\,b"),
+        ("a b", "a\\ b"),
+        ("a=b", "a\\=b"),
+        ("a\\b", "a\\\\b"),
+        ("line\nbreak", "line\\nbreak"),
+        ("cr\rhere", "cr\\rhere"),
+        ("tab\tok", "tab\tok"),
+        ("zażółć", "zażółć"),
+        # a trailing backslash gets an escaped space so InfluxDB 1.x/2.x can parse it
+        ("ends\\", "ends\\\\\\ "),
+    ],
+)
+def test_tag_escaping(value: str, escaped: str) -> None:
+    line = to_line(point(user_id=value))
+    assert f",user_id={escaped} input_tokens=" in line
+    assert "\n" not in line and "\r" not in line
+
+
+def test_tags_are_sorted_and_empty_tag_omitted() -> None:
+    line = to_line(point(client_org_id="o", model="m", user_id=""))
+    assert line.startswith("usage_tracking,client_org_id=o,model=m input_tokens=")
+
+
+@pytest.mark.parametrize(
+    ("request_id", "escaped"),
+    [
+        ('say "hi"', 'say \\"hi\\"'),
+        ("back\\slash", "back\\\\slash"),
+        ("ends\\", "ends\\\\"),
+        ("new\nline", "new\\nline"),
+        ("comma, space=eq", "comma, space=eq"),
+    ],
+)
+def test_request_id_string_field_escaping(request_id: str, escaped: str) -> None:
+    assert f',request_id="{escaped}" ' in to_line(point(request_id=request_id))
+
+
+def test_huge_integers_are_clamped_to_int64() -> None:
+    line = to_line(point(input_tokens=2**70, output_tokens=1, cost_nano=2**64))
+    big = 2**63 - 1
+    assert f"input_tokens={big}i,output_tokens=1i,total_tokens={big}i" in line
+    assert f"cost_usd={format_nano(big)}," in line
+
+
+def test_timestamp_is_event_ms_plus_a_stable_sub_ms_offset() -> None:
+    # Pinned value: the offset must not change between processes or releases,
+    # or a redelivery after an upgrade would become a second point.
+    assert sub_ms("req-1") == 143_243
+    digest = hashlib.blake2b(b"req-1", digest_size=8).digest()
+    assert sub_ms("req-1") == int.from_bytes(digest, "big") % 1_000_000
+    assert timestamp_ns(point()) == MS * 1_000_000 + 143_243
+    assert timestamp_ns(point()) // 1_000_000 == MS  # stays inside the event's millisecond
+
+
+def test_duplicate_gives_identical_line() -> None:
+    assert to_line(point()) == to_line(point())
+
+
+def test_distinct_requests_in_one_millisecond_get_distinct_timestamps() -> None:
+    ids = [f"req-{i}" for i in range(200)]
+    stamps = {timestamp_ns(point(request_id=rid)) for rid in ids}
+    assert len(stamps) == len(ids)
+    assert all(s // 1_000_000 == MS for s in stamps)
+
+
+def test_to_lines_keeps_order() -> None:
+    points = [point(request_id=f"r{i}") for i in range(5)]
+    assert to_lines(points) == [to_line(p) for p in points]
