@@ -255,14 +255,26 @@ class VictoriaMetricsServer(_Process):
     def _ready(self) -> bool:
         return http("GET", self.url + "/health")[0] == 200
 
-    def export(self, match: str = '{__name__=~"usage_tracking_.*"}') -> list[dict[str, Any]]:
-        """Flush and export matching series (``/api/v1/export`` JSON lines)."""
-        http("GET", self.url + "/internal/force_flush")
+    def export(
+        self,
+        match: str = '{__name__=~"usage_tracking_.*"}',
+        *,
+        min_series: int = 1,
+        timeout: float = 10.0,
+    ) -> list[dict[str, Any]]:
+        """Export matching series (``/api/v1/export`` JSON lines), polling until at least
+        ``min_series`` are visible (new series become searchable after about a second)."""
         params = urllib.parse.urlencode({"match[]": match, "start": "0"})
-        status, body = http("GET", f"{self.url}/api/v1/export?{params}")
-        if status != 200:
-            raise AssertionError(f"export failed: HTTP {status} {body[:300]!r}")
-        return [json.loads(line) for line in body.splitlines() if line.strip()]
+        deadline = time.monotonic() + timeout
+        while True:
+            http("GET", self.url + "/internal/force_flush")
+            status, body = http("GET", f"{self.url}/api/v1/export?{params}")
+            if status != 200:
+                raise AssertionError(f"export failed: HTTP {status} {body[:300]!r}")
+            series = [json.loads(line) for line in body.splitlines() if line.strip()]
+            if len(series) >= min_series or time.monotonic() > deadline:
+                return series
+            time.sleep(0.1)
 
 
 @contextmanager
