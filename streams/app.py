@@ -11,7 +11,8 @@ import asyncio
 
 import aiosqlite
 import faust
-from faust.types.auth import SASLMechanism, SSLCredentials
+from faust.auth import SSLCredentials
+from faust.types.auth import SASLMechanism
 
 from streams.settings import Settings, get_settings
 from tables.schema import connect
@@ -51,7 +52,7 @@ app = faust.App(
     # Durable local table state (rocksdict): a restart reads its own RocksDB instead of
     # relying on a complete changelog recovery, which the test broker cannot guarantee.
     store="rocksdb://",
-    datadir=str(settings.DATA_DIR / "faust"),
+    datadir=str(settings.state_dir),
     autodiscover=["agents", "tables"],
     origin="streams",
     web_port=settings.WEB_PORT,

@@ -8,6 +8,7 @@ Everything else is Faust's own CLI (``worker`` and the ``@app.command`` commands
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import sys
 
@@ -36,6 +37,8 @@ async def _prepare_worker() -> None:
 
 
 def main() -> None:
+    # aiokafka logs connection failures itself; the one line below is the operator's answer.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         get_settings()
     except SettingsError as error:
@@ -49,4 +52,18 @@ def main() -> None:
             fail(str(error))
     from streams.app import app
 
+    _import_components()
+    logging.getLogger("aiokafka").setLevel(logging.NOTSET)
     app.main()
+
+
+def _import_components() -> None:
+    """Import every agent and table module now: Faust's autodiscovery only *logs* an import
+    error and starts without the broken agent, which a billing pipeline must never do."""
+    import importlib
+    import pkgutil
+
+    for package_name in ("agents", "tables"):
+        package = importlib.import_module(package_name)
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package_name}.{module.name}")

@@ -12,6 +12,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "render",
 ]
 
+disable_created_metrics()  # no *_created series: they double the scrape for no use here
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     # Storage
     DATA_DIR: Path = Path("./data")
     SUMMARY_DB_PATH: Path | None = None
+    # Faust's local table state (RocksDB). One per worker process: RocksDB is single-writer.
+    STATE_DIR: Path | None = None
 
     # Raw sink (InfluxDB v2 when INFLUXDB_URL only, v1 when INFLUXDB_DATABASE is set too)
     INFLUXDB_URL: str | None = None
@@ -138,6 +140,11 @@ class Settings(BaseSettings):
     @property
     def summary_db_path(self) -> Path:
         return self.SUMMARY_DB_PATH or self.DATA_DIR / "usage.db"
+
+    @property
+    def state_dir(self) -> Path:
+        """Defaults to ``DATA_DIR/faust-<WEB_PORT>``: workers on one host differ in port."""
+        return self.STATE_DIR or self.DATA_DIR / f"faust-{self.WEB_PORT}"
 
     @property
     def raw_dir(self) -> Path:

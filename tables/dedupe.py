@@ -33,10 +33,8 @@ log = logging.getLogger(__name__)
 
 dedupe_table = app.Table(
     "dedupe",
-    key_type=bytes,
-    value_type=int,
-    key_serializer="raw",
-    value_serializer="json",
+    key_type=bytes,  # raw serializer
+    value_type=int,  # json serializer
     partitions=settings.USAGE_TOPIC_PARTITIONS,
     help="request_id -> first seen (wall-clock epoch ms)",
     # Small RocksDB buffers: the table is a large on-disk set, read mostly by key.
