@@ -27,8 +27,8 @@ Timestamp (ns): ``event_ms * 1_000_000 + sub_ms(request_id)``, ``sub_ms`` being 
 blake2b hash of the request_id mod 10**6. A redelivered duplicate lands on the very same
 point (same series, same time: InfluxDB overwrites it with identical fields), while two
 distinct requests in the same series and millisecond collide with probability 1e-6 per
-pair (then the later one overwrites the earlier raw point; the billing summaries do not
-depend on raw points).
+pair, about k*(k-1)/2 * 1e-6 for k such requests (then the later one overwrites the
+earlier raw point; the billing summaries in SQLite do not depend on raw points).
 """
 
 from __future__ import annotations
