@@ -12,16 +12,16 @@ import pytest
 
 from streams.sinks.lineprotocol import RawPoint
 
-try:  # `tests` is not a package: pytest puts tests/ itself on sys.path
-    from servers import (
+try:
+    from tests.servers import (
         InfluxServer,
         ServerUnavailable,
         VictoriaMetricsServer,
         influxd_server,
         victoria_metrics_server,
     )
-except ModuleNotFoundError:  # pragma: no cover - when tests/ becomes a package
-    from tests.servers import (
+except ModuleNotFoundError:  # pragma: no cover - tests/ not a package: tests/ is on sys.path
+    from servers import (  # type: ignore[no-redef]
         InfluxServer,
         ServerUnavailable,
         VictoriaMetricsServer,
