@@ -395,9 +395,12 @@ async def refresh_on_schedule() -> None:
     Not ``@app.crontab``: faust 0.15.3 computes the next time with croniter on an aware
     datetime, which fires an hour early/late on DST change days.
     """
+    wake = datetime.now(UTC)
     while not app.should_stop:
+        # After the last wake-up, not just "now": a timer firing a hair early must not
+        # schedule the same run twice.
         now = datetime.now(UTC)
-        wake = next_refresh_run(app_settings.REFRESH_CRON, app_settings.tz, now)
+        wake = next_refresh_run(app_settings.REFRESH_CRON, app_settings.tz, max(now, wake))
         await app.sleep((wake - now).total_seconds())
         if not app.should_stop and app.is_leader():
             await _refresh_now("scheduled")
