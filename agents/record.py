@@ -144,6 +144,12 @@ class Recorder:
 recorder: Recorder | None = None
 
 
+@app.on_before_shutdown.connect
+async def _close_sink(app: object, **kwargs: object) -> None:
+    if recorder is not None:
+        await recorder.sink.close()
+
+
 @app.agent(by_request_topic)
 async def record(stream: StreamT) -> None:
     global recorder

@@ -43,8 +43,7 @@ async def run_rollup(conn: aiosqlite.Connection, closer: DayCloser) -> RollupPas
             continue
         started = utc_now_text()
         begin = time.monotonic()
-        rate = await rate_for_date(conn, date.fromisoformat(day))
-        result = await rollup_day(conn, day, settings.USAGE_MARKUP_MULTIPLIER, rate)
+        result = await rollup_day(conn, day, settings.USAGE_MARKUP_MULTIPLIER, rate_for_date)
         ROLLUP_SECONDS.observe(time.monotonic() - begin)
         SUMMARIES_WRITTEN.inc(result.summaries_written)
         await record_batch_run(

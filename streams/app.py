@@ -67,6 +67,7 @@ app = faust.App(
     consumer_auto_offset_reset="earliest",
     # At-least-once: offsets are committed only for acked events, after a producer flush.
     processing_guarantee="at_least_once",
+    recovery_consistency_check=settings.RECOVERY_CONSISTENCY_CHECK,
     timezone=settings.tz,
 )
 
@@ -81,3 +82,13 @@ async def summary_db() -> aiosqlite.Connection:
         if _db is None:
             _db = await connect(settings.summary_db_path)
         return _db
+
+
+@app.on_before_shutdown.connect
+async def _close_summary_db(app: faust.App, **kwargs: object) -> None:
+    """Close the shared connection: aiosqlite's thread would otherwise keep the process up."""
+    global _db
+    async with _db_lock:
+        if _db is not None:
+            await _db.close()
+            _db = None

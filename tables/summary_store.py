@@ -10,7 +10,7 @@ concurrently: each write is one ``BEGIN IMMEDIATE`` transaction.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -287,19 +287,25 @@ async def write_summaries(
     return conn.total_changes - before
 
 
+RateLookup = Callable[[aiosqlite.Connection, date], Awaitable[Rate | None]]
+
+
 async def rollup_day(
     conn: aiosqlite.Connection,
     usage_date: date | str,
     markup: Decimal,
-    rate: Rate | None,
+    rate_lookup: RateLookup,
 ) -> DayRollup:
     """Write the pending summary keys of one date from the ledger, in one transaction.
 
-    Marks the date closed (so later events for it count as late) and clears its pending keys.
+    The rate is looked up inside the transaction, so a concurrent PLN fill by the refresh
+    is never overwritten with a stale "no rate yet". Marks the date closed (so later events
+    for it count as late) and clears its pending keys.
     """
     day = usage_date if isinstance(usage_date, str) else usage_date.isoformat()
     await conn.execute("BEGIN IMMEDIATE")
     try:
+        rate = await rate_lookup(conn, date.fromisoformat(day))
         was_closed = bool(await closed_days(conn, [day]))
         rows = await summary_rows(conn, day, only_pending=True)
         written = await write_summaries(conn, rows, markup, rate)

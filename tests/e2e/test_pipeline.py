@@ -1,0 +1,150 @@
+"""End to end on real components: kcat and aiokafka producers → Tansu → worker → raw sink.
+
+Covers validation and the dead-letter topic, deduplication across partitions (producers
+keying by request_id, by something else, or by nothing), exact raw points in a real
+InfluxDB 1.x, metrics, and a worker restart that must keep dropping old duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+
+from streams.sinks.lineprotocol import sub_ms
+from tests.e2e.kcat import kcat_produce
+from tests.harness import Stack, consume_all, wait_for
+from tests.servers import influxd_server
+
+BASE_MS = 1_795_169_472_000  # 2026-11-20T10:11:12Z
+
+
+def usage(request_id: str, offset_ms: int = 0, **extra: object) -> bytes:
+    body = {
+        "request_id": request_id,
+        "client_org_id": f"org-{int(request_id.split('-')[-1]) % 3}",
+        "user_id": "user-1",
+        "model": "openai/gpt-4o-mini",
+        "input_tokens": 100,
+        "output_tokens": 10,
+        "cost_usd": "0.000123456",
+        "timestamp": BASE_MS + offset_ms,
+        **extra,
+    }
+    return orjson.dumps(body)
+
+
+INVALID = [
+    (b"this is not json", "not_json"),
+    (b"[1,2,3]", "not_object"),
+    (orjson.dumps({"request_id": "bad-1"}), "missing_field"),
+    (usage("bad-2", input_tokens=-5), "bad_value"),
+    (usage("bad-3", timestamp=BASE_MS * 2), "future_timestamp"),
+]
+
+
+def raw_lines(stack: Stack) -> list[str]:
+    raw_dir = Path(stack.env["DATA_DIR"]) / "raw"
+    return [
+        line
+        for path in sorted(raw_dir.glob("*.lp"))
+        for line in path.read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+
+
+def test_kcat_and_aiokafka_events_are_validated_deduplicated_and_written(
+    stack: Stack, tmp_path: Path
+) -> None:
+    with influxd_server() as influx:
+        influx.create_database("usage")
+        worker = stack.worker(INFLUXDB_URL=influx.url, INFLUXDB_DATABASE="usage").start()
+        worker.wait_assigned()
+
+        # kcat: 40 events keyed by request_id, 10 of them retried with the same key
+        kcat_lines = [f"req-{i}".encode() + b"\t" + usage(f"req-{i}", i) for i in range(40)]
+        kcat_lines += kcat_lines[:10]
+        # and the invalid ones, unkeyed
+        kcat_lines += [value for value, _ in INVALID]
+        kcat_produce(stack.broker.port, stack.topic, kcat_lines, tmp_path)
+
+        # aiokafka: 20 new events, plus copies of kcat's on *other* partitions, keyed by
+        # something else or by nothing
+        values = [usage(f"req-{i}", i) for i in range(40, 60)]
+        keys: list[bytes | None] = [f"req-{i}".encode() for i in range(40, 60)]
+        partitions: list[int | None] = [None] * 20
+        for i in range(15):
+            for partition in range(4):
+                values.append(usage(f"req-{i}", i))
+                keys.append(None if partition % 2 else b"some-other-key")
+                partitions.append(partition)
+        stack.publish(values, keys, partitions)
+
+        total = len(kcat_lines) + len(values)
+        duplicates = 10 + 15 * 4
+        wait_for(
+            lambda: (
+                worker.metrics().get("usage_stream_raw_points_written_total") == 60
+                and worker.metrics().get("usage_stream_events_consumed_total") == total
+            ),
+            60,
+            "all events to be consumed and 60 raw points written",
+        )
+        metrics = worker.metrics()
+        assert metrics["usage_stream_events_duplicate_total"] == duplicates
+        for _, reason in INVALID:
+            assert metrics[f"usage_stream_events_invalid_total{{reason={reason}}}"] == 1
+        assert metrics["usage_stream_raw_write_errors_total"] == 0
+        assert metrics["usage_stream_raw_sink_circuit_open"] == 0
+
+        # exactly the 60 unique requests, each once, with its deterministic timestamp
+        # (raw_points_written counts only points InfluxDB acknowledged)
+        rows = influx.rows("usage")
+        assert sorted(row["request_id"] for row in rows) == sorted(f"req-{i}" for i in range(60))
+        for row in rows:
+            i = int(row["request_id"].split("-")[1])
+            assert row["time"] == (BASE_MS + i) * 1_000_000 + sub_ms(row["request_id"])
+            assert row["input_tokens"] == 100 and row["total_tokens"] == 110
+            assert row["cost_usd"] == 0.000123456
+            assert row["markup_cost_usd"] == 0.000160493  # 160492.8 nano, rounded half-even
+            assert row["client_org_id"] == f"org-{i % 3}"
+
+        # the dead-letter topic holds the original bytes with the reason and origin
+        dead = asyncio.run(consume_all(stack.broker, stack.topic + "-dlq", len(INVALID)))
+        assert sorted(record.value for record in dead) == sorted(v for v, _ in INVALID)
+        for record in dead:
+            headers = dict(record.headers)
+            reason = dict(INVALID)[record.value]
+            assert headers["error"].decode().startswith(reason + ": ")
+            topic, partition, offset = headers["source-offset"].decode().rsplit("/", 2)
+            assert topic == stack.topic and 0 <= int(partition) < 4 and int(offset) >= 0
+        assert worker.alive()
+
+
+def test_restart_keeps_dropping_duplicates_seen_before(stack: Stack) -> None:
+    worker = stack.worker().start()
+    worker.wait_assigned()
+    stack.publish([usage(f"old-{i}", i) for i in range(30)])
+    wait_for(lambda: len(raw_lines(stack)) == 30, 60, "30 raw points")
+    assert worker.stop() == 0
+
+    restarted = stack.worker(WEB_PORT=worker.env["WEB_PORT"]).start()
+    restarted.wait_assigned()
+    # copies of the old events, on every partition, plus 10 new events
+    copies = [usage(f"old-{i}", i) for i in range(30)]
+    stack.publish(copies * 2, partitions=[p % 4 for p in range(60)])
+    stack.publish([usage(f"new-{i}", i) for i in range(10)])
+    wait_for(
+        lambda: restarted.metrics().get("usage_stream_events_consumed_total") == 70,
+        60,
+        "70 events consumed after the restart",
+    )
+    wait_for(lambda: len(raw_lines(stack)) >= 40, 30, "40 raw points")
+    metrics = restarted.metrics()
+    assert metrics["usage_stream_events_duplicate_total"] == 60
+    assert metrics["usage_stream_raw_points_written_total"] == 10
+    # the dedupe table (not only the ledger behind it) remembered: no second raw point
+    lines = raw_lines(stack)
+    assert len(lines) == len(set(lines)) == 40
+    assert stack.query("SELECT COUNT(*) FROM usage_events") == [(40,)]
