@@ -1,0 +1,194 @@
+"""The ledger and the rollup on a real SQLite file: exact, idempotent, late-event aware."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import date
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import aiosqlite
+import pytest
+
+from streams.business_time import local_midnight_ms, usage_date
+from streams.clients.nbp import NbpRate
+from streams.event import UsageEvent
+from tables.daily import DayCloser
+from tables.reference import rate_for_date, store_nbp_rates
+from tables.schema import connect
+from tables.summary_store import LedgerEntry, record_events, rollup_day
+
+WARSAW = ZoneInfo("Europe/Warsaw")
+MARKUP = Decimal("1.3")
+
+
+def entry(
+    request_id: str,
+    event_ms: int,
+    cost_nano: int = 1000,
+    client: str = "org-1",
+    offset: int = 0,
+    estimated: bool = False,
+) -> LedgerEntry:
+    event = UsageEvent(request_id, client, "user-1", "m", 10, 5, cost_nano, event_ms)
+    return LedgerEntry(
+        event,
+        usage_date(event_ms, WARSAW).isoformat(),
+        cost_nano,
+        estimated,
+        "usage-events",
+        0,
+        offset,
+    )
+
+
+@pytest.fixture
+async def conn(tmp_path: Path):
+    connection = await connect(tmp_path / "usage.db")
+    yield connection
+    await connection.close()
+
+
+async def no_rate(conn: aiosqlite.Connection, day: date) -> None:
+    return None
+
+
+async def daily(conn: aiosqlite.Connection) -> list[tuple]:
+    async with conn.execute(
+        "SELECT client_org_id, usage_date, requests, input_tokens, raw_cost_nano,"
+        " markup_cost_nano, markup_cost_pln_nano, usd_pln_rate, nbp_table_no, revision"
+        " FROM usage_daily ORDER BY 1, 2"
+    ) as cursor:
+        return list(await cursor.fetchall())
+
+
+NOV20 = local_midnight_ms(date(2026, 11, 20), WARSAW) + 3_600_000
+
+
+async def test_ledger_ignores_requests_it_already_holds(conn: aiosqlite.Connection) -> None:
+    first = await record_events(conn, [entry("a", NOV20), entry("b", NOV20), entry("a", NOV20)])
+    assert [e.event.request_id for e in first.inserted] == ["a", "b"]
+    assert first.duplicates == 1
+    again = await record_events(conn, [entry("a", NOV20), entry("c", NOV20)])
+    assert [e.event.request_id for e in again.inserted] == ["c"]
+    assert again.duplicates == 1 and again.late == 0
+
+
+async def test_close_late_reopen_and_idempotence(conn: aiosqlite.Connection) -> None:
+    await record_events(conn, [entry(f"r{i}", NOV20 + i, cost_nano=1_000_001) for i in range(3)])
+    result = await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    assert (result.summaries_written, result.records, result.late_rewrite) == (1, 3, False)
+    # 3 × 1_000_001 = 3_000_003 nano; × 1.3 = 3_900_003.9 -> 3_900_004
+    assert await daily(conn) == [
+        ("org-1", "2026-11-20", 3, 30, 3_000_003, 3_900_004, None, None, None, 1)
+    ]
+
+    # a late event re-opens the day: counted late, row rewritten with revision 2
+    late = await record_events(conn, [entry("late-1", NOV20 + 10, cost_nano=7)])
+    assert late.late == 1
+    result = await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    assert result.late_rewrite and result.summaries_written == 1
+    assert await daily(conn) == [
+        ("org-1", "2026-11-20", 4, 40, 3_000_010, 3_900_013, None, None, None, 2)
+    ]
+
+    # its duplicate changes nothing; a rollup with nothing new rewrites nothing
+    dup = await record_events(conn, [entry("late-1", NOV20 + 10, cost_nano=7)])
+    assert dup.inserted == [] and dup.duplicates == 1
+    result = await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    assert result.summaries_written == 0
+    assert (await daily(conn))[0][-1] == 2
+
+
+async def test_pln_uses_the_rate_strictly_before_the_usage_date(
+    conn: aiosqlite.Connection,
+) -> None:
+    await store_nbp_rates(
+        conn,
+        [
+            NbpRate("USD", date(2026, 11, 19), "224/A/NBP/2026", Decimal("3.6581")),
+            NbpRate("USD", date(2026, 11, 20), "225/A/NBP/2026", Decimal("3.7000")),
+        ],
+        covered=(date(2026, 11, 16), date(2026, 11, 20)),
+    )
+    await record_events(conn, [entry("x", NOV20, cost_nano=123_456_789)])
+    await rollup_day(conn, "2026-11-20", MARKUP, rate_for_date)
+    markup = int((Decimal(123_456_789) * MARKUP).to_integral_value(ROUND_HALF_EVEN))
+    pln = int((Decimal(markup) * Decimal("3.6581")).to_integral_value(ROUND_HALF_EVEN))
+    assert await daily(conn) == [
+        ("org-1", "2026-11-20", 1, 10, 123_456_789, markup, pln, "3.6581", "224/A/NBP/2026", 1)
+    ]
+
+
+async def test_a_million_micro_dollar_events_sum_exactly(conn: aiosqlite.Connection) -> None:
+    batch = 10_000
+    for start in range(0, 1_000_000, batch):
+        entries = [entry(f"m{i}", NOV20, cost_nano=1_000) for i in range(start, start + batch)]
+        await record_events(conn, entries)
+    await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    (row,) = await daily(conn)
+    assert row[2] == 1_000_000
+    assert row[4] == 1_000_000_000  # exactly 1.000000 USD
+    assert row[5] == 1_300_000_000  # exactly 1.3 USD
+    async with conn.execute("SELECT raw_cost_usd, markup_cost_usd FROM usage_daily") as cur:
+        assert tuple(await cur.fetchone()) == (1.0, 1.3)
+
+
+async def test_views_sum_and_keep_unknown_pln_null(conn: aiosqlite.Connection) -> None:
+    await record_events(
+        conn, [entry("a", NOV20, client="org-1"), entry("b", NOV20 + 1, client="org-1")]
+    )
+    await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    async with conn.execute(
+        "SELECT client_org_id, usage_date, requests, raw_cost_nano, markup_cost_pln_nano"
+        " FROM client_daily_usage"
+    ) as cursor:
+        assert list(await cursor.fetchall()) == [("org-1", "2026-11-20", 2, 2000, None)]
+    async with conn.execute(
+        "SELECT client_org_id, usage_month, requests FROM client_monthly_usage"
+    ) as cursor:
+        assert list(await cursor.fetchall()) == [("org-1", "2026-11", 2)]
+
+
+async def test_a_reader_can_query_while_a_writer_holds_the_lock(
+    conn: aiosqlite.Connection, tmp_path: Path
+) -> None:
+    await record_events(conn, [entry("a", NOV20)])
+    await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    await conn.execute("BEGIN IMMEDIATE")
+    await conn.execute("UPDATE usage_daily SET requests = 99")
+    reader = sqlite3.connect(tmp_path / "usage.db", timeout=0.1)
+    try:  # WAL: the reader sees the last committed state without waiting
+        assert reader.execute("SELECT requests FROM usage_daily").fetchall() == [(1,)]
+    finally:
+        reader.close()
+        await conn.execute("ROLLBACK")
+
+
+def test_day_closes_by_watermark_or_by_wall_clock() -> None:
+    now = {"ms": local_midnight_ms(date(2026, 11, 20), WARSAW) + 12 * 3_600_000}
+    closer = DayCloser(WARSAW, 3600, clock=lambda: now["ms"])
+    nov20 = date(2026, 11, 20)
+    close_at = local_midnight_ms(date(2026, 11, 21), WARSAW) + 3_600_000
+    assert not closer.is_due(nov20)
+    # partition 0 passes the close time, partition 1 is behind: the lowest one decides
+    closer.observe(0, close_at)
+    closer.observe(1, close_at - 1)
+    assert not closer.is_due(nov20)
+    closer.observe(1, close_at)
+    assert closer.is_due(nov20)
+    # an idle partition: no event ever passes the close time, the wall clock does
+    idle = DayCloser(WARSAW, 3600, clock=lambda: now["ms"])
+    idle.observe(0, close_at - 5 * 3_600_000)
+    assert not idle.is_due(nov20)
+    now["ms"] = close_at - 1
+    assert not idle.is_due(nov20)
+    now["ms"] = close_at
+    assert idle.is_due(nov20)
+
+
+def test_grace_follows_local_midnight_on_the_25_hour_day() -> None:
+    closer = DayCloser(WARSAW, 0, clock=lambda: 0)
+    # 2026-10-25 lasts 25 h: it closes at 2026-10-25T23:00Z, not 22:00Z
+    assert closer.close_ms(date(2026, 10, 25)) == 1_792_969_200_000
