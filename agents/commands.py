@@ -47,9 +47,13 @@ async def refresh(self: object) -> None:
         result = await run_refresh(settings, conn)
     finally:
         await conn.close()
-    print(result.summary() if hasattr(result, "summary") else result)
-    if not getattr(result, "success", False):
-        fail(f"refresh failed: {getattr(result, 'error', result)}")
+    if not result.ok:
+        fail(f"refresh failed: {result.error_text}")
+    print(
+        f"refresh ok: {result.rates_fetched} NBP rates ({result.rates_stored} new), "
+        f"{result.prices_fetched} model prices ({result.prices_stored} new), "
+        f"{result.pln_filled} rows converted to PLN"
+    )
 
 
 @app.command(
