@@ -44,12 +44,22 @@ async def broker_reachable(timeout: float = 2.0) -> str | None:
     return "broker unreachable (" + "; ".join(reasons) + ")"
 
 
+def _try_write_lock(path: str) -> None:
+    """Take and release SQLite's write lock, waiting at most 2 s (a fresh connection, so a
+    long transaction of the worker's own connection cannot make /ready hang)."""
+    conn = sqlite3.connect(path, timeout=2.0, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
 async def db_writable() -> str | None:
     """None when the summary DB takes the write lock, else the reason."""
     try:
-        conn = await summary_db()
-        await conn.execute("BEGIN IMMEDIATE")
-        await conn.execute("ROLLBACK")
+        await summary_db()  # creates and migrates it on first use
+        await asyncio.to_thread(_try_write_lock, str(settings.summary_db_path))
     except (sqlite3.Error, OSError) as error:
         return f"summary DB not writable: {error}"
     return None
@@ -96,7 +106,7 @@ async def status(web: View, request: Request) -> Response:
     )
 
 
-@app.timer(interval=10.0)
+@app.timer(interval=5.0)
 async def update_consumer_lag() -> None:
     """Lag = high watermark (from fetch responses) − committed offset, per assigned partition.
 
@@ -109,6 +119,6 @@ async def update_consumer_lag() -> None:
         highwater = consumer.highwater(tp)
         if highwater is None or highwater < 0:
             continue
-        position = committed.get(tp)
-        lag = highwater - (position + 1 if position is not None else 0)
+        # Faust records the offset it commits: the next offset to read
+        lag = highwater - (committed.get(tp) or 0)
         CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(max(lag, 0))
