@@ -1,0 +1,396 @@
+"""Replay: re-aggregate one usage date from the topic and replace it atomically.
+
+``usage-stream replay --date YYYY-MM-DD [--from-offsets P:O[,P:O...]] [--dry-run]``
+
+1. Read every partition of ``USAGE_TOPIC`` from local midnight of the date minus
+   ``REPLAY_MARGIN_HOURS`` (by Kafka timestamp) up to its end as of the start of the replay,
+   with a group-less consumer: the live consumer group is never joined, rebalanced or
+   committed to (streams/replay_reader.py). ``--from-offsets`` overrides the start of the
+   partitions it names; the others keep the default.
+2. Validate each record like the worker (``parse_event``, "now" = the wall clock). Invalid
+   ones are counted and reported, **not** re-sent to the dead-letter topic (the worker did
+   that when it first saw them). Event time decides membership of the date.
+3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins) and
+   price events without ``cost_usd`` like the record agent (:func:`ledger_entry`).
+4. Replace the date in one transaction (tables/replay_store.py): ledger rows of the
+   replayed offset range are swapped for the replay's events, every ``usage_daily`` row of
+   the date is recomputed from the ledger, a ``batch_runs`` row (kind ``replay``) records
+   it. ``--dry-run`` does all of it, prints the differences and rolls back: nothing is
+   written, not even ``batch_runs``.
+
+A date without any valid event in the replayed range is an error (one line, exit 1) and
+nothing is written: most likely a wrong date or a topic whose retention already dropped it,
+and replacing the date with "nothing" would silently delete a bill. The same goes for a bad
+date, an unknown topic, an unreachable broker and an unwritable summary DB.
+
+Why the live worker and a replay cannot fight
+---------------------------------------------
+Totals are derived from ledger membership (``usage_events``, one row per request_id), and
+SQLite has a single writer lock: the replay's replace is one ``BEGIN IMMEDIATE``
+transaction, and so is every ledger insert and rollup of the worker. An event of the date
+recorded by the worker is therefore either
+
+* committed **before** the replay's transaction: it is in the ledger, and its source offset
+  is either inside the replayed range — deleted there and re-inserted from the replay's own
+  copy of the same record — or outside it (produced after the replay's end snapshot, or
+  before its start) and kept as it is; either way it is counted exactly once; or
+* committed **after** it: the replay may already have put the same request into the ledger
+  (then the worker's insert is a duplicate and changes nothing), or not (an event past the
+  end snapshot); then the insert marks its key pending and the worker's next rollup
+  recomputes that key of the date from the ledger, which holds the replay's result.
+
+A worker insert waits on the replay's write lock (busy timeout 60 s; the record agent
+retries a failed ledger write and the rollup retries on its next tick), never the reverse
+order of half-applied state. Events the replay put into the ledger before the worker saw
+them are counted in the worker's duplicate metric when it does, which is harmless.
+
+The date is marked closed by a replay, so later events of it count as late and are
+rolled up at once.
+
+Test broker (Tansu) caveats
+---------------------------
+Its ListOffsets *latest* answer is wrong, so the end of each partition is the high
+watermark of the first Fetch response, never ``end_offsets()``. Its ListOffsets *by
+timestamp* answers by arrival order (and offset 0 for a time after the newest record), so
+on Tansu a replay usually reads every partition from offset 0: slower, equally correct.
+Cost estimates use the model prices stored now, which may differ from the prices the
+worker used when it first recorded an event without ``cost_usd``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import TextIO
+
+from faust.cli import option
+
+from streams.app import app, settings
+from streams.cli import fail
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: In a real (not dry) run, at most this many changed rows are listed; a dry run lists all.
+LIST_CHANGES = 20
+
+
+class NoEventsForDate(RuntimeError):
+    """The replayed range holds no valid event of the date; nothing was written."""
+
+
+def parse_date(text: str | None) -> date:
+    """The ``--date`` value; ValueError with a one-line reason."""
+    if not text:
+        raise ValueError("--date YYYY-MM-DD is required")
+    if not _DATE.match(text.strip()):
+        raise ValueError(f"--date: {text!r} is not a date in the form YYYY-MM-DD")
+    try:
+        return date.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--date: {text!r} is not a valid calendar date") from None
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a plain line every ~10 % or 5 s."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.label = label
+        self.done = 0
+        self.started = time.monotonic()
+        self._last_line = self.started
+        self._next_step = 0.1
+        self._bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                desc=label,
+                unit="rec",
+                unit_scale=True,
+                file=self.stream,
+                dynamic_ncols=True,
+            )
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self._bar is not None:
+            self._bar.update(count)
+            return
+        now = time.monotonic()
+        fraction = self.done / self.total if self.total else 1.0
+        if fraction >= self._next_step or now - self._last_line >= 5.0:
+            self._line(now)
+            while self._next_step <= fraction:
+                self._next_step += 0.1
+
+    def _line(self, now: float) -> None:
+        self._last_line = now
+        elapsed = max(now - self.started, 1e-9)
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        print(
+            f"{self.label}: {self.done}/{self.total} records ({percent:.0f}%),"
+            f" {self.done / elapsed:,.0f} rec/s",
+            file=self.stream,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.done and self._last_line != time.monotonic():
+            self._line(time.monotonic())
+
+
+@dataclass
+class ReplayReport:
+    """What a replay read and did; ``outcome`` is None until the replace ran."""
+
+    day: date
+    topic: str
+    dry_run: bool
+    ranges: list = field(default_factory=list)  # streams.replay_reader.PartitionRange
+    records_read: int = 0
+    events_of_day: int = 0  # valid events of the date read, copies included
+    unique: int = 0
+    invalid: Counter = field(default_factory=Counter)
+    outcome: object = None  # tables.replay_store.ReplayOutcome
+    seconds: float = 0.0
+
+    @property
+    def duplicates(self) -> int:
+        return self.events_of_day - self.unique
+
+    def plan_line(self) -> str:
+        parts = ", ".join(
+            f"p{r.partition} {r.start}..{r.end}"
+            + ("" if r.origin == "timestamp" else f" ({r.origin})")
+            for r in self.ranges
+        )
+        return f"replay {self.day} from {self.topic}: {parts}"
+
+    def summary_line(self) -> str:
+        outcome = self.outcome
+        counts = (
+            f"{outcome.count('added')} added, {outcome.count('removed')} removed,"
+            f" {outcome.count('changed')} changed"
+        )
+        reads = (
+            f"{self.records_read} records read, {self.unique} unique events of {self.day},"
+            f" {self.duplicates} duplicates, {sum(self.invalid.values())} invalid"
+        )
+        ledger = f"ledger rows of the date {outcome.ledger_before} -> {outcome.ledger_after}"
+        if self.dry_run:
+            return (
+                f"dry run {self.day}: would change {outcome.corrections} usage_daily rows"
+                f" ({counts}); {reads}; {ledger}; nothing written"
+            )
+        return (
+            f"replay {self.day}: {outcome.summaries_written} usage_daily rows written"
+            f" ({counts}, {outcome.rows} rows now); {reads}; {ledger}; {self.seconds:.1f} s"
+        )
+
+    def change_lines(self, limit: int | None = None) -> list[str]:
+        changes = self.outcome.changes
+        lines = [_change_line(change) for change in changes[:limit]]
+        if limit is not None and len(changes) > limit:
+            lines.append(f"  ... and {len(changes) - limit} more")
+        return lines
+
+
+_SHOWN = (
+    ("requests", "requests"),
+    ("tokens", "total_tokens"),
+    ("raw_cost_nano", "raw_cost_nano"),
+    ("markup_cost_nano", "markup_cost_nano"),
+    ("markup_cost_pln_nano", "markup_cost_pln_nano"),
+)
+_OTHER = (
+    "input_tokens",
+    "output_tokens",
+    "estimated_requests",
+    "raw_cost_usd",
+    "markup_cost_usd",
+    "markup_cost_pln",
+    "usd_pln_rate",
+    "nbp_table_no",
+)
+
+
+def _change_line(change: object) -> str:
+    key = " / ".join(change.key)
+    if change.kind == "changed":
+        old, new = change.old, change.new
+        values = ", ".join(
+            f"{label} {getattr(old, name)} -> {getattr(new, name)}" for label, name in _SHOWN
+        )
+        also = [name for name in _OTHER if getattr(old, name) != getattr(new, name)]
+        tail = f" (also {', '.join(also)})" if also else ""
+        return f"  changed {key}: {values}{tail}"
+    row = change.new if change.kind == "added" else change.old
+    values = ", ".join(f"{label} {getattr(row, name)}" for label, name in _SHOWN)
+    return f"  {change.kind} {key}: {values}"
+
+
+async def _read_day(
+    reader: object,
+    staging: object,
+    report: ReplayReport,
+    prices: Mapping[str, object],
+    settings: Settings,
+    stream: TextIO | None,
+) -> None:
+    """Validate every record of the slice and stage the events of the date."""
+    from streams.business_time import local_midnight_ms
+    from streams.event import InvalidEvent, parse_event
+    from tables.daily import wall_clock_ms
+    from tables.replay_store import ledger_entry
+
+    day, tz, topic = report.day, settings.tz, settings.USAGE_TOPIC
+    day_text = day.isoformat()
+    # a cheap prefilter on event time; the usage date of ledger_entry decides
+    low = local_midnight_ms(day, tz) - 1_000
+    high = local_midnight_ms(day + timedelta(days=1), tz) + 1_000
+    progress = Progress(reader.total, f"replay {day}", stream)
+    try:
+        async for batch in reader.batches():
+            now_ms = wall_clock_ms()
+            entries = []
+            for partition, offset, value in batch:
+                parsed = parse_event(value, now_ms)
+                if isinstance(parsed, InvalidEvent):
+                    report.invalid[parsed.reason] += 1
+                elif low <= parsed.event_ms < high:
+                    entry = ledger_entry(parsed, topic, partition, offset, prices, tz)
+                    if entry.usage_date == day_text:
+                        entries.append(entry)
+            staging.add(entries)
+            report.records_read += len(batch)
+            progress.update(len(batch))
+    finally:
+        progress.close()
+    report.events_of_day, report.unique = staging.read, staging.unique
+
+
+async def run_replay(
+    settings: Settings,
+    day: date,
+    from_offsets: Mapping[int, int] | None = None,
+    dry_run: bool = False,
+    stream: TextIO | None = None,
+) -> ReplayReport:
+    """Read, deduplicate and replace ``day``. Raises the one-line errors the command maps:
+    ``sqlite3.Error``/``OSError`` (summary DB), ``BrokerUnreachable``, ``ReplayReadError``,
+    :class:`NoEventsForDate`. A failure after the DB opened is recorded in ``batch_runs``
+    (``success`` 0) unless ``dry_run``."""
+    from streams.replay_reader import ReplayReader
+    from tables.reference import latest_model_prices, record_batch_run
+    from tables.replay_store import ReplayRange, ReplayStaging, replace_day
+    from tables.schema import connect, utc_now_text
+
+    started_at = utc_now_text()
+    begin = time.monotonic()
+    report = ReplayReport(day, settings.USAGE_TOPIC, dry_run)
+    conn = await connect(settings.summary_db_path)
+    try:
+        # fail before reading anything when the DB cannot take the write lock
+        await conn.execute("BEGIN IMMEDIATE")
+        await conn.execute("ROLLBACK")
+        prices = await latest_model_prices(conn)
+        try:
+            with ReplayStaging(settings.summary_db_path.parent) as staging:
+                async with ReplayReader(settings, day, from_offsets) as reader:
+                    report.ranges = list(reader.ranges.values())
+                    print(report.plan_line(), file=stream or sys.stderr, flush=True)
+                    await _read_day(reader, staging, report, prices, settings, stream)
+                if staging.unique == 0:
+                    invalid = sum(report.invalid.values())
+                    raise NoEventsForDate(
+                        f"no events of {day} in {settings.USAGE_TOPIC} ({report.records_read}"
+                        f" records read, {invalid} invalid); nothing changed"
+                    )
+                report.outcome = await replace_day(
+                    conn,
+                    staging,
+                    day.isoformat(),
+                    settings.USAGE_TOPIC,
+                    [ReplayRange(r.partition, r.start, r.end) for r in report.ranges],
+                    settings.USAGE_MARKUP_MULTIPLIER,
+                    dry_run=dry_run,
+                    started_at=started_at,
+                    records_processed=report.records_read,
+                )
+        except Exception as error:
+            if not dry_run:
+                try:
+                    await record_batch_run(
+                        conn,
+                        "replay",
+                        day,
+                        started_at,
+                        utc_now_text(),
+                        False,
+                        error=_one_line(error),
+                        records_processed=report.records_read,
+                    )
+                except (sqlite3.Error, OSError) as also:
+                    log.warning("could not record the failed replay: %s", also)
+            raise
+    finally:
+        await conn.close()
+    report.seconds = time.monotonic() - begin
+    return report
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+@app.command(
+    option("--date", "day", default=None, help="usage date YYYY-MM-DD (BUSINESS_TIMEZONE)"),
+    option(
+        "--from-offsets",
+        "from_offsets",
+        default=None,
+        help="start offsets P:O[,P:O...] for the named partitions (others: by timestamp)",
+    ),
+    option(
+        "--dry-run/--no-dry-run",
+        "dry_run",
+        default=False,
+        help="print what would change, write nothing",
+    ),
+)
+async def replay(self: object, day: str | None, from_offsets: str | None, dry_run: bool) -> None:
+    """Re-aggregate one usage date from the topic and replace its rows atomically."""
+    from streams.broker import BrokerUnreachable
+    from streams.replay_reader import ReplayReadError, parse_from_offsets
+
+    try:
+        usage_day = parse_date(day)
+        starts = parse_from_offsets(from_offsets) if from_offsets is not None else None
+    except ValueError as error:
+        fail(str(error))
+    # aiokafka logs every failed connection attempt; the one line below is the answer
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        report = await run_replay(settings, usage_day, starts, dry_run)
+    except (BrokerUnreachable, ReplayReadError, NoEventsForDate) as error:
+        fail(_one_line(error))
+    except (sqlite3.Error, OSError) as error:
+        fail(f"summary DB {settings.summary_db_path}: {_one_line(error)}")
+    print(report.summary_line())
+    for line in report.change_lines(None if dry_run else LIST_CHANGES):
+        print(line)

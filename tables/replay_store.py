@@ -1,0 +1,486 @@
+"""The SQLite side of ``usage-stream replay``: staging and the atomic replace of one date.
+
+1. :class:`ReplayStaging` — the replay's own deduplication, spilled to a temporary SQLite
+   file next to the summary DB (memory stays bounded for tens of millions of events): one
+   row per ``request_id`` (PRIMARY KEY, ``INSERT OR IGNORE``: the first copy read wins),
+   only for events of the replayed date.
+2. :func:`replace_day` — in ONE ``BEGIN IMMEDIATE`` transaction on the summary DB:
+   a. delete the date's ledger rows (``usage_events``) whose source offset lies inside
+      the replayed range ``[start, end)`` of a partition of the usage topic (they are all
+      re-read by the replay; rows from outside the range, e.g. older offsets or another
+      topic, are kept);
+   b. ``INSERT OR IGNORE`` the staged events into the ledger (a request already in the
+      ledger from outside the range keeps its first copy);
+   c. recompute every ``usage_daily`` row of the date from the ledger with
+      :func:`tables.summary_store.summary_rows` and
+      :func:`tables.summary_store.write_summaries` (rate from
+      :func:`tables.reference.rate_for_date`, looked up inside the transaction), and delete
+      the rows whose key has no ledger rows any more;
+   d. clear the date's ``rollup_pending`` keys, mark it in ``closed_days``, and append a
+      ``batch_runs`` row (kind ``replay``) — all before ``COMMIT``.
+   Unchanged rows keep their ``revision`` and ``updated_at``, so replaying twice changes
+   nothing. With ``dry_run`` the same work is done and then rolled back: only the
+   differences are returned.
+
+:func:`ledger_entry` is the one place where a validated event becomes a ledger row (its
+usage date, and its cost: ``cost_usd`` when present, else estimated from the model's
+latest stored price); the record agent and the replay must agree on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import sqlite3
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import aiosqlite
+
+from streams.business_time import usage_date
+from streams.event import UsageEvent
+from streams.money import nano_to_float
+from streams.pricing import Price, estimate_cost_nano
+from tables.reference import rate_for_date, record_batch_run
+from tables.schema import utc_now_text
+from tables.summary_store import LedgerEntry, Rate, summary_rows, write_summaries
+
+__all__ = [
+    "DailyRow",
+    "ReplayOutcome",
+    "ReplayRange",
+    "ReplayStaging",
+    "RowChange",
+    "ledger_entry",
+    "replace_day",
+]
+
+_CLOSED_BY = f"replay@{socket.gethostname()}"
+
+
+def ledger_entry(
+    usage: UsageEvent,
+    topic: str,
+    partition: int,
+    offset: int,
+    prices: Mapping[str, Price],
+    tz: ZoneInfo,
+) -> LedgerEntry:
+    """The ledger row of one valid event read at ``topic/partition/offset``.
+
+    The cost is ``cost_usd`` when the event has one, else estimated from ``prices`` (the
+    latest stored price per model; no price → 0, still counted in ``estimated_requests``).
+    """
+    estimated = usage.cost_nano is None
+    cost = (
+        estimate_cost_nano(usage.input_tokens, usage.output_tokens, prices.get(usage.model))
+        if estimated
+        else usage.cost_nano
+    )
+    assert cost is not None
+    return LedgerEntry(
+        event=usage,
+        usage_date=usage_date(usage.event_ms, tz).isoformat(),
+        cost_nano=cost,
+        cost_estimated=estimated,
+        source_topic=topic,
+        source_partition=partition,
+        source_offset=offset,
+    )
+
+
+# Staging --------------------------------------------------------------------------------
+
+_STAGED_COLUMNS = (
+    "request_id, usage_date, client_org_id, user_id, model, input_tokens, output_tokens,"
+    " cost_nano, cost_estimated, event_ms, source_topic, source_partition, source_offset"
+)
+
+
+class ReplayStaging:
+    """The replay's unique events of the date, in a temporary SQLite file.
+
+    Synchronous sqlite3 on purpose: one ``executemany`` per fetched batch, no thread hop
+    per row. The file lives in a private temporary directory under ``directory`` (the
+    summary DB's, so it is on a disk sized for the data) and is removed by :meth:`close`.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._dir = Path(tempfile.mkdtemp(prefix=".replay-", dir=directory))
+        self.path = self._dir / "staging.db"
+        self.read = 0  # events of the date offered to add()
+        self.unique = 0  # of which distinct request ids
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode = OFF")
+            self._conn.execute("PRAGMA synchronous = OFF")
+            self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB, then it spills
+            self._conn.execute(
+                """CREATE TABLE staged (
+                    request_id TEXT PRIMARY KEY,
+                    usage_date TEXT NOT NULL,
+                    client_org_id TEXT NOT NULL,
+                    user_id TEXT NOT NULL,
+                    model TEXT NOT NULL,
+                    input_tokens INTEGER NOT NULL,
+                    output_tokens INTEGER NOT NULL,
+                    cost_nano INTEGER NOT NULL,
+                    cost_estimated INTEGER NOT NULL,
+                    event_ms INTEGER NOT NULL,
+                    source_topic TEXT NOT NULL,
+                    source_partition INTEGER NOT NULL,
+                    source_offset INTEGER NOT NULL
+                ) WITHOUT ROWID"""
+            )
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+
+    @property
+    def duplicates(self) -> int:
+        return self.read - self.unique
+
+    def add(self, entries: Sequence[LedgerEntry]) -> int:
+        """Stage entries (first copy of a request_id wins); returns how many were new."""
+        if not entries:
+            return 0
+        before = self._conn.total_changes
+        self._conn.execute("BEGIN")
+        try:
+            self._conn.executemany(
+                f"INSERT OR IGNORE INTO staged ({_STAGED_COLUMNS})"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        e.event.request_id,
+                        e.usage_date,
+                        e.event.client_org_id,
+                        e.event.user_id,
+                        e.event.model,
+                        e.event.input_tokens,
+                        e.event.output_tokens,
+                        e.cost_nano,
+                        int(e.cost_estimated),
+                        e.event.event_ms,
+                        e.source_topic,
+                        e.source_partition,
+                        e.source_offset,
+                    )
+                    for e in entries
+                ],
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        added = self._conn.total_changes - before
+        self.read += len(entries)
+        self.unique += added
+        return added
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> ReplayStaging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# The replace --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRange:
+    """Offsets ``[start, end)`` of one partition of the usage topic that were replayed."""
+
+    partition: int
+    start: int
+    end: int
+
+
+Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
+
+_DAILY_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "requests",
+    "estimated_requests",
+    "raw_cost_nano",
+    "markup_cost_nano",
+    "markup_cost_pln_nano",
+    "raw_cost_usd",
+    "markup_cost_usd",
+    "markup_cost_pln",
+    "usd_pln_rate",
+    "nbp_table_no",
+    "revision",
+    "updated_at",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DailyRow:
+    """One stored ``usage_daily`` row of the date (every column but the key)."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    requests: int
+    estimated_requests: int
+    raw_cost_nano: int
+    markup_cost_nano: int
+    markup_cost_pln_nano: int | None
+    raw_cost_usd: float
+    markup_cost_usd: float
+    markup_cost_pln: float | None
+    usd_pln_rate: str | None
+    nbp_table_no: str | None
+    revision: int
+    updated_at: str
+
+    def content(self) -> tuple[object, ...]:
+        """Every value but ``revision`` and ``updated_at``: what a correction changes."""
+        return (
+            self.input_tokens,
+            self.output_tokens,
+            self.total_tokens,
+            self.requests,
+            self.estimated_requests,
+            self.raw_cost_nano,
+            self.markup_cost_nano,
+            self.markup_cost_pln_nano,
+            self.raw_cost_usd,
+            self.markup_cost_usd,
+            self.markup_cost_pln,
+            self.usd_pln_rate,
+            self.nbp_table_no,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """A ``usage_daily`` row of the date that the replay adds, removes or changes."""
+
+    kind: str  # "added", "removed", "changed"
+    key: Key
+    old: DailyRow | None
+    new: DailyRow | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOutcome:
+    usage_date: str
+    changes: list[RowChange]
+    rows: int  # usage_daily rows of the date after the replay
+    summaries_written: int  # rows inserted or re-written (revision + 1) plus rows deleted
+    clients: int
+    ledger_before: int  # ledger rows of the date
+    ledger_after: int
+    ledger_removed: int  # rows of the replayed range deleted (a)
+    ledger_inserted: int  # staged events inserted (b)
+    rate: Rate | None
+    committed: bool
+    batch_run_id: int | None
+
+    def count(self, kind: str) -> int:
+        return sum(1 for change in self.changes if change.kind == kind)
+
+    @property
+    def corrections(self) -> int:
+        return len(self.changes)
+
+
+async def _daily_rows(conn: aiosqlite.Connection, day: str) -> dict[Key, DailyRow]:
+    sql = (
+        f"SELECT client_org_id, user_id, model, {', '.join(_DAILY_COLUMNS)}"
+        " FROM usage_daily WHERE usage_date = ?"
+    )
+    async with conn.execute(sql, (day,)) as cursor:
+        return {(row[0], row[1], row[2]): DailyRow(*row[3:]) for row in await cursor.fetchall()}
+
+
+async def _count(conn: aiosqlite.Connection, sql: str, args: Iterable[object]) -> int:
+    async with conn.execute(sql, tuple(args)) as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _inconsistent(row: DailyRow, rate: Rate | None) -> bool:
+    """A stored row whose derived columns do not follow from its exact ones and the rate.
+
+    ``write_summaries`` only re-writes a row when its counts or ``*_nano`` amounts differ,
+    so a row damaged only in ``total_tokens``, a REAL column or the rate columns would
+    otherwise survive a replay.
+    """
+    if rate is None:
+        rate_ok = row.usd_pln_rate is None and row.nbp_table_no is None
+    else:
+        try:
+            same_mid = row.usd_pln_rate is not None and Decimal(row.usd_pln_rate) == rate.mid
+        except ArithmeticError:
+            same_mid = False
+        rate_ok = same_mid and row.nbp_table_no == rate.table_no
+    return not (
+        rate_ok
+        and row.total_tokens == row.input_tokens + row.output_tokens
+        and row.raw_cost_usd == nano_to_float(row.raw_cost_nano)
+        and row.markup_cost_usd == nano_to_float(row.markup_cost_nano)
+        and row.markup_cost_pln == nano_to_float(row.markup_cost_pln_nano)
+    )
+
+
+def _diff(before: Mapping[Key, DailyRow], after: Mapping[Key, DailyRow]) -> list[RowChange]:
+    changes: list[RowChange] = []
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key), after.get(key)
+        if old is None:
+            changes.append(RowChange("added", key, None, new))
+        elif new is None:
+            changes.append(RowChange("removed", key, old, None))
+        elif old.content() != new.content():
+            changes.append(RowChange("changed", key, old, new))
+    return changes
+
+
+async def replace_day(
+    conn: aiosqlite.Connection,
+    staging: ReplayStaging,
+    day: str,
+    topic: str,
+    ranges: Sequence[ReplayRange],
+    markup: Decimal,
+    *,
+    dry_run: bool,
+    started_at: str,
+    records_processed: int,
+) -> ReplayOutcome:
+    """Replace date ``day`` from the staged events, atomically (see the module docstring).
+
+    ``conn`` must be in autocommit mode (as :func:`tables.schema.connect` opens it) with no
+    transaction open. With ``dry_run`` nothing is written, not even ``batch_runs``.
+    """
+    await conn.execute("ATTACH DATABASE ? AS replay_staging", (str(staging.path),))
+    try:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            outcome = await _replace(
+                conn, day, topic, ranges, markup, dry_run, started_at, records_processed
+            )
+            await conn.execute("ROLLBACK" if dry_run else "COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
+            raise
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            await conn.execute("DETACH DATABASE replay_staging")
+    return outcome
+
+
+async def _replace(
+    conn: aiosqlite.Connection,
+    day: str,
+    topic: str,
+    ranges: Sequence[ReplayRange],
+    markup: Decimal,
+    dry_run: bool,
+    started_at: str,
+    records_processed: int,
+) -> ReplayOutcome:
+    rate = await rate_for_date(conn, date.fromisoformat(day))
+    before = await _daily_rows(conn, day)
+    ledger_sql = "SELECT COUNT(*) FROM usage_events WHERE usage_date = ?"
+    ledger_before = await _count(conn, ledger_sql, (day,))
+
+    # (a) the date's ledger rows that the replay has re-read
+    mark = conn.total_changes
+    await conn.executemany(
+        "DELETE FROM usage_events WHERE usage_date = ? AND source_topic = ?"
+        " AND source_partition = ? AND source_offset >= ? AND source_offset < ?",
+        [(day, topic, r.partition, r.start, r.end) for r in ranges if r.end > r.start],
+    )
+    removed = conn.total_changes - mark
+
+    # (b) the replay's unique events; a request already in the ledger keeps its first copy
+    mark = conn.total_changes
+    await conn.execute(
+        f"INSERT OR IGNORE INTO main.usage_events ({_STAGED_COLUMNS}, recorded_at)"
+        f" SELECT {_STAGED_COLUMNS}, ? FROM replay_staging.staged WHERE usage_date = ?",
+        (utc_now_text(), day),
+    )
+    inserted = conn.total_changes - mark
+
+    # (c) every usage_daily row of the date, from the ledger
+    rows = await summary_rows(conn, day, only_pending=False)
+    recomputed = {row.key[:3] for row in rows}
+    damaged = [key for key, row in before.items() if key in recomputed and _inconsistent(row, rate)]
+    if damaged:
+        # make write_summaries re-write them (revision + 1) although their counts match;
+        # inside this transaction, so nobody ever sees the marker
+        await conn.executemany(
+            "UPDATE usage_daily SET requests = -1"
+            " WHERE client_org_id = ? AND user_id = ? AND model = ? AND usage_date = ?",
+            [(*key, day) for key in damaged],
+        )
+    written = await write_summaries(conn, rows, markup, rate)
+    mark = conn.total_changes
+    await conn.execute(
+        "DELETE FROM usage_daily WHERE usage_date = ? AND NOT EXISTS ("
+        " SELECT 1 FROM usage_events e WHERE e.usage_date = usage_daily.usage_date"
+        " AND e.client_org_id = usage_daily.client_org_id"
+        " AND e.user_id = usage_daily.user_id AND e.model = usage_daily.model)",
+        (day,),
+    )
+    written += conn.total_changes - mark
+
+    # (d) the date is settled: nothing pending, closed (later events of it count as late)
+    await conn.execute("DELETE FROM rollup_pending WHERE usage_date = ?", (day,))
+    await conn.execute(
+        "INSERT OR IGNORE INTO closed_days VALUES (?, ?, ?)", (day, utc_now_text(), _CLOSED_BY)
+    )
+
+    after = await _daily_rows(conn, day)
+    changes = _diff(before, after)
+    clients = len({key[0] for key in after})
+    run_id = None
+    if not dry_run:
+        run_id = await record_batch_run(
+            conn,
+            "replay",
+            day,
+            started_at,
+            utc_now_text(),
+            True,
+            records_processed=records_processed,
+            summaries_written=written,
+            clients_processed=clients,
+            data_corrections=len(changes),
+            late_events=0,
+        )
+    return ReplayOutcome(
+        usage_date=day,
+        changes=changes,
+        rows=len(after),
+        summaries_written=written,
+        clients=clients,
+        ledger_before=ledger_before,
+        ledger_after=await _count(conn, ledger_sql, (day,)),
+        ledger_removed=removed,
+        ledger_inserted=inserted,
+        rate=rate,
+        committed=not dry_run,
+        batch_run_id=run_id,
+    )
