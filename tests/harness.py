@@ -43,6 +43,8 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+    except (urllib.error.URLError, OSError):  # not listening (yet)
+        return 0, b""
 
 
 @dataclass
