@@ -109,6 +109,7 @@ class Progress:
         self.done = 0
         self.started = time.monotonic()
         self._last_line = self.started
+        self._printed = 0  # records done at the last plain line
         self._next_step = 0.1
         self._bar = None
         if self.stream.isatty():
@@ -137,6 +138,7 @@ class Progress:
 
     def _line(self, now: float) -> None:
         self._last_line = now
+        self._printed = self.done
         elapsed = max(now - self.started, 1e-9)
         percent = 100.0 * self.done / self.total if self.total else 100.0
         print(
@@ -149,7 +151,7 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        elif self.done and self._last_line != time.monotonic():
+        elif self.done != self._printed:
             self._line(time.monotonic())
 
 

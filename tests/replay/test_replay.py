@@ -1,0 +1,635 @@
+"""``usage-stream replay`` on the real broker with real worker processes.
+
+Ground truth is computed here, independently of the pipeline (Decimal, half-even, markup
+1.3, the NBP rate of the day before, estimated costs from the seeded prices). The worker
+bills several past days (duplicates on other partitions, late events, Kafka timestamps far
+from the event times, invalid messages); then a day is damaged in ``usage_daily`` and in
+the ledger, and the replay must restore exactly that day and touch nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from streams.broker import EmbeddedBroker, ensure_topics, free_port
+from streams.clients.nbp import NbpRate
+from streams.clients.openrouter import ModelPrice
+from streams.replay_reader import choose_start, parse_from_offsets
+from streams.settings import load_settings
+from tables.reference import store_model_prices, store_nbp_rates
+from tables.schema import connect
+from tests.harness import REPO, Stack, wait_for
+
+WARSAW = ZoneInfo("Europe/Warsaw")
+MARKUP = Decimal("1.3")
+NANO = Decimal(1_000_000_000)
+DAY = date.today() - timedelta(days=10)  # the replayed date; every test day is in the past
+PRICES = {
+    "openai/gpt-4o-mini": (Decimal("0.00000015"), Decimal("0.0000006"), Decimal("0")),
+    "anthropic/claude-3.5-sonnet": (Decimal("0.000003"), Decimal("0.000015"), Decimal("0.0001")),
+}
+MODELS = [*PRICES, "mystery/model-without-price"]  # no price: estimated at 0
+# a (synthetic) NBP table for every day around DAY, so each date's rate is the previous day's
+RATES = {
+    DAY + timedelta(days=k): (f"{300 + k}/A/NBP/2026", Decimal("3.6") + Decimal(k + 9) / 73)
+    for k in range(-9, 10)
+}
+RATES = {d: (no, mid.quantize(Decimal("0.0001"))) for d, (no, mid) in RATES.items()}
+
+DAILY_COLUMNS = (
+    "input_tokens, output_tokens, total_tokens, requests, estimated_requests, raw_cost_nano,"
+    " markup_cost_nano, markup_cost_pln_nano, raw_cost_usd, markup_cost_usd, markup_cost_pln,"
+    " usd_pln_rate, nbp_table_no"
+)
+
+
+# Test data and ground truth --------------------------------------------------------------
+
+
+def half_even(value: Decimal) -> int:
+    return int(value.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def local_midnight_ms(day: date) -> int:
+    return int(datetime(day.year, day.month, day.day, tzinfo=WARSAW).timestamp() * 1000)
+
+
+def make_events(day: date, count: int, tag: str, seed: int) -> list[dict]:
+    """``count`` events with event times on local date ``day`` (both edges included)."""
+    rng = random.Random(seed)
+    start = local_midnight_ms(day)
+    length = local_midnight_ms(day + timedelta(days=1)) - start
+    events = []
+    for i in range(count):
+        if i == 0:
+            moment = start  # 00:00:00.000 local
+        elif i == 1:
+            moment = start + length - 1  # 23:59:59.999 local
+        else:
+            moment = start + rng.randrange(length)
+        kind = i % 4
+        event: dict = {
+            "request_id": f"{tag}-{i}",
+            "client_org_id": f"org-{rng.randrange(4)}",
+            "user_id": f"user-{rng.randrange(3)}",
+            "model": rng.choice(MODELS),
+            "input_tokens": rng.randrange(0, 4000),
+            "output_tokens": rng.randrange(0, 1500),
+        }
+        if kind == 0:
+            event["cost_usd"] = f"0.{rng.randrange(10**12):012d}"  # rounds to the nano
+        elif kind == 1:
+            event["cost_usd"] = rng.randrange(10**9) / 10**11  # a JSON number
+        elif kind == 2:
+            event["cost_usd"] = str(rng.randrange(3))
+        # kind 3: no cost_usd, estimated from the stored price
+        if i % 3 == 0:
+            event["timestamp"] = moment
+        else:
+            local = datetime.fromtimestamp(moment / 1000, UTC)
+            if i % 3 == 2:
+                local = local.astimezone(WARSAW)
+            event["timestamp"] = local.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        events.append(event)
+    return events
+
+
+def event_ms(event: dict) -> int:
+    stamp = event["timestamp"]
+    if isinstance(stamp, int):
+        return stamp
+    return int(datetime.fromisoformat(stamp).timestamp() * 1000)
+
+
+def local_date(event: dict) -> str:
+    return datetime.fromtimestamp(event_ms(event) / 1000, UTC).astimezone(WARSAW).date().isoformat()
+
+
+def cost_nano(event: dict) -> tuple[int, bool]:
+    if "cost_usd" in event:
+        return half_even(Decimal(str(event["cost_usd"])) * NANO), False
+    price = PRICES.get(event["model"])
+    if price is None:
+        return 0, True
+    prompt, completion, request = price
+    cost = event["input_tokens"] * prompt + event["output_tokens"] * completion + request
+    return half_even(cost * NANO), True
+
+
+def to_float(nano: int | None) -> float | None:
+    return None if nano is None else float(Decimal(nano) / NANO)
+
+
+def ground_truth(events: list[dict]) -> dict[tuple, tuple]:
+    """Expected ``usage_daily`` rows (key → DAILY_COLUMNS) of unique events (first copy)."""
+    seen: set[str] = set()
+    totals: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+    for event in events:
+        if event["request_id"] in seen:
+            continue
+        seen.add(event["request_id"])
+        key = (event["client_org_id"], event["user_id"], event["model"], local_date(event))
+        row = totals[key]
+        cost, estimated = cost_nano(event)
+        row[0] += event["input_tokens"]
+        row[1] += event["output_tokens"]
+        row[2] += 1
+        row[3] += int(estimated)
+        row[4] += cost
+    expected = {}
+    for key, (inp, out, requests, estimated, raw) in totals.items():
+        day = date.fromisoformat(key[3])
+        table_no, mid = RATES.get(day - timedelta(days=1), (None, None))
+        markup = half_even(Decimal(raw) * MARKUP)
+        pln = half_even(Decimal(markup) * mid) if mid is not None else None
+        expected[key] = (
+            inp,
+            out,
+            inp + out,
+            requests,
+            estimated,
+            raw,
+            markup,
+            pln,
+            to_float(raw),
+            to_float(markup),
+            to_float(pln),
+            str(mid) if mid is not None else None,
+            table_no,
+        )
+    return expected
+
+
+def only(rows: dict[tuple, tuple], day: date) -> dict[tuple, tuple]:
+    return {key: value for key, value in rows.items() if key[3] == day.isoformat()}
+
+
+# Stack helpers -------------------------------------------------------------------------
+
+Record = tuple[bytes, bytes | None, int, int]  # value, key, partition, Kafka timestamp ms
+
+
+async def _send(broker: EmbeddedBroker, topic: str, records: list[Record]) -> list[tuple]:
+    producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{broker.port}", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, value, key=key, partition=partition, timestamp_ms=ts)
+            for value, key, partition, ts in records
+        ]
+        return [(meta.partition, meta.offset) for meta in [await f for f in futures]]
+    finally:
+        await producer.stop()
+
+
+def send(stack: Stack, records: list[Record]) -> list[tuple[int, int]]:
+    """Produce with explicit partitions and Kafka timestamps; returns (partition, offset)."""
+    return asyncio.run(_send(stack.broker, stack.topic, records))
+
+
+def rec(event: dict, partition: int, ts: int | None = None, key: bytes | None = b"") -> Record:
+    return (
+        orjson.dumps(event),
+        event["request_id"].encode() if key == b"" else key,
+        partition,
+        event_ms(event) if ts is None else ts,
+    )
+
+
+def seed_reference(stack: Stack) -> None:
+    async def store() -> None:
+        conn = await connect(stack.db_path)
+        try:
+            await store_nbp_rates(
+                conn,
+                [NbpRate("USD", d, no, mid) for d, (no, mid) in RATES.items()],
+                covered=(min(RATES), max(RATES)),
+            )
+            await store_model_prices(
+                conn, [ModelPrice(model, *price) for model, price in PRICES.items()]
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(store())
+
+
+def actual(stack: Stack) -> dict[tuple, tuple]:
+    rows = stack.query(
+        f"SELECT client_org_id, user_id, model, usage_date, {DAILY_COLUMNS} FROM usage_daily"
+    )
+    return {tuple(row[:4]): tuple(row[4:]) for row in rows}
+
+
+def table(stack: Stack, name: str, where: str = "", params: tuple = ()) -> list[tuple]:
+    order = "1" if name in ("closed_days", "batch_runs") else "1, 2, 3, 4"
+    return stack.query(f"SELECT * FROM {name} {where} ORDER BY {order}", params)
+
+
+def dump(stack: Stack) -> dict[str, list[tuple]]:
+    """Every table the replay may write, in full."""
+    names = ("usage_daily", "usage_events", "closed_days", "rollup_pending", "batch_runs")
+    return {name: table(stack, name) for name in names}
+
+
+def settled(stack: Stack, unique: int) -> bool:
+    try:
+        (count,) = stack.query("SELECT COUNT(*) FROM usage_events")[0]
+        (pending,) = stack.query("SELECT COUNT(*) FROM rollup_pending")[0]
+        (billed,) = stack.query("SELECT COALESCE(SUM(requests), 0) FROM usage_daily")[0]
+    except Exception:  # noqa: BLE001 - DB not created yet
+        return False
+    return count == unique and pending == 0 and billed == unique
+
+
+def wait_settled(stack: Stack, unique: int, timeout: float = 90) -> None:
+    wait_for(lambda: settled(stack, unique), timeout, f"{unique} unique events billed", 0.5)
+
+
+def replay(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[bytes]:
+    return stack.cli("replay", *args, **env)
+
+
+def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
+    err = result.stderr.decode()
+    assert result.returncode != 0, result
+    assert "Traceback" not in err, err
+    # progress lines may come first; the error is one line, the last one
+    errors = [line for line in err.splitlines() if line.startswith("usage-stream: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    return errors[0]
+
+
+def plan(result: subprocess.CompletedProcess[bytes]) -> dict[int, tuple[int, int, str]]:
+    """The replayed ranges from the command's plan line: {partition: (start, end, origin)}."""
+    line = next(x for x in result.stderr.decode().splitlines() if x.startswith("replay "))
+    found = re.findall(r"p(\d+) (\d+)\.\.(\d+)(?: \(([\w-]+)\))?", line.split(": ", 1)[1])
+    return {int(p): (int(s), int(e), origin or "timestamp") for p, s, e, origin in found}
+
+
+def read_count(result: subprocess.CompletedProcess[bytes]) -> int:
+    return int(re.search(r"(\d+) records read", result.stdout.decode())[1])
+
+
+# Pure parts ------------------------------------------------------------------------------
+
+
+def test_start_offsets_and_from_offsets_parsing() -> None:
+    # offsets_for_times answer, clamped to the beginning (retention); None = at the end
+    assert choose_start(120, 100, None) == (120, "timestamp")
+    assert choose_start(0, 100, None) == (100, "timestamp")  # Tansu's 0 / -1 answer
+    assert choose_start(None, 100, None) == (None, "end")
+    assert choose_start(None, 100, 150) == (150, "from-offsets")
+    assert choose_start(120, 100, 7) == (100, "from-offsets")
+    assert parse_from_offsets("0:15, 3:0") == {0: 15, 3: 0}
+    for bad in ("", "x", "0:1,0:2", "-1:3", "1:2:3", "1:-2"):
+        with pytest.raises(ValueError, match="--from-offsets"):
+            parse_from_offsets(bad)
+
+
+# End to end ------------------------------------------------------------------------------
+
+
+def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: Stack) -> None:
+    seed_reference(stack)
+    worker = stack.worker().start()
+    worker.wait_assigned()
+    now = int(time.time() * 1000)
+
+    # 1. earlier days first on every partition, Kafka timestamps = event times, so the
+    #    replayed day starts in the middle of each partition's log
+    earlier = make_events(DAY - timedelta(days=2), 200, "a", 1)
+    earlier += make_events(DAY - timedelta(days=1), 200, "b", 2)
+    produced = send(stack, [rec(e, i % 4) for i, e in enumerate(earlier)])
+
+    # 2. the day and the next, interleaved; Kafka timestamps far from the event times
+    #    (a backfill 3 days later, a producer clock 20 h early, or the wall clock);
+    #    duplicates on other partitions, keyed by something else or by nothing; invalid ones
+    day_events = make_events(DAY, 500, "d", 3)
+    next_events = make_events(DAY + timedelta(days=1), 200, "n", 4)
+    records: list[Record] = []
+    for i, event in enumerate(day_events):
+        skew = (0, 3 * 86_400_000, -20 * 3_600_000)[i % 3]
+        records.append(rec(event, i % 4, event_ms(event) + skew))
+        if i < len(next_events):
+            records.append(rec(next_events[i], (i + 1) % 4, now))
+    duplicated = day_events[::7]
+    for j, event in enumerate(duplicated):
+        original = day_events.index(event) % 4
+        key = (None, b"not-the-request-id")[j % 2]
+        records.append(rec(event, (original + 1 + j % 3) % 4, now, key=key))
+    invalid = [
+        b"not json at all",
+        orjson.dumps({**day_events[5], "request_id": "bad-1", "input_tokens": -1}),
+        orjson.dumps({**day_events[6], "request_id": "bad-2", "timestamp": now + 3 * 86_400_000}),
+    ]
+    records += [(value, None, k % 4, now) for k, value in enumerate(invalid)]
+    produced += send(stack, records)
+    valid = earlier + day_events + next_events + duplicated
+    wait_settled(stack, len(earlier) + len(day_events) + len(next_events))
+
+    # 3. late events for the closed day (and copies of earlier ones)
+    late_before = worker.metrics()["usage_stream_events_late_total"]
+    late = make_events(DAY, 40, "late", 5)
+    late_records = [rec(e, i % 4, now) for i, e in enumerate(late)]
+    late_records += [rec(e, (i + 2) % 4, now, key=None) for i, e in enumerate(day_events[1::25])]
+    produced += send(stack, late_records)
+    valid += late + day_events[1::25]
+    unique = len(earlier) + len(day_events) + len(next_events) + len(late)
+    wait_settled(stack, unique)
+    assert worker.metrics()["usage_stream_events_late_total"] - late_before == len(late)
+    truth = ground_truth(valid)
+    assert actual(stack) == truth  # the live pipeline got it right; now damage the day
+    per_partition = Counter(partition for partition, _ in produced)
+
+    day = DAY.isoformat()
+    other_days_daily = table(stack, "usage_daily", "WHERE usage_date != ?", (day,))
+    other_days_ledger = table(stack, "usage_events", "WHERE usage_date != ?", (day,))
+    before_damage = {
+        row[:4]: row for row in table(stack, "usage_daily", "WHERE usage_date = ?", (day,))
+    }
+    keys = sorted(before_damage)
+    deleted, altered = keys[:3], keys[3:7]
+    ledger_gone = [
+        row[0]
+        for row in stack.query(
+            "SELECT request_id FROM usage_events WHERE usage_date = ? ORDER BY request_id LIMIT 5",
+            (day,),
+        )
+    ]
+    row_sql = " WHERE client_org_id = ? AND user_id = ? AND model = ? AND usage_date = ?"
+    copy_row = (
+        "INSERT INTO usage_daily SELECT 'org-ghost', user_id, model, usage_date, input_tokens,"
+        " output_tokens, total_tokens, requests, estimated_requests, raw_cost_nano,"
+        " markup_cost_nano, markup_cost_pln_nano, raw_cost_usd, markup_cost_usd,"
+        " markup_cost_pln, usd_pln_rate, nbp_table_no, revision, updated_at FROM usage_daily"
+    )
+    # a ledger row that no record of the topic backs, inside the replayed range (p0, 1)
+    ghost_event = (
+        "INSERT INTO usage_events SELECT 'ghost-request', usage_date, 'org-ghost-2', user_id,"
+        " model, input_tokens, output_tokens, cost_nano, cost_estimated, event_ms,"
+        " source_topic, 0, 1, recorded_at FROM usage_events WHERE request_id = ?"
+    )
+    damage = [("DELETE FROM usage_daily" + row_sql, key) for key in deleted]
+    damage += [
+        ("UPDATE usage_daily SET requests = requests + 5" + row_sql, altered[0]),
+        (
+            "UPDATE usage_daily SET raw_cost_nano = raw_cost_nano + 7, markup_cost_nano = 1"
+            + row_sql,
+            altered[1],
+        ),
+        ("UPDATE usage_daily SET total_tokens = 0" + row_sql, altered[2]),
+        ("UPDATE usage_daily SET usd_pln_rate = '9.9999'" + row_sql, altered[3]),
+        (copy_row + row_sql, keys[8]),
+        (ghost_event, (ledger_gone[0],)),
+    ]
+    damage += [("DELETE FROM usage_events WHERE request_id = ?", (rid,)) for rid in ledger_gone]
+    with sqlite3.connect(stack.db_path, timeout=30) as conn:
+        for sql, params in damage:
+            assert conn.execute(sql, params).rowcount == 1, sql
+    ghost = ("org-ghost", *keys[8][1:])
+
+    # dry run: reports every difference, writes nothing (not even batch_runs)
+    snapshot = dump(stack)
+    result = replay(stack, "--date", day, "--dry-run")
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert f"dry run {day}: would change 8 usage_daily rows (3 added, 1 removed, 4 changed)" in out
+    for key in deleted:
+        assert f"  added {' / '.join(key[:3])}: requests {before_damage[key][7]}," in out
+    for key in altered:
+        assert f"  changed {' / '.join(key[:3])}: requests " in out
+    old_requests = before_damage[altered[0]][7]
+    assert f"requests {old_requests + 5} -> {old_requests}," in out
+    assert "(also usd_pln_rate)" in out
+    assert f"  removed {' / '.join(ghost[:3])}: requests " in out
+    assert "3 invalid" in out
+    assert dump(stack) == snapshot
+
+    # the replay restores exactly the ground truth of the day, and nothing else changes
+    result = replay(stack, "--date", day)
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    ranges = plan(result)
+    assert {p: end for p, (_, end, _) in ranges.items()} == dict(per_partition)
+    assert read_count(result) == sum(end - start for start, end, _ in ranges.values())
+    assert f"{len(day_events) + len(late)} unique events of {day}" in out
+    assert f"{len(duplicated) + len(day_events[1::25])} duplicates, 3 invalid" in out
+    assert actual(stack) == truth
+    assert table(stack, "usage_daily", "WHERE usage_date != ?", (day,)) == other_days_daily
+    assert table(stack, "usage_events", "WHERE usage_date != ?", (day,)) == other_days_ledger
+    day_ids = {e["request_id"] for e in day_events + late}
+    ledger_ids = {
+        row[0]
+        for row in stack.query("SELECT request_id FROM usage_events WHERE usage_date = ?", (day,))
+    }
+    assert ledger_ids == day_ids
+    after = {row[:4]: row for row in table(stack, "usage_daily", "WHERE usage_date = ?", (day,))}
+    revision = 17  # column index of revision in SELECT *
+    for key, row in after.items():
+        if key in deleted:
+            assert row[revision] == 1
+        elif key in altered:
+            assert row[revision] == before_damage[key][revision] + 1
+        else:
+            assert row == before_damage[key]  # untouched: same revision and updated_at
+    (run,) = stack.query(
+        "SELECT processing_date, success, records_processed, summaries_written,"
+        " clients_processed, data_corrections, late_events, error FROM batch_runs"
+        " WHERE kind = 'replay'"
+    )
+    clients = len({key[0] for key in after})
+    assert run == (day, 1, read_count(result), 8, clients, 8, 0, None)
+    assert stack.query("SELECT COUNT(*) FROM closed_days WHERE usage_date = ?", (day,)) == [(1,)]
+    assert stack.query("SELECT COUNT(*) FROM rollup_pending") == [(0,)]
+
+    # replaying again changes nothing: same rows, same revisions and updated_at
+    first = table(stack, "usage_daily")
+    result = replay(stack, "--date", day)
+    assert result.returncode == 0, result.stderr.decode()
+    assert f"replay {day}: 0 usage_daily rows written (0 added, 0 removed, 0 changed" in (
+        result.stdout.decode()
+    )
+    assert table(stack, "usage_daily") == first
+    assert stack.query(
+        "SELECT summaries_written, data_corrections FROM batch_runs WHERE kind = 'replay'"
+        " ORDER BY id DESC LIMIT 1"
+    ) == [(0, 0)]
+
+    # --from-offsets: partition 0 from its third ledger row of the day; a ledger row before
+    # it (outside the range) stays missing, one after it (inside) is restored
+    copied = {e["request_id"] for e in duplicated + day_events[1::25]}
+    p0 = [
+        (rid, offset)
+        for rid, offset in stack.query(
+            "SELECT request_id, source_offset FROM usage_events WHERE usage_date = ?"
+            " AND source_partition = 0 ORDER BY source_offset",
+            (day,),
+        )
+        if rid not in copied
+    ]
+    outside, start, inside = p0[0], p0[2][1], p0[5]
+    with sqlite3.connect(stack.db_path, timeout=30) as conn:
+        conn.executemany(
+            "DELETE FROM usage_events WHERE request_id = ?", [(outside[0],), (inside[0],)]
+        )
+    result = replay(stack, "--date", day, "--from-offsets", f"0:{start}")
+    assert result.returncode == 0, result.stderr.decode()
+    ranges = plan(result)
+    assert ranges[0][:1] == (start,) and ranges[0][2] == "from-offsets"
+    assert read_count(result) == sum(end - begin for begin, end, _ in ranges.values())
+    ledger_ids = {
+        row[0]
+        for row in stack.query("SELECT request_id FROM usage_events WHERE usage_date = ?", (day,))
+    }
+    assert ledger_ids == day_ids - {outside[0]}
+    missing = [e for e in day_events + late if e["request_id"] == outside[0]]
+    assert only(actual(stack), DAY) == only(
+        ground_truth([e for e in valid if e["request_id"] != outside[0]]), DAY
+    )
+    assert missing
+    # and a full replay puts it back
+    assert replay(stack, "--date", day).returncode == 0
+    assert actual(stack) == truth
+
+    # operator mistakes: one line, non-zero exit, nothing written
+    snapshot = table(stack, "usage_daily")
+    quiet = DAY - timedelta(days=5)
+    line = one_line_error(replay(stack, "--date", quiet.isoformat()))
+    assert f"no events of {quiet}" in line and "nothing changed" in line
+    assert stack.query(
+        "SELECT success, error LIKE 'no events of%' FROM batch_runs ORDER BY id DESC LIMIT 1"
+    ) == [(0, 1)]
+    assert "not a valid calendar date" in one_line_error(replay(stack, "--date", "2026-02-30"))
+    assert "YYYY-MM-DD" in one_line_error(replay(stack, "--date", "yesterday"))
+    assert "required" in one_line_error(replay(stack))
+    assert "no partition 9" in one_line_error(replay(stack, "--date", day, "--from-offsets", "9:0"))
+    assert "past the end" in one_line_error(
+        replay(stack, "--date", day, "--from-offsets", "1:99999")
+    )
+    assert table(stack, "usage_daily") == snapshot
+    assert worker.alive()
+
+
+def test_replay_errors_without_a_worker(stack: Stack, tmp_path: Path) -> None:
+    day = DAY.isoformat()
+    # the topic does not exist yet, and the replay must not create it
+    line = one_line_error(replay(stack, "--date", day))
+    assert f"topic {stack.topic} does not exist" in line
+
+    async def topics() -> set[str]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=f"127.0.0.1:{stack.broker.port}")
+        await consumer.start()
+        try:
+            return await consumer.topics()
+        finally:
+            await consumer.stop()
+
+    assert stack.topic not in asyncio.run(topics())
+
+    line = one_line_error(
+        replay(stack, "--date", day, KAFKA_BROKER=f"kafka://127.0.0.1:{free_port()}")
+    )
+    assert "Kafka broker unreachable" in line
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    line = one_line_error(replay(stack, "--date", day, SUMMARY_DB_PATH=str(blocker / "usage.db")))
+    assert "summary DB" in line
+
+    # a topic with events of other days only: "no events", nothing written
+    settings = load_settings(KAFKA_BROKER=stack.env["KAFKA_BROKER"], USAGE_TOPIC=stack.topic)
+    asyncio.run(ensure_topics(settings))
+    other = make_events(DAY - timedelta(days=1), 30, "o", 9)
+    send(stack, [rec(e, i % 4) for i, e in enumerate(other)] + [(b"{", None, 0, 0)])
+    line = one_line_error(replay(stack, "--date", day))
+    assert f"no events of {day}" in line and "31 records read, 1 invalid" in line
+    assert stack.query("SELECT COUNT(*) FROM usage_daily") == [(0,)]
+    assert stack.query("SELECT COUNT(*) FROM usage_events") == [(0,)]
+    # a dry run of a date with events works without any worker, and writes nothing
+    result = replay(stack, "--date", (DAY - timedelta(days=1)).isoformat(), "--dry-run")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "would change" in result.stdout.decode()
+    assert stack.query("SELECT COUNT(*) FROM usage_daily") == [(0,)]
+    assert stack.query("SELECT COUNT(*) FROM batch_runs WHERE success = 1") == [(0,)]
+
+
+def test_replay_while_the_worker_runs(stack: Stack) -> None:
+    seed_reference(stack)
+    worker = stack.worker().start()
+    worker.wait_assigned()
+    rng = random.Random(21)
+    events = make_events(DAY - timedelta(days=1), 1500, "p", 22)
+    events += make_events(DAY, 3000, "d", 23)
+    events += make_events(DAY + timedelta(days=1), 1500, "n", 24)
+    rng.shuffle(events)
+    copies = rng.sample(events, 600)
+    now = int(time.time() * 1000)
+    send(stack, [rec(e, rng.randrange(4), now, key=None) for e in events + copies])
+    wait_settled(stack, len(events), timeout=120)
+
+    # keep publishing new events for the replayed day and others during the replay
+    stop = threading.Event()
+    published: list[dict] = []
+    days = [DAY, DAY, DAY - timedelta(days=1), DAY + timedelta(days=2)]
+
+    async def publish_loop() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{stack.broker.port}", linger_ms=2)
+        await producer.start()
+        try:
+            batch_no = 0
+            while not stop.is_set() or batch_no < 3:
+                fresh = make_events(days[batch_no % 4], 40, f"live{batch_no}", 100 + batch_no)
+                fresh += fresh[:5]  # and copies
+                futures = [
+                    await producer.send(stack.topic, orjson.dumps(e), partition=i % 4)
+                    for i, e in enumerate(fresh)
+                ]
+                for future in futures:
+                    await future
+                published.extend(fresh)
+                batch_no += 1
+                await asyncio.sleep(0.05)
+        finally:
+            await producer.stop()
+
+    publisher = threading.Thread(target=lambda: asyncio.run(publish_loop()))
+    publisher.start()
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "streams", "replay", "--date", DAY.isoformat()],
+            env=stack.env,
+            capture_output=True,
+            timeout=120,
+            cwd=REPO,
+        )
+    finally:
+        stop.set()
+        publisher.join(60)
+    assert process.returncode == 0, process.stderr.decode()
+    assert len(published) > 3 * 45  # the replay really overlapped with live traffic
+
+    everything = events + copies + published
+    unique = len({e["request_id"] for e in everything})
+    wait_settled(stack, unique, timeout=120)
+    assert actual(stack) == ground_truth(everything)
+    assert stack.query("SELECT COUNT(*) FROM batch_runs WHERE kind = 'replay' AND success = 1") == [
+        (1,)
+    ]
+    assert worker.alive()
