@@ -137,9 +137,6 @@ class Recorder:
                 log.warning("could not load model prices: %s", error)
         return self._prices
 
-    def invalidate_prices(self) -> None:
-        self._prices_loaded = float("-inf")
-
 
 recorder: Recorder | None = None
 

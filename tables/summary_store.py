@@ -29,7 +29,6 @@ __all__ = [
     "Rate",
     "SummaryRow",
     "closed_days",
-    "open_days",
     "pending_dates",
     "record_events",
     "rollup_day",
@@ -178,12 +177,6 @@ async def closed_days(conn: aiosqlite.Connection, dates: Sequence[str]) -> set[s
     return await _existing(
         conn, "SELECT usage_date FROM closed_days WHERE usage_date IN ({marks})", list(dates)
     )
-
-
-async def open_days(conn: aiosqlite.Connection) -> list[str]:
-    """Usage dates with ledger rows not yet written into ``usage_daily``."""
-    pending = await pending_dates(conn)
-    return pending
 
 
 async def summary_rows(

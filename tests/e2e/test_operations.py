@@ -43,6 +43,7 @@ def test_health_ready_status_and_an_open_day(stack: Stack, tmp_path: Path) -> No
     assert sorted(status["assigned_partitions"]) == [0, 1, 2, 3]
     wait_for(lambda: worker.metrics().get("usage_stream_open_days") == 1, 30, "open_days 1")
     assert stack.query("SELECT COUNT(*) FROM usage_daily") == [(0,)]
+
     # everything consumed and committed: no lag on any partition of the usage topic
     def usage_lag() -> dict:
         lag = worker.status()["consumer_lag"]

@@ -1,0 +1,43 @@
+"""The baseline: a do-nothing Faust agent on the usage topic (run by bench/throughput.py).
+
+BENCH_BROKER=kafka://127.0.0.1:PORT BENCH_TOPIC=t BENCH_COUNT=N python bench/noop_faust.py worker
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import faust
+
+app = faust.App(
+    f"bench-noop-{os.getpid()}",
+    broker=os.environ["BENCH_BROKER"],
+    store="memory://",
+    web_enabled=False,
+    consumer_auto_offset_reset="earliest",
+    broker_session_timeout=10,
+    broker_rebalance_timeout=10,
+    broker_heartbeat_interval=1,
+)
+topic = app.topic(os.environ["BENCH_TOPIC"], value_type=bytes, value_serializer="raw")
+EXPECTED = int(os.environ["BENCH_COUNT"])
+seen = 0
+first = 0.0
+
+
+@app.agent(topic)
+async def noop(stream: faust.StreamT) -> None:
+    global seen, first
+    async for _ in stream:
+        if not seen:
+            first = time.perf_counter()
+        seen += 1
+        if seen == EXPECTED:
+            elapsed = time.perf_counter() - first
+            print(f"NOOP_RESULT {seen} {elapsed:.3f}", flush=True)
+            os._exit(0)
+
+
+if __name__ == "__main__":
+    app.main()
