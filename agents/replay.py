@@ -110,7 +110,7 @@ class Progress:
         self.started = time.monotonic()
         self._last_line = self.started
         self._printed = 0  # records done at the last plain line
-        self._next_step = 0.1
+        self._next_tenth = 1  # print when done reaches this many tenths of the total
         self._bar = None
         if self.stream.isatty():
             from tqdm import tqdm
@@ -130,11 +130,10 @@ class Progress:
             self._bar.update(count)
             return
         now = time.monotonic()
-        fraction = self.done / self.total if self.total else 1.0
-        if fraction >= self._next_step or now - self._last_line >= 5.0:
+        tenths = self.done * 10 // self.total if self.total else 10
+        if tenths >= self._next_tenth or now - self._last_line >= 5.0:
             self._line(now)
-            while self._next_step <= fraction:
-                self._next_step += 0.1
+            self._next_tenth = tenths + 1
 
     def _line(self, now: float) -> None:
         self._last_line = now

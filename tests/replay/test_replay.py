@@ -524,6 +524,8 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
         replay(stack, "--date", day, "--from-offsets", "1:99999")
     )
     assert table(stack, "usage_daily") == snapshot
+    # the temporary dedupe files are gone
+    assert not list(stack.db_path.parent.glob(".replay-*"))
     assert worker.alive()
 
 
@@ -632,4 +634,6 @@ def test_replay_while_the_worker_runs(stack: Stack) -> None:
     assert stack.query("SELECT COUNT(*) FROM batch_runs WHERE kind = 'replay' AND success = 1") == [
         (1,)
     ]
+    # the replay never joined the live group: the worker joined once and was never rebalanced
+    assert worker.log_path.read_text().count("Joined group") == 1
     assert worker.alive()
