@@ -29,8 +29,12 @@ __all__ = [
 
 MAX_EVENT_BYTES = 64 * 1024
 MAX_FUTURE_MS = 24 * 3600 * 1000
+# Plausibility bounds that keep every stored integer (and day sums) inside SQLite's int64.
+MAX_TOKENS = 10**12
+MAX_COST_USD = Decimal(1_000_000)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
+_MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 #: Every value of the ``reason`` label of ``usage_stream_events_invalid_total``.
 REASONS = (
@@ -147,8 +151,8 @@ def _count(obj: dict, name: str) -> int:
     value = _require(obj, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Invalid("bad_type", f"{name} must be an integer, got {type(value).__name__}")
-    if value < 0:
-        raise _Invalid("bad_value", f"{name} must be >= 0, got {value}")
+    if not 0 <= value <= MAX_TOKENS:
+        raise _Invalid("bad_value", f"{name} must be between 0 and {MAX_TOKENS}, got {value}")
     return value
 
 
@@ -171,8 +175,10 @@ def _cost_nano(obj: dict, raw: bytes) -> int | None:
         )
     if not amount.is_finite():
         raise _Invalid("bad_value", "cost_usd must be finite")
-    if amount < 0:
-        raise _Invalid("bad_value", f"cost_usd must be >= 0, got {amount}")
+    if not 0 <= amount <= MAX_COST_USD:
+        raise _Invalid(
+            "bad_value", f"cost_usd must be between 0 and {MAX_COST_USD}, got {amount:.40}"
+        )
     return to_nano(amount)
 
 
@@ -194,8 +200,8 @@ def _timestamp_ms(obj: dict) -> int:
     if isinstance(value, bool):
         raise _Invalid("bad_type", "timestamp must be an RFC 3339 string or epoch milliseconds")
     if isinstance(value, int):
-        if value < 0:
-            raise _Invalid("bad_value", "timestamp (epoch ms) must be >= 0")
+        if not 0 <= value <= _MAX_EPOCH_MS:
+            raise _Invalid("bad_value", f"timestamp (epoch ms) out of range: {value}")
         return value
     if not isinstance(value, str):
         raise _Invalid("bad_type", "timestamp must be an RFC 3339 string or epoch milliseconds")

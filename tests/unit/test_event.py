@@ -49,7 +49,8 @@ def test_valid_event_is_parsed_exactly() -> None:
         (0, 0),
         (3, 3_000_000_000),
         (0.1, 100_000_000),
-        ("12345678.123456789", 12_345_678_123_456_789),
+        ("123456.123456789", 123_456_123_456_789),
+        ("1000000", 1_000_000_000_000_000),  # the largest accepted cost
     ],
 )
 def test_cost_rounded_half_even_to_nano(cost: object, nano: int) -> None:
@@ -59,10 +60,10 @@ def test_cost_rounded_half_even_to_nano(cost: object, nano: int) -> None:
 
 
 def test_long_json_number_is_read_exactly_not_through_float() -> None:
-    raw = event().replace(b"0.0002187", b"1234567.12345678951")
+    raw = event().replace(b"0.0002187", b"234567.12345678951")
     parsed = parse_event(raw, NOW)
     assert isinstance(parsed, UsageEvent)
-    assert parsed.cost_nano == 1_234_567_123_456_790  # ...789|51 rounds up
+    assert parsed.cost_nano == 234_567_123_456_790  # ...789|51 rounds up
 
 
 def test_absent_cost_is_none_and_total_tokens_checked() -> None:
@@ -82,6 +83,10 @@ def test_absent_cost_is_none_and_total_tokens_checked() -> None:
         (event(input_tokens=1.5), "bad_type"),
         (event(output_tokens=True), "bad_type"),
         (event(input_tokens=-1), "bad_value"),
+        (event(output_tokens=10**12 + 1), "bad_value"),
+        (event(cost_usd="1000000.000000001"), "bad_value"),
+        (event(cost_usd=1e300), "bad_value"),
+        (event(timestamp=10**16), "bad_value"),
         (event(total_tokens=1), "bad_value"),
         (event(request_id=""), "bad_value"),
         (event(request_id="x" * 129), "bad_value"),
