@@ -17,6 +17,10 @@ Per partition, the slice is ``[start, end)``:
   after seeking to ``start``, i.e. its end as of the start of the replay. Events produced
   later are the live worker's business (see agents/replay.py for why that is safe).
 
+With producer (CreateTime) timestamps, a record stamped more than the margin before its
+event time by a skewed producer clock may sit before the start offset and is then not
+read; ``--from-offsets`` (e.g. ``0:0,1:0,...``) reads such a partition from any offset.
+
 Records are yielded as ``(partition, offset, value)`` until each partition's position
 reaches its ``end``. Event time, not the Kafka timestamp, decides which records belong to
 the date: the start offset only bounds how much is read.
