@@ -25,18 +25,16 @@ from faust import StreamT
 from faust.types import EventT
 
 from streams.app import app, settings, summary_db
-from streams.business_time import usage_date
 from streams.event import UsageEvent, decode_internal
 from streams.metrics import EVENTS_DUPLICATE, EVENTS_LATE
 from streams.money import scale_nano
-from streams.pricing import estimate_cost_nano
 from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import RawPoint
 from streams.topics import by_request_topic
 from tables.daily import day_closer, wall_clock_ms
 from tables.dedupe import DedupeIndex
 from tables.reference import latest_model_prices
-from tables.summary_store import LedgerEntry, record_events
+from tables.summary_store import LedgerEntry, ledger_entry, record_events
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +81,8 @@ class Recorder:
         entries = []
         for _, usage, source in fresh:
             topic, partition, offset = source.rsplit("/", 2)
-            estimated = usage.cost_nano is None
-            cost = (
-                estimate_cost_nano(usage.input_tokens, usage.output_tokens, prices.get(usage.model))
-                if estimated
-                else usage.cost_nano
-            )
             entries.append(
-                LedgerEntry(
-                    event=usage,
-                    usage_date=usage_date(usage.event_ms, settings.tz).isoformat(),
-                    cost_nano=cost,
-                    cost_estimated=estimated,
-                    source_topic=topic,
-                    source_partition=int(partition),
-                    source_offset=int(offset),
-                )
+                ledger_entry(usage, topic, int(partition), int(offset), prices, settings.tz)
             )
         return entries
 

@@ -256,7 +256,7 @@ async def _read_day(
     from streams.business_time import local_midnight_ms
     from streams.event import InvalidEvent, parse_event
     from tables.daily import wall_clock_ms
-    from tables.replay_store import ledger_entry
+    from tables.summary_store import ledger_entry
 
     day, tz, topic = report.day, settings.tz, settings.USAGE_TOPIC
     day_text = day.isoformat()

@@ -14,6 +14,7 @@ app = faust.App(
     f"bench-noop-{os.getpid()}",
     broker=os.environ["BENCH_BROKER"],
     store="memory://",
+    datadir=os.environ.get("BENCH_DATADIR", "bench-noop-data"),
     web_enabled=False,
     consumer_auto_offset_reset="earliest",
     broker_session_timeout=10,

@@ -87,6 +87,7 @@ def noop_faust(broker: EmbeddedBroker, topic: str, count: int, workdir: Path) ->
         "BENCH_BROKER": broker.url,
         "BENCH_TOPIC": topic,
         "BENCH_COUNT": str(count),
+        "BENCH_DATADIR": str(workdir / "noop"),
     }
     result = subprocess.run(
         [
@@ -94,9 +95,7 @@ def noop_faust(broker: EmbeddedBroker, topic: str, count: int, workdir: Path) ->
             str(REPO / "bench/noop_faust.py"),
             "worker",
             "-l",
-            "warning",
-            "--datadir",
-            str(workdir / "noop"),
+            "warn",
         ],
         env=env,
         capture_output=True,
@@ -127,7 +126,7 @@ def pipeline(broker: EmbeddedBroker, topic: str, count: int, workdir: Path) -> f
     }
     with (workdir / "worker.log").open("wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "streams", "worker", "-l", "warning"],
+            [sys.executable, "-m", "streams", "worker", "-l", "warn"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -22,9 +22,9 @@
    nothing. With ``dry_run`` the same work is done and then rolled back: only the
    differences are returned.
 
-:func:`ledger_entry` is the one place where a validated event becomes a ledger row (its
-usage date, and its cost: ``cost_usd`` when present, else estimated from the model's
-latest stored price); the record agent and the replay must agree on it.
+:func:`tables.summary_store.ledger_entry` is the one place where a validated event becomes
+a ledger row (its usage date, and its cost: ``cost_usd`` when present, else estimated from
+the model's latest stored price); the record agent and the replay share it.
 """
 
 from __future__ import annotations
@@ -39,14 +39,9 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import aiosqlite
 
-from streams.business_time import usage_date
-from streams.event import UsageEvent
-from streams.money import nano_to_float
-from streams.pricing import Price, estimate_cost_nano
 from tables.reference import rate_for_date, record_batch_run
 from tables.schema import utc_now_text
 from tables.summary_store import LedgerEntry, Rate, summary_rows, write_summaries
@@ -57,42 +52,10 @@ __all__ = [
     "ReplayRange",
     "ReplayStaging",
     "RowChange",
-    "ledger_entry",
     "replace_day",
 ]
 
 _CLOSED_BY = f"replay@{socket.gethostname()}"
-
-
-def ledger_entry(
-    usage: UsageEvent,
-    topic: str,
-    partition: int,
-    offset: int,
-    prices: Mapping[str, Price],
-    tz: ZoneInfo,
-) -> LedgerEntry:
-    """The ledger row of one valid event read at ``topic/partition/offset``.
-
-    The cost is ``cost_usd`` when the event has one, else estimated from ``prices`` (the
-    latest stored price per model; no price → 0, still counted in ``estimated_requests``).
-    """
-    estimated = usage.cost_nano is None
-    cost = (
-        estimate_cost_nano(usage.input_tokens, usage.output_tokens, prices.get(usage.model))
-        if estimated
-        else usage.cost_nano
-    )
-    assert cost is not None
-    return LedgerEntry(
-        event=usage,
-        usage_date=usage_date(usage.event_ms, tz).isoformat(),
-        cost_nano=cost,
-        cost_estimated=estimated,
-        source_topic=topic,
-        source_partition=partition,
-        source_offset=offset,
-    )
 
 
 # Staging --------------------------------------------------------------------------------
@@ -318,30 +281,6 @@ async def _count(conn: aiosqlite.Connection, sql: str, args: Iterable[object]) -
     return int(row[0]) if row else 0
 
 
-def _inconsistent(row: DailyRow, rate: Rate | None) -> bool:
-    """A stored row whose derived columns do not follow from its exact ones and the rate.
-
-    ``write_summaries`` only re-writes a row when its counts or ``*_nano`` amounts differ,
-    so a row damaged only in ``total_tokens``, a REAL column or the rate columns would
-    otherwise survive a replay.
-    """
-    if rate is None:
-        rate_ok = row.usd_pln_rate is None and row.nbp_table_no is None
-    else:
-        try:
-            same_mid = row.usd_pln_rate is not None and Decimal(row.usd_pln_rate) == rate.mid
-        except ArithmeticError:
-            same_mid = False
-        rate_ok = same_mid and row.nbp_table_no == rate.table_no
-    return not (
-        rate_ok
-        and row.total_tokens == row.input_tokens + row.output_tokens
-        and row.raw_cost_usd == nano_to_float(row.raw_cost_nano)
-        and row.markup_cost_usd == nano_to_float(row.markup_cost_nano)
-        and row.markup_cost_pln == nano_to_float(row.markup_cost_pln_nano)
-    )
-
-
 def _diff(before: Mapping[Key, DailyRow], after: Mapping[Key, DailyRow]) -> list[RowChange]:
     changes: list[RowChange] = []
     for key in sorted(before.keys() | after.keys()):
@@ -425,16 +364,6 @@ async def _replace(
 
     # (c) every usage_daily row of the date, from the ledger
     rows = await summary_rows(conn, day, only_pending=False)
-    recomputed = {row.key[:3] for row in rows}
-    damaged = [key for key, row in before.items() if key in recomputed and _inconsistent(row, rate)]
-    if damaged:
-        # make write_summaries re-write them (revision + 1) although their counts match;
-        # inside this transaction, so nobody ever sees the marker
-        await conn.executemany(
-            "UPDATE usage_daily SET requests = -1"
-            " WHERE client_org_id = ? AND user_id = ? AND model = ? AND usage_date = ?",
-            [(*key, day) for key in damaged],
-        )
     written = await write_summaries(conn, rows, markup, rate)
     mark = conn.total_changes
     await conn.execute(

@@ -10,22 +10,26 @@ concurrently: each write is one ``BEGIN IMMEDIATE`` transaction.
 from __future__ import annotations
 
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from typing import Protocol
+from zoneinfo import ZoneInfo
 
 import aiosqlite
 
+from streams.business_time import usage_date
 from streams.event import UsageEvent
 from streams.money import nano_to_float, scale_nano
+from streams.pricing import Price, estimate_cost_nano
 from tables.schema import utc_now_text
 
 __all__ = [
     "DayRollup",
     "LedgerEntry",
     "LedgerResult",
+    "ledger_entry",
     "Rate",
     "SummaryRow",
     "closed_days",
@@ -58,6 +62,37 @@ class LedgerEntry:
     source_topic: str
     source_partition: int
     source_offset: int
+
+
+def ledger_entry(
+    usage: UsageEvent,
+    topic: str,
+    partition: int,
+    offset: int,
+    prices: Mapping[str, Price],
+    tz: ZoneInfo,
+) -> LedgerEntry:
+    """The ledger row of one valid event read at ``topic/partition/offset``.
+
+    The cost is ``cost_usd`` when the event has one, else estimated from ``prices`` (the
+    latest stored price per model; no price → 0, still counted in ``estimated_requests``).
+    """
+    estimated = usage.cost_nano is None
+    cost = (
+        estimate_cost_nano(usage.input_tokens, usage.output_tokens, prices.get(usage.model))
+        if estimated
+        else usage.cost_nano
+    )
+    assert cost is not None
+    return LedgerEntry(
+        event=usage,
+        usage_date=usage_date(usage.event_ms, tz).isoformat(),
+        cost_nano=cost,
+        cost_estimated=estimated,
+        source_topic=topic,
+        source_partition=partition,
+        source_offset=offset,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +267,12 @@ WHERE usage_daily.requests IS NOT excluded.requests
    OR usage_daily.raw_cost_nano IS NOT excluded.raw_cost_nano
    OR usage_daily.markup_cost_nano IS NOT excluded.markup_cost_nano
    OR usage_daily.markup_cost_pln_nano IS NOT excluded.markup_cost_pln_nano
+   OR usage_daily.total_tokens IS NOT excluded.total_tokens
+   OR usage_daily.raw_cost_usd IS NOT excluded.raw_cost_usd
+   OR usage_daily.markup_cost_usd IS NOT excluded.markup_cost_usd
+   OR usage_daily.markup_cost_pln IS NOT excluded.markup_cost_pln
+   OR usage_daily.usd_pln_rate IS NOT excluded.usd_pln_rate
+   OR usage_daily.nbp_table_no IS NOT excluded.nbp_table_no
 """
 
 

@@ -148,3 +148,36 @@ def test_restart_keeps_dropping_duplicates_seen_before(stack: Stack) -> None:
     lines = raw_lines(stack)
     assert len(lines) == len(set(lines)) == 40
     assert stack.query("SELECT COUNT(*) FROM usage_events") == [(40,)]
+
+
+def test_influxdb_outage_loses_nothing_and_the_circuit_closes_again(stack: Stack) -> None:
+    with influxd_server() as influx:
+        influx.create_database("usage")
+        worker = stack.worker(INFLUXDB_URL=influx.url, INFLUXDB_DATABASE="usage").start()
+        worker.wait_assigned()
+        stack.publish([usage(f"before-{i}", i) for i in range(20)])
+        wait_for(lambda: len(influx.rows("usage")) == 20, 60, "20 points before the outage")
+
+        influx.stop()
+        stack.publish([usage(f"during-{i}", i) for i in range(30)])
+        wait_for(
+            lambda: worker.metrics().get("usage_stream_raw_sink_circuit_open") == 1,
+            60,
+            "the circuit breaker to open",
+        )
+        # the batch is not acked while its points are unwritten: the ledger waits too
+        assert stack.query("SELECT COUNT(*) FROM usage_events") == [(20,)]
+        influx.start()
+        wait_for(
+            lambda: (
+                worker.metrics().get("usage_stream_raw_sink_circuit_open") == 0
+                and worker.metrics().get("usage_stream_raw_points_written_total") == 50
+            ),
+            60,
+            "the circuit to close and every point to be written",
+        )
+        rows = influx.rows("usage")
+        ids = [row["request_id"] for row in rows]
+        assert len(ids) == len(set(ids)) == 50
+        assert worker.metrics()["usage_stream_raw_write_errors_total"] >= 3
+        wait_for(lambda: stack.query("SELECT COUNT(*) FROM usage_events") == [(50,)], 30, "ledger")
