@@ -11,7 +11,8 @@
    ones are counted and reported, **not** re-sent to the dead-letter topic (the worker did
    that when it first saw them). Event time decides membership of the date.
 3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins) and
-   price events without ``cost_usd`` like the record agent (:func:`ledger_entry`).
+   price events without ``cost_usd`` like the record agent
+   (:func:`tables.summary_store.ledger_entry`).
 4. Replace the date in one transaction (tables/replay_store.py): ledger rows of the
    replayed offset range are swapped for the replay's events, every ``usage_daily`` row of
    the date is recomputed from the ledger, a ``batch_runs`` row (kind ``replay``) records
