@@ -120,24 +120,7 @@ class ReplayStaging:
             self._conn.executemany(
                 f"INSERT OR IGNORE INTO staged ({_STAGED_COLUMNS})"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        e.event.request_id,
-                        e.usage_date,
-                        e.event.client_org_id,
-                        e.event.user_id,
-                        e.event.model,
-                        e.event.input_tokens,
-                        e.event.output_tokens,
-                        e.cost_nano,
-                        int(e.cost_estimated),
-                        e.event.event_ms,
-                        e.source_topic,
-                        e.source_partition,
-                        e.source_offset,
-                    )
-                    for e in entries
-                ],
+                [e.row() for e in entries],
             )
             self._conn.execute("COMMIT")
         except BaseException:

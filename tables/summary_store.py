@@ -63,6 +63,25 @@ class LedgerEntry:
     source_partition: int
     source_offset: int
 
+    def row(self) -> tuple[object, ...]:
+        """The ``usage_events`` columns in table order, but for ``recorded_at``."""
+        event = self.event
+        return (
+            event.request_id,
+            self.usage_date,
+            event.client_org_id,
+            event.user_id,
+            event.model,
+            event.input_tokens,
+            event.output_tokens,
+            self.cost_nano,
+            int(self.cost_estimated),
+            event.event_ms,
+            self.source_topic,
+            self.source_partition,
+            self.source_offset,
+        )
+
 
 def ledger_entry(
     usage: UsageEvent,
@@ -166,25 +185,7 @@ async def record_events(conn: aiosqlite.Connection, entries: Sequence[LedgerEntr
                 fresh.append(entry)
         await conn.executemany(
             "INSERT INTO usage_events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [
-                (
-                    e.event.request_id,
-                    e.usage_date,
-                    e.event.client_org_id,
-                    e.event.user_id,
-                    e.event.model,
-                    e.event.input_tokens,
-                    e.event.output_tokens,
-                    e.cost_nano,
-                    int(e.cost_estimated),
-                    e.event.event_ms,
-                    e.source_topic,
-                    e.source_partition,
-                    e.source_offset,
-                    recorded_at,
-                )
-                for e in fresh
-            ],
+            [(*e.row(), recorded_at) for e in fresh],
         )
         await conn.executemany(
             "INSERT OR IGNORE INTO rollup_pending VALUES (?,?,?,?)",

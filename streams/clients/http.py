@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from tenacity import (
@@ -218,3 +218,29 @@ class JsonHttpClient:
             raise MalformedResponse(
                 f"{self.source}: GET {url}: not JSON ({error}): {one_line(text, 80)!r}"
             ) from None
+
+
+class ApiClient:
+    """Base of the per-API clients: one :class:`JsonHttpClient` named after ``source``."""
+
+    source = "api"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_seconds: float,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.http = JsonHttpClient(
+            base_url, source=self.source, timeout_seconds=timeout_seconds, retry=retry
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.http.close()

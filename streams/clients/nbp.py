@@ -15,10 +15,9 @@ from decimal import Decimal
 from typing import Any
 
 from streams.clients.http import (
-    JsonHttpClient,
+    ApiClient,
     MalformedResponse,
     RequestRejected,
-    RetryPolicy,
 )
 
 __all__ = ["MAX_RANGE_DAYS", "NBP_FIRST_DATE", "NbpClient", "NbpRate", "day_chunks"]
@@ -55,28 +54,10 @@ def day_chunks(start: date, end: date, size: int = MAX_RANGE_DAYS) -> list[tuple
     return chunks
 
 
-class NbpClient:
+class NbpClient(ApiClient):
     """``GET {base}/exchangerates/rates/a/{code}/{start}/{end}/?format=json``."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        timeout_seconds: float,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        self.http = JsonHttpClient(
-            base_url, source="nbp", timeout_seconds=timeout_seconds, retry=retry
-        )
-
-    async def __aenter__(self) -> NbpClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.http.close()
+    source = "nbp"
 
     async def rates(self, start: date, end: date, currency: str = "USD") -> list[NbpRate]:
         """Every table A rate with ``start <= effectiveDate <= end``, paged by 93 days."""

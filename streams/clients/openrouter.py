@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from streams.clients.http import JsonHttpClient, MalformedResponse, RetryPolicy
+from streams.clients.http import ApiClient, MalformedResponse
 
 __all__ = ["ModelPrice", "OpenRouterClient", "parse_models"]
 
@@ -36,28 +36,10 @@ class ModelPrice:
     request_usd: Decimal
 
 
-class OpenRouterClient:
+class OpenRouterClient(ApiClient):
     """The public model catalogue (no API key needed)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        timeout_seconds: float,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        self.http = JsonHttpClient(
-            base_url, source="openrouter", timeout_seconds=timeout_seconds, retry=retry
-        )
-
-    async def __aenter__(self) -> OpenRouterClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.http.close()
+    source = "openrouter"
 
     async def model_prices(self) -> list[ModelPrice]:
         response = await self.http.get_json("models")
