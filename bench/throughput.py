@@ -102,7 +102,8 @@ def noop_faust(broker: EmbeddedBroker, topic: str, count: int, workdir: Path) ->
         timeout=1800,
         cwd=workdir,
     )
-    match = re.search(rb"NOOP_RESULT (\d+) ([\d.]+)", result.stdout)
+    # Faust redirects print() into its log (stderr)
+    match = re.search(rb"NOOP_RESULT (\d+) ([\d.]+)", result.stdout + result.stderr)
     if not match:
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
     return float(match.group(2))
