@@ -10,8 +10,7 @@ connection of its own rather than sharing one with other coroutines that open tr
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -22,7 +21,7 @@ import aiosqlite
 from streams.clients.nbp import NbpRate
 from streams.clients.openrouter import ModelPrice
 from streams.money import nano_to_float, scale_nano
-from tables.schema import utc_now_text
+from tables.schema import utc_now_text, write_transaction
 
 __all__ = [
     "BATCH_COUNTS",
@@ -79,21 +78,6 @@ def _aware(moment: datetime | str) -> datetime:
 def _utc_text(moment: datetime) -> str:
     """The ``*_at`` column format of :func:`tables.schema.utc_now_text`."""
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-@asynccontextmanager
-async def write_transaction(conn: aiosqlite.Connection) -> AsyncIterator[None]:
-    """``BEGIN IMMEDIATE`` … ``COMMIT`` (rollback on error), or join the caller's transaction."""
-    if conn.in_transaction:
-        yield
-        return
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
-    await conn.execute("COMMIT")
 
 
 async def _fetchall(conn: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()) -> list[Any]:

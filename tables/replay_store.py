@@ -43,7 +43,7 @@ from pathlib import Path
 import aiosqlite
 
 from tables.reference import rate_for_date, record_batch_run
-from tables.schema import utc_now_text
+from tables.schema import utc_now_text, write_transaction
 from tables.summary_store import LedgerEntry, Rate, summary_rows, write_summaries
 
 __all__ = [
@@ -296,16 +296,10 @@ async def replace_day(
     """
     await conn.execute("ATTACH DATABASE ? AS replay_staging", (str(staging.path),))
     try:
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with write_transaction(conn, rollback=dry_run):
             outcome = await _replace(
                 conn, day, topic, ranges, markup, dry_run, started_at, records_processed
             )
-            await conn.execute("ROLLBACK" if dry_run else "COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                await conn.execute("ROLLBACK")
-            raise
     finally:
         with contextlib.suppress(sqlite3.Error):
             await conn.execute("DETACH DATABASE replay_staging")

@@ -7,13 +7,18 @@ new ``(version, statements)`` pair to :data:`MIGRATIONS`; never edit a released 
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 import aiosqlite
 
-__all__ = ["MIGRATIONS", "connect", "migrate", "utc_now_text"]
+__all__ = ["MIGRATIONS", "connect", "migrate", "utc_now_text", "write_transaction"]
 
 _SUMMED = """
     SUM(input_tokens) AS input_tokens,
@@ -196,6 +201,49 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 def utc_now_text() -> str:
     """RFC 3339 UTC with microseconds, the format of every ``*_at`` column."""
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class _Writer:
+    lock: asyncio.Lock
+    owner: asyncio.Task | None = None
+
+
+_writers: WeakKeyDictionary[aiosqlite.Connection, _Writer] = WeakKeyDictionary()
+
+
+@asynccontextmanager
+async def write_transaction(
+    conn: aiosqlite.Connection, *, rollback: bool = False
+) -> AsyncIterator[None]:
+    """One ``BEGIN IMMEDIATE`` … ``COMMIT`` on ``conn``, ``ROLLBACK`` on error (or always,
+    with ``rollback=True``: a dry run).
+
+    Transactions on one connection are serialised by an asyncio lock: the worker shares a
+    connection between agents and timers, and two interleaved ``BEGIN``/``ROLLBACK`` pairs
+    would otherwise undo each other's work. Re-entrant within a task: a nested call joins
+    the transaction its task already holds. Across connections and processes, SQLite's
+    write lock serialises them (busy timeout).
+    """
+    writer = _writers.get(conn)
+    if writer is None:
+        writer = _writers[conn] = _Writer(asyncio.Lock())
+    task = asyncio.current_task()
+    if writer.owner is not None and writer.owner is task:
+        yield
+        return
+    async with writer.lock:
+        writer.owner = task
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("ROLLBACK" if rollback else "COMMIT")
+        finally:
+            writer.owner = None
 
 
 async def connect(path: Path) -> aiosqlite.Connection:

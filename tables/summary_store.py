@@ -23,7 +23,7 @@ from streams.business_time import usage_date
 from streams.event import UsageEvent
 from streams.money import nano_to_float, scale_nano
 from streams.pricing import Price, estimate_cost_nano
-from tables.schema import utc_now_text
+from tables.schema import utc_now_text, write_transaction
 
 __all__ = [
     "DayRollup",
@@ -172,8 +172,7 @@ async def record_events(conn: aiosqlite.Connection, entries: Sequence[LedgerEntr
     if not entries:
         return LedgerResult([], 0, 0)
     recorded_at = utc_now_text()
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
+    async with write_transaction(conn):
         ids = [entry.event.request_id for entry in entries]
         known = await _existing(
             conn, "SELECT request_id FROM usage_events WHERE request_id IN ({marks})", ids
@@ -196,10 +195,6 @@ async def record_events(conn: aiosqlite.Connection, entries: Sequence[LedgerEntr
             "SELECT usage_date FROM closed_days WHERE usage_date IN ({marks})",
             sorted({e.usage_date for e in fresh}),
         )
-        await conn.execute("COMMIT")
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
     late = sum(1 for e in fresh if e.usage_date in closed)
     return LedgerResult(fresh, len(entries) - len(fresh), late)
 
@@ -338,8 +333,7 @@ async def rollup_day(
     for it count as late) and clears its pending keys.
     """
     day = usage_date if isinstance(usage_date, str) else usage_date.isoformat()
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
+    async with write_transaction(conn):
         rate = await rate_lookup(conn, date.fromisoformat(day))
         was_closed = bool(await closed_days(conn, [day]))
         rows = await summary_rows(conn, day, only_pending=True)
@@ -348,10 +342,6 @@ async def rollup_day(
         await conn.execute(
             "INSERT OR IGNORE INTO closed_days VALUES (?, ?, ?)", (day, utc_now_text(), _WORKER)
         )
-        await conn.execute("COMMIT")
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
     return DayRollup(
         usage_date=day,
         records=sum(row.requests for row in rows),

@@ -192,3 +192,27 @@ def test_grace_follows_local_midnight_on_the_25_hour_day() -> None:
     closer = DayCloser(WARSAW, 0, clock=lambda: 0)
     # 2026-10-25 lasts 25 h: it closes at 2026-10-25T23:00Z, not 22:00Z
     assert closer.close_ms(date(2026, 10, 25)) == 1_792_969_200_000
+
+
+async def test_concurrent_writers_on_one_connection_do_not_undo_each_other(
+    conn: aiosqlite.Connection,
+) -> None:
+    """The worker's record agent and rollup timer share a connection: their transactions
+    must be serialised, or one's ROLLBACK would undo the other's half-done insert."""
+    import asyncio
+
+    async def record(batch: int) -> None:
+        entries = [entry(f"c{batch}-{i}", NOV20 + i, cost_nano=3) for i in range(200)]
+        await record_events(conn, entries)
+
+    async def roll() -> None:
+        for _ in range(20):
+            await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(record(b) for b in range(20)), roll())
+    await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    (row,) = await daily(conn)
+    assert row[2] == 4000 and row[4] == 12_000
+    async with conn.execute("SELECT COUNT(*) FROM rollup_pending") as cursor:
+        assert (await cursor.fetchone())[0] == 0
