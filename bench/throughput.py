@@ -95,7 +95,7 @@ def noop_faust(broker: EmbeddedBroker, topic: str, count: int, workdir: Path) ->
             str(REPO / "bench/noop_faust.py"),
             "worker",
             "-l",
-            "warn",
+            "info",  # below WARN: no spinner, so Faust keeps the root logger at INFO
         ],
         env=env,
         capture_output=True,

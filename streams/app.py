@@ -69,6 +69,7 @@ app = faust.App(
     processing_guarantee="at_least_once",
     recovery_consistency_check=settings.RECOVERY_CONSISTENCY_CHECK,
     timezone=settings.tz,
+    Worker="streams.worker:Worker",
 )
 
 _db: aiosqlite.Connection | None = None
