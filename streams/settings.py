@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     USAGE_MARKUP_MULTIPLIER: Decimal = Decimal("1.3")
     BUSINESS_TIMEZONE: str = "Europe/Warsaw"
     WINDOW_GRACE_SECONDS: int = Field(3600, ge=0)
-    DEDUP_TTL_DAYS: int = Field(7, ge=1)
+    DEDUP_TTL_DAYS: float = Field(7, gt=0)  # fractions allowed (tests use seconds)
     ROLLUP_INTERVAL_SECONDS: float = Field(5.0, gt=0)
 
     # Reference data

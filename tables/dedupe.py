@@ -60,11 +60,15 @@ def event_context(event: EventT) -> Iterator[None]:
 class DedupeIndex:
     """Seen-set operations over :data:`dedupe_table` for batches of events."""
 
-    PURGE_INTERVAL_SECONDS = 3600.0
+    MAX_PURGE_INTERVAL_SECONDS = 3600.0
 
-    def __init__(self, table: Any = dedupe_table, ttl_days: int = settings.DEDUP_TTL_DAYS) -> None:
+    def __init__(
+        self, table: Any = dedupe_table, ttl_days: float = settings.DEDUP_TTL_DAYS
+    ) -> None:
         self.table = table
-        self.ttl_ms = ttl_days * 86_400_000
+        self.ttl_ms = int(ttl_days * 86_400_000)
+        # hourly, or more often for a TTL shorter than a few hours
+        self.purge_interval = min(self.MAX_PURGE_INTERVAL_SECONDS, self.ttl_ms / 4000)
         self._last_purge: dict[int, float] = {}
 
     def seen(self, event: EventT, key: bytes) -> bool:
@@ -76,12 +80,12 @@ class DedupeIndex:
             self.table[key] = now_ms
 
     async def purge_due(self, events: list[EventT], now_ms: int) -> int:
-        """Purge expired keys of the partitions in ``events``, at most once an hour each."""
+        """Purge expired keys of the partitions in ``events``, at most once per interval each."""
         purged = 0
         by_partition = {event.message.partition: event for event in events}
         for partition, event in by_partition.items():
             last = self._last_purge.get(partition)
-            if last is not None and time.monotonic() - last < self.PURGE_INTERVAL_SECONDS:
+            if last is not None and time.monotonic() - last < self.purge_interval:
                 continue
             self._last_purge[partition] = time.monotonic()
             purged += await self._purge_partition(event, now_ms)

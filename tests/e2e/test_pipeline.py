@@ -8,6 +8,7 @@ InfluxDB 1.x, metrics, and a worker restart that must keep dropping old duplicat
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import orjson
@@ -181,3 +182,25 @@ def test_influxdb_outage_loses_nothing_and_the_circuit_closes_again(stack: Stack
         assert len(ids) == len(set(ids)) == 50
         assert worker.metrics()["usage_stream_raw_write_errors_total"] >= 3
         wait_for(lambda: stack.query("SELECT COUNT(*) FROM usage_events") == [(50,)], 30, "ledger")
+
+
+def test_dedupe_entries_expire_after_the_ttl(stack: Stack) -> None:
+    """After DEDUP_TTL_DAYS the table forgets a request_id (purged with a tombstone); the
+    ledger still refuses to bill the copy twice."""
+    worker = stack.worker(DEDUP_TTL_DAYS=str(12 / 86_400)).start()  # 12 seconds
+    worker.wait_assigned()
+    stack.publish([usage("ttl-1", 1)])
+    wait_for(lambda: len(raw_lines(stack)) == 1, 60, "the first point")
+    stack.publish([usage("ttl-1", 1)])  # within the TTL: dropped by the table
+    wait_for(lambda: worker.metrics()["usage_stream_events_duplicate_total"] == 1, 30, "dup 1")
+    assert len(raw_lines(stack)) == 1
+
+    time.sleep(13)  # past the TTL; the next batch of that partition purges the entry
+    stack.publish([usage("ttl-1", 1)])
+    wait_for(lambda: worker.metrics()["usage_stream_events_duplicate_total"] == 2, 30, "dup 2")
+    wait_for(lambda: "purged 1 expired" in worker.log_path.read_text(), 30, "the purge")
+    stack.publish([usage("ttl-1", 1)])  # the table forgot it: the ledger catches it
+    wait_for(lambda: worker.metrics()["usage_stream_events_duplicate_total"] == 3, 30, "dup 3")
+    lines = raw_lines(stack)
+    assert len(lines) == 2 and lines[0] == lines[1]  # the same point, written again
+    assert stack.query("SELECT COUNT(*) FROM usage_events") == [(1,)]
