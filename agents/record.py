@@ -28,13 +28,14 @@ from streams.app import app, settings, summary_db
 from streams.event import UsageEvent, decode_internal
 from streams.metrics import EVENTS_DUPLICATE, EVENTS_LATE
 from streams.money import scale_nano
+from streams.pricing import Price
 from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import RawPoint
 from streams.topics import by_request_topic
 from tables.daily import day_closer, wall_clock_ms
 from tables.dedupe import DedupeIndex
 from tables.reference import latest_model_prices
-from tables.summary_store import LedgerEntry, ledger_entry, record_events
+from tables.summary_store import LedgerEntry, LedgerResult, ledger_entry, record_events
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Recorder:
         self.dedupe = DedupeIndex()
         self.sink = build_raw_sink(settings)
         self.closer = day_closer()
-        self._prices: dict[str, object] = {}
+        self._prices: dict[str, Price] = {}
         self._prices_loaded = float("-inf")
 
     async def process(self, events: Sequence[EventT]) -> None:
@@ -101,7 +102,7 @@ class Recorder:
             event_ms=usage.event_ms,
         )
 
-    async def _record(self, entries: list[LedgerEntry]):  # noqa: ANN202 - LedgerResult
+    async def _record(self, entries: list[LedgerEntry]) -> LedgerResult:
         """Write to the ledger; a failing database stalls the agent (no ack) until it works."""
         delay = 1.0
         while True:
@@ -112,7 +113,7 @@ class Recorder:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 8.0)
 
-    async def _model_prices(self) -> dict[str, object]:
+    async def _model_prices(self) -> dict[str, Price]:
         if time.monotonic() - self._prices_loaded > PRICES_RELOAD_SECONDS:
             try:
                 self._prices = dict(await latest_model_prices(await summary_db()))
