@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import orjson
@@ -35,6 +36,14 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, step: f
             return last
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def event_ms(event: dict) -> int:
+    """A test event's time in epoch ms, from either timestamp form the contract allows."""
+    stamp = event["timestamp"]
+    if isinstance(stamp, int):
+        return stamp
+    return int(datetime.fromisoformat(stamp).timestamp() * 1000)
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

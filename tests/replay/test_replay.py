@@ -34,7 +34,7 @@ from streams.replay_reader import choose_start, parse_from_offsets
 from streams.settings import load_settings
 from tables.reference import store_model_prices, store_nbp_rates
 from tables.schema import connect
-from tests.harness import REPO, Stack, wait_for
+from tests.harness import REPO, Stack, event_ms, wait_for
 
 WARSAW = ZoneInfo("Europe/Warsaw")
 MARKUP = Decimal("1.3")
@@ -108,13 +108,6 @@ def make_events(day: date, count: int, tag: str, seed: int) -> list[dict]:
             event["timestamp"] = local.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         events.append(event)
     return events
-
-
-def event_ms(event: dict) -> int:
-    stamp = event["timestamp"]
-    if isinstance(stamp, int):
-        return stamp
-    return int(datetime.fromisoformat(stamp).timestamp() * 1000)
 
 
 def local_date(event: dict) -> str:

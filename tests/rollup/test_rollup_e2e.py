@@ -19,7 +19,7 @@ import orjson
 from streams.clients.nbp import NbpRate
 from tables.reference import store_nbp_rates
 from tables.schema import connect
-from tests.harness import Stack, wait_for
+from tests.harness import Stack, event_ms, wait_for
 
 WARSAW = ZoneInfo("Europe/Warsaw")
 MARKUP = Decimal("1.3")
@@ -67,13 +67,6 @@ def make_events(count: int, seed: int) -> list[dict]:
             event["cost_usd"] = cost
         events.append(event)
     return events
-
-
-def event_ms(event: dict) -> int:
-    stamp = event["timestamp"]
-    if isinstance(stamp, int):
-        return stamp
-    return int(datetime.fromisoformat(stamp).timestamp() * 1000)
 
 
 COVERED = (date(2026, 10, 20), date(2026, 10, 30))  # days whose table status is known
