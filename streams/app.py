@@ -14,6 +14,7 @@ import faust
 from faust.auth import SSLCredentials
 from faust.types.auth import SASLMechanism
 
+from streams.broker import kafka_ssl_context
 from streams.settings import Settings, get_settings
 from tables.schema import connect
 
@@ -23,26 +24,16 @@ settings: Settings = get_settings()
 
 
 def _credentials(settings: Settings) -> object | None:
+    ssl_context = kafka_ssl_context(settings)
     if settings.KAFKA_SASL_MECHANISM:
         password = settings.KAFKA_SASL_PASSWORD
-        ssl_context = None
-        if settings.KAFKA_SECURITY_PROTOCOL.endswith("SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            cafile = str(settings.KAFKA_SSL_CAFILE) if settings.KAFKA_SSL_CAFILE else None
-            ssl_context = create_ssl_context(cafile=cafile)
         return faust.SASLCredentials(
             username=settings.KAFKA_SASL_USERNAME,
             password=password.get_secret_value() if password else None,
             mechanism=SASLMechanism(settings.KAFKA_SASL_MECHANISM),
             ssl_context=ssl_context,
         )
-    if settings.KAFKA_SECURITY_PROTOCOL.endswith("SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        cafile = str(settings.KAFKA_SSL_CAFILE) if settings.KAFKA_SSL_CAFILE else None
-        return SSLCredentials(create_ssl_context(cafile=cafile))
-    return None
+    return SSLCredentials(ssl_context) if ssl_context is not None else None
 
 
 app = faust.App(

@@ -14,16 +14,26 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
 from streams.settings import Settings
 
-__all__ = ["BrokerUnreachable", "EmbeddedBroker", "ensure_topics", "kafka_client_kwargs"]
+__all__ = [
+    "BrokerUnreachable",
+    "EmbeddedBroker",
+    "die_with_parent",
+    "ensure_topics",
+    "free_port",
+    "kafka_client_kwargs",
+    "kafka_ssl_context",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +53,20 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
         kwargs["sasl_plain_username"] = settings.KAFKA_SASL_USERNAME
         if settings.KAFKA_SASL_PASSWORD is not None:
             kwargs["sasl_plain_password"] = settings.KAFKA_SASL_PASSWORD.get_secret_value()
-    if settings.KAFKA_SSL_CAFILE or settings.KAFKA_SECURITY_PROTOCOL.endswith("SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        kwargs["ssl_context"] = create_ssl_context(
-            cafile=str(settings.KAFKA_SSL_CAFILE) if settings.KAFKA_SSL_CAFILE else None
-        )
+    ssl_context = kafka_ssl_context(settings)
+    if ssl_context is not None:
+        kwargs["ssl_context"] = ssl_context
     return kwargs
+
+
+def kafka_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for ``SSL``/``SASL_SSL`` (CA from ``KAFKA_SSL_CAFILE``), else None.
+
+    Shared by the Faust app's credentials and the plain aiokafka clients."""
+    if not settings.KAFKA_SECURITY_PROTOCOL.endswith("SSL"):
+        return None
+    cafile = str(settings.KAFKA_SSL_CAFILE) if settings.KAFKA_SSL_CAFILE else None
+    return create_ssl_context(cafile=cafile)
 
 
 async def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
@@ -87,7 +104,7 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, 
         await admin.close()
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Ask Linux to SIGTERM the child when the parent dies, so no broker is orphaned."""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -134,7 +151,7 @@ class EmbeddedBroker:
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
         if output is not subprocess.DEVNULL:

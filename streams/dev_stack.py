@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from streams.broker import EmbeddedBroker, _die_with_parent, free_port
+from streams.broker import EmbeddedBroker, die_with_parent, free_port
 from streams.demo import demo_lines
 from streams.producer import publish_lines
 from streams.settings import Settings
@@ -52,7 +52,7 @@ async def run_dev_stack(settings: Settings, demo: bool, rate: int) -> None:
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -13,7 +13,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from streams.broker import free_port
 
 __all__ = [
     "InfluxServer",
@@ -41,13 +42,6 @@ START_TIMEOUT_SECONDS = 30.0
 
 class ServerUnavailable(RuntimeError):
     """The server binary is missing or the server did not come up."""
-
-
-def free_port() -> int:
-    """A currently free localhost TCP port (bind to port 0 and release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _require_binary(path: str, package: str) -> str:
