@@ -232,50 +232,39 @@ async def summary_rows(
         return [SummaryRow(*row) for row in await cursor.fetchall()]
 
 
-_UPSERT = """
+# Columns a rollup recomputes; a row is re-written (revision + 1) only when one differs.
+_VALUE_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "requests",
+    "estimated_requests",
+    "raw_cost_nano",
+    "markup_cost_nano",
+    "markup_cost_pln_nano",
+    "raw_cost_usd",
+    "markup_cost_usd",
+    "markup_cost_pln",
+    "usd_pln_rate",
+    "nbp_table_no",
+)
+_UPSERT = f"""
 INSERT INTO usage_daily (
-    client_org_id, user_id, model, usage_date,
-    input_tokens, output_tokens, total_tokens, requests, estimated_requests,
-    raw_cost_nano, markup_cost_nano, markup_cost_pln_nano,
-    raw_cost_usd, markup_cost_usd, markup_cost_pln,
-    usd_pln_rate, nbp_table_no, revision, updated_at
-) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,1,?)
+    client_org_id, user_id, model, usage_date, {", ".join(_VALUE_COLUMNS)}, revision, updated_at
+) VALUES (?,?,?,?,{",".join("?" * len(_VALUE_COLUMNS))},1,?)
 ON CONFLICT (client_org_id, user_id, model, usage_date) DO UPDATE SET
-    input_tokens = excluded.input_tokens,
-    output_tokens = excluded.output_tokens,
-    total_tokens = excluded.total_tokens,
-    requests = excluded.requests,
-    estimated_requests = excluded.estimated_requests,
-    raw_cost_nano = excluded.raw_cost_nano,
-    markup_cost_nano = excluded.markup_cost_nano,
-    markup_cost_pln_nano = excluded.markup_cost_pln_nano,
-    raw_cost_usd = excluded.raw_cost_usd,
-    markup_cost_usd = excluded.markup_cost_usd,
-    markup_cost_pln = excluded.markup_cost_pln,
-    usd_pln_rate = excluded.usd_pln_rate,
-    nbp_table_no = excluded.nbp_table_no,
+    {", ".join(f"{c} = excluded.{c}" for c in _VALUE_COLUMNS)},
     revision = usage_daily.revision + 1,
     updated_at = excluded.updated_at
-WHERE usage_daily.requests IS NOT excluded.requests
-   OR usage_daily.input_tokens IS NOT excluded.input_tokens
-   OR usage_daily.output_tokens IS NOT excluded.output_tokens
-   OR usage_daily.estimated_requests IS NOT excluded.estimated_requests
-   OR usage_daily.raw_cost_nano IS NOT excluded.raw_cost_nano
-   OR usage_daily.markup_cost_nano IS NOT excluded.markup_cost_nano
-   OR usage_daily.markup_cost_pln_nano IS NOT excluded.markup_cost_pln_nano
-   OR usage_daily.total_tokens IS NOT excluded.total_tokens
-   OR usage_daily.raw_cost_usd IS NOT excluded.raw_cost_usd
-   OR usage_daily.markup_cost_usd IS NOT excluded.markup_cost_usd
-   OR usage_daily.markup_cost_pln IS NOT excluded.markup_cost_pln
-   OR usage_daily.usd_pln_rate IS NOT excluded.usd_pln_rate
-   OR usage_daily.nbp_table_no IS NOT excluded.nbp_table_no
+WHERE {" OR ".join(f"usage_daily.{c} IS NOT excluded.{c}" for c in _VALUE_COLUMNS)}
 """
 
 
 def _summary_values(
     row: SummaryRow, markup: Decimal, rate: Rate | None, updated_at: str
 ) -> tuple[object, ...]:
-    """The ``usage_daily`` values of one row: markup and PLN applied per row, half-even."""
+    """The ``usage_daily`` values of one row (key, then ``_VALUE_COLUMNS`` order, then
+    ``updated_at``): markup and PLN applied per row, half-even."""
     markup_nano = scale_nano(row.raw_cost_nano, markup)
     pln_nano = scale_nano(markup_nano, rate.mid) if rate is not None else None
     return (
