@@ -67,12 +67,18 @@ class Settings(BaseSettings):
     INFLUXDB_PASSWORD: SecretStr | None = None
     RAW_BATCH_SIZE: int = Field(5000, ge=1, le=100_000)
     RAW_BATCH_SECONDS: float = Field(1.0, gt=0)
+    # Raw line-protocol files: gzipped once their UTC day is over, deleted after this many
+    # days (0 keeps them for ever).
+    RAW_RETENTION_DAYS: int = Field(30, ge=0)
 
     # Billing
     USAGE_MARKUP_MULTIPLIER: Decimal = Decimal("1.3")
     BUSINESS_TIMEZONE: str = "Europe/Warsaw"
     WINDOW_GRACE_SECONDS: int = Field(3600, ge=0)
     DEDUP_TTL_DAYS: float = Field(7, gt=0)  # fractions allowed (tests use seconds)
+    # Per-event rows (the ledger that deduplicates and lets a late or replayed day be
+    # corrected) are pruned after this many days; unset = DEDUP_TTL_DAYS.
+    LEDGER_RETENTION_DAYS: float | None = Field(None, gt=0)
     ROLLUP_INTERVAL_SECONDS: float = Field(5.0, gt=0)
 
     # Reference data
@@ -132,6 +138,17 @@ class Settings(BaseSettings):
         return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
+    def _retention_covers_dedupe(self) -> Settings:
+        if self.LEDGER_RETENTION_DAYS is not None and (
+            self.LEDGER_RETENTION_DAYS < self.DEDUP_TTL_DAYS
+        ):
+            raise ValueError(
+                "LEDGER_RETENTION_DAYS: must be >= DEDUP_TTL_DAYS "
+                f"({self.DEDUP_TTL_DAYS}), got {self.LEDGER_RETENTION_DAYS}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _influx_complete(self) -> Settings:
         if self.INFLUXDB_URL and not self.INFLUXDB_DATABASE:
             for name in ("INFLUXDB_TOKEN", "INFLUXDB_ORG", "INFLUXDB_BUCKET"):
@@ -149,6 +166,11 @@ class Settings(BaseSettings):
     def state_dir(self) -> Path:
         """Defaults to ``DATA_DIR/faust-<WEB_PORT>``: workers on one host differ in port."""
         return self.STATE_DIR or self.DATA_DIR / f"faust-{self.WEB_PORT}"
+
+    @property
+    def ledger_retention_days(self) -> float:
+        """How long per-event rows (and so deduplication) last: never below the TTL."""
+        return self.LEDGER_RETENTION_DAYS or self.DEDUP_TTL_DAYS
 
     @property
     def raw_dir(self) -> Path:
