@@ -21,8 +21,15 @@ Lines starting with ``#`` are comments in line protocol, so the file imports as 
   adds a ``# CONTEXT-RETENTION-POLICY:`` line.
 * any HTTP client: ``curl --data-binary @FILE 'http://HOST:8086/write?db=usage_stream&precision=ns'``
 
-A write torn by a crash (never acknowledged) is cut back to the last complete line the
-first time this process appends to the file.
+A write torn by a crash (never acknowledged) is cut back to the last complete line
+before the next append to the file.
+
+Files of finished days are gzipped and, after ``RAW_RETENTION_DAYS``, deleted by
+:func:`streams.sinks.raw_retention.maintain_raw_files` (also :meth:`FileWriter.maintain`).
+Appends hold an exclusive ``flock`` on the file and re-open the path when maintenance
+moved the file away meanwhile, so a point for an already gzipped day lands in a fresh
+``.lp`` (with the header), which the next maintenance adds to the ``.lp.gz``. The same
+``flock`` keeps several worker processes sharing ``DATA_DIR`` from interleaving writes.
 """
 
 from __future__ import annotations
@@ -36,6 +43,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from streams.settings import Settings
+from streams.sinks.raw_retention import (
+    RawMaintenance,
+    fsync_dir,
+    maintain_raw_files,
+    open_current_locked,
+    raw_path,
+)
 
 __all__ = ["DEFAULT_DATABASE", "FileWriter"]
 
@@ -72,7 +86,19 @@ class FileWriter:
         )
 
     def path_for(self, day: dt.date) -> Path:
-        return self.directory / f"usage_tracking-{day.isoformat()}.lp"
+        return raw_path(self.directory, day)
+
+    def maintain(
+        self,
+        now: dt.datetime,
+        retention_days: int,
+        grace_seconds: float = 3600.0,
+    ) -> RawMaintenance:
+        """Gzip finished days, delete expired ones: :func:`maintain_raw_files` on our directory.
+
+        Blocking; safe to run in a thread while this writer (or another process's) appends.
+        """
+        return maintain_raw_files(self.directory, now, retention_days, grace_seconds)
 
     async def write_lines(self, lines: list[str]) -> None:
         if lines:
@@ -92,16 +118,20 @@ class FileWriter:
                 self._append(path, ("\n".join(day_lines) + "\n").encode())
 
     def _append(self, path: Path, data: bytes) -> None:
-        created = not path.exists()
-        with path.open("a+b") as file:
-            if path not in self._checked:
+        file = open_current_locked(path, "a+b")
+        assert file is not None  # "a+b" creates the file
+        with file:  # the flock is released on close
+            fd = file.fileno()
+            size = os.fstat(fd).st_size
+            created = size == 0
+            if created or path not in self._checked or os.pread(fd, 1, size - 1) != b"\n":
                 self._repair(file)
                 self._checked.add(path)
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
+            os.fsync(fd)
         if created:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def _repair(self, file: BinaryIO) -> None:
         """Write the header into an empty file; cut a torn last line from an old one."""
@@ -123,11 +153,3 @@ class FileWriter:
             position = start
         if position != end:
             file.truncate(position)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
