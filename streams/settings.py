@@ -1,22 +1,78 @@
 """12-factor settings: the only module that reads the environment (CONTRACT §5).
 
 A bad value stops start-up with :class:`SettingsError`, whose message is one line
-naming the offending environment variable.
+naming the offending environment variable. Everything that would otherwise fail later,
+deep in aiokafka, Faust or a sink with a traceback naming no setting, is checked here:
+Kafka security (protocol, SASL mechanism and its credentials, a loadable CA file),
+topic names, URLs, hosts, paths that exist as the wrong kind of file, non-finite or
+out-of-range numbers, control characters in names and credentials. Messages never
+contain the value of a secret.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
+import math
+import re
+import ssl
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "SettingsError", "get_settings", "load_settings"]
+__all__ = [
+    "SASL_MECHANISMS",
+    "SECURITY_PROTOCOLS",
+    "Settings",
+    "SettingsError",
+    "get_settings",
+    "load_settings",
+]
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+# What the worker can use with a username and password alone (faust.SASLCredentials and
+# aiokafka's sasl_plain_*): GSSAPI needs Kerberos (faust.GSSAPICredentials + the gssapi
+# package) and OAUTHBEARER a token provider callback, neither of which is configurable.
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # Kafka's legal topic characters
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BROKER_SCHEMES = ("kafka", "aiokafka")  # Faust's aiokafka transport
+_KAFKA_MAX_SECONDS = 2_147_483  # Kafka carries these timeouts as int32 milliseconds
+_MAX_DAYS = 36_500  # a century: more is a typo; date arithmetic stays in range
+# An empty value of these is the same as unset.
+_OPTIONAL = (
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SSL_CAFILE",
+    "SUMMARY_DB_PATH",
+    "STATE_DIR",
+    "INFLUXDB_URL",
+    "INFLUXDB_TOKEN",
+    "INFLUXDB_ORG",
+    "INFLUXDB_BUCKET",
+    "INFLUXDB_DATABASE",
+    "INFLUXDB_RETENTION_POLICY",
+    "INFLUXDB_USERNAME",
+    "INFLUXDB_PASSWORD",
+    "LEDGER_RETENTION_DAYS",
+)
+_NAMED_MESSAGE = re.compile(r"^[A-Z][A-Z0-9_]*: ")
+# Up to the *last* "@": a password may hold "/" (unquoted in a broken URL) or "@".
+_URL_USERINFO = re.compile(r"(?<=://).*@")
 
 
 class SettingsError(ValueError):
@@ -94,6 +150,12 @@ class Settings(BaseSettings):
     WEB_PORT: int = Field(6066, ge=1, le=65535)
     WEB_HOST: str = "0.0.0.0"
 
+    @field_validator(*_OPTIONAL, mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `VAR=` in an env file or `${VAR}` of an unset variable in a compose file
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("USAGE_MARKUP_MULTIPLIER", mode="before")
     @classmethod
     def _exact_multiplier(cls, value: object) -> Decimal:
@@ -126,16 +188,234 @@ class Settings(BaseSettings):
     def _broker_urls(cls, value: str) -> str:
         for url in value.split(";"):
             parsed = urlparse(url if "://" in url else f"kafka://{url}")
+            if parsed.scheme not in _BROKER_SCHEMES:
+                raise ValueError(f"not a kafka:// URL: {url!r}")
             if not parsed.hostname:
                 raise ValueError(f"not a broker URL: {url!r}")
+            try:
+                parsed.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                raise ValueError(f"bad port in {url!r}") from None
         return value
 
     @field_validator("INFLUXDB_URL", "NBP_API_URL", "OPENROUTER_API_URL")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and urlparse(value).scheme not in ("http", "https"):
-            raise ValueError(f"must be an http(s) URL, got {value!r}")
-        return value.rstrip("/") if value else value
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        shown = _URL_USERINFO.sub("***@", value)  # never echo a password in the URL
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"must be an http(s) URL, got {shown!r}")
+        try:
+            parsed.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError(f"bad port in {shown!r}") from None
+        return value.rstrip("/")
+
+    @field_validator(
+        "KAFKA_SESSION_TIMEOUT_SECONDS",
+        "KAFKA_REBALANCE_TIMEOUT_SECONDS",
+        "KAFKA_HEARTBEAT_INTERVAL_SECONDS",
+        "RAW_BATCH_SECONDS",
+        "DEDUP_TTL_DAYS",
+        "LEDGER_RETENTION_DAYS",
+        "ROLLUP_INTERVAL_SECONDS",
+        "HTTP_TIMEOUT_SECONDS",
+    )
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        # "inf" passes gt=0 and later overflows int(seconds * 1000) or a timedelta
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        return value
+
+    @field_validator(
+        "KAFKA_SESSION_TIMEOUT_SECONDS",
+        "KAFKA_REBALANCE_TIMEOUT_SECONDS",
+        "KAFKA_HEARTBEAT_INTERVAL_SECONDS",
+    )
+    @classmethod
+    def _kafka_int32_ms(cls, value: float) -> float:
+        if value > _KAFKA_MAX_SECONDS:
+            raise ValueError(f"must be at most {_KAFKA_MAX_SECONDS} s, got {value}")
+        return value
+
+    @field_validator("DEDUP_TTL_DAYS", "LEDGER_RETENTION_DAYS", "RAW_RETENTION_DAYS")
+    @classmethod
+    def _at_most_a_century(cls, value: float | None) -> float | None:
+        if value is not None and value > _MAX_DAYS:
+            raise ValueError(f"must be at most {_MAX_DAYS} days, got {value}")
+        return value
+
+    @field_validator("WINDOW_GRACE_SECONDS")
+    @classmethod
+    def _grace_at_most_a_year(cls, value: int) -> int:
+        if value > 366 * 86_400:
+            raise ValueError(f"must be at most {366 * 86_400} s (a year), got {value}")
+        return value
+
+    @field_validator("REPLAY_MARGIN_HOURS")
+    @classmethod
+    def _margin_at_most_a_year(cls, value: int) -> int:
+        if value > 366 * 24:
+            raise ValueError(f"must be at most {366 * 24} hours (a year), got {value}")
+        return value
+
+    @field_validator("USAGE_MARKUP_MULTIPLIER")
+    @classmethod
+    def _sane_multiplier(cls, value: Decimal) -> Decimal:
+        # nano-USD sums are SQLite int64: a runaway multiplier would overflow a day's row
+        if value > 1000:
+            raise ValueError(f"must be at most 1000, got {value}")
+        return value
+
+    @field_validator("APP_ID", "USAGE_TOPIC")
+    @classmethod
+    def _topic_name(cls, value: str, info: ValidationInfo) -> str:
+        # APP_ID prefixes internal topic names; USAGE_TOPIC gets "-dlq" appended
+        longest = 200 if info.field_name == "APP_ID" else 245
+        if not _TOPIC_NAME.fullmatch(value) or len(value) > longest:
+            raise ValueError(
+                f"must be 1-{longest} of the characters A-Z a-z 0-9 . _ - "
+                f"(a Kafka topic name), got {value!r}"
+            )
+        return value
+
+    @field_validator("KAFKA_SECURITY_PROTOCOL", mode="before")
+    @classmethod
+    def _security_protocol(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        protocol = value.strip().upper()
+        if protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"must be one of {', '.join(SECURITY_PROTOCOLS)}, got {value!r}")
+        return protocol
+
+    @field_validator("KAFKA_SASL_MECHANISM", mode="before")
+    @classmethod
+    def _sasl_mechanism(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        mechanism = value.strip().upper()
+        if not mechanism:  # pydantic runs this before-validator ahead of _empty_is_unset
+            return None
+        if mechanism in ("GSSAPI", "OAUTHBEARER"):
+            raise ValueError(
+                f"{mechanism} is not supported (it needs Kerberos or an OAuth token "
+                f"provider); use one of {', '.join(SASL_MECHANISMS)}"
+            )
+        if mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"must be one of {', '.join(SASL_MECHANISMS)}, got {value!r}")
+        return mechanism
+
+    @field_validator(
+        "KAFKA_SASL_USERNAME",
+        "INFLUXDB_USERNAME",
+        "INFLUXDB_ORG",
+        "INFLUXDB_BUCKET",
+        "INFLUXDB_DATABASE",
+        "INFLUXDB_RETENTION_POLICY",
+    )
+    @classmethod
+    def _printable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # they end up in HTTP headers, URLs and the raw files' header comment lines
+        if value is None:
+            return None
+        if _CONTROL.search(value):
+            raise ValueError("must not contain control characters (a stray newline?)")
+        if info.field_name == "INFLUXDB_USERNAME" and ":" in value:
+            raise ValueError("must not contain ':' (HTTP basic auth)")
+        return value
+
+    @field_validator("KAFKA_SASL_PASSWORD", "INFLUXDB_PASSWORD", "INFLUXDB_TOKEN")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # A trailing newline (a secret read from a file) would make the HTTP client raise
+        # "Invalid header value b'Token <secret>\n'": the secret in a log line. Never
+        # echo the value here.
+        if value is not None and _CONTROL.search(value.get_secret_value()):
+            raise ValueError("must not contain control characters (a stray newline?)")
+        return value
+
+    @field_validator("KAFKA_SSL_CAFILE")
+    @classmethod
+    def _loadable_cafile(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_file():
+            raise ValueError(
+                f"{value}: no such file" if not value.exists() else f"{value}: not a file"
+            )
+        try:
+            ssl.create_default_context(cafile=str(value))
+        except ssl.SSLError as error:
+            reason = error.reason or str(error).splitlines()[0]
+            raise ValueError(f"{value}: not a PEM CA certificate file ({reason})") from None
+        except OSError as error:
+            raise ValueError(f"{value}: {error.strerror or error}") from None
+        return value
+
+    @field_validator("DATA_DIR", mode="before")
+    @classmethod
+    def _non_empty_path(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("DATA_DIR", "STATE_DIR")
+    @classmethod
+    def _not_a_file(cls, value: Path | None) -> Path | None:
+        if value is not None and value.exists() and not value.is_dir():
+            raise ValueError(f"{value} exists and is not a directory")
+        return value
+
+    @field_validator("SUMMARY_DB_PATH")
+    @classmethod
+    def _not_a_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and value.is_dir():
+            raise ValueError(f"{value} is a directory, not a database file")
+        return value
+
+    @field_validator("WEB_HOST")
+    @classmethod
+    def _bindable_host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            labels = value.removesuffix(".").split(".")
+            if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+                raise ValueError(f"not an IP address or host name: {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        protocol, mechanism = self.KAFKA_SECURITY_PROTOCOL, self.KAFKA_SASL_MECHANISM
+        if protocol.startswith("SASL_") and not mechanism:
+            raise ValueError(
+                f"KAFKA_SASL_MECHANISM: required with KAFKA_SECURITY_PROTOCOL={protocol} "
+                f"(one of {', '.join(SASL_MECHANISMS)})"
+            )
+        if mechanism and not protocol.startswith("SASL_"):
+            raise ValueError(
+                f"KAFKA_SECURITY_PROTOCOL: must be SASL_PLAINTEXT or SASL_SSL when "
+                f"KAFKA_SASL_MECHANISM is set, got {protocol}"
+            )
+        if mechanism and not self.KAFKA_SASL_USERNAME:
+            raise ValueError(f"KAFKA_SASL_USERNAME: required by KAFKA_SASL_MECHANISM={mechanism}")
+        if mechanism and not self.KAFKA_SASL_PASSWORD:
+            raise ValueError(f"KAFKA_SASL_PASSWORD: required by KAFKA_SASL_MECHANISM={mechanism}")
+        if self.KAFKA_SSL_CAFILE is not None and not protocol.endswith("SSL"):
+            raise ValueError(
+                f"KAFKA_SSL_CAFILE: set, but KAFKA_SECURITY_PROTOCOL={protocol} does not use "
+                "TLS (SSL or SASL_SSL)"
+            )
+        if self.KAFKA_HEARTBEAT_INTERVAL_SECONDS >= self.KAFKA_SESSION_TIMEOUT_SECONDS:
+            raise ValueError(
+                "KAFKA_HEARTBEAT_INTERVAL_SECONDS: must be lower than "
+                f"KAFKA_SESSION_TIMEOUT_SECONDS ({self.KAFKA_SESSION_TIMEOUT_SECONDS})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _retention_covers_dedupe(self) -> Settings:
@@ -154,6 +434,13 @@ class Settings(BaseSettings):
             for name in ("INFLUXDB_TOKEN", "INFLUXDB_ORG", "INFLUXDB_BUCKET"):
                 if not getattr(self, name):
                     raise ValueError(f"{name}: required for the InfluxDB v2 API (INFLUXDB_URL set)")
+        if (
+            self.raw_sink_kind == "influxdb-v1"
+            and self.INFLUXDB_PASSWORD is not None
+            and not self.INFLUXDB_USERNAME
+            and not urlparse(self.INFLUXDB_URL or "").username
+        ):  # the v1 writer sends basic auth only with a user name
+            raise ValueError("INFLUXDB_PASSWORD: set without INFLUXDB_USERNAME")
         return self
 
     # Derived values -----------------------------------------------------------------
@@ -202,8 +489,10 @@ class Settings(BaseSettings):
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
     name = ".".join(str(part) for part in first["loc"]) or "settings"
-    message = first["msg"].removeprefix("Value error, ")
-    if ":" in message and message.split(":", 1)[0].isupper():
+    message = " ".join(first["msg"].removeprefix("Value error, ").split())  # one line
+    # A model validator (no location) names its setting itself: "NAME: reason". A field
+    # message that merely starts with something upper-case (a path) must not pass for one.
+    if not first["loc"] and _NAMED_MESSAGE.match(message):
         return f"invalid setting {message}"
     return f"invalid setting {name}: {message}"
 
