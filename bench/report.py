@@ -1,0 +1,183 @@
+"""The benchmark's outputs: one line per run (events/s, ratios to the two floors, peak
+RSS, state bytes, targets met or missed), the JSON file and the events/s-over-time plot.
+
+Targets are printed next to the ratios and never fail the run: speed depends on the
+machine and on what else runs on it; only wrong counts fail (see bench/run.py).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import orjson
+
+from bench.results import Check, RunResult
+
+#: (what, comparison, bound): printed beside the numbers they judge
+TARGETS: dict[str, tuple[str, float]] = {
+    "worker_vs_noop": (">=", 5.0),
+    "worker_vs_raw": (">=", 0.1),
+    "replay_vs_raw": (">=", 0.5),
+    "worker_peak_rss_mb": ("<=", 600.0),
+    "dedupe_bytes_per_id": ("<=", 100.0),
+}
+
+
+def _ratio(value: float | None, floor: RunResult | None) -> float | None:
+    if value is None or floor is None or not floor.events_per_s:
+        return None
+    return value / floor.events_per_s
+
+
+def _target(name: str, value: float | None) -> tuple[str, bool | None]:
+    op, bound = TARGETS[name]
+    text = f"{op}{bound:g}"
+    if value is None:
+        return text, None
+    return text, value >= bound if op == ">=" else value <= bound
+
+
+def _judged(name: str, value: float | None, unit: str = "") -> str:
+    text, met = _target(name, value)
+    verdict = "n/a" if met is None else ("met" if met else "MISSED")
+    return f"(target {text}{unit}: {verdict})"
+
+
+def floor_ratios(run: RunResult, runs: dict[str, RunResult]) -> tuple[float | None, float | None]:
+    """(events/s ÷ the raw reader's, events/s ÷ the Faust no-op's)."""
+    return (
+        _ratio(run.events_per_s, runs.get("raw_reader")),
+        _ratio(run.events_per_s, runs.get("faust_noop")),
+    )
+
+
+def _judged_values(run: RunResult, runs: dict[str, RunResult]) -> dict[str, float | None]:
+    """The values each target of this kind of run judges."""
+    vs_raw, vs_noop = floor_ratios(run, runs)
+    if run.kind == "worker":
+        per_id = run.details.get("dedupe_bytes_per_id")
+        return {
+            "worker_vs_raw": vs_raw,
+            "worker_vs_noop": vs_noop,
+            "worker_peak_rss_mb": run.peak_rss_mb,
+            "dedupe_bytes_per_id": float(per_id) if isinstance(per_id, int | float) else None,
+        }
+    if run.kind == "replay":
+        return {"replay_vs_raw": vs_raw}
+    return {}
+
+
+def summary(runs: dict[str, RunResult]) -> dict[str, dict[str, object]]:
+    """Per run, for the JSON: ratios to the floors and each target's verdict."""
+    out: dict[str, dict[str, object]] = {}
+    for name, run in runs.items():
+        vs_raw, vs_noop = floor_ratios(run, runs)
+        targets: dict[str, object] = {}
+        for key, value in _judged_values(run, runs).items():
+            text, met = _target(key, value)
+            targets[key] = {"target": text, "value": value, "met": met}
+        out[name] = {"vs_raw": vs_raw, "vs_noop": vs_noop, "targets": targets}
+    return out
+
+
+def _number(value: object, spec: str) -> str:
+    return format(value, spec) if isinstance(value, int | float) else "n/a"
+
+
+def run_line(run: RunResult, runs: dict[str, RunResult]) -> str:
+    """One line per run: rate, both ratios, peak RSS (+ state costs), targets beside them."""
+    if run.skipped:
+        return f"{run.label:<38} skipped: {run.skipped}"
+    if run.error:
+        return f"{run.label:<38} FAILED: {run.error.splitlines()[0]}"
+    vs_raw, vs_noop = floor_ratios(run, runs)
+    judged = _judged_values(run, runs)
+
+    def verdict(key: str, unit: str = "") -> str:
+        return " " + _judged(key, judged[key], unit) if key in judged else ""
+
+    kind = "worker" if run.kind == "worker" else "replay"
+    parts = [
+        f"{run.label:<38} {_number(run.events_per_s, '>10,.0f')} events/s",
+        f"{_number(vs_raw, '.3f')}x raw" + verdict(f"{kind}_vs_raw"),
+        f"{_number(vs_noop, '.2f')}x Faust no-op" + verdict("worker_vs_noop"),
+        f"peak RSS {_number(run.peak_rss_mb, ',.0f')} MB" + verdict("worker_peak_rss_mb", " MB"),
+    ]
+    if run.kind == "worker":
+        per_unique = run.details.get("summary_db_bytes_per_unique")
+        per_id = run.details.get("dedupe_bytes_per_id")
+        parts.append(f"summary DB {_number(per_unique, ',.0f')} B/unique event")
+        parts.append(
+            f"dedupe {_number(per_id, ',.1f')} B/id" + verdict("dedupe_bytes_per_id", " B")
+        )
+    return " | ".join(parts)
+
+
+def write_json(path: Path, document: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+
+
+def _rates(
+    samples: list[list[float | None]], window: float = 2.0
+) -> tuple[list[float], list[float]]:
+    """records/s between each sample and the latest one at least ``window`` s before it:
+    batched commits make consecutive 0.5 s samples jump. A window without progress is a
+    gap (NaN), not a zero the log scale cannot draw."""
+    xs: list[float] = []
+    ys: list[float] = []
+    points = [(float(s[0] or 0.0), float(s[1] or 0.0)) for s in samples]
+    start = 0
+    for t, n in points:
+        while start + 1 < len(points) and t - points[start + 1][0] >= window:
+            start += 1
+        t0, n0 = points[start]
+        if t > t0:
+            xs.append(t)
+            ys.append((n - n0) / (t - t0) if n > n0 else math.nan)
+    return xs, ys
+
+
+def draw(path: Path, runs: dict[str, RunResult], title: str) -> None:
+    """events/s over time, one line per run, each run's average as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(11, 6), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, run in enumerate(r for r in runs.values() if r.events_per_s):
+        color = colors[index % len(colors)]
+        xs, ys = _rates(run.samples)
+        if xs:
+            axes.plot(xs, ys, color=color, linewidth=1.4, label=f"{run.label}")
+        axes.axhline(
+            run.events_per_s,
+            color=color,
+            linestyle="--",
+            linewidth=0.9,
+            label=f"{run.label}: mean {run.events_per_s:,.0f}/s",
+        )
+    axes.set_yscale("log")
+    axes.set_xlabel("seconds since the run's first record (replay: since the command started)")
+    axes.set_ylabel("records/s (2 s windows; log scale)")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def failures(checks: list[Check], runs: dict[str, RunResult]) -> list[str]:
+    """The FAIL lines: a wrong count, or a run that crashed or timed out."""
+    lines = [
+        f"FAIL {check.run}: {check.name}: expected {check.expected}, got {check.actual}"
+        for check in checks
+        if not check.ok
+    ]
+    lines += [f"FAIL {run.name}: {run.error.splitlines()[0]}" for run in runs.values() if run.error]
+    return lines
