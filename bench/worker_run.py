@@ -308,14 +308,14 @@ def _measure(
             break
         rss = child.sample()
         peak_rss = max(peak_rss, rss or 0)
+        processed = processed_offsets(db, topic)
         if clock_start is None:
-            consumed = _counter(read_metrics(port), "events_consumed")
-            if consumed:
+            # committed offsets also start the clock, should /metrics lag behind them
+            if processed or _counter(read_metrics(port), "events_consumed"):
                 clock_start = last_idle if last_idle is not None else child.started
                 result.details["startup_seconds"] = clock_start - child.started
             else:
                 last_idle = now
-        processed = processed_offsets(db, topic)
         samples.append((now, processed, rss))
         if processed != last_processed:
             last_change, last_processed = now, processed
