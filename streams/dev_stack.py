@@ -170,7 +170,7 @@ async def run_dev_stack(settings: Settings, demo: bool, rate: int) -> None:
         )
     status_line = StatusLine(f"http://127.0.0.1:{settings.WEB_PORT}")
     status = asyncio.create_task(status_line.run(stop))
-    worker_died = False
+    worker_died = worker_clean = False
     try:
         while not stop.is_set():
             if worker.poll() is not None:
@@ -186,13 +186,13 @@ async def run_dev_stack(settings: Settings, demo: bool, rate: int) -> None:
         began = time.monotonic()
         _log(f"stopping ({signals[0] if signals else 'worker exited'}): producer, worker, broker")
         await _stop_producer(producer)
-        await _stop_worker(worker, worker_died, worker_log)
+        worker_clean = await _stop_worker(worker, worker_died, worker_log)
         step = time.monotonic()
         broker.stop()
         _log(f"broker stopped ({time.monotonic() - step:.1f} s)")
         _log(f"stopped producer, worker and broker in {time.monotonic() - began:.1f} s")
-    if worker_died:
-        raise SystemExit(1)
+    if worker_died or not worker_clean:
+        raise SystemExit(1)  # the worker crashed (or hung): its log says why
 
 
 async def _stop_producer(producer: asyncio.Task[int] | None) -> None:
@@ -209,16 +209,23 @@ async def _stop_producer(producer: asyncio.Task[int] | None) -> None:
         _log(f"producer stopped with {type(error).__name__}: {error}")
 
 
-async def _stop_worker(worker: subprocess.Popen[bytes], died: bool, log: Path) -> None:
-    """SIGTERM and wait (Faust commits offsets and leaves the group), SIGKILL if it hangs."""
+async def _stop_worker(worker: subprocess.Popen[bytes], died: bool, log: Path) -> bool:
+    """SIGTERM and wait (Faust commits offsets and leaves the group), SIGKILL if it hangs.
+
+    True when the worker stopped cleanly (exit 0 on SIGTERM)."""
     step = time.monotonic()
     if died:
         _log(f"worker exited with {worker.returncode}; see {log}")
-        return
+        return False
     worker.terminate()
     if not await _wait_process(worker, WORKER_STOP_SECONDS):
         worker.kill()
         await _wait_process(worker, 5)
         _log(f"worker did not stop in {WORKER_STOP_SECONDS:g} s: killed; see {log}")
-        return
-    _log(f"worker stopped: exit {worker.returncode} ({time.monotonic() - step:.1f} s)")
+        return False
+    ended = f"({time.monotonic() - step:.1f} s)"
+    if worker.returncode != 0:
+        _log(f"worker stopped: exit {worker.returncode} {ended}; see {log}")
+        return False
+    _log(f"worker stopped: exit 0 {ended}")
+    return True

@@ -120,10 +120,26 @@ def month_rows(
         rows = conn.execute(sql, params).fetchall()
     except sqlite3.Error as error:
         raise ReportSourceError(f"cannot read {source}: {error}") from None
-    return [
+    daily = [
         DailyRow(*row[:14], final=bool(row[14]))  # type: ignore[arg-type]
         for row in rows
     ]
+    _refuse_double_rows(daily, source)
+    return daily
+
+
+def _refuse_double_rows(rows: list[DailyRow], source: str) -> None:
+    """Two rows for one (client, user, model, date), e.g. a closed and a provisional one in
+    ``usage_daily_live``, would be summed twice: refuse rather than guess which is right."""
+    seen: set[tuple[str, str, str, str]] = set()
+    for row in rows:
+        key = (row.client_org_id, row.user_id, row.model, row.usage_date)
+        if key in seen:
+            raise ReportSourceError(
+                f"{source} has more than one row for {'/'.join(key)}: a statement would"
+                " count it twice"
+            )
+        seen.add(key)
 
 
 def unrolled_dates(conn: sqlite3.Connection, month: date) -> list[str]:

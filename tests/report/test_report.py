@@ -309,6 +309,10 @@ def test_older_db_without_live_rows_names_the_days_with_no_closed_data(tmp_path:
     db = build_db(tmp_path / "usage.db", [row], live=None)
     pending = sqlite3.connect(db)
     with pending:  # recorded but not rolled up yet: no closed data for the 1st either
+        pending.execute(  # the worker's table in DBs of that age (later schemas drop it)
+            "CREATE TABLE IF NOT EXISTS rollup_pending (usage_date TEXT, client_org_id TEXT,"
+            " user_id TEXT, model TEXT)"
+        )
         pending.execute(
             "INSERT INTO rollup_pending VALUES (?, 'org-8', 'erin', 'm')", (first.isoformat(),)
         )
@@ -324,6 +328,20 @@ def test_older_db_without_live_rows_names_the_days_with_no_closed_data(tmp_path:
     assert doc["clients"][0]["final"] == 0 and doc["clients"][0]["provisional_dates"] == []
     table = ok(run_report(db, "--month", month)).decode()
     assert "no closed data for these days yet" in table and today.isoformat() in table
+
+
+def test_a_key_twice_in_usage_daily_live_is_refused_not_summed(tmp_path: Path) -> None:
+    closed = ("org-7", "dave", "openai/gpt-4o-mini", "2025-05-30", 100, 50, 150, 2, 0,
+              2_000_000_000, 2_600_000_000, 10_400_000_000, "4.0000", "104/A/NBP/2025")  # fmt: skip
+    db = build_db(tmp_path / "usage.db", [closed], live=[(closed, 0)])
+    result = run_report(db, "--month", "2025-05")
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 2 and result.stdout == b"", lines
+    assert lines == [
+        "usage-stream: summary DB "
+        f"{db}: usage_daily_live has more than one row for"
+        " org-7/dave/openai/gpt-4o-mini/2025-05-30: a statement would count it twice"
+    ]
 
 
 @pytest.mark.parametrize("month", ["2025-13", "2025-3", "march", "2025-03-01", ""])
