@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import sqlite3
 import sys
@@ -316,28 +317,60 @@ def render_json(statement: Statement, detail: bool) -> bytes:
     return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
 
 
+def _console(out: Any) -> Any:
+    """A console on ``out``: the terminal's width, else ``COLUMNS`` or 250 (a file)."""
+    from rich.console import Console
+
+    width = None
+    if not out.isatty():
+        try:
+            width = int(os.environ.get("COLUMNS") or 250)
+        except ValueError:
+            width = 250
+    return Console(file=out, width=width, highlight=False)
+
+
+def _print_rows(
+    console: Any,
+    title: str,
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[tuple[Sequence[str], bool]],
+) -> None:
+    """``rows`` (cells, is a total) as one table when it fits the width; otherwise one
+    name/value block per row. Never truncated: an amount cut to ``1.46…`` is no bill."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for cells, total in rows:
+        table.add_row(*cells, style="bold" if total else None, end_section=total)
+    natural = console.measure(table, options=console.options.update(max_width=100_000))
+    if natural.maximum <= console.width:
+        console.print(table)
+        return
+    console.print(f"{title} (a block per line: the table is wider than {console.width} columns)")
+    for cells, total in rows:
+        block = Table(show_header=False, box=box.SIMPLE, style="bold" if total else None)
+        block.add_column(overflow="fold")
+        block.add_column(overflow="fold")
+        for (name, _), value in zip(columns, cells, strict=True):
+            if value:
+                block.add_row(name, value)
+        console.print(block)
+
+
 def render_table(statement: Statement, detail: bool, stream: Any = None) -> None:
     """A rich table with a total row per client (and over all clients), the rates used,
     and notes naming every date whose amounts are not final."""
-    from rich.console import Console
-    from rich.table import Table
-
-    out = stream or sys.stdout
-    console = Console(file=out, width=None if out.isatty() else 250, highlight=False)
+    console = _console(stream or sys.stdout)
     state = "final" if statement.final else "NOT FINAL"
-    table = Table(
-        title=f"usage statement {statement.month} ({state}; from {statement.source}, "
-        f"usage dates in {statement.timezone})",
-        title_justify="left",
-    )
-    table.add_column("client_org_id", no_wrap=True)
+    columns = [("client_org_id", "left")]
     if detail:
-        table.add_column("user_id", no_wrap=True)
-        table.add_column("model", no_wrap=True)
-    for name in _VALUE_COLUMNS[:8]:
-        table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("usd_pln_rate", justify="right")
-    table.add_column("flags")
+        columns += [("user_id", "left"), ("model", "left")]
+    columns += [(name, "right") for name in _VALUE_COLUMNS[:9]]
+    columns.append(("flags", "left"))
 
     def cells(line: StatementLine, label: Sequence[str]) -> list[str]:
         values = line.values(statement.month, False, statement.final)
@@ -354,39 +387,57 @@ def render_table(statement: Statement, detail: bool, stream: Any = None) -> None
             "; ".join(flags),
         ]
 
+    rows: list[tuple[Sequence[str], bool]] = []
     for client in statement.clients:
         if detail:
             for line in statement.detail:
                 if line.client_org_id == client.client_org_id:
-                    table.add_row(*cells(line, (line.client_org_id, line.user_id, line.model)))
-            label: tuple[str, ...] = (client.client_org_id, "total", "")
+                    label = (line.client_org_id, line.user_id or "", line.model or "")
+                    rows.append((cells(line, label), False))
+            rows.append((cells(client, (client.client_org_id, "total", "")), True))
         else:
-            label = (client.client_org_id,)
-        table.add_row(*cells(client, label), style="bold", end_section=True)
+            rows.append((cells(client, (client.client_org_id,)), True))
     if len(statement.clients) > 1:
-        total = statement.grand_total()
         blank = ("", "") if detail else ()
-        table.add_row(*cells(total, ("all clients", *blank)), style="bold")
-    console.print(table)
+        rows.append((cells(statement.grand_total(), ("all clients", *blank)), True))
+    _print_rows(
+        console,
+        f"usage statement {statement.month} ({state}; from {statement.source}, "
+        f"usage dates in {statement.timezone})",
+        columns,
+        rows,
+    )
 
-    rates = Table(title="USD/PLN rates used (NBP table A mid)", title_justify="left")
-    for name in ("client_org_id", "usd_pln_rate", "nbp_table_no", "usage dates"):
-        rates.add_column(name)
-    rates.add_column("markup_cost_usd", justify="right", no_wrap=True)
-    rates.add_column("markup_cost_pln", justify="right", no_wrap=True)
-    for client in statement.clients:
-        for use in client.ordered_rates():
-            converted = use.as_dict()
-            rates.add_row(
+    rates = [
+        (
+            [
                 client.client_org_id,
                 use.usd_pln_rate,
                 converted["nbp_table_no"],
                 date_ranges(use.usage_dates),
                 converted["markup_cost_usd"],
                 converted["markup_cost_pln"],
-            )
-    if rates.row_count:
-        console.print(rates)
+            ],
+            False,
+        )
+        for client in statement.clients
+        for use in client.ordered_rates()
+        if (converted := use.as_dict())
+    ]
+    if rates:
+        _print_rows(
+            console,
+            "USD/PLN rates used (NBP table A mid)",
+            [
+                ("client_org_id", "left"),
+                ("usd_pln_rate", "left"),
+                ("nbp_table_no", "left"),
+                ("usage dates", "left"),
+                ("markup_cost_usd", "right"),
+                ("markup_cost_pln", "right"),
+            ],
+            rates,
+        )
     if statement.open_dates:
         console.print(
             f"not final: {date_ranges(statement.open_dates)} not closed yet"

@@ -148,13 +148,13 @@ def march_db(tmp_path: Path) -> Path:
     return build_db(tmp_path / "usage.db", MARCH_ROWS, live=None)
 
 
-def run_report(db: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+def run_report(db: Path, *args: str, columns: int = 250) -> subprocess.CompletedProcess[bytes]:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("INFLUXDB_", "KAFKA_"))},
         "SUMMARY_DB_PATH": str(db),
         "DATA_DIR": str(db.parent),
         "BUSINESS_TIMEZONE": "Europe/Warsaw",
-        "COLUMNS": "250",
+        "COLUMNS": str(columns),
     }
     return subprocess.run(
         [sys.executable, "-m", "streams", "report", *args],
@@ -279,6 +279,16 @@ def test_table_has_a_total_row_per_client_and_flags_pending_pln(march_db: Path) 
     rate_row = [r for r in out.splitlines() if "044/A/NBP/2025" in r][0]
     assert "2025-03-04" in rate_row and "13.649999999" in rate_row and "54.430739996" in rate_row
     assert "PLN pending for org-1: no NBP rate yet for 2025-03-31" in out
+
+
+def test_a_narrow_table_becomes_blocks_and_never_cuts_an_amount(march_db: Path) -> None:
+    out = ok(run_report(march_db, "--month", "2025-03", "--detail", columns=80)).decode()
+    assert "…" not in out and "wider than 80 columns" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    blocks = [line.split() for line in out.splitlines()]
+    assert ["raw_cost_usd", "11.734567897"] in blocks  # org-1's total, exact
+    assert ["markup_cost_usd", "15.254938396"] in blocks  # all clients
+    assert ["flags", "PLN", "pending:", "2025-03-31"] in blocks
 
 
 def test_open_days_from_usage_daily_live_are_included_and_flagged(tmp_path: Path) -> None:
