@@ -11,8 +11,7 @@
    ones are counted and reported, **not** re-sent to the dead-letter topic (the worker did
    that when it first saw them). Event time decides membership of the date.
 3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins) and
-   price events without ``cost_usd`` like the record agent
-   (:func:`tables.summary_store.ledger_entry`).
+   price events without ``cost_usd`` like the worker (:func:`tables.ledger.ledger_events`).
 4. Replace the date in one transaction (tables/replay_store.py): ledger rows of the
    replayed offset range are swapped for the replay's events, every ``usage_daily`` row of
    the date is recomputed from the ledger, a ``batch_runs`` row (kind ``replay``) records
@@ -254,30 +253,30 @@ async def _read_day(
     stream: TextIO | None,
 ) -> None:
     """Validate every record of the slice and stage the events of the date."""
-    from streams.business_time import local_midnight_ms
+    from streams.business_time import UsageDates, local_midnight_ms
     from streams.event import InvalidEvent, parse_event
     from tables.daily import wall_clock_ms
-    from tables.summary_store import ledger_entry
+    from tables.ledger import ledger_events
 
-    day, tz, topic = report.day, settings.tz, settings.USAGE_TOPIC
+    day, tz = report.day, settings.tz
     day_text = day.isoformat()
-    # a cheap prefilter on event time; the usage date of ledger_entry decides
+    dates = UsageDates(tz)
+    # a cheap prefilter on event time; the usage date of ledger_events decides
     low = local_midnight_ms(day, tz) - 1_000
     high = local_midnight_ms(day + timedelta(days=1), tz) + 1_000
     progress = Progress(reader.total, f"replay {day}", stream)
     try:
         async for batch in reader.batches():
             now_ms = wall_clock_ms()
-            entries = []
+            located = []
             for partition, offset, value in batch:
                 parsed = parse_event(value, now_ms)
                 if isinstance(parsed, InvalidEvent):
                     report.invalid[parsed.reason] += 1
                 elif low <= parsed.event_ms < high:
-                    entry = ledger_entry(parsed, topic, partition, offset, prices, tz)
-                    if entry.usage_date == day_text:
-                        entries.append(entry)
-            staging.add(entries)
+                    located.append((parsed, partition, offset))
+            entries = ledger_events(located, prices, dates)
+            staging.add([entry for entry in entries if entry.usage_date == day_text])
             report.records_read += len(batch)
             progress.update(len(batch))
     finally:
@@ -297,6 +296,8 @@ async def run_replay(
     :class:`NoEventsForDate`. A failure after the DB opened is recorded in ``batch_runs``
     (``success`` 0) unless ``dry_run``."""
     from streams.replay_reader import ReplayReader
+    from tables.daily import wall_clock_ms
+    from tables.ledger import LedgerStore
     from tables.reference import latest_model_prices, record_batch_run
     from tables.replay_store import ReplayRange, ReplayStaging, replace_day
     from tables.schema import connect, utc_now_text
@@ -329,6 +330,9 @@ async def run_replay(
                     settings.USAGE_TOPIC,
                     [ReplayRange(r.partition, r.start, r.end) for r in report.ranges],
                     settings.USAGE_MARKUP_MULTIPLIER,
+                    bucket=LedgerStore(
+                        settings.summary_db_path, settings.ledger_retention_days
+                    ).bucket_at(wall_clock_ms()),
                     dry_run=dry_run,
                     started_at=started_at,
                     records_processed=report.records_read,

@@ -1,9 +1,11 @@
-"""Rollup: write closed days (and re-opened ones) from the ledger into ``usage_daily``.
+"""Rollup: move closed days' (and re-opened days') increments into ``usage_daily``.
 
-Runs on every worker every ``ROLLUP_INTERVAL_SECONDS``. A date with pending summary keys is
+Runs on every worker every ``ROLLUP_INTERVAL_SECONDS``. A date with pending increments is
 written when it is due (see tables.daily) or, if it closed before, at once: late events
 re-open their day and its affected rows are re-written (``revision`` + 1). Concurrent
-workers are safe: each day is one ``BEGIN IMMEDIATE`` transaction computed from the ledger.
+workers are safe: each day is one ``BEGIN IMMEDIATE`` transaction that adds the pending
+increments and deletes them (tables.summary_store). The provisional rows of the days
+still open (``usage_daily_live``) are rewritten at the end of every pass.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from streams.metrics import OPEN_DAYS, ROLLUP_SECONDS, SUMMARIES_WRITTEN
 from tables.daily import DayCloser, day_closer
 from tables.reference import rate_for_date, record_batch_run
 from tables.schema import utc_now_text
-from tables.summary_store import DayRollup, closed_days, pending_dates, rollup_day
+from tables.summary_store import (
+    DayRollup,
+    closed_days,
+    pending_dates,
+    refresh_open_days,
+    rollup_day,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,7 @@ async def run_rollup(conn: aiosqlite.Connection, closer: DayCloser) -> RollupPas
             summaries_written=result.summaries_written,
             clients_processed=result.clients,
             data_corrections=result.summaries_written if result.late_rewrite else 0,
+            late_events=result.late_events,
         )
         log.info(
             "rollup %s: %d summaries written from %d records%s",
@@ -66,6 +75,7 @@ async def run_rollup(conn: aiosqlite.Connection, closer: DayCloser) -> RollupPas
             " (late events)" if result.late_rewrite else "",
         )
         written.append(result)
+    await refresh_open_days(conn, still_open, settings.USAGE_MARKUP_MULTIPLIER, rate_for_date)
     OPEN_DAYS.set(len(still_open))
     return RollupPass(written, still_open)
 

@@ -1,4 +1,4 @@
-"""HTTP endpoints on the worker's Faust web server (CONTRACT §6) and the lag gauge."""
+"""HTTP endpoints on the worker's Faust web server (CONTRACT §6)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
+from agents.pipeline import hot_path
 from streams.app import app, settings, summary_db
-from streams.metrics import CONSUMER_LAG, REGISTRY, render
-from streams.topics import usage_topic
+from streams.metrics import REGISTRY, render
 from tables.summary_store import pending_dates
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
@@ -83,6 +83,7 @@ async def _rows(sql: str) -> list[dict[str, Any]]:
 @app.page("/status")
 async def status(web: View, request: Request) -> Response:
     conn = await summary_db()
+    pipeline = hot_path()
     lag = {
         f"{sample.labels['topic']}/{sample.labels['partition']}": int(sample.value)
         for metric in REGISTRY.collect()
@@ -91,34 +92,10 @@ async def status(web: View, request: Request) -> Response:
     }
     return web.json(
         {
-            "assigned_partitions": sorted(
-                tp.partition
-                for tp in app.consumer.assignment()
-                if tp.topic == usage_topic.get_topic_name()
-            )
-            if app.consumer is not None
-            else [],
+            "assigned_partitions": pipeline.assigned_partitions() if pipeline else [],
             "last_batch_runs": await _rows("SELECT * FROM batch_runs ORDER BY id DESC LIMIT 20"),
             "refresh": await _rows("SELECT * FROM refresh_status ORDER BY source"),
             "open_days": await pending_dates(conn),
             "consumer_lag": lag,
         }
     )
-
-
-@app.timer(interval=5.0)
-async def update_consumer_lag() -> None:
-    """Lag = high watermark (from fetch responses) − committed offset, per assigned partition.
-
-    The high watermark carried by fetch responses is right on every broker; ListOffsets
-    ``latest`` (``end_offsets()``) is not on the test broker, so it is not used.
-    """
-    consumer = app.consumer
-    committed = getattr(consumer, "_committed_offset", {})
-    for tp in consumer.assignment():
-        highwater = consumer.highwater(tp)
-        if highwater is None or highwater < 0:
-            continue
-        # Faust records the offset it commits: the next offset to read
-        lag = highwater - (committed.get(tp) or 0)
-        CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(max(lag, 0))

@@ -37,12 +37,11 @@ def _credentials(settings: Settings) -> object | None:
 
 
 app = faust.App(
-    settings.APP_ID,
+    # Faust's own consumer group only elects the leader (refresh) now: the usage topic is
+    # read by the hot path's batched consumer in the group APP_ID (agents/pipeline.py).
+    f"{settings.APP_ID}-control",
     broker=settings.KAFKA_BROKER,
     broker_credentials=_credentials(settings),
-    # Durable local table state (rocksdict): a restart reads its own RocksDB instead of
-    # relying on a complete changelog recovery, which the test broker cannot guarantee.
-    store="rocksdb://",
     datadir=str(settings.state_dir),
     autodiscover=["agents", "tables"],
     origin="streams",
@@ -56,7 +55,6 @@ app = faust.App(
     broker_heartbeat_interval=settings.KAFKA_HEARTBEAT_INTERVAL_SECONDS,
     producer_enable_idempotence=settings.KAFKA_PRODUCER_IDEMPOTENCE,
     consumer_auto_offset_reset="earliest",
-    # At-least-once: offsets are committed only for acked events, after a producer flush.
     processing_guarantee="at_least_once",
     recovery_consistency_check=settings.RECOVERY_CONSISTENCY_CHECK,
     timezone=settings.tz,

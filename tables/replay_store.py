@@ -5,26 +5,30 @@
    row per ``request_id`` (PRIMARY KEY, ``INSERT OR IGNORE``: the first copy read wins),
    only for events of the replayed date.
 2. :func:`replace_day` — in ONE ``BEGIN IMMEDIATE`` transaction on the summary DB:
-   a. delete the date's ledger rows (``usage_events``) whose source offset lies inside
-      the replayed range ``[start, end)`` of a partition of the usage topic (they are all
-      re-read by the replay; rows from outside the range, e.g. older offsets or another
-      topic, are kept);
-   b. ``INSERT OR IGNORE`` the staged events into the ledger (a request already in the
-      ledger from outside the range keeps its first copy);
+   a. delete the date's ledger rows whose source offset lies inside the replayed range
+      ``[start, end)`` of a partition of the usage topic (they are all re-read by the
+      replay; rows from outside the range, e.g. older offsets, are kept);
+   b. add the staged events to the ledger unless the ledger holds their request already
+      (a request recorded from outside the range keeps its first copy);
    c. recompute every ``usage_daily`` row of the date from the ledger with
-      :func:`tables.summary_store.summary_rows` and
       :func:`tables.summary_store.write_summaries` (rate from
       :func:`tables.reference.rate_for_date`, looked up inside the transaction), and delete
       the rows whose key has no ledger rows any more;
-   d. clear the date's ``rollup_pending`` keys, mark it in ``closed_days``, and append a
-      ``batch_runs`` row (kind ``replay``) — all before ``COMMIT``.
+   d. drop the date's pending increments (the ledger rows they came from are counted in
+      c) and provisional rows, mark it in ``closed_days``, and append a ``batch_runs`` row
+      (kind ``replay``) — all before ``COMMIT``.
+
+   The ledger keeps per-event rows for ``LEDGER_RETENTION_DAYS``. For a date older than
+   that, the rows recorded from outside the replayed range are gone, so the date is
+   rebuilt from what the replay reads: widen the range with ``--from-offsets`` when some
+   of its events were produced long before or after it.
    Unchanged rows keep their ``revision`` and ``updated_at``, so replaying twice changes
    nothing. With ``dry_run`` the same work is done and then rolled back: only the
    differences are returned.
 
-:func:`tables.summary_store.ledger_entry` is the one place where a validated event becomes
-a ledger row (its usage date, and its cost: ``cost_usd`` when present, else estimated from
-the model's latest stored price); the record agent and the replay share it.
+:func:`tables.ledger.ledger_events` is the one place where a validated event becomes a
+ledger row (its usage date, and its cost: ``cost_usd`` when present, else estimated from
+the model's latest stored price); the worker and the replay share it.
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ from pathlib import Path
 
 import aiosqlite
 
+from tables.ledger import LedgerEvent
 from tables.reference import rate_for_date, record_batch_run
 from tables.schema import utc_now_text, write_transaction
-from tables.summary_store import LedgerEntry, Rate, summary_rows, write_summaries
+from tables.summary_store import Rate, SummaryRow, write_summaries
 
 __all__ = [
     "DailyRow",
@@ -59,11 +64,6 @@ _CLOSED_BY = f"replay@{socket.gethostname()}"
 
 
 # Staging --------------------------------------------------------------------------------
-
-_STAGED_COLUMNS = (
-    "request_id, usage_date, client_org_id, user_id, model, input_tokens, output_tokens,"
-    " cost_nano, cost_estimated, event_ms, source_topic, source_partition, source_offset"
-)
 
 
 class ReplayStaging:
@@ -88,7 +88,7 @@ class ReplayStaging:
             self._conn.execute(
                 """CREATE TABLE staged (
                     request_id TEXT PRIMARY KEY,
-                    usage_date TEXT NOT NULL,
+                    usage_day INTEGER NOT NULL,
                     client_org_id TEXT NOT NULL,
                     user_id TEXT NOT NULL,
                     model TEXT NOT NULL,
@@ -96,8 +96,6 @@ class ReplayStaging:
                     output_tokens INTEGER NOT NULL,
                     cost_nano INTEGER NOT NULL,
                     cost_estimated INTEGER NOT NULL,
-                    event_ms INTEGER NOT NULL,
-                    source_topic TEXT NOT NULL,
                     source_partition INTEGER NOT NULL,
                     source_offset INTEGER NOT NULL
                 ) WITHOUT ROWID"""
@@ -110,7 +108,7 @@ class ReplayStaging:
     def duplicates(self) -> int:
         return self.read - self.unique
 
-    def add(self, entries: Sequence[LedgerEntry]) -> int:
+    def add(self, entries: Sequence[LedgerEvent]) -> int:
         """Stage entries (first copy of a request_id wins); returns how many were new."""
         if not entries:
             return 0
@@ -118,9 +116,23 @@ class ReplayStaging:
         self._conn.execute("BEGIN")
         try:
             self._conn.executemany(
-                f"INSERT OR IGNORE INTO staged ({_STAGED_COLUMNS})"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [e.row() for e in entries],
+                "INSERT OR IGNORE INTO staged VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        e.request_id,
+                        e.usage_day,
+                        e.client_org_id,
+                        e.user_id,
+                        e.model,
+                        e.input_tokens,
+                        e.output_tokens,
+                        e.cost_nano,
+                        int(e.cost_estimated),
+                        e.partition,
+                        e.offset,
+                    )
+                    for e in entries
+                ],
             )
             self._conn.execute("COMMIT")
         except BaseException:
@@ -285,11 +297,15 @@ async def replace_day(
     ranges: Sequence[ReplayRange],
     markup: Decimal,
     *,
+    bucket: int,
     dry_run: bool,
     started_at: str,
     records_processed: int,
 ) -> ReplayOutcome:
     """Replace date ``day`` from the staged events, atomically (see the module docstring).
+
+    ``bucket`` is the ledger bucket of requests recorded now
+    (:meth:`tables.ledger.LedgerStore.bucket_at`).
 
     ``conn`` must be in autocommit mode (as :func:`tables.schema.connect` opens it) with no
     transaction open. With ``dry_run`` nothing is written, not even ``batch_runs``.
@@ -298,7 +314,7 @@ async def replace_day(
     try:
         async with write_transaction(conn, rollback=dry_run):
             outcome = await _replace(
-                conn, day, topic, ranges, markup, dry_run, started_at, records_processed
+                conn, day, ranges, markup, bucket, dry_run, started_at, records_processed
             )
     finally:
         with contextlib.suppress(sqlite3.Error):
@@ -309,51 +325,74 @@ async def replace_day(
 async def _replace(
     conn: aiosqlite.Connection,
     day: str,
-    topic: str,
     ranges: Sequence[ReplayRange],
     markup: Decimal,
+    bucket: int,
     dry_run: bool,
     started_at: str,
     records_processed: int,
 ) -> ReplayOutcome:
+    ordinal = date.fromisoformat(day).toordinal()
     rate = await rate_for_date(conn, date.fromisoformat(day))
     before = await _daily_rows(conn, day)
-    ledger_sql = "SELECT COUNT(*) FROM usage_events WHERE usage_date = ?"
-    ledger_before = await _count(conn, ledger_sql, (day,))
+    ledger_sql = "SELECT COUNT(*) FROM ledger WHERE usage_day = ?"
+    ledger_before = await _count(conn, ledger_sql, (ordinal,))
 
-    # (a) the date's ledger rows that the replay has re-read
+    # (a) the date's ledger rows that the replay has re-read (one scan for all ranges)
     mark = conn.total_changes
-    await conn.executemany(
-        "DELETE FROM usage_events WHERE usage_date = ? AND source_topic = ?"
-        " AND source_partition = ? AND source_offset >= ? AND source_offset < ?",
-        [(day, topic, r.partition, r.start, r.end) for r in ranges if r.end > r.start],
-    )
+    read = [r for r in ranges if r.end > r.start]
+    if read:
+        inside = " OR ".join(
+            "(source_partition = ? AND source_offset >= ? AND source_offset < ?)" for _ in read
+        )
+        await conn.execute(
+            f"DELETE FROM ledger WHERE usage_day = ? AND ({inside})",
+            (ordinal, *[value for r in read for value in (r.partition, r.start, r.end)]),
+        )
     removed = conn.total_changes - mark
 
     # (b) the replay's unique events; a request already in the ledger keeps its first copy
+    await conn.execute(
+        "INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)"
+        " SELECT DISTINCT client_org_id, user_id, model FROM replay_staging.staged"
+    )
+    await conn.execute("INSERT OR IGNORE INTO ledger_buckets VALUES (?)", (bucket,))
     mark = conn.total_changes
     await conn.execute(
-        f"INSERT OR IGNORE INTO main.usage_events ({_STAGED_COLUMNS}, recorded_at)"
-        f" SELECT {_STAGED_COLUMNS}, ? FROM replay_staging.staged WHERE usage_date = ?",
-        (utc_now_text(), day),
+        """INSERT INTO main.ledger
+        SELECT ?, s.request_id, s.usage_day, k.key_id, s.input_tokens, s.output_tokens,
+               s.cost_nano, s.cost_estimated, s.source_partition, s.source_offset
+        FROM replay_staging.staged s JOIN summary_keys k USING (client_org_id, user_id, model)
+        WHERE s.usage_day = ? AND NOT EXISTS (
+            SELECT 1 FROM ledger l WHERE l.bucket IN (SELECT bucket FROM ledger_buckets)
+            AND l.request_id = s.request_id)""",
+        (bucket, ordinal),
     )
     inserted = conn.total_changes - mark
 
     # (c) every usage_daily row of the date, from the ledger
-    rows = await summary_rows(conn, day, only_pending=False)
+    async with conn.execute(
+        """SELECT k.client_org_id, k.user_id, k.model, ?, SUM(l.input_tokens),
+               SUM(l.output_tokens), COUNT(*), SUM(l.cost_estimated), SUM(l.cost_nano)
+        FROM ledger l JOIN summary_keys k USING (key_id)
+        WHERE l.usage_day = ? GROUP BY l.key_id""",
+        (day, ordinal),
+    ) as cursor:
+        rows = [SummaryRow(*row) for row in await cursor.fetchall()]
     written = await write_summaries(conn, rows, markup, rate)
+    kept = {(row.client_org_id, row.user_id, row.model) for row in rows}
+    gone = [key for key in before if key not in kept]
     mark = conn.total_changes
-    await conn.execute(
-        "DELETE FROM usage_daily WHERE usage_date = ? AND NOT EXISTS ("
-        " SELECT 1 FROM usage_events e WHERE e.usage_date = usage_daily.usage_date"
-        " AND e.client_org_id = usage_daily.client_org_id"
-        " AND e.user_id = usage_daily.user_id AND e.model = usage_daily.model)",
-        (day,),
+    await conn.executemany(
+        "DELETE FROM usage_daily WHERE client_org_id = ? AND user_id = ? AND model = ?"
+        " AND usage_date = ?",
+        [(*key, day) for key in gone],
     )
     written += conn.total_changes - mark
 
     # (d) the date is settled: nothing pending, closed (later events of it count as late)
-    await conn.execute("DELETE FROM rollup_pending WHERE usage_date = ?", (day,))
+    await conn.execute("DELETE FROM daily_pending WHERE usage_date = ?", (day,))
+    await conn.execute("DELETE FROM usage_daily_open WHERE usage_date = ?", (day,))
     await conn.execute(
         "INSERT OR IGNORE INTO closed_days VALUES (?, ?, ?)", (day, utc_now_text(), _CLOSED_BY)
     )
@@ -383,7 +422,7 @@ async def _replace(
         summaries_written=written,
         clients=clients,
         ledger_before=ledger_before,
-        ledger_after=await _count(conn, ledger_sql, (day,)),
+        ledger_after=await _count(conn, ledger_sql, (ordinal,)),
         ledger_removed=removed,
         ledger_inserted=inserted,
         rate=rate,

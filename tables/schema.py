@@ -18,7 +18,14 @@ from weakref import WeakKeyDictionary
 
 import aiosqlite
 
-__all__ = ["MIGRATIONS", "connect", "migrate", "utc_now_text", "write_transaction"]
+__all__ = [
+    "MIGRATIONS",
+    "connect",
+    "migrate",
+    "open_sync",
+    "utc_now_text",
+    "write_transaction",
+]
 
 _SUMMED = """
     SUM(input_tokens) AS input_tokens,
@@ -195,6 +202,108 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             ) WITHOUT ROWID""",
         ],
     ),
+    (
+        3,
+        [
+            # The batched hot path. Per-event rows are kept only for LEDGER_RETENTION_DAYS
+            # and daily totals are folded increments, no longer derived from membership.
+            #
+            # summary_keys: (client, user, model) once, so the ledger stores a small integer.
+            """CREATE TABLE summary_keys (
+                key_id INTEGER PRIMARY KEY,
+                client_org_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                UNIQUE (client_org_id, user_id, model)
+            )""",
+            # ledger: one row per unique request_id recorded in the last
+            # LEDGER_RETENTION_DAYS. It is the deduplication set (checked and extended in
+            # the same transaction as the folded sums) and what a replay swaps. ``bucket``
+            # is the wall-clock ms (floored to the retention bucket) when the request was
+            # first recorded: pruning deletes whole key prefixes, without any extra index.
+            # ``usage_day`` is the usage date's proleptic ordinal (date.toordinal()).
+            """CREATE TABLE ledger (
+                bucket INTEGER NOT NULL,
+                request_id TEXT NOT NULL,
+                usage_day INTEGER NOT NULL,
+                key_id INTEGER NOT NULL,
+                input_tokens INTEGER NOT NULL,
+                output_tokens INTEGER NOT NULL,
+                cost_nano INTEGER NOT NULL,
+                cost_estimated INTEGER NOT NULL,
+                source_partition INTEGER NOT NULL,
+                source_offset INTEGER NOT NULL,
+                PRIMARY KEY (bucket, request_id)
+            ) WITHOUT ROWID""",
+            "CREATE TABLE ledger_buckets (bucket INTEGER PRIMARY KEY)",
+            # daily_pending: exact increments per summary key not yet in usage_daily (open
+            # days, and late events of closed days until the next rollup pass).
+            """CREATE TABLE daily_pending (
+                usage_date TEXT NOT NULL,
+                client_org_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                input_tokens INTEGER NOT NULL,
+                output_tokens INTEGER NOT NULL,
+                requests INTEGER NOT NULL,
+                estimated_requests INTEGER NOT NULL,
+                raw_cost_nano INTEGER NOT NULL,
+                late_events INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (usage_date, client_org_id, user_id, model)
+            ) WITHOUT ROWID""",
+            # source_offsets: the next offset of each source partition, written in the
+            # same transaction as the batch it ends; the consumer seeks here on assignment.
+            """CREATE TABLE source_offsets (
+                topic TEXT NOT NULL,
+                partition INTEGER NOT NULL,
+                next_offset INTEGER NOT NULL,
+                updated_at TEXT NOT NULL,
+                PRIMARY KEY (topic, partition)
+            )""",
+            # Carry an existing membership ledger over: its requests keep deduplicating,
+            # and keys waiting for a rollup become increments against usage_daily.
+            """INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)
+                SELECT DISTINCT client_org_id, user_id, model FROM usage_events""",
+            """INSERT INTO daily_pending
+                SELECT e.usage_date, e.client_org_id, e.user_id, e.model,
+                    SUM(e.input_tokens) - COALESCE(MAX(d.input_tokens), 0),
+                    SUM(e.output_tokens) - COALESCE(MAX(d.output_tokens), 0),
+                    COUNT(*) - COALESCE(MAX(d.requests), 0),
+                    SUM(e.cost_estimated) - COALESCE(MAX(d.estimated_requests), 0),
+                    SUM(e.cost_nano) - COALESCE(MAX(d.raw_cost_nano), 0), 0
+                FROM usage_events e
+                JOIN rollup_pending p ON p.usage_date = e.usage_date
+                    AND p.client_org_id = e.client_org_id AND p.user_id = e.user_id
+                    AND p.model = e.model
+                LEFT JOIN usage_daily d ON d.usage_date = e.usage_date
+                    AND d.client_org_id = e.client_org_id AND d.user_id = e.user_id
+                    AND d.model = e.model
+                GROUP BY e.usage_date, e.client_org_id, e.user_id, e.model""",
+            """INSERT INTO ledger
+                SELECT (CAST(strftime('%s', 'now') AS INTEGER) * 1000), e.request_id,
+                    CAST(julianday(e.usage_date) - 1721424.5 AS INTEGER), k.key_id,
+                    e.input_tokens, e.output_tokens, e.cost_nano, e.cost_estimated,
+                    e.source_partition, e.source_offset
+                FROM usage_events e JOIN summary_keys k USING (client_org_id, user_id, model)""",
+            """INSERT OR IGNORE INTO ledger_buckets SELECT DISTINCT bucket FROM ledger""",
+            "DROP TABLE usage_events",
+            # The ledger as people read it (auditing, support): one row per request.
+            """CREATE VIEW ledger_events AS
+                SELECT l.request_id, date(l.usage_day + 1721424.5) AS usage_date,
+                    k.client_org_id, k.user_id, k.model, l.input_tokens, l.output_tokens,
+                    l.cost_nano, l.cost_estimated, l.source_partition, l.source_offset,
+                    l.bucket AS recorded_before_ms
+                FROM ledger l JOIN summary_keys k USING (key_id)""",
+            "DROP TABLE rollup_pending",
+            # Provisional rows of open days (rewritten by every rollup pass) and the live
+            # view of CONTRACT §3: closed days as in usage_daily (final = 1) plus these.
+            """CREATE TABLE usage_daily_open AS SELECT * FROM usage_daily WHERE 0""",
+            """CREATE VIEW usage_daily_live AS
+                SELECT *, 1 AS final FROM usage_daily
+                UNION ALL
+                SELECT *, 0 AS final FROM usage_daily_open""",
+        ],
+    ),
 ]
 
 
@@ -262,6 +371,18 @@ async def connect(path: Path) -> aiosqlite.Connection:
     except BaseException:
         await conn.close()
         raise
+    return conn
+
+
+def open_sync(path: Path) -> sqlite3.Connection:
+    """A plain ``sqlite3`` connection to an already migrated summary DB, for code that runs
+    whole transactions in one thread (the hot path). Autocommit mode, WAL, busy timeout,
+    like :func:`connect`; ``check_same_thread`` is off because the owner is an executor
+    thread, not the thread that opened it."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 60000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
     return conn
 
 

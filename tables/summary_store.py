@@ -1,42 +1,39 @@
-"""The SQLite summary store: the ledger of unique events and the daily summaries.
+"""The SQLite summary store: daily totals from folded increments, closed and provisional.
 
-Totals are *derived from membership*: every unique request is one row of ``usage_events``
-(``request_id`` primary key), and a ``usage_daily`` row is recomputed from the ledger rows
-of its key, never incremented. A redelivered, recovered or replayed event is therefore
-unable to count twice, and any number of workers (sharing this database file) may write
-concurrently: each write is one ``BEGIN IMMEDIATE`` transaction.
+The hot path folds every batch's exact increments into ``daily_pending`` in the same
+transaction that records its requests in the ledger (:mod:`tables.ledger`). Closing a day
+moves them into ``usage_daily``: each row's new totals are its stored totals plus the
+pending increments, markup and PLN recomputed from the totals (per row, half-even), and
+the pending rows deleted, in one ``BEGIN IMMEDIATE`` transaction. A redelivered batch was
+dropped by the ledger, and a rollup pass applied twice finds nothing pending, so nothing
+counts twice; the cost of closing a day is its number of summary keys, not its events.
+
+Open days have provisional rows in ``usage_daily_open`` (rewritten at every pass), which
+the view ``usage_daily_live`` shows beside ``usage_daily``.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Decimal
 from typing import Protocol
-from zoneinfo import ZoneInfo
 
 import aiosqlite
 
-from streams.business_time import usage_date
-from streams.event import UsageEvent
 from streams.money import nano_to_float, scale_nano
-from streams.pricing import Price, estimate_cost_nano
 from tables.schema import utc_now_text, write_transaction
 
 __all__ = [
     "DayRollup",
-    "LedgerEntry",
-    "LedgerResult",
-    "ledger_entry",
     "Rate",
     "SummaryRow",
     "closed_days",
     "pending_dates",
-    "record_events",
+    "refresh_open_days",
     "rollup_day",
-    "summary_rows",
     "write_summaries",
 ]
 
@@ -49,76 +46,6 @@ class Rate(Protocol):
 
     mid: Decimal
     table_no: str
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    """A unique event as the ledger stores it (cost already resolved or estimated)."""
-
-    event: UsageEvent
-    usage_date: str
-    cost_nano: int
-    cost_estimated: bool
-    source_topic: str
-    source_partition: int
-    source_offset: int
-
-    def row(self) -> tuple[object, ...]:
-        """The ``usage_events`` columns in table order, but for ``recorded_at``."""
-        event = self.event
-        return (
-            event.request_id,
-            self.usage_date,
-            event.client_org_id,
-            event.user_id,
-            event.model,
-            event.input_tokens,
-            event.output_tokens,
-            self.cost_nano,
-            int(self.cost_estimated),
-            event.event_ms,
-            self.source_topic,
-            self.source_partition,
-            self.source_offset,
-        )
-
-
-def ledger_entry(
-    usage: UsageEvent,
-    topic: str,
-    partition: int,
-    offset: int,
-    prices: Mapping[str, Price],
-    tz: ZoneInfo,
-) -> LedgerEntry:
-    """The ledger row of one valid event read at ``topic/partition/offset``.
-
-    The cost is ``cost_usd`` when the event has one, else estimated from ``prices`` (the
-    latest stored price per model; no price → 0, still counted in ``estimated_requests``).
-    """
-    estimated = usage.cost_nano is None
-    cost = (
-        estimate_cost_nano(usage.input_tokens, usage.output_tokens, prices.get(usage.model))
-        if estimated
-        else usage.cost_nano
-    )
-    assert cost is not None
-    return LedgerEntry(
-        event=usage,
-        usage_date=usage_date(usage.event_ms, tz).isoformat(),
-        cost_nano=cost,
-        cost_estimated=estimated,
-        source_topic=topic,
-        source_partition=partition,
-        source_offset=offset,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerResult:
-    inserted: list[LedgerEntry]
-    duplicates: int
-    late: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,14 +66,25 @@ class SummaryRow:
     def key(self) -> tuple[str, str, str, str]:
         return (self.client_org_id, self.user_id, self.model, self.usage_date)
 
+    def plus(self, other: SummaryRow) -> SummaryRow:
+        return replace(
+            self,
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            requests=self.requests + other.requests,
+            estimated_requests=self.estimated_requests + other.estimated_requests,
+            raw_cost_nano=self.raw_cost_nano + other.raw_cost_nano,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class DayRollup:
     usage_date: str
-    records: int
+    records: int  # requests moved from pending into usage_daily
     summaries_written: int
     clients: int
     late_rewrite: bool
+    late_events: int
 
 
 def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str]]:
@@ -163,44 +101,8 @@ async def _existing(conn: aiosqlite.Connection, sql: str, values: Sequence[str])
     return found
 
 
-async def record_events(conn: aiosqlite.Connection, entries: Sequence[LedgerEntry]) -> LedgerResult:
-    """Add unique events to the ledger and mark their summary keys pending, atomically.
-
-    Entries whose request_id is already in the ledger are skipped and counted as duplicates;
-    entries for a day that has already closed are counted as late.
-    """
-    if not entries:
-        return LedgerResult([], 0, 0)
-    recorded_at = utc_now_text()
-    async with write_transaction(conn):
-        ids = [entry.event.request_id for entry in entries]
-        known = await _existing(
-            conn, "SELECT request_id FROM usage_events WHERE request_id IN ({marks})", ids
-        )
-        fresh: list[LedgerEntry] = []
-        for entry in entries:
-            if entry.event.request_id not in known:
-                known.add(entry.event.request_id)
-                fresh.append(entry)
-        await conn.executemany(
-            "INSERT INTO usage_events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [(*e.row(), recorded_at) for e in fresh],
-        )
-        await conn.executemany(
-            "INSERT OR IGNORE INTO rollup_pending VALUES (?,?,?,?)",
-            {(e.usage_date, e.event.client_org_id, e.event.user_id, e.event.model) for e in fresh},
-        )
-        closed = await _existing(
-            conn,
-            "SELECT usage_date FROM closed_days WHERE usage_date IN ({marks})",
-            sorted({e.usage_date for e in fresh}),
-        )
-    late = sum(1 for e in fresh if e.usage_date in closed)
-    return LedgerResult(fresh, len(entries) - len(fresh), late)
-
-
 async def pending_dates(conn: aiosqlite.Connection) -> list[str]:
-    async with conn.execute("SELECT DISTINCT usage_date FROM rollup_pending ORDER BY 1") as cur:
+    async with conn.execute("SELECT DISTINCT usage_date FROM daily_pending ORDER BY 1") as cur:
         return [row[0] for row in await cur.fetchall()]
 
 
@@ -210,26 +112,30 @@ async def closed_days(conn: aiosqlite.Connection, dates: Sequence[str]) -> set[s
     )
 
 
-async def summary_rows(
-    conn: aiosqlite.Connection, usage_date: str, only_pending: bool
-) -> list[SummaryRow]:
-    """Exact totals per (client, user, model) of one date, from the ledger."""
-    join = (
-        "JOIN rollup_pending p ON p.usage_date = e.usage_date"
-        " AND p.client_org_id = e.client_org_id AND p.user_id = e.user_id AND p.model = e.model"
-        if only_pending
-        else ""
-    )
-    sql = f"""
-        SELECT e.client_org_id, e.user_id, e.model, e.usage_date,
-               SUM(e.input_tokens), SUM(e.output_tokens), COUNT(*),
-               SUM(e.cost_estimated), SUM(e.cost_nano)
-        FROM usage_events e {join}
-        WHERE e.usage_date = ?
-        GROUP BY e.client_org_id, e.user_id, e.model
-    """
-    async with conn.execute(sql, (usage_date,)) as cursor:
+_PENDING_SQL = """
+    SELECT client_org_id, user_id, model, usage_date, input_tokens, output_tokens,
+           requests, estimated_requests, raw_cost_nano
+    FROM daily_pending WHERE usage_date = ?
+"""
+_STORED_SQL = """
+    SELECT p.client_org_id, p.user_id, p.model, p.usage_date, d.input_tokens,
+           d.output_tokens, d.requests, d.estimated_requests, d.raw_cost_nano
+    FROM daily_pending p JOIN usage_daily d USING (client_org_id, user_id, model, usage_date)
+    WHERE p.usage_date = ?
+"""
+
+
+async def _summary_rows(conn: aiosqlite.Connection, sql: str, day: str) -> list[SummaryRow]:
+    async with conn.execute(sql, (day,)) as cursor:
         return [SummaryRow(*row) for row in await cursor.fetchall()]
+
+
+async def _late_events(conn: aiosqlite.Connection, day: str) -> int:
+    async with conn.execute(
+        "SELECT COALESCE(SUM(late_events), 0) FROM daily_pending WHERE usage_date = ?", (day,)
+    ) as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
 
 
 # Columns a rollup recomputes; a row is re-written (revision + 1) only when one differs.
@@ -315,26 +221,56 @@ async def rollup_day(
     markup: Decimal,
     rate_lookup: RateLookup,
 ) -> DayRollup:
-    """Write the pending summary keys of one date from the ledger, in one transaction.
+    """Move one date's pending increments into ``usage_daily``, in one transaction.
 
     The rate is looked up inside the transaction, so a concurrent PLN fill by the refresh
     is never overwritten with a stale "no rate yet". Marks the date closed (so later events
-    for it count as late) and clears its pending keys.
+    for it count as late) and deletes its pending rows.
     """
     day = usage_date if isinstance(usage_date, str) else usage_date.isoformat()
     async with write_transaction(conn):
         rate = await rate_lookup(conn, date.fromisoformat(day))
         was_closed = bool(await closed_days(conn, [day]))
-        rows = await summary_rows(conn, day, only_pending=True)
+        pending = await _summary_rows(conn, _PENDING_SQL, day)
+        stored = {row.key: row for row in await _summary_rows(conn, _STORED_SQL, day)}
+        late = await _late_events(conn, day)
+        rows = [stored[row.key].plus(row) if row.key in stored else row for row in pending]
         written = await write_summaries(conn, rows, markup, rate)
-        await conn.execute("DELETE FROM rollup_pending WHERE usage_date = ?", (day,))
+        await conn.execute("DELETE FROM daily_pending WHERE usage_date = ?", (day,))
+        await conn.execute("DELETE FROM usage_daily_open WHERE usage_date = ?", (day,))
         await conn.execute(
             "INSERT OR IGNORE INTO closed_days VALUES (?, ?, ?)", (day, utc_now_text(), _WORKER)
         )
     return DayRollup(
         usage_date=day,
-        records=sum(row.requests for row in rows),
+        records=sum(row.requests for row in pending),
         summaries_written=written,
-        clients=len({row.client_org_id for row in rows}),
+        clients=len({row.client_org_id for row in pending}),
         late_rewrite=was_closed,
+        late_events=late,
     )
+
+
+async def refresh_open_days(
+    conn: aiosqlite.Connection,
+    open_dates: Sequence[str],
+    markup: Decimal,
+    rate_lookup: RateLookup,
+) -> int:
+    """Rewrite the provisional rows of the open dates (``usage_daily_live``, final = 0)
+    from their pending increments, with the same money rules as a closed day."""
+    async with write_transaction(conn):
+        await conn.execute("DELETE FROM usage_daily_open")
+        written = 0
+        now = utc_now_text()
+        for day in open_dates:
+            rate = await rate_lookup(conn, date.fromisoformat(day))
+            rows = await _summary_rows(conn, _PENDING_SQL, day)
+            await conn.executemany(
+                f"INSERT INTO usage_daily_open (client_org_id, user_id, model, usage_date,"
+                f" {', '.join(_VALUE_COLUMNS)}, revision, updated_at)"
+                f" VALUES (?,?,?,?,{','.join('?' * len(_VALUE_COLUMNS))},0,?)",
+                [_summary_values(row, markup, rate, now) for row in rows],
+            )
+            written += len(rows)
+    return written

@@ -237,14 +237,14 @@ def table(stack: Stack, name: str, where: str = "", params: tuple = ()) -> list[
 
 def dump(stack: Stack) -> dict[str, list[tuple]]:
     """Every table the replay may write, in full."""
-    names = ("usage_daily", "usage_events", "closed_days", "rollup_pending", "batch_runs")
+    names = ("usage_daily", "ledger_events", "closed_days", "daily_pending", "batch_runs")
     return {name: table(stack, name) for name in names}
 
 
 def settled(stack: Stack, unique: int) -> bool:
     try:
-        (count,) = stack.query("SELECT COUNT(*) FROM usage_events")[0]
-        (pending,) = stack.query("SELECT COUNT(*) FROM rollup_pending")[0]
+        (count,) = stack.query("SELECT COUNT(*) FROM ledger")[0]
+        (pending,) = stack.query("SELECT COUNT(*) FROM daily_pending")[0]
         (billed,) = stack.query("SELECT COALESCE(SUM(requests), 0) FROM usage_daily")[0]
     except Exception:  # noqa: BLE001 - DB not created yet
         return False
@@ -353,7 +353,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
 
     day = DAY.isoformat()
     other_days_daily = table(stack, "usage_daily", "WHERE usage_date != ?", (day,))
-    other_days_ledger = table(stack, "usage_events", "WHERE usage_date != ?", (day,))
+    other_days_ledger = table(stack, "ledger_events", "WHERE usage_date != ?", (day,))
     before_damage = {
         row[:4]: row for row in table(stack, "usage_daily", "WHERE usage_date = ?", (day,))
     }
@@ -362,7 +362,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     ledger_gone = [
         row[0]
         for row in stack.query(
-            "SELECT request_id FROM usage_events WHERE usage_date = ? ORDER BY request_id LIMIT 5",
+            "SELECT request_id FROM ledger_events WHERE usage_date = ? ORDER BY request_id LIMIT 5",
             (day,),
         )
     ]
@@ -374,10 +374,15 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
         " markup_cost_pln, usd_pln_rate, nbp_table_no, revision, updated_at FROM usage_daily"
     )
     # a ledger row that no record of the topic backs, inside the replayed range (p0, 1)
+    ghost_key = (
+        "INSERT INTO summary_keys (client_org_id, user_id, model)"
+        " SELECT 'org-ghost-2', user_id, model FROM ledger_events WHERE request_id = ?"
+    )
     ghost_event = (
-        "INSERT INTO usage_events SELECT 'ghost-request', usage_date, 'org-ghost-2', user_id,"
-        " model, input_tokens, output_tokens, cost_nano, cost_estimated, event_ms,"
-        " source_topic, 0, 1, recorded_at FROM usage_events WHERE request_id = ?"
+        "INSERT INTO ledger SELECT bucket, 'ghost-request', usage_day,"
+        " (SELECT key_id FROM summary_keys WHERE client_org_id = 'org-ghost-2'),"
+        " input_tokens, output_tokens, cost_nano, cost_estimated, 0, 1"
+        " FROM ledger WHERE request_id = ?"
     )
     damage = [("DELETE FROM usage_daily" + row_sql, key) for key in deleted]
     damage += [
@@ -390,9 +395,10 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
         ("UPDATE usage_daily SET total_tokens = 0" + row_sql, altered[2]),
         ("UPDATE usage_daily SET usd_pln_rate = '9.9999'" + row_sql, altered[3]),
         (copy_row + row_sql, keys[8]),
+        (ghost_key, (ledger_gone[0],)),
         (ghost_event, (ledger_gone[0],)),
     ]
-    damage += [("DELETE FROM usage_events WHERE request_id = ?", (rid,)) for rid in ledger_gone]
+    damage += [("DELETE FROM ledger WHERE request_id = ?", (rid,)) for rid in ledger_gone]
     with sqlite3.connect(stack.db_path, timeout=30) as conn:
         for sql, params in damage:
             assert conn.execute(sql, params).rowcount == 1, sql
@@ -426,11 +432,11 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     assert f"{len(duplicated) + len(day_events[1::25])} duplicates, 3 invalid" in out
     assert actual(stack) == truth
     assert table(stack, "usage_daily", "WHERE usage_date != ?", (day,)) == other_days_daily
-    assert table(stack, "usage_events", "WHERE usage_date != ?", (day,)) == other_days_ledger
+    assert table(stack, "ledger_events", "WHERE usage_date != ?", (day,)) == other_days_ledger
     day_ids = {e["request_id"] for e in day_events + late}
     ledger_ids = {
         row[0]
-        for row in stack.query("SELECT request_id FROM usage_events WHERE usage_date = ?", (day,))
+        for row in stack.query("SELECT request_id FROM ledger_events WHERE usage_date = ?", (day,))
     }
     assert ledger_ids == day_ids
     after = {row[:4]: row for row in table(stack, "usage_daily", "WHERE usage_date = ?", (day,))}
@@ -450,7 +456,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     clients = len({key[0] for key in after})
     assert run == (day, 1, read_count(result), 8, clients, 8, 0, None)
     assert stack.query("SELECT COUNT(*) FROM closed_days WHERE usage_date = ?", (day,)) == [(1,)]
-    assert stack.query("SELECT COUNT(*) FROM rollup_pending") == [(0,)]
+    assert stack.query("SELECT COUNT(*) FROM daily_pending") == [(0,)]
 
     # replaying again changes nothing: same rows, same revisions and updated_at
     first = table(stack, "usage_daily")
@@ -471,7 +477,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     p0 = [
         (rid, offset)
         for rid, offset in stack.query(
-            "SELECT request_id, source_offset FROM usage_events WHERE usage_date = ?"
+            "SELECT request_id, source_offset FROM ledger_events WHERE usage_date = ?"
             " AND source_partition = 0 ORDER BY source_offset",
             (day,),
         )
@@ -480,7 +486,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     outside, start, inside = p0[0], p0[2][1], p0[5]
     with sqlite3.connect(stack.db_path, timeout=30) as conn:
         conn.executemany(
-            "DELETE FROM usage_events WHERE request_id = ?", [(outside[0],), (inside[0],)]
+            "DELETE FROM ledger WHERE request_id = ?", [(outside[0],), (inside[0],)]
         )
     result = replay(stack, "--date", day, "--from-offsets", f"0:{start}")
     assert result.returncode == 0, result.stderr.decode()
@@ -489,7 +495,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     assert read_count(result) == sum(end - begin for begin, end, _ in ranges.values())
     ledger_ids = {
         row[0]
-        for row in stack.query("SELECT request_id FROM usage_events WHERE usage_date = ?", (day,))
+        for row in stack.query("SELECT request_id FROM ledger_events WHERE usage_date = ?", (day,))
     }
     assert ledger_ids == day_ids - {outside[0]}
     missing = [e for e in day_events + late if e["request_id"] == outside[0]]
@@ -556,7 +562,7 @@ def test_replay_errors_without_a_worker(stack: Stack, tmp_path: Path) -> None:
     line = one_line_error(replay(stack, "--date", day))
     assert f"no events of {day}" in line and "31 records read, 1 invalid" in line
     assert stack.query("SELECT COUNT(*) FROM usage_daily") == [(0,)]
-    assert stack.query("SELECT COUNT(*) FROM usage_events") == [(0,)]
+    assert stack.query("SELECT COUNT(*) FROM ledger") == [(0,)]
     # a dry run of a date with events works without any worker, and writes nothing
     result = replay(stack, "--date", (DAY - timedelta(days=1)).isoformat(), "--dry-run")
     assert result.returncode == 0, result.stderr.decode()
@@ -628,5 +634,6 @@ def test_replay_while_the_worker_runs(stack: Stack) -> None:
         (1,)
     ]
     # the replay never joined the live group: the worker joined once and was never rebalanced
-    assert worker.log_path.read_text().count("Joined group") == 1
+    group = stack.env["APP_ID"]
+    assert worker.log_path.read_text().count(f"Joined group '{group}'") == 1
     assert worker.alive()

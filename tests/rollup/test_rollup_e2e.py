@@ -148,8 +148,8 @@ def publish_shuffled(stack: Stack, events: list[dict], copies: list[dict], seed:
 def wait_settled(stack: Stack, unique: int, timeout: float = 240) -> None:
     def settled() -> bool:
         try:
-            (count,) = stack.query("SELECT COUNT(*) FROM usage_events")[0]
-            (pending,) = stack.query("SELECT COUNT(*) FROM rollup_pending")[0]
+            (count,) = stack.query("SELECT COUNT(*) FROM ledger")[0]
+            (pending,) = stack.query("SELECT COUNT(*) FROM daily_pending")[0]
             (billed,) = stack.query("SELECT COALESCE(SUM(requests), 0) FROM usage_daily")[0]
         except Exception:  # noqa: BLE001 - DB not created yet
             return False
@@ -196,7 +196,7 @@ def test_100k_events_two_workers_and_a_sigkill_bill_exactly(stack: Stack) -> Non
     assert actual(stack) == ground_truth(events)
     for request_id, (_, local_date) in edges.items():
         assert stack.query(
-            "SELECT usage_date FROM usage_events WHERE request_id = ?", (request_id,)
+            "SELECT usage_date FROM ledger_events WHERE request_id = ?", (request_id,)
         ) == [(local_date,)]
     runs = stack.query("SELECT COUNT(*) FROM batch_runs WHERE kind = 'rollup' AND success = 1")
     assert runs[0][0] >= 6

@@ -1,8 +1,11 @@
-"""The ledger and the rollup on a real SQLite file: exact, idempotent, late-event aware."""
+"""The ledger and the rollup on a real SQLite file: exact, idempotent, late-event aware,
+and bounded (per-event rows pruned, late events of a pruned day still exact)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Sequence
 from datetime import date
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -13,11 +16,11 @@ import pytest
 
 from streams.business_time import local_midnight_ms, usage_date
 from streams.clients.nbp import NbpRate
-from streams.event import UsageEvent
 from tables.daily import DayCloser
+from tables.ledger import BatchResult, LedgerEvent, LedgerStore
 from tables.reference import rate_for_date, store_nbp_rates
 from tables.schema import connect
-from tables.summary_store import LedgerEntry, record_events, rollup_day
+from tables.summary_store import refresh_open_days, rollup_day
 
 WARSAW = ZoneInfo("Europe/Warsaw")
 MARKUP = Decimal("1.3")
@@ -30,24 +33,43 @@ def entry(
     client: str = "org-1",
     offset: int = 0,
     estimated: bool = False,
-) -> LedgerEntry:
-    event = UsageEvent(request_id, client, "user-1", "m", 10, 5, cost_nano, event_ms)
-    return LedgerEntry(
-        event,
-        usage_date(event_ms, WARSAW).isoformat(),
+) -> LedgerEvent:
+    day = usage_date(event_ms, WARSAW)
+    return LedgerEvent(
+        request_id,
+        day.isoformat(),
+        day.toordinal(),
+        client,
+        "user-1",
+        "m",
+        10,
+        5,
         cost_nano,
         estimated,
-        "usage-events",
+        event_ms,
         0,
         offset,
     )
 
 
+_stores: dict[int, LedgerStore] = {}
+
+
 @pytest.fixture
 async def conn(tmp_path: Path):
     connection = await connect(tmp_path / "usage.db")
+    _stores[id(connection)] = LedgerStore(tmp_path / "usage.db", retention_days=7)
     yield connection
+    _stores.pop(id(connection)).close()
     await connection.close()
+
+
+async def record_events(
+    conn: aiosqlite.Connection, entries: Sequence[LedgerEvent], now_ms: int | None = None
+) -> BatchResult:
+    """What the hot path does with a batch: one transaction on its own connection."""
+    store = _stores[id(conn)]
+    return await asyncio.to_thread(store.commit_batch, entries, {("usage-events", 0): 1}, now_ms)
 
 
 async def no_rate(conn: aiosqlite.Connection, day: date) -> None:
@@ -68,10 +90,10 @@ NOV20 = local_midnight_ms(date(2026, 11, 20), WARSAW) + 3_600_000
 
 async def test_ledger_ignores_requests_it_already_holds(conn: aiosqlite.Connection) -> None:
     first = await record_events(conn, [entry("a", NOV20), entry("b", NOV20), entry("a", NOV20)])
-    assert [e.event.request_id for e in first.inserted] == ["a", "b"]
+    assert [e.request_id for e in first.fresh] == ["a", "b"]
     assert first.duplicates == 1
     again = await record_events(conn, [entry("a", NOV20), entry("c", NOV20)])
-    assert [e.event.request_id for e in again.inserted] == ["c"]
+    assert [e.request_id for e in again.fresh] == ["c"]
     assert again.duplicates == 1 and again.late == 0
 
 
@@ -95,7 +117,7 @@ async def test_close_late_reopen_and_idempotence(conn: aiosqlite.Connection) -> 
 
     # its duplicate changes nothing; a rollup with nothing new rewrites nothing
     dup = await record_events(conn, [entry("late-1", NOV20 + 10, cost_nano=7)])
-    assert dup.inserted == [] and dup.duplicates == 1
+    assert dup.fresh == [] and dup.duplicates == 1
     result = await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
     assert result.summaries_written == 0
     assert (await daily(conn))[0][-1] == 2
@@ -197,9 +219,8 @@ def test_grace_follows_local_midnight_on_the_25_hour_day() -> None:
 async def test_concurrent_writers_on_one_connection_do_not_undo_each_other(
     conn: aiosqlite.Connection,
 ) -> None:
-    """The worker's record agent and rollup timer share a connection: their transactions
-    must be serialised, or one's ROLLBACK would undo the other's half-done insert."""
-    import asyncio
+    """The hot path (its own connection, in a thread) and the rollup timer write at the
+    same time: SQLite's write lock serialises them, nothing is lost or counted twice."""
 
     async def record(batch: int) -> None:
         entries = [entry(f"c{batch}-{i}", NOV20 + i, cost_nano=3) for i in range(200)]
@@ -214,5 +235,53 @@ async def test_concurrent_writers_on_one_connection_do_not_undo_each_other(
     await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
     (row,) = await daily(conn)
     assert row[2] == 4000 and row[4] == 12_000
-    async with conn.execute("SELECT COUNT(*) FROM rollup_pending") as cursor:
+    async with conn.execute("SELECT COUNT(*) FROM daily_pending") as cursor:
         assert (await cursor.fetchone())[0] == 0
+
+
+async def test_pruned_day_still_takes_late_events_and_drops_their_copies_exactly(
+    conn: aiosqlite.Connection,
+) -> None:
+    """Retention: per-event rows go after LEDGER_RETENTION_DAYS, the closed day's totals
+    stay, and late events for it (with copies) still update it exactly."""
+    day_ms = 86_400_000
+    recorded = NOV20 + 2 * day_ms  # the wall clock when the day's events were recorded
+    await record_events(
+        conn, [entry(f"p{i}", NOV20 + i, cost_nano=1_000_001) for i in range(100)], recorded
+    )
+    await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    store = _stores[id(conn)]
+    assert await asyncio.to_thread(store.prune, recorded + 6 * day_ms) == 0  # within retention
+    pruned = await asyncio.to_thread(store.prune, recorded + 8 * day_ms + store.bucket_ms)
+    assert pruned == 100
+    async with conn.execute("SELECT COUNT(*) FROM ledger") as cursor:
+        assert (await cursor.fetchone())[0] == 0
+    assert await daily(conn) == [
+        ("org-1", "2026-11-20", 100, 1000, 100_000_100, 130_000_130, None, None, None, 1)
+    ]
+
+    later = recorded + 9 * day_ms
+    late = [entry(f"late{i}", NOV20 + i, cost_nano=3) for i in range(10)]
+    first = await record_events(conn, late + late[:4], later)  # copies in the batch
+    assert len(first.fresh) == 10 and first.duplicates == 4 and first.late == 10
+    again = await record_events(conn, late[5:], later + 1000)  # copies in a later batch
+    assert again.fresh == [] and again.duplicates == 5
+    result = await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    assert result.late_rewrite and result.late_events == 10
+    assert await daily(conn) == [
+        ("org-1", "2026-11-20", 110, 1100, 100_000_130, 130_000_169, None, None, None, 2)
+    ]
+
+
+async def test_open_days_have_provisional_rows_in_the_live_view(
+    conn: aiosqlite.Connection,
+) -> None:
+    await record_events(conn, [entry("o1", NOV20, cost_nano=1_000_001), entry("o2", NOV20)])
+    assert await refresh_open_days(conn, ["2026-11-20"], MARKUP, no_rate) == 1
+    async with conn.execute(
+        "SELECT usage_date, requests, raw_cost_nano, markup_cost_nano, final FROM usage_daily_live"
+    ) as cursor:
+        assert list(await cursor.fetchall()) == [("2026-11-20", 2, 1_001_001, 1_301_301, 0)]
+    await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    async with conn.execute("SELECT usage_date, requests, final FROM usage_daily_live") as cur:
+        assert list(await cur.fetchall()) == [("2026-11-20", 2, 1)]

@@ -1,0 +1,420 @@
+"""The hot path, in one place: batch in → validate → dedupe → raw sink → aggregate → commit.
+
+A Faust ``@app.service`` that owns a plain aiokafka consumer in the consumer group
+``APP_ID`` and reads the usage topic with ``getmany`` in batches of up to
+``RAW_BATCH_SIZE`` records (or ``RAW_BATCH_SECONDS``). Faust keeps everything else: its
+web server, timers, the leader election of the refresh, the CLI. Faust's per-message
+path (``Consumer._drain_messages`` awaits ``wait_first`` per message; ``take()`` still runs
+every message through it) moved ~6–12k events/s here; a batch pays its costs once.
+
+Per batch, in OpenMeter's sink order:
+
+1. **validate** every record (``parse_events``); invalid ones are produced to the
+   dead-letter topic with the reason and their origin;
+2. **dedupe**: copies inside the batch are dropped, and copies already in the ledger
+   (checked with one read) are dropped before anything is written;
+3. **raw sink**: the batch's new requests are written as raw points (retried with backoff
+   and a circuit breaker until they are stored);
+4. **aggregate + commit**: one SQLite transaction re-checks the ledger (another worker may
+   have recorded a copy meanwhile), adds the new requests, folds their increments into the
+   day's totals and stores every source partition's next offset
+   (:class:`tables.ledger.LedgerStore`); the dead-letter sends are awaited before it;
+5. the offsets are committed to Kafka too (informational: the consumer seeks to the
+   stored ones on assignment).
+
+A crash anywhere before 4 redelivers the batch: raw points land on the same points again
+(and the file sink appends a line identical to the first), the ledger drops what it holds.
+Producers may key by anything, so copies of a request may sit on any partition: the
+ledger is shared by every worker, and its check-and-insert is one transaction, so no
+re-keying hop is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import mode
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import ConsumerStoppedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from streams.app import app, settings, summary_db
+from streams.broker import kafka_client_kwargs
+from streams.business_time import UsageDates
+from streams.event import InvalidEvent, UsageEvent, parse_event
+from streams.metrics import (
+    CONSUMER_LAG,
+    EVENTS_CONSUMED,
+    EVENTS_DUPLICATE,
+    EVENTS_INVALID,
+    EVENTS_LATE,
+)
+from streams.money import scale_nano
+from streams.pricing import Price
+from streams.sinks import build_raw_sink
+from streams.sinks.lineprotocol import RawPoint
+from streams.sinks.raw_retention import maintain_raw_files
+from tables.daily import day_closer, wall_clock_ms
+from tables.ledger import BatchResult, LedgerEvent, LedgerStore, ledger_events
+from tables.reference import latest_model_prices
+
+__all__ = ["HotPath", "hot_path"]
+
+log = logging.getLogger(__name__)
+
+PRICES_RELOAD_SECONDS = 300.0
+STOP_GRACE_SECONDS = 10.0
+RAW_MAINTENANCE_SECONDS = 300.0
+# Hourly, or often enough that a short retention (tests use seconds) is honoured closely.
+_PRUNE_INTERVAL_SECONDS = max(
+    1.0, min(3600.0, settings.ledger_retention_days * 86_400 / 16)
+)  # every UTC offset in use is a multiple of 15 minutes
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, owner: HotPath) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.owner.partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.owner.partitions_assigned(assigned)
+
+
+class HotPath(mode.Service):
+    """Consumes the usage topic in batches and records them (module docstring)."""
+
+    def __post_init__(self) -> None:
+        self.topic = settings.USAGE_TOPIC
+        self.store = LedgerStore(settings.summary_db_path, settings.ledger_retention_days)
+        self.sink = build_raw_sink(settings)
+        self.closer = day_closer()
+        self.dates = UsageDates(settings.tz)
+        self.markup = settings.USAGE_MARKUP_MULTIPLIER
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.committed: dict[int, int] = {}  # partition -> next offset stored
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "ledger")
+        self._prices: dict[str, Price] = {}
+        self._prices_loaded = float("-inf")
+        self._batch_lock = asyncio.Lock()
+        global _instance
+        _instance = self
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        client = kafka_client_kwargs(settings)
+        self.producer = AIOKafkaProducer(
+            **client,
+            linger_ms=5,
+            enable_idempotence=settings.KAFKA_PRODUCER_IDEMPOTENCE,
+            acks="all",
+        )
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            **client,
+            group_id=settings.APP_ID,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(settings.KAFKA_SESSION_TIMEOUT_SECONDS * 1000),
+            rebalance_timeout_ms=int(settings.KAFKA_REBALANCE_TIMEOUT_SECONDS * 1000),
+            heartbeat_interval_ms=int(settings.KAFKA_HEARTBEAT_INTERVAL_SECONDS * 1000),
+            max_poll_interval_ms=3_600_000,  # a batch may wait long for an InfluxDB outage
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+        )
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        await self.load_prices()
+        await self.consumer.start()
+
+    async def on_stop(self) -> None:
+        """Let the batch in flight finish (briefly): one stuck on an outage is cancelled,
+        uncommitted, and redelivered to whoever reads the partition next."""
+        try:
+            await asyncio.wait_for(self._batch_lock.acquire(), timeout=STOP_GRACE_SECONDS)
+        except TimeoutError:
+            log.warning("hot path: stopping with a batch in flight; it will be redelivered")
+        else:
+            self._batch_lock.release()
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+        await self.sink.close()
+        self._executor.submit(self.store.close)
+        self._executor.shutdown(wait=False)
+
+    async def _in_store(self, function: Any, *args: object) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    # Rebalancing ------------------------------------------------------------------------
+
+    async def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Seek to the offsets stored with the last batch (SQLite is authoritative)."""
+        stored = await self._in_store(self.store.stored_offsets, self.topic)
+        assert self.consumer is not None
+        for tp in assigned:
+            if tp.partition in stored:
+                self.consumer.seek(tp, stored[tp.partition])
+                self.committed[tp.partition] = stored[tp.partition]
+        log.info(
+            "hot path: assigned %s partitions %s",
+            self.topic,
+            sorted(tp.partition for tp in assigned),
+        )
+
+    async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Finish the batch in flight (briefly), then forget the partitions' watermarks.
+
+        Not needed for exactness (a batch applied after the partition moved finds its
+        requests in the ledger), only to spare the next owner re-reading it.
+        """
+        try:
+            await asyncio.wait_for(self._batch_lock.acquire(), timeout=10)
+        except TimeoutError:
+            pass
+        else:
+            self._batch_lock.release()
+        partitions = [tp.partition for tp in revoked]
+        self.closer.forget(partitions)
+        for partition in partitions:
+            self.committed.pop(partition, None)
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(self.topic, str(partition))
+
+    def assigned_partitions(self) -> list[int]:
+        if self.consumer is None:
+            return []
+        return sorted(tp.partition for tp in self.consumer.assignment())
+
+    def update_lag(self) -> None:
+        """Lag = high watermark seen in fetch responses − next offset stored, per partition.
+
+        ``end_offsets()`` (ListOffsets latest) is wrong on the test broker; the high
+        watermark carried by fetch responses is right on every broker."""
+        if self.consumer is None:
+            return
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None or highwater < 0:
+                continue
+            lag = highwater - self.committed.get(tp.partition, 0)
+            CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(max(lag, 0))
+
+    # The loop ---------------------------------------------------------------------------
+
+    @mode.Service.task
+    async def _consume(self) -> None:
+        assert self.consumer is not None
+        while not self.should_stop:
+            records = await self._next_batch()
+            if not records:
+                continue
+            async with self._batch_lock:
+                await self._process_until_done(records)
+
+    async def _next_batch(self) -> list[ConsumerRecord]:
+        """Up to RAW_BATCH_SIZE records, waiting at most RAW_BATCH_SECONDS for more."""
+        assert self.consumer is not None
+        limit = settings.RAW_BATCH_SIZE
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + settings.RAW_BATCH_SECONDS
+        while len(records) < limit:
+            wait = deadline - time.monotonic()
+            if wait <= 0 and records:
+                break
+            try:
+                fetched = await self.consumer.getmany(
+                    timeout_ms=max(int(wait * 1000), 0) if records else 1000,
+                    max_records=limit - len(records),
+                )
+            except ConsumerStoppedError:  # the worker is stopping
+                return []
+            except KafkaError as error:
+                log.warning("hot path: fetch failed, retrying: %s", error)
+                await asyncio.sleep(1)
+                break
+            for partition_records in fetched.values():
+                records.extend(partition_records)
+            if not fetched and not records:
+                break
+        return records
+
+    async def _process_until_done(self, records: list[ConsumerRecord]) -> None:
+        """Process a batch; a failing database or broker stalls here (nothing is acked)."""
+        delay = 1.0
+        while True:
+            try:
+                await self.process(records)
+                return
+            except (sqlite3.Error, OSError, KafkaError) as error:
+                log.error(
+                    "hot path: batch of %d failed, retrying in %.0f s: %s",
+                    len(records),
+                    delay,
+                    error,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    async def process(self, records: Sequence[ConsumerRecord]) -> BatchResult:
+        """One batch through every stage (module docstring)."""
+        now_ms = wall_clock_ms()
+        parsed = [parse_event(record.value, now_ms) for record in records]
+        candidates: dict[str, tuple[UsageEvent, ConsumerRecord]] = {}
+        dead_letters: list[asyncio.Future[Any]] = []
+        invalid: dict[str, int] = {}
+        newest: dict[int, int] = {}
+        copies = 0
+        for record, event in zip(records, parsed, strict=True):
+            if isinstance(event, InvalidEvent):
+                invalid[event.reason] = invalid.get(event.reason, 0) + 1
+                dead_letters.append(await self._dead_letter(record, event))
+                continue
+            if event.event_ms > newest.get(record.partition, -1):
+                newest[record.partition] = event.event_ms
+            if event.request_id in candidates:
+                copies += 1
+            else:
+                candidates[event.request_id] = (event, record)
+        known = await self._in_store(self.store.known, list(candidates))
+        entries = ledger_events(
+            [
+                (event, record.partition, record.offset)
+                for request_id, (event, record) in candidates.items()
+                if request_id not in known
+            ],
+            self._prices,
+            self.dates,
+        )
+        if entries:
+            await self.sink.write([self._raw_point(entry) for entry in entries])
+        if dead_letters:
+            await asyncio.gather(*dead_letters)
+        offsets: dict[tuple[str, int], int] = {}
+        for record in records:
+            key = (record.topic, record.partition)
+            if record.offset + 1 > offsets.get(key, -1):
+                offsets[key] = record.offset + 1
+        result: BatchResult = await self._in_store(self.store.commit_batch, entries, offsets)
+        EVENTS_CONSUMED.inc(len(records))
+        for reason, count in invalid.items():
+            EVENTS_INVALID.labels(reason=reason).inc(count)
+        EVENTS_DUPLICATE.inc(copies + len(known) + result.duplicates)
+        EVENTS_LATE.inc(result.late)
+        for partition, event_ms in newest.items():
+            self.closer.observe(partition, event_ms)
+        for (_, partition), offset in offsets.items():
+            self.committed[partition] = offset
+        await self._commit_kafka(offsets)
+        return result
+
+    async def _dead_letter(self, record: ConsumerRecord, event: InvalidEvent) -> Any:
+        assert self.producer is not None
+        source = f"{record.topic}/{record.partition}/{record.offset}"
+        return await self.producer.send(
+            settings.dlq_topic,
+            key=record.key,
+            value=record.value if record.value is not None else b"",
+            headers=[
+                ("error", f"{event.reason}: {event.message}".encode()),
+                ("source-offset", source.encode()),
+            ],
+        )
+
+    async def _commit_kafka(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        assert self.consumer is not None
+        assignment = self.consumer.assignment()
+        commit = {
+            TopicPartition(topic, partition): OffsetAndMetadata(offset, "")
+            for (topic, partition), offset in offsets.items()
+            if TopicPartition(topic, partition) in assignment
+        }
+        if not commit:
+            return
+        try:
+            await self.consumer.commit(commit)
+        except KafkaError as error:  # SQLite holds the authoritative offsets
+            log.info("hot path: Kafka offset commit skipped: %s", error)
+
+    def _raw_point(self, entry: LedgerEvent) -> RawPoint:
+        return RawPoint(
+            request_id=entry.request_id,
+            client_org_id=entry.client_org_id,
+            user_id=entry.user_id,
+            model=entry.model,
+            input_tokens=entry.input_tokens,
+            output_tokens=entry.output_tokens,
+            cost_nano=entry.cost_nano,
+            markup_cost_nano=scale_nano(entry.cost_nano, self.markup),
+            event_ms=entry.event_ms,
+        )
+
+    # Timers -----------------------------------------------------------------------------
+
+    @mode.Service.timer(PRICES_RELOAD_SECONDS)
+    async def _reload_prices(self) -> None:
+        await self.load_prices()
+
+    async def load_prices(self) -> None:
+        """The latest stored price per model, for events without ``cost_usd``."""
+        try:
+            self._prices = dict(await latest_model_prices(await summary_db()))
+            self._prices_loaded = time.monotonic()
+        except sqlite3.Error as error:
+            log.warning("could not load model prices: %s", error)
+
+    @mode.Service.timer(RAW_MAINTENANCE_SECONDS)
+    async def _raw_files(self) -> None:
+        """Gzip finished UTC days of the raw line-protocol files, delete expired ones."""
+        if settings.raw_sink_kind != "file":
+            return
+        try:
+            await asyncio.to_thread(
+                maintain_raw_files,
+                settings.raw_dir,
+                datetime.now(UTC),
+                settings.RAW_RETENTION_DAYS,
+            )
+        except OSError as error:
+            log.warning(
+                "raw file maintenance failed, next try in %.0f s: %s",
+                RAW_MAINTENANCE_SECONDS,
+                error,
+            )
+
+    @mode.Service.timer(5.0)
+    async def _lag(self) -> None:
+        self.update_lag()
+
+    @mode.Service.timer(_PRUNE_INTERVAL_SECONDS)
+    async def _prune(self) -> None:
+        """Drop per-event rows past LEDGER_RETENTION_DAYS (chunked; see LedgerStore.prune)."""
+        try:
+            await self._in_store(self.store.prune)
+        except sqlite3.Error as error:
+            log.warning(
+                "ledger pruning failed, next try in %.0f s: %s", _PRUNE_INTERVAL_SECONDS, error
+            )
+
+
+_instance: HotPath | None = None
+
+
+def hot_path() -> HotPath | None:
+    """The worker's running hot path (None before it started, or in CLI commands)."""
+    return _instance
+
+
+app.service(HotPath)

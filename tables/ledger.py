@@ -1,0 +1,355 @@
+"""The ledger store: one SQLite transaction per batch of unique events.
+
+In that one ``BEGIN IMMEDIATE`` transaction a batch
+
+1. is checked against the **ledger** (``request_id`` recorded in the last
+   ``LEDGER_RETENTION_DAYS``): copies recorded earlier, by any worker, from any partition,
+   are dropped;
+2. adds its new requests to the ledger;
+3. folds its exact per-key increments into ``daily_pending`` (``usage_daily`` receives them
+   when the day closes, or at the next rollup pass for a day that closed already: a late
+   event re-opens its day);
+4. stores each source partition's next offset in ``source_offsets``.
+
+So a batch is applied entirely or not at all, and a redelivered batch (crash, SIGKILL,
+rebalance, a zombie worker that lost its partitions) finds its requests in the ledger and
+changes nothing. This is Kafka's "storing offsets outside Kafka" pattern: the consumer
+seeks to ``source_offsets`` on assignment, and the Kafka commit is informational.
+
+Totals of closed days are never recomputed from per-event rows, so per-event rows only
+live as long as they are needed: the ledger is pruned in chunks by :meth:`prune`. Its key
+is ``(bucket, request_id)``, ``bucket`` being the end of the wall-clock interval (an eighth
+of the retention) in which the request was first recorded: pruning deletes whole key prefixes, and a
+lookup probes the few live buckets (``ledger_buckets``) without a second index.
+
+Synchronous ``sqlite3`` on purpose, on one connection used from one thread: a batch is a
+handful of statements, and a thread hop per statement (aiosqlite) would cost more than
+the statements. The hot path runs these methods in its own single-thread executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from streams.business_time import UsageDates
+from streams.event import UsageEvent
+from streams.pricing import Price, estimate_cost_nano
+from tables.schema import open_sync, utc_now_text
+
+__all__ = [
+    "BatchResult",
+    "LedgerEvent",
+    "LedgerStore",
+    "bucket_ms_for",
+    "ledger_events",
+]
+
+log = logging.getLogger(__name__)
+
+_PRUNE_CHUNK = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEvent:
+    """A valid event on its way into the ledger (cost resolved or estimated)."""
+
+    request_id: str
+    usage_date: str
+    usage_day: int  # usage_date as date.toordinal()
+    client_org_id: str
+    user_id: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost_nano: int
+    cost_estimated: bool
+    event_ms: int
+    partition: int
+    offset: int
+
+
+def ledger_events(
+    located: Sequence[tuple[UsageEvent, int, int]],
+    prices: Mapping[str, Price],
+    dates: UsageDates,
+) -> list[LedgerEvent]:
+    """Valid events read at ``(event, partition, offset)`` as ledger rows: the one place
+    where an event gets its usage date and its cost (``cost_usd`` when present, else
+    estimated from the model's latest stored price; no price → 0, still counted in
+    ``estimated_requests``). The worker and the replay share it."""
+    entries = []
+    for event, partition, offset in located:
+        cost = event.cost_nano
+        estimated = cost is None
+        if cost is None:
+            cost = estimate_cost_nano(
+                event.input_tokens, event.output_tokens, prices.get(event.model)
+            )
+        day, ordinal = dates(event.event_ms)
+        entries.append(
+            LedgerEvent(
+                event.request_id,
+                day,
+                ordinal,
+                event.client_org_id,
+                event.user_id,
+                event.model,
+                event.input_tokens,
+                event.output_tokens,
+                cost,
+                estimated,
+                event.event_ms,
+                partition,
+                offset,
+            )
+        )
+    return entries
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    fresh: list[LedgerEvent]
+    duplicates: int  # found in the ledger inside the transaction
+    late: int  # fresh events of days that had closed already
+
+
+def bucket_ms_for(retention_days: float) -> int:
+    """An eighth of the retention (at least a second): ids live retention..+1/8 of it."""
+    return max(1000, int(retention_days * 86_400_000 / 8))
+
+
+_KNOWN = """
+    SELECT j.value FROM json_each(?1) AS j
+    WHERE EXISTS (
+        SELECT 1 FROM ledger
+        WHERE bucket IN (SELECT bucket FROM ledger_buckets) AND request_id = j.value
+    )
+"""
+_FOLD = """
+    INSERT INTO daily_pending VALUES (?,?,?,?,?,?,?,?,?,?)
+    ON CONFLICT (usage_date, client_org_id, user_id, model) DO UPDATE SET
+        input_tokens = input_tokens + excluded.input_tokens,
+        output_tokens = output_tokens + excluded.output_tokens,
+        requests = requests + excluded.requests,
+        estimated_requests = estimated_requests + excluded.estimated_requests,
+        raw_cost_nano = raw_cost_nano + excluded.raw_cost_nano,
+        late_events = late_events + excluded.late_events
+"""
+_OFFSET = """
+    INSERT INTO source_offsets VALUES (?,?,?,?)
+    ON CONFLICT (topic, partition) DO UPDATE SET
+        next_offset = excluded.next_offset, updated_at = excluded.updated_at
+"""
+
+
+def _json_list(values: Iterable[str]) -> str:
+    return orjson.dumps(list(values)).decode()
+
+
+class LedgerStore:
+    """The hot path's connection to the summary DB (see the module docstring)."""
+
+    def __init__(self, path: Path, retention_days: float) -> None:
+        self.path = path
+        self.retention_ms = int(retention_days * 86_400_000)
+        self.bucket_ms = bucket_ms_for(retention_days)
+        self._conn: sqlite3.Connection | None = None
+        self._keys: dict[tuple[str, str, str], int] = {}
+        # One transaction at a time on the one connection, whichever thread asks.
+        self._lock = threading.RLock()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = open_sync(self.path)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def bucket_at(self, now_ms: int) -> int:
+        """The ledger bucket of a request first recorded at ``now_ms`` (its interval's end)."""
+        return now_ms - now_ms % self.bucket_ms + self.bucket_ms
+
+    # Reads ---------------------------------------------------------------------------
+
+    def known(self, request_ids: Sequence[str]) -> set[str]:
+        """Request ids already in the ledger (a read; WAL: never waits for a writer)."""
+        if not request_ids:
+            return set()
+        with self._lock:
+            return {row[0] for row in self.conn.execute(_KNOWN, (_json_list(request_ids),))}
+
+    def stored_offsets(self, topic: str) -> dict[int, int]:
+        rows = self.conn.execute(
+            "SELECT partition, next_offset FROM source_offsets WHERE topic = ?", (topic,)
+        )
+        return {partition: offset for partition, offset in rows}
+
+    # The batch transaction -------------------------------------------------------------
+
+    def commit_batch(
+        self,
+        events: Sequence[LedgerEvent],
+        offsets: Mapping[tuple[str, int], int],
+        now_ms: int | None = None,
+    ) -> BatchResult:
+        """Apply one batch atomically (module docstring)."""
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = self._apply(conn, events, offsets, now_ms)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return result
+
+    def _apply(
+        self,
+        conn: sqlite3.Connection,
+        events: Sequence[LedgerEvent],
+        offsets: Mapping[tuple[str, int], int],
+        now_ms: int,
+    ) -> BatchResult:
+        known = self.known([e.request_id for e in events]) if events else set()
+        fresh = []
+        for e in events:  # the first copy of a request wins, also inside the batch
+            if e.request_id not in known:
+                known.add(e.request_id)
+                fresh.append(e)
+        late = 0
+        if fresh:
+            bucket = self.bucket_at(now_ms)
+            conn.execute("INSERT OR IGNORE INTO ledger_buckets VALUES (?)", (bucket,))
+            key_ids = self._key_ids(conn, fresh)
+            conn.executemany(
+                "INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        bucket,
+                        e.request_id,
+                        e.usage_day,
+                        key_ids[(e.client_org_id, e.user_id, e.model)],
+                        e.input_tokens,
+                        e.output_tokens,
+                        e.cost_nano,
+                        int(e.cost_estimated),
+                        e.partition,
+                        e.offset,
+                    )
+                    for e in fresh
+                ],
+            )
+            dates = {e.usage_date for e in fresh}
+            closed = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT usage_date FROM closed_days"
+                    " WHERE usage_date IN (SELECT value FROM json_each(?))",
+                    (_json_list(dates),),
+                )
+            }
+            sums: dict[tuple[str, str, str, str], list[int]] = {}
+            for e in fresh:
+                key = (e.usage_date, e.client_org_id, e.user_id, e.model)
+                total = sums.get(key)
+                if total is None:
+                    total = sums[key] = [0, 0, 0, 0, 0, 0]
+                total[0] += e.input_tokens
+                total[1] += e.output_tokens
+                total[2] += 1
+                total[3] += e.cost_estimated
+                total[4] += e.cost_nano
+                if e.usage_date in closed:
+                    total[5] += 1
+                    late += 1
+            conn.executemany(_FOLD, [(*key, *total) for key, total in sums.items()])
+        if offsets:
+            updated_at = utc_now_text()
+            conn.executemany(
+                _OFFSET,
+                [
+                    (topic, partition, nxt, updated_at)
+                    for (topic, partition), nxt in offsets.items()
+                ],
+            )
+        return BatchResult(fresh, len(events) - len(fresh), late)
+
+    def _key_ids(
+        self, conn: sqlite3.Connection, events: Sequence[LedgerEvent]
+    ) -> dict[tuple[str, str, str], int]:
+        """Ids of the batch's summary keys; new keys are inserted (ids never change)."""
+        cache = self._keys
+        missing = {
+            key for e in events if (key := (e.client_org_id, e.user_id, e.model)) not in cache
+        }
+        if missing:
+            conn.executemany(
+                "INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model) VALUES (?,?,?)",
+                missing,
+            )
+            for key in missing:
+                row = conn.execute(
+                    "SELECT key_id FROM summary_keys"
+                    " WHERE client_org_id = ? AND user_id = ? AND model = ?",
+                    key,
+                ).fetchone()
+                cache[key] = row[0]
+        return cache
+
+    # Retention ----------------------------------------------------------------------
+
+    def prune(self, now_ms: int | None = None, chunk: int = _PRUNE_CHUNK) -> int:
+        """Delete ledger rows recorded more than the retention ago, in small transactions
+        (the hot path waits for at most one chunk). Returns the rows deleted."""
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        cutoff = now_ms - self.retention_ms
+        conn = self.conn
+        expired = [
+            row[0]
+            for row in conn.execute(
+                "SELECT bucket FROM ledger_buckets WHERE bucket <= ? ORDER BY bucket",
+                (cutoff,),
+            )
+        ]
+        deleted = 0
+        for bucket in expired:
+            while True:
+                with self._lock:
+                    count = self._prune_chunk(conn, bucket, chunk)
+                deleted += count
+                if count < chunk:
+                    break
+        if deleted:
+            log.info("ledger: pruned %d request ids recorded before %d (epoch ms)", deleted, cutoff)
+        return deleted
+
+    @staticmethod
+    def _prune_chunk(conn: sqlite3.Connection, bucket: int, chunk: int) -> int:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            count = conn.execute(
+                "DELETE FROM ledger WHERE bucket = ?1 AND request_id IN"
+                " (SELECT request_id FROM ledger WHERE bucket = ?1 LIMIT ?2)",
+                (bucket, chunk),
+            ).rowcount
+            if count < chunk:
+                conn.execute("DELETE FROM ledger_buckets WHERE bucket = ?", (bucket,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return count
