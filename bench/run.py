@@ -175,7 +175,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
         say(f"raw reader: {raw.events_per_s or 0:,.0f} records/s")
 
         say("floor 2: a do-nothing Faust agent")
-        noop = faust_noop(broker.url, TOPIC, expected.records, work, 120 + expected.records / 2000)
+        noop = faust_noop(broker.url, TOPIC, expected.records, work, 120 + expected.records / 1000)
         runs[noop.name] = noop
         say(f"Faust no-op: {noop.events_per_s or 0:,.0f} records/s")
 
