@@ -116,18 +116,27 @@ def run_line(run: RunResult, runs: dict[str, RunResult]) -> str:
 
 def write_json(path: Path, document: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
 
 
-def _rates(
-    samples: list[list[float | None]], window: float = 2.0
-) -> tuple[list[float], list[float]]:
-    """records/s between each sample and the latest one at least ``window`` s before it:
-    batched commits make consecutive 0.5 s samples jump. A window without progress is a
-    gap (NaN), not a zero the log scale cannot draw."""
+def _window(points: list[tuple[float, float]]) -> float:
+    """Rate window: at least 2 s, and twice the median time between progress steps.
+
+    A worker's committed offsets advance in jumps (one transaction per batch, every few
+    seconds), so a window shorter than the commit interval would read as 0 between jumps
+    and as a burst at each one."""
+    steps = [t for (t, n), (_, m) in zip(points[1:], points, strict=False) if n > m]
+    gaps = sorted(b - a for a, b in zip(steps, steps[1:], strict=False))
+    return max(2.0, 2 * gaps[len(gaps) // 2]) if gaps else 2.0
+
+
+def _rates(samples: list[list[float | None]]) -> tuple[list[float], list[float], float]:
+    """records/s between each sample and the latest one at least a window before it (a
+    window without progress is a gap, NaN: the log scale cannot draw 0); and the window."""
+    points = [(float(s[0] or 0.0), float(s[1] or 0.0)) for s in samples]
+    window = _window(points)
     xs: list[float] = []
     ys: list[float] = []
-    points = [(float(s[0] or 0.0), float(s[1] or 0.0)) for s in samples]
     start = 0
     for t, n in points:
         while start + 1 < len(points) and t - points[start + 1][0] >= window:
@@ -136,36 +145,51 @@ def _rates(
         if t > t0:
             xs.append(t)
             ys.append((n - n0) / (t - t0) if n > n0 else math.nan)
-    return xs, ys
+    return xs, ys, window
 
 
 def draw(path: Path, runs: dict[str, RunResult], title: str) -> None:
-    """events/s over time, one line per run, each run's average as a dashed line."""
+    """Top: records/s over time, one line per run, each run's mean as a dashed line.
+    Bottom: records done over time, where stalls show as flat stretches."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(11, 6), dpi=120)
+    figure, (rate_axes, done_axes) = plt.subplots(
+        2, 1, figsize=(11, 9), dpi=120, sharex=True, height_ratios=[3, 2]
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, run in enumerate(r for r in runs.values() if r.events_per_s):
         color = colors[index % len(colors)]
-        xs, ys = _rates(run.samples)
+        xs, ys, window = _rates(run.samples)
         if xs:
-            axes.plot(xs, ys, color=color, linewidth=1.4, label=f"{run.label}")
-        axes.axhline(
+            rate_axes.plot(
+                xs, ys, color=color, linewidth=1.3, label=f"{run.label} ({window:.0f} s windows)"
+            )
+        rate_axes.axhline(
             run.events_per_s,
             color=color,
             linestyle="--",
             linewidth=0.9,
             label=f"{run.label}: mean {run.events_per_s:,.0f}/s",
         )
-    axes.set_yscale("log")
-    axes.set_xlabel("seconds since the run's first record (replay: since the command started)")
-    axes.set_ylabel("records/s (2 s windows; log scale)")
-    axes.set_title(title)
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
+        done_axes.plot(
+            [float(s[0] or 0.0) for s in run.samples],
+            [float(s[1] or 0.0) for s in run.samples],
+            color=color,
+            linewidth=1.3,
+            label=run.label,
+        )
+    rate_axes.set_yscale("log")
+    rate_axes.set_ylabel("records/s (log scale)")
+    rate_axes.set_title(title)
+    rate_axes.grid(True, which="both", alpha=0.3)
+    rate_axes.legend(fontsize=7, loc="best")
+    done_axes.set_ylabel("records done")
+    done_axes.set_xlabel("seconds since the run's first record (replay: since the command started)")
+    done_axes.grid(True, alpha=0.3)
+    done_axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
