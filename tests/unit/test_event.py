@@ -12,6 +12,7 @@ from streams.event import (
     decode_internal,
     encode_internal,
     parse_event,
+    parse_events,
 )
 
 NOW = 1_795_169_472_123  # 2026-11-20T10:11:12.123Z
@@ -126,3 +127,125 @@ def test_internal_codec_round_trips() -> None:
         parsed,
         "usage-events/3/42",
     )
+
+
+def with_member(name: str, literal: bytes) -> bytes:
+    """A valid event with member ``name`` set to the raw JSON text ``literal``."""
+    return event(**{name: ...})[:-1] + b',"' + name.encode() + b'":' + literal + b"}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "not_json"),
+        (b"", "not_json"),
+        (with_member("cost_usd", b"NaN"), "not_json"),  # JSON has no NaN/Infinity literals
+        (with_member("cost_usd", b"Infinity"), "not_json"),
+        (with_member("cost_usd", b"-Infinity"), "not_json"),
+        (with_member("cost_usd", b'"NaN"'), "bad_value"),
+        (with_member("cost_usd", b'"Infinity"'), "bad_value"),
+        (with_member("cost_usd", b'"-Infinity"'), "bad_value"),
+        (with_member("cost_usd", b"1e309"), "not_json"),  # beyond a double: orjson rejects
+        (with_member("cost_usd", b"1e308"), "bad_value"),
+        (with_member("cost_usd", b"1" + b"0" * 30), "bad_value"),  # past int64
+        (with_member("cost_usd", b"true"), "bad_type"),
+        (with_member("cost_usd", b"{}"), "bad_type"),
+        (with_member("cost_usd", b"-1e-99999999999999999999"), "bad_value"),
+        (with_member("input_tokens", b"18446744073709551616"), "bad_type"),  # orjson: a float
+        (with_member("input_tokens", b"9223372036854775808"), "bad_value"),
+        (with_member("input_tokens", b"1.0"), "bad_type"),
+        (with_member("input_tokens", b"1e2"), "bad_type"),
+        (with_member("total_tokens", b"true"), "bad_type"),
+        (with_member("timestamp", b"true"), "bad_type"),
+        (with_member("timestamp", b"1e12"), "bad_type"),
+        (with_member("timestamp", b"-1"), "bad_value"),
+        (with_member("timestamp", b'"2026-11-20 10:11:12+00:00"'), "bad_value"),  # no "T"
+        (with_member("timestamp", b'"2026-11-20T10:11:12Z\\u0000junk"'), "bad_value"),
+        (with_member("timestamp", b'"2026-11-21T10:11:12.124Z"'), "future_timestamp"),
+        (with_member("request_id", b'"\xff"'), "not_json"),  # invalid UTF-8
+        (with_member("request_id", b'"\xed\xa0\x80"'), "not_json"),  # an encoded surrogate
+        (with_member("request_id", b'"\\ud800"'), "not_json"),  # a lone escaped surrogate
+        (with_member("request_id", b'"' + "😀".encode() * 129 + b'"'), "bad_value"),
+        (with_member("extra", b'"\xff"'), "not_json"),  # also where the field is unknown
+        (with_member("extra", b'"\\udc00"'), "not_json"),
+        (with_member("extra", b"1e400"), "not_json"),
+        (with_member("extra", b"[" * 1100 + b"]" * 1100), "not_json"),  # orjson: depth 1024
+        (event() + b" x", "not_json"),
+        (b"\xef\xbb\xbf" + event(), "not_json"),  # a UTF-8 byte order mark
+    ],
+)
+def test_hostile_values_have_a_reason(raw: bytes | None, reason: str) -> None:
+    parsed = parse_event(raw, NOW)
+    assert isinstance(parsed, InvalidEvent)
+    assert parsed.reason == reason
+    assert len(parsed.message.splitlines()) == 1 and len(parsed.message) <= 200
+
+
+def test_hostile_values_are_not_echoed_at_length() -> None:
+    for raw in (
+        event(cost_usd="x" * 10_000),
+        event(timestamp="2026-" + "9" * 10_000),
+        with_member("cost_usd", b"1" * 5000 + b".5"),
+    ):
+        parsed = parse_event(raw, NOW)
+        assert isinstance(parsed, InvalidEvent) and len(parsed.message) <= 200
+
+
+@pytest.mark.parametrize(
+    ("literal", "nano"),
+    [
+        # more digits than Decimal's default 28-digit context: rounded once, exactly
+        (b"1.0000000005000000000000000000001", 1_000_000_001),
+        (b'"1.0000000005000000000000000000001"', 1_000_000_001),
+        # a long literal whose double has a short repr (5e-10): not read through the float
+        (b"0.00000000050000000000000000001", 1),
+        (b"0.00000000049999999999999999999", 0),
+        (b"1e-99999999999999999999", 0),  # an exponent beyond Decimal's range; orjson: 0.0
+        (b"0e99999999999999999999", 0),
+        (b"-0.0", 0),
+        (b"1E+2", 100_000_000_000),
+        (b'" 1.5 "', 1_500_000_000),
+    ],
+)
+def test_cost_literals_are_exact(literal: bytes, nano: int) -> None:
+    parsed = parse_event(with_member("cost_usd", literal), NOW)
+    assert isinstance(parsed, UsageEvent)
+    assert parsed.cost_nano == nano
+
+
+def test_deeply_nested_extra_field_and_long_float_cost() -> None:
+    """Nesting orjson accepts but a recursive parser would not; the cost is still exact."""
+    raw = with_member("extra", b"[" * 1000 + b"]" * 1000)
+    raw = raw.replace(b"0.0002187", b"0.12345678951234567890123")
+    parsed = parse_event(raw, NOW)
+    assert isinstance(parsed, UsageEvent)
+    assert parsed.cost_nano == 123_456_790
+
+
+def test_duplicate_keys_the_last_one_counts() -> None:
+    raw = b'{"input_tokens": "x", ' + event()[1:]
+    assert parse_event(raw, NOW) == parse_event(event(), NOW)
+    raw = event()[:-1] + b',"input_tokens": -1}'
+    parsed = parse_event(raw, NOW)
+    assert isinstance(parsed, InvalidEvent) and parsed.reason == "bad_value"
+
+
+def test_parse_events_is_parse_event_in_order() -> None:
+    values = [event(), None, b"[]", event(request_id="gen-2", extra={"a": [1, 2.5]})]
+    assert parse_events(values, NOW) == [parse_event(value, NOW) for value in values]
+    assert [type(result).__name__ for result in parse_events(values, NOW)] == [
+        "UsageEvent",
+        "InvalidEvent",
+        "InvalidEvent",
+        "UsageEvent",
+    ]
+
+
+def test_usage_event_is_immutable_hashable_and_compared_by_value() -> None:
+    first = UsageEvent("gen-1", "org-1", "user-1", "m", 1, 2, None, 0)
+    second = UsageEvent("gen-1", "org-1", "user-1", "m", 1, 2, None, 0)
+    assert first == second and hash(first) == hash(second) and len({first, second}) == 1
+    assert first != UsageEvent("gen-1", "org-1", "user-1", "m", 1, 2, 5, 0)
+    assert first.total_tokens == 3
+    with pytest.raises(AttributeError):
+        first.input_tokens = 5  # type: ignore[misc]
