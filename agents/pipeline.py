@@ -2,7 +2,7 @@
 
 A Faust ``@app.service`` that owns a plain aiokafka consumer in the consumer group
 ``APP_ID`` and reads the usage topic with ``getmany`` in batches of up to
-``RAW_BATCH_SIZE`` records (or ``RAW_BATCH_SECONDS``). Faust keeps everything else: its
+``BATCH_MAX_EVENTS`` records (or ``RAW_BATCH_SECONDS``). Faust keeps everything else: its
 web server, timers, the leader election of the refresh, the CLI. Faust's per-message
 path (``Consumer._drain_messages`` awaits ``wait_first`` per message; ``take()`` still runs
 every message through it) moved ~6–12k events/s here; a batch pays its costs once.
@@ -22,6 +22,11 @@ Per batch, in OpenMeter's sink order:
 5. the offsets are committed to Kafka too (informational: the consumer seeks to the
    stored ones on assignment).
 
+Stages 1–3 of the next batch overlap with stage 4 of the previous one (SQLite works in
+its own thread and releases the GIL); commits keep the batches' order. The pre-check
+treats the batch being committed as recorded, so a copy in two consecutive batches is
+never written twice to the raw sink.
+
 A crash anywhere before 4 redelivers the batch: raw points land on the same points again
 (and the file sink appends a line identical to the first), the ledger drops what it holds.
 Producers may key by anything, so copies of a request may sit on any partition: the
@@ -38,6 +43,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,7 +56,7 @@ from aiokafka.structs import OffsetAndMetadata
 from streams.app import app, settings, summary_db
 from streams.broker import kafka_client_kwargs
 from streams.business_time import UsageDates
-from streams.event import InvalidEvent, UsageEvent, parse_event
+from streams.event import InvalidEvent, UsageEvent, parse_events
 from streams.metrics import (
     CONSUMER_LAG,
     EVENTS_CONSUMED,
@@ -58,10 +64,10 @@ from streams.metrics import (
     EVENTS_INVALID,
     EVENTS_LATE,
 )
-from streams.money import scale_nano
+from streams.money import NanoScaler
 from streams.pricing import Price
 from streams.sinks import build_raw_sink
-from streams.sinks.lineprotocol import RawPoint
+from streams.sinks.lineprotocol import line
 from streams.sinks.raw_retention import maintain_raw_files
 from tables.daily import day_closer, wall_clock_ms
 from tables.ledger import BatchResult, LedgerEvent, LedgerStore, ledger_events
@@ -78,6 +84,20 @@ RAW_MAINTENANCE_SECONDS = 300.0
 _PRUNE_INTERVAL_SECONDS = max(
     1.0, min(3600.0, settings.ledger_retention_days * 86_400 / 16)
 )  # every UTC offset in use is a multiple of 15 minutes
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch after validation, dedupe pre-check and the raw sink, ready to commit."""
+
+    records: int
+    entries: list[LedgerEvent] = field(default_factory=list)
+    request_ids: set[str] = field(default_factory=set)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    invalid: dict[str, int] = field(default_factory=dict)
+    newest: dict[int, int] = field(default_factory=dict)  # partition -> newest event ms
+    copies: int = 0  # copies inside the batch
+    known: int = 0  # copies recorded before (pre-check)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -100,14 +120,17 @@ class HotPath(mode.Service):
         self.sink = build_raw_sink(settings)
         self.closer = day_closer()
         self.dates = UsageDates(settings.tz)
-        self.markup = settings.USAGE_MARKUP_MULTIPLIER
+        self.markup = NanoScaler(settings.USAGE_MARKUP_MULTIPLIER)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.committed: dict[int, int] = {}  # partition -> next offset stored
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "ledger")
         self._prices: dict[str, Price] = {}
         self._prices_loaded = float("-inf")
-        self._batch_lock = asyncio.Lock()
+        # a second connection for the pre-check, so it never queues behind a commit
+        self.reader = LedgerStore(settings.summary_db_path, settings.ledger_retention_days, 16)
+        self._in_flight: PreparedBatch | None = None
+        self._committing: asyncio.Future[BatchResult] | None = None
         global _instance
         _instance = self
 
@@ -141,18 +164,15 @@ class HotPath(mode.Service):
     async def on_stop(self) -> None:
         """Let the batch in flight finish (briefly): one stuck on an outage is cancelled,
         uncommitted, and redelivered to whoever reads the partition next."""
-        try:
-            await asyncio.wait_for(self._batch_lock.acquire(), timeout=STOP_GRACE_SECONDS)
-        except TimeoutError:
+        if not await self._settle(STOP_GRACE_SECONDS):
             log.warning("hot path: stopping with a batch in flight; it will be redelivered")
-        else:
-            self._batch_lock.release()
         if self.consumer is not None:
             await self.consumer.stop()
         if self.producer is not None:
             await self.producer.stop()
         await self.sink.close()
         self._executor.submit(self.store.close)
+        self.reader.close()
         self._executor.shutdown(wait=False)
 
     async def _in_store(self, function: Any, *args: object) -> Any:
@@ -180,18 +200,21 @@ class HotPath(mode.Service):
         Not needed for exactness (a batch applied after the partition moved finds its
         requests in the ledger), only to spare the next owner re-reading it.
         """
-        try:
-            await asyncio.wait_for(self._batch_lock.acquire(), timeout=10)
-        except TimeoutError:
-            pass
-        else:
-            self._batch_lock.release()
+        await self._settle(STOP_GRACE_SECONDS)
         partitions = [tp.partition for tp in revoked]
         self.closer.forget(partitions)
         for partition in partitions:
             self.committed.pop(partition, None)
             with contextlib.suppress(KeyError):
                 CONSUMER_LAG.remove(self.topic, str(partition))
+
+    async def _settle(self, timeout: float) -> bool:
+        """Wait (bounded) for the batch being committed; True when none is left."""
+        committing = self._committing
+        if committing is None:
+            return True
+        done, _ = await asyncio.wait([committing], timeout=timeout)
+        return bool(done)
 
     def assigned_partitions(self) -> list[int]:
         if self.consumer is None:
@@ -216,18 +239,35 @@ class HotPath(mode.Service):
 
     @mode.Service.task
     async def _consume(self) -> None:
+        """Two stages overlap: while batch N commits (SQLite, in its own thread), batch
+        N+1 is fetched, validated, pre-checked and written to the raw sink. Commits keep
+        the batches' order."""
         assert self.consumer is not None
         while not self.should_stop:
             records = await self._next_batch()
             if not records:
+                await self._finish_commit()
                 continue
-            async with self._batch_lock:
-                await self._process_until_done(records)
+            batch = await self._until_done("prepare", self.prepare, records)
+            await self._finish_commit()
+            self._in_flight = batch
+            self._committing = asyncio.ensure_future(self._until_done("commit", self.commit, batch))
+        await self._finish_commit()
+
+    async def _finish_commit(self) -> None:
+        """Wait for the batch being committed, if any."""
+        if self._committing is not None:
+            try:
+                await asyncio.shield(self._committing)
+            finally:
+                if self._committing.done():
+                    self._committing = None
+                    self._in_flight = None
 
     async def _next_batch(self) -> list[ConsumerRecord]:
-        """Up to RAW_BATCH_SIZE records, waiting at most RAW_BATCH_SECONDS for more."""
+        """Up to BATCH_MAX_EVENTS records, waiting at most RAW_BATCH_SECONDS for more."""
         assert self.consumer is not None
-        limit = settings.RAW_BATCH_SIZE
+        limit = settings.BATCH_MAX_EVENTS
         records: list[ConsumerRecord] = []
         deadline = time.monotonic() + settings.RAW_BATCH_SECONDS
         while len(records) < limit:
@@ -251,45 +291,49 @@ class HotPath(mode.Service):
                 break
         return records
 
-    async def _process_until_done(self, records: list[ConsumerRecord]) -> None:
-        """Process a batch; a failing database or broker stalls here (nothing is acked)."""
+    async def _until_done(self, stage: str, step: Any, argument: Any) -> Any:
+        """Run a stage until it succeeds: a failing database or broker stalls the batch
+        here (nothing is committed), never drops it."""
         delay = 1.0
         while True:
             try:
-                await self.process(records)
-                return
+                return await step(argument)
             except (sqlite3.Error, OSError, KafkaError) as error:
                 log.error(
-                    "hot path: batch of %d failed, retrying in %.0f s: %s",
-                    len(records),
-                    delay,
-                    error,
+                    "hot path: %s of a batch failed, retrying in %.0f s: %s", stage, delay, error
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 8.0)
 
     async def process(self, records: Sequence[ConsumerRecord]) -> BatchResult:
-        """One batch through every stage (module docstring)."""
+        """One batch through every stage, without overlap (tests, tools)."""
+        return await self.commit(await self.prepare(records))
+
+    async def prepare(self, records: Sequence[ConsumerRecord]) -> PreparedBatch:
+        """Validate, dead-letter, drop copies, write the raw points (stages 1-3)."""
         now_ms = wall_clock_ms()
-        parsed = [parse_event(record.value, now_ms) for record in records]
+        parsed = parse_events([record.value for record in records], now_ms)
         candidates: dict[str, tuple[UsageEvent, ConsumerRecord]] = {}
         dead_letters: list[asyncio.Future[Any]] = []
-        invalid: dict[str, int] = {}
-        newest: dict[int, int] = {}
-        copies = 0
+        batch = PreparedBatch(len(records))
         for record, event in zip(records, parsed, strict=True):
             if isinstance(event, InvalidEvent):
-                invalid[event.reason] = invalid.get(event.reason, 0) + 1
+                batch.invalid[event.reason] = batch.invalid.get(event.reason, 0) + 1
                 dead_letters.append(await self._dead_letter(record, event))
                 continue
-            if event.event_ms > newest.get(record.partition, -1):
-                newest[record.partition] = event.event_ms
+            if event.event_ms > batch.newest.get(record.partition, -1):
+                batch.newest[record.partition] = event.event_ms
             if event.request_id in candidates:
-                copies += 1
+                batch.copies += 1
             else:
                 candidates[event.request_id] = (event, record)
-        known = await self._in_store(self.store.known, list(candidates))
-        entries = ledger_events(
+        # copies recorded before (the batch being committed counts as recorded)
+        known = await asyncio.to_thread(self.reader.known, list(candidates))
+        in_flight = self._in_flight
+        if in_flight is not None:
+            known.update(rid for rid in candidates if rid in in_flight.request_ids)
+        batch.known = len(known)
+        batch.entries = ledger_events(
             [
                 (event, record.partition, record.offset)
                 for request_id, (event, record) in candidates.items()
@@ -298,26 +342,32 @@ class HotPath(mode.Service):
             self._prices,
             self.dates,
         )
-        if entries:
-            await self.sink.write([self._raw_point(entry) for entry in entries])
+        batch.request_ids = {entry.request_id for entry in batch.entries}
+        if batch.entries:
+            await self.sink.write_lines([self._raw_line(entry) for entry in batch.entries])
         if dead_letters:
             await asyncio.gather(*dead_letters)
-        offsets: dict[tuple[str, int], int] = {}
         for record in records:
             key = (record.topic, record.partition)
-            if record.offset + 1 > offsets.get(key, -1):
-                offsets[key] = record.offset + 1
-        result: BatchResult = await self._in_store(self.store.commit_batch, entries, offsets)
-        EVENTS_CONSUMED.inc(len(records))
-        for reason, count in invalid.items():
+            if record.offset + 1 > batch.offsets.get(key, -1):
+                batch.offsets[key] = record.offset + 1
+        return batch
+
+    async def commit(self, batch: PreparedBatch) -> BatchResult:
+        """Stage 4 and 5: the one SQLite transaction, then the Kafka commit and metrics."""
+        result: BatchResult = await self._in_store(
+            self.store.commit_batch, batch.entries, batch.offsets
+        )
+        EVENTS_CONSUMED.inc(batch.records)
+        for reason, count in batch.invalid.items():
             EVENTS_INVALID.labels(reason=reason).inc(count)
-        EVENTS_DUPLICATE.inc(copies + len(known) + result.duplicates)
+        EVENTS_DUPLICATE.inc(batch.copies + batch.known + result.duplicates)
         EVENTS_LATE.inc(result.late)
-        for partition, event_ms in newest.items():
+        for partition, event_ms in batch.newest.items():
             self.closer.observe(partition, event_ms)
-        for (_, partition), offset in offsets.items():
+        for (_, partition), offset in batch.offsets.items():
             self.committed[partition] = offset
-        await self._commit_kafka(offsets)
+        await self._commit_kafka(batch.offsets)
         return result
 
     async def _dead_letter(self, record: ConsumerRecord, event: InvalidEvent) -> Any:
@@ -348,17 +398,17 @@ class HotPath(mode.Service):
         except KafkaError as error:  # SQLite holds the authoritative offsets
             log.info("hot path: Kafka offset commit skipped: %s", error)
 
-    def _raw_point(self, entry: LedgerEvent) -> RawPoint:
-        return RawPoint(
-            request_id=entry.request_id,
-            client_org_id=entry.client_org_id,
-            user_id=entry.user_id,
-            model=entry.model,
-            input_tokens=entry.input_tokens,
-            output_tokens=entry.output_tokens,
-            cost_nano=entry.cost_nano,
-            markup_cost_nano=scale_nano(entry.cost_nano, self.markup),
-            event_ms=entry.event_ms,
+    def _raw_line(self, entry: LedgerEvent) -> str:
+        return line(
+            entry.request_id,
+            entry.client_org_id,
+            entry.user_id,
+            entry.model,
+            entry.input_tokens,
+            entry.output_tokens,
+            entry.cost_nano,
+            self.markup(entry.cost_nano),
+            entry.event_ms,
         )
 
     # Timers -----------------------------------------------------------------------------

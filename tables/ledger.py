@@ -134,14 +134,25 @@ _KNOWN = """
     )
 """
 _FOLD = """
-    INSERT INTO daily_pending VALUES (?,?,?,?,?,?,?,?,?,?)
-    ON CONFLICT (usage_date, client_org_id, user_id, model) DO UPDATE SET
+    INSERT INTO daily_pending VALUES (?,?,?,?,?,?,?,?,1)
+    ON CONFLICT (usage_date, key_id) DO UPDATE SET
+        live_dirty = 1,
         input_tokens = input_tokens + excluded.input_tokens,
         output_tokens = output_tokens + excluded.output_tokens,
         requests = requests + excluded.requests,
         estimated_requests = estimated_requests + excluded.estimated_requests,
         raw_cost_nano = raw_cost_nano + excluded.raw_cost_nano,
         late_events = late_events + excluded.late_events
+"""
+# Summary keys of a batch in two statements, whatever their number (JSON array of triples).
+_NEW_KEYS = """
+    INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)
+    SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?)
+"""
+_KEY_IDS = """
+    SELECT k.key_id, k.client_org_id, k.user_id, k.model FROM json_each(?) AS j
+    JOIN summary_keys AS k ON k.client_org_id = j.value ->> 0
+        AND k.user_id = j.value ->> 1 AND k.model = j.value ->> 2
 """
 _OFFSET = """
     INSERT INTO source_offsets VALUES (?,?,?,?)
@@ -157,7 +168,8 @@ def _json_list(values: Iterable[str]) -> str:
 class LedgerStore:
     """The hot path's connection to the summary DB (see the module docstring)."""
 
-    def __init__(self, path: Path, retention_days: float) -> None:
+    def __init__(self, path: Path, retention_days: float, cache_mib: int = 256) -> None:
+        self.cache_mib = cache_mib
         self.path = path
         self.retention_ms = int(retention_days * 86_400_000)
         self.bucket_ms = bucket_ms_for(retention_days)
@@ -169,7 +181,7 @@ class LedgerStore:
     @property
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = open_sync(self.path)
+            self._conn = open_sync(self.path, cache_mib=self.cache_mib)
         return self._conn
 
     def close(self) -> None:
@@ -262,9 +274,9 @@ class LedgerStore:
                     (_json_list(dates),),
                 )
             }
-            sums: dict[tuple[str, str, str, str], list[int]] = {}
+            sums: dict[tuple[str, int], list[int]] = {}
             for e in fresh:
-                key = (e.usage_date, e.client_org_id, e.user_id, e.model)
+                key = (e.usage_date, key_ids[(e.client_org_id, e.user_id, e.model)])
                 total = sums.get(key)
                 if total is None:
                     total = sums[key] = [0, 0, 0, 0, 0, 0]
@@ -297,17 +309,10 @@ class LedgerStore:
             key for e in events if (key := (e.client_org_id, e.user_id, e.model)) not in cache
         }
         if missing:
-            conn.executemany(
-                "INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model) VALUES (?,?,?)",
-                missing,
-            )
-            for key in missing:
-                row = conn.execute(
-                    "SELECT key_id FROM summary_keys"
-                    " WHERE client_org_id = ? AND user_id = ? AND model = ?",
-                    key,
-                ).fetchone()
-                cache[key] = row[0]
+            payload = orjson.dumps(list(missing))
+            conn.execute(_NEW_KEYS, (payload,))
+            for key_id, *key in conn.execute(_KEY_IDS, (payload,)):
+                cache[tuple(key)] = key_id  # type: ignore[index]
         return cache
 
     # Retention ----------------------------------------------------------------------

@@ -240,16 +240,16 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             # days, and late events of closed days until the next rollup pass).
             """CREATE TABLE daily_pending (
                 usage_date TEXT NOT NULL,
-                client_org_id TEXT NOT NULL,
-                user_id TEXT NOT NULL,
-                model TEXT NOT NULL,
+                key_id INTEGER NOT NULL,
                 input_tokens INTEGER NOT NULL,
                 output_tokens INTEGER NOT NULL,
                 requests INTEGER NOT NULL,
                 estimated_requests INTEGER NOT NULL,
                 raw_cost_nano INTEGER NOT NULL,
                 late_events INTEGER NOT NULL DEFAULT 0,
-                PRIMARY KEY (usage_date, client_org_id, user_id, model)
+                -- 1 while usage_daily_open does not show these totals yet
+                live_dirty INTEGER NOT NULL DEFAULT 1,
+                PRIMARY KEY (usage_date, key_id)
             ) WITHOUT ROWID""",
             # source_offsets: the next offset of each source partition, written in the
             # same transaction as the batch it ends; the consumer seeks here on assignment.
@@ -265,20 +265,22 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             """INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)
                 SELECT DISTINCT client_org_id, user_id, model FROM usage_events""",
             """INSERT INTO daily_pending
-                SELECT e.usage_date, e.client_org_id, e.user_id, e.model,
+                SELECT e.usage_date, k.key_id,
                     SUM(e.input_tokens) - COALESCE(MAX(d.input_tokens), 0),
                     SUM(e.output_tokens) - COALESCE(MAX(d.output_tokens), 0),
                     COUNT(*) - COALESCE(MAX(d.requests), 0),
                     SUM(e.cost_estimated) - COALESCE(MAX(d.estimated_requests), 0),
-                    SUM(e.cost_nano) - COALESCE(MAX(d.raw_cost_nano), 0), 0
+                    SUM(e.cost_nano) - COALESCE(MAX(d.raw_cost_nano), 0), 0, 1
                 FROM usage_events e
                 JOIN rollup_pending p ON p.usage_date = e.usage_date
                     AND p.client_org_id = e.client_org_id AND p.user_id = e.user_id
                     AND p.model = e.model
+                JOIN summary_keys k ON k.client_org_id = e.client_org_id
+                    AND k.user_id = e.user_id AND k.model = e.model
                 LEFT JOIN usage_daily d ON d.usage_date = e.usage_date
                     AND d.client_org_id = e.client_org_id AND d.user_id = e.user_id
                     AND d.model = e.model
-                GROUP BY e.usage_date, e.client_org_id, e.user_id, e.model""",
+                GROUP BY e.usage_date, k.key_id""",
             """INSERT INTO ledger
                 SELECT (CAST(strftime('%s', 'now') AS INTEGER) * 1000), e.request_id,
                     CAST(julianday(e.usage_date) - 1721424.5 AS INTEGER), k.key_id,
@@ -297,7 +299,28 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "DROP TABLE rollup_pending",
             # Provisional rows of open days (rewritten by every rollup pass) and the live
             # view of CONTRACT §3: closed days as in usage_daily (final = 1) plus these.
-            """CREATE TABLE usage_daily_open AS SELECT * FROM usage_daily WHERE 0""",
+            """CREATE TABLE usage_daily_open (
+                client_org_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                usage_date TEXT NOT NULL,
+                input_tokens INTEGER NOT NULL,
+                output_tokens INTEGER NOT NULL,
+                total_tokens INTEGER NOT NULL,
+                requests INTEGER NOT NULL,
+                estimated_requests INTEGER NOT NULL,
+                raw_cost_nano INTEGER NOT NULL,
+                markup_cost_nano INTEGER NOT NULL,
+                markup_cost_pln_nano INTEGER,
+                raw_cost_usd REAL NOT NULL,
+                markup_cost_usd REAL NOT NULL,
+                markup_cost_pln REAL,
+                usd_pln_rate TEXT,
+                nbp_table_no TEXT,
+                revision INTEGER NOT NULL DEFAULT 0,
+                updated_at TEXT NOT NULL,
+                PRIMARY KEY (client_org_id, user_id, model, usage_date)
+            )""",
             """CREATE VIEW usage_daily_live AS
                 SELECT *, 1 AS final FROM usage_daily
                 UNION ALL
@@ -374,7 +397,7 @@ async def connect(path: Path) -> aiosqlite.Connection:
     return conn
 
 
-def open_sync(path: Path) -> sqlite3.Connection:
+def open_sync(path: Path, cache_mib: int = 2) -> sqlite3.Connection:
     """A plain ``sqlite3`` connection to an already migrated summary DB, for code that runs
     whole transactions in one thread (the hot path). Autocommit mode, WAL, busy timeout,
     like :func:`connect`; ``check_same_thread`` is off because the owner is an executor
@@ -383,6 +406,12 @@ def open_sync(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout = 60000")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
+    # Request ids are random, so every batch inserts all over the ledger's B-tree: with
+    # SQLite's default 2 MiB page cache most inserts read a page from the OS again.
+    conn.execute(f"PRAGMA cache_size = -{cache_mib * 1024}")
+    # Checkpoint the WAL every ~64 MiB instead of every 4 MiB: a batch dirties pages all
+    # over the ledger, and each checkpoint copies (and fsyncs) them into the database.
+    conn.execute("PRAGMA wal_autocheckpoint = 16384")
     return conn
 
 

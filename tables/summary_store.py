@@ -14,6 +14,7 @@ the view ``usage_daily_live`` shows beside ``usage_daily``.
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -23,7 +24,7 @@ from typing import Protocol
 
 import aiosqlite
 
-from streams.money import nano_to_float, scale_nano
+from streams.money import NanoScaler, nano_to_float
 from tables.schema import utc_now_text, write_transaction
 
 __all__ = [
@@ -113,14 +114,16 @@ async def closed_days(conn: aiosqlite.Connection, dates: Sequence[str]) -> set[s
 
 
 _PENDING_SQL = """
-    SELECT client_org_id, user_id, model, usage_date, input_tokens, output_tokens,
-           requests, estimated_requests, raw_cost_nano
-    FROM daily_pending WHERE usage_date = ?
+    SELECT k.client_org_id, k.user_id, k.model, p.usage_date, p.input_tokens,
+           p.output_tokens, p.requests, p.estimated_requests, p.raw_cost_nano
+    FROM daily_pending p JOIN summary_keys k USING (key_id) WHERE p.usage_date = ?
 """
 _STORED_SQL = """
-    SELECT p.client_org_id, p.user_id, p.model, p.usage_date, d.input_tokens,
+    SELECT d.client_org_id, d.user_id, d.model, d.usage_date, d.input_tokens,
            d.output_tokens, d.requests, d.estimated_requests, d.raw_cost_nano
-    FROM daily_pending p JOIN usage_daily d USING (client_org_id, user_id, model, usage_date)
+    FROM daily_pending p JOIN summary_keys k USING (key_id)
+    JOIN usage_daily d ON d.client_org_id = k.client_org_id AND d.user_id = k.user_id
+        AND d.model = k.model AND d.usage_date = p.usage_date
     WHERE p.usage_date = ?
 """
 
@@ -166,13 +169,19 @@ WHERE {" OR ".join(f"usage_daily.{c} IS NOT excluded.{c}" for c in _VALUE_COLUMN
 """
 
 
+@functools.lru_cache(maxsize=64)
+def _scaler(factor: Decimal) -> NanoScaler:
+    """:func:`streams.money.scale_nano` by a fixed factor, without a Decimal per row."""
+    return NanoScaler(factor)
+
+
 def _summary_values(
     row: SummaryRow, markup: Decimal, rate: Rate | None, updated_at: str
 ) -> tuple[object, ...]:
     """The ``usage_daily`` values of one row (key, then ``_VALUE_COLUMNS`` order, then
     ``updated_at``): markup and PLN applied per row, half-even."""
-    markup_nano = scale_nano(row.raw_cost_nano, markup)
-    pln_nano = scale_nano(markup_nano, rate.mid) if rate is not None else None
+    markup_nano = _scaler(markup)(row.raw_cost_nano)
+    pln_nano = _scaler(rate.mid)(markup_nano) if rate is not None else None
     return (
         row.client_org_id,
         row.user_id,
@@ -257,20 +266,36 @@ async def refresh_open_days(
     markup: Decimal,
     rate_lookup: RateLookup,
 ) -> int:
-    """Rewrite the provisional rows of the open dates (``usage_daily_live``, final = 0)
-    from their pending increments, with the same money rules as a closed day."""
+    """Bring the provisional rows of the open dates (``usage_daily_live``, final = 0) up
+    to their pending totals, with the same money rules as a closed day. Only keys whose
+    totals changed since the last pass are rewritten (``live_dirty``), so a pass costs
+    what arrived since the previous one, not the size of the day."""
+    written = 0
     async with write_transaction(conn):
-        await conn.execute("DELETE FROM usage_daily_open")
-        written = 0
         now = utc_now_text()
         for day in open_dates:
             rate = await rate_lookup(conn, date.fromisoformat(day))
-            rows = await _summary_rows(conn, _PENDING_SQL, day)
+            async with conn.execute(
+                "SELECT 1 FROM usage_daily_open WHERE usage_date = ? AND usd_pln_rate IS NOT ?"
+                " LIMIT 1",
+                (day, str(rate.mid) if rate is not None else None),
+            ) as cursor:
+                if await cursor.fetchone() is not None:  # the day's rate arrived: all rows
+                    await conn.execute(
+                        "UPDATE daily_pending SET live_dirty = 1 WHERE usage_date = ?", (day,)
+                    )
+            rows = await _summary_rows(conn, _PENDING_SQL + " AND p.live_dirty = 1", day)
+            if not rows:
+                continue
             await conn.executemany(
-                f"INSERT INTO usage_daily_open (client_org_id, user_id, model, usage_date,"
-                f" {', '.join(_VALUE_COLUMNS)}, revision, updated_at)"
+                f"INSERT OR REPLACE INTO usage_daily_open (client_org_id, user_id, model,"
+                f" usage_date, {', '.join(_VALUE_COLUMNS)}, revision, updated_at)"
                 f" VALUES (?,?,?,?,{','.join('?' * len(_VALUE_COLUMNS))},0,?)",
                 [_summary_values(row, markup, rate, now) for row in rows],
+            )
+            await conn.execute(
+                "UPDATE daily_pending SET live_dirty = 0 WHERE usage_date = ? AND live_dirty = 1",
+                (day,),
             )
             written += len(rows)
     return written

@@ -114,6 +114,11 @@ class RawSink:
         for start in range(0, len(points), self.batch_size):
             await self._write_chunk(to_lines(points[start : start + self.batch_size]))
 
+    async def write_lines(self, lines: Sequence[str]) -> None:
+        """:meth:`write` for lines already built (:func:`~streams.sinks.lineprotocol.line`)."""
+        for start in range(0, len(lines), self.batch_size):
+            await self._write_chunk(list(lines[start : start + self.batch_size]))
+
     async def close(self) -> None:
         await self.writer.close()
 

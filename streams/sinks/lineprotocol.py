@@ -42,6 +42,7 @@ __all__ = [
     "MEASUREMENT",
     "RawPoint",
     "format_nano",
+    "line",
     "sub_ms",
     "timestamp_ns",
     "to_line",
@@ -115,15 +116,54 @@ def timestamp_ns(point: RawPoint) -> int:
 
 def to_line(p: RawPoint) -> str:
     """The line protocol line (no trailing newline) of one point."""
-    tags = _tag("client_org_id", p.client_org_id) + _tag("model", p.model)
-    tags += _tag("user_id", p.user_id)
-    inp, out = min(p.input_tokens, _MAX), min(p.output_tokens, _MAX)
-    cost, markup = min(p.cost_nano, _MAX), min(p.markup_cost_nano, _MAX)
+    return line(
+        p.request_id,
+        p.client_org_id,
+        p.user_id,
+        p.model,
+        p.input_tokens,
+        p.output_tokens,
+        p.cost_nano,
+        p.markup_cost_nano,
+        p.event_ms,
+    )
+
+
+@functools.lru_cache(maxsize=65_536)
+def _series(client_org_id: str, user_id: str, model: str) -> str:
+    """Measurement and tags of a series (cached: few series, many points)."""
     return (
-        f"{MEASUREMENT}{tags} input_tokens={inp}i,output_tokens={out}i,"
-        f"total_tokens={min(inp + out, _MAX)}i,"
-        f"cost_usd={format_nano(cost)},markup_cost_usd={format_nano(markup)},"
-        f'request_id="{_string(p.request_id)}" {timestamp_ns(p)}'
+        MEASUREMENT
+        + _tag("client_org_id", client_org_id)
+        + _tag("model", model)
+        + _tag("user_id", user_id)
+    )
+
+
+def line(
+    request_id: str,
+    client_org_id: str,
+    user_id: str,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cost_nano: int,
+    markup_cost_nano: int,
+    event_ms: int,
+) -> str:
+    """:func:`to_line` from plain values: the hot path builds no :class:`RawPoint`."""
+    inp = input_tokens if input_tokens < _MAX else _MAX
+    out = output_tokens if output_tokens < _MAX else _MAX
+    cost = cost_nano if cost_nano < _MAX else _MAX
+    markup = markup_cost_nano if markup_cost_nano < _MAX else _MAX
+    total = inp + out
+    rid = request_id if _STRING_SPECIALS.isdisjoint(request_id) else _string(request_id)
+    return (
+        f"{_series(client_org_id, user_id, model)} input_tokens={inp}i,output_tokens={out}i,"
+        f"total_tokens={total if total < _MAX else _MAX}i,"
+        f"cost_usd={cost // _NANO}.{cost % _NANO:09d},"
+        f"markup_cost_usd={markup // _NANO}.{markup % _NANO:09d},"
+        f'request_id="{rid}" {event_ms * 1_000_000 + sub_ms(request_id)}'
     )
 
 

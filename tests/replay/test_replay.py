@@ -485,9 +485,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     ]
     outside, start, inside = p0[0], p0[2][1], p0[5]
     with sqlite3.connect(stack.db_path, timeout=30) as conn:
-        conn.executemany(
-            "DELETE FROM ledger WHERE request_id = ?", [(outside[0],), (inside[0],)]
-        )
+        conn.executemany("DELETE FROM ledger WHERE request_id = ?", [(outside[0],), (inside[0],)])
     result = replay(stack, "--date", day, "--from-offsets", f"0:{start}")
     assert result.returncode == 0, result.stderr.decode()
     ranges = plan(result)
