@@ -145,6 +145,7 @@ class HotPath(mode.Service):
             acks="all",
         )
         await self.producer.start()
+        await self.sink.start()
         self.consumer = AIOKafkaConsumer(
             **client,
             group_id=settings.APP_ID,
@@ -245,6 +246,7 @@ class HotPath(mode.Service):
         assert self.consumer is not None
         while not self.should_stop:
             records = await self._next_batch()
+            self.closer.behind = len(records) >= settings.BATCH_MAX_EVENTS
             if not records:
                 await self._finish_commit()
                 continue

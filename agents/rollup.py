@@ -6,6 +6,12 @@ re-open their day and its affected rows are re-written (``revision`` + 1). Concu
 workers are safe: each day is one ``BEGIN IMMEDIATE`` transaction that adds the pending
 increments and deletes them (tables.summary_store). The provisional rows of the days
 still open (``usage_daily_live``) are rewritten at the end of every pass.
+
+While the hot path catches up on a backlog (it reads full batches), each date is merged
+at most every ``CATCH_UP_MERGE_SECONDS``: every merge rewrites the rows its increments
+touch, and merging a backfilled day every few seconds would rewrite the same rows again
+and again while the day's events are still streaming in. Nothing is lost meanwhile: the
+increments wait in ``daily_pending``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,16 @@ from tables.summary_store import (
 log = logging.getLogger(__name__)
 
 
+CATCH_UP_MERGE_SECONDS = 60.0
+_last_merge: dict[str, float] = {}  # usage date -> monotonic time of its last merge
+
+
+def _deferred(day: str, closer: DayCloser) -> bool:
+    """True when ``day`` was merged moments ago and the hot path is catching up."""
+    last = _last_merge.get(day)
+    return closer.behind and last is not None and time.monotonic() - last < CATCH_UP_MERGE_SECONDS
+
+
 @dataclass(frozen=True, slots=True)
 class RollupPass:
     written: list[DayRollup]
@@ -49,6 +65,9 @@ async def run_rollup(conn: aiosqlite.Connection, closer: DayCloser) -> RollupPas
         if day not in closed and not closer.is_due(date.fromisoformat(day)):
             still_open.append(day)
             continue
+        if _deferred(day, closer):
+            continue
+        _last_merge[day] = time.monotonic()
         started = utc_now_text()
         begin = time.monotonic()
         result = await rollup_day(conn, day, settings.USAGE_MARKUP_MULTIPLIER, rate_for_date)
@@ -75,7 +94,9 @@ async def run_rollup(conn: aiosqlite.Connection, closer: DayCloser) -> RollupPas
             " (late events)" if result.late_rewrite else "",
         )
         written.append(result)
-    await refresh_open_days(conn, still_open, settings.USAGE_MARKUP_MULTIPLIER, rate_for_date)
+    if not _deferred("open days", closer):
+        _last_merge["open days"] = time.monotonic()
+        await refresh_open_days(conn, still_open, settings.USAGE_MARKUP_MULTIPLIER, rate_for_date)
     OPEN_DAYS.set(len(still_open))
     return RollupPass(written, still_open)
 

@@ -29,7 +29,8 @@ def nano_to_decimal(nano: int) -> Decimal:
 
 def nano_to_float(nano: int | None) -> float | None:
     """The REAL convenience columns beside the exact ``*_nano`` ones."""
-    return None if nano is None else float(Decimal(nano) / NANO)
+    # int / int is correctly rounded, like float() of the exact Decimal quotient
+    return None if nano is None else nano / 1_000_000_000
 
 
 class NanoScaler:

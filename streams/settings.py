@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     RAW_BATCH_SIZE: int = Field(5000, ge=1, le=100_000)
     # Records per hot-path batch (one SQLite transaction): the ledger's random inserts
     # cost per dirtied page, so larger batches amortise them (README, Performance).
-    BATCH_MAX_EVENTS: int = Field(20_000, ge=1, le=500_000)
+    BATCH_MAX_EVENTS: int = Field(50_000, ge=1, le=500_000)
     RAW_BATCH_SECONDS: float = Field(1.0, gt=0)
     # Raw line-protocol files: gzipped once their UTC day is over, deleted after this many
     # days (0 keeps them for ever).

@@ -35,6 +35,8 @@ class DayCloser:
         self.grace_seconds = grace_seconds
         self.clock = clock
         self._partition_max: dict[int, int] = {}
+        #: True while the hot path reads full batches (it is catching up on a backlog)
+        self.behind = False
 
     def observe(self, partition: int, event_ms: int) -> None:
         if event_ms > self._partition_max.get(partition, -1):

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from streams.metrics import (
@@ -36,12 +36,21 @@ from streams.metrics import (
 )
 from streams.sinks.lineprotocol import RawPoint, to_lines
 
-__all__ = ["RawSink", "RawWriteError", "RawWriter", "describe_error"]
+__all__ = [
+    "RawSink",
+    "RawWriteError",
+    "RawWriter",
+    "describe_error",
+    "http_status",
+    "is_permanent",
+]
 
 log = logging.getLogger(__name__)
 
 _URL_USERINFO = re.compile(r"(?<=://)[^/\s@]*@")
 _SECRET_PARAMS = re.compile(r"(?i)\b(token|password|passwd|secret|u|p|authorization)=[^&\s]*")
+_HTTP_STATUS = re.compile(r"^HTTP (\d{3})\b")
+_RETRY = object()
 
 
 class RawWriteError(Exception):
@@ -65,6 +74,22 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
     first = _SECRET_PARAMS.sub(r"\1=***", _URL_USERINFO.sub("***@", first))
     name = type(error).__name__
     return f"{name}: {first[:limit]}" if first else name
+
+
+def http_status(error: BaseException) -> int | None:
+    """The HTTP status of a failed write (both InfluxDB writers raise ``RawWriteError``
+    starting with ``HTTP <status>:``); None for timeouts and connection errors."""
+    if not isinstance(error, RawWriteError):
+        return None
+    match = _HTTP_STATUS.match(str(error))
+    return int(match.group(1)) if match else None
+
+
+def is_permanent(error: BaseException) -> bool:
+    """A rejection that retrying the same lines will not fix: a 4xx (missing database,
+    bad token, unparseable line), except 408 (timeout) and 429 (slow down)."""
+    status = http_status(error)
+    return status is not None and 400 <= status < 500 and status not in (408, 429)
 
 
 class RawSink:
@@ -114,6 +139,10 @@ class RawSink:
         for start in range(0, len(points), self.batch_size):
             await self._write_chunk(to_lines(points[start : start + self.batch_size]))
 
+    async def start(self) -> None:
+        """Called once by the worker before the first write (a spooling sink starts its
+        shipper here); nothing to do for a direct sink."""
+
     async def write_lines(self, lines: Sequence[str]) -> None:
         """:meth:`write` for lines already built (:func:`~streams.sinks.lineprotocol.line`)."""
         for start in range(0, len(lines), self.batch_size):
@@ -135,6 +164,58 @@ class RawSink:
                 return
             if not self._open:
                 await asyncio.sleep(self._backoff())
+
+    async def write_chunk_or_permanent(
+        self, lines: list[str], permanent: Callable[[BaseException], bool] = is_permanent
+    ) -> BaseException | None:
+        """One chunk, retried like :meth:`write_lines` (backoff, circuit breaker), except a
+        failure ``permanent`` accepts: that attempt is counted and logged, and its error
+        returned to the caller (the spool shipper decides when to set lines aside).
+
+        A permanent failure proves the server answers, so it closes an open circuit
+        instead of feeding it. Returns None once the chunk is stored."""
+        while True:
+            if self._open:
+                async with self._probe_lock:
+                    if self._open:
+                        await asyncio.sleep(max(0.0, self._next_probe_at - time.monotonic()))
+                        outcome = await self._attempt_or_permanent(lines, permanent)
+                        if outcome is not _RETRY:
+                            return outcome  # type: ignore[return-value]
+                        continue
+            outcome = await self._attempt_or_permanent(lines, permanent)
+            if outcome is not _RETRY:
+                return outcome  # type: ignore[return-value]
+            if not self._open:
+                await asyncio.sleep(self._backoff())
+
+    async def _attempt_or_permanent(
+        self, lines: list[str], permanent: Callable[[BaseException], bool]
+    ) -> object:
+        """None on success, the error when permanent, ``_RETRY`` otherwise."""
+        try:
+            with RAW_WRITE_SECONDS.time():
+                await self.writer.write_lines(lines)
+        except Exception as error:
+            if not permanent(error):
+                self._failed(error, len(lines))
+                return _RETRY
+            RAW_WRITE_ERRORS.inc()
+            log.warning(
+                "%s: write of %d points rejected: %s", self.name, len(lines), describe_error(error)
+            )
+            self._reachable()
+            return error
+        self._succeeded(len(lines))
+        return None
+
+    def _reachable(self) -> None:
+        """The server answered (if only to refuse): close the circuit, reset the count."""
+        if self._open:
+            log.warning("%s: circuit closed, the server answers again", self.name)
+            self._open = False
+            RAW_SINK_CIRCUIT_OPEN.set(0)
+        self._failures = 0
 
     def _backoff(self) -> float:
         return min(self.backoff_base * 2 ** (self._failures - 1), self.backoff_cap)
