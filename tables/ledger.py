@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import orjson
 
@@ -47,6 +47,7 @@ from tables.schema import open_sync, utc_now_text
 
 __all__ = [
     "BatchResult",
+    "Deduplicator",
     "LedgerEvent",
     "LedgerStore",
     "bucket_ms_for",
@@ -113,6 +114,18 @@ def ledger_events(
             )
         )
     return entries
+
+
+class Deduplicator(Protocol):
+    """What the hot path needs to drop copies of a request (OpenMeter's ``Deduplicator``).
+
+    :class:`LedgerStore` is the implementation: its ``known`` is the read-only pre-check,
+    and marking requests seen happens inside :meth:`LedgerStore.commit_batch`, in the
+    transaction that adds their sums, so "seen" and "counted" can never disagree. Another
+    implementation (an LSM store for larger volumes) must keep that property: mark seen
+    atomically with the sums, or in a way a crash between the two cannot lose or double."""
+
+    def known(self, request_ids: Sequence[str]) -> set[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +199,16 @@ class LedgerStore:
         return self._conn
 
     def close(self) -> None:
+        """Checkpoint the WAL into the database and truncate it (best effort: another
+        connection may still be reading), then close."""
         if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            with self._lock:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as error:
+                    log.info("ledger: WAL checkpoint at close skipped: %s", error)
+                self._conn.close()
+                self._conn = None
 
     def bucket_at(self, now_ms: int) -> int:
         """The ledger bucket of a request first recorded at ``now_ms`` (its interval's end)."""

@@ -412,6 +412,8 @@ def open_sync(path: Path, cache_mib: int = 2) -> sqlite3.Connection:
     # Checkpoint the WAL every ~64 MiB instead of every 4 MiB: a batch dirties pages all
     # over the ledger, and each checkpoint copies (and fsyncs) them into the database.
     conn.execute("PRAGMA wal_autocheckpoint = 16384")
+    # and give the space back: without a limit the WAL file keeps its largest size ever
+    conn.execute("PRAGMA journal_size_limit = 67108864")
     return conn
 
 
