@@ -38,18 +38,20 @@ import shutil
 import socket
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
+from typing import NamedTuple
 
 import aiosqlite
 
 from tables.ledger import LedgerEvent
 from tables.reference import rate_for_date, record_batch_run
 from tables.schema import utc_now_text, write_transaction
-from tables.summary_store import Rate, SummaryRow, write_summaries
+from tables.summary_store import Rate, SummaryRow, _summary_values, write_summaries
 
 __all__ = [
     "DailyRow",
@@ -252,6 +254,8 @@ class ReplayOutcome:
     rate: Rate | None
     committed: bool
     batch_run_id: int | None
+    #: seconds per step of the transaction (for the operator's timing line and profiling)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def count(self, kind: str) -> int:
         return sum(1 for change in self.changes if change.kind == kind)
@@ -261,13 +265,16 @@ class ReplayOutcome:
         return len(self.changes)
 
 
-async def _daily_rows(conn: aiosqlite.Connection, day: str) -> dict[Key, DailyRow]:
+async def _daily_rows(conn: aiosqlite.Connection, day: str) -> dict[Key, tuple[object, ...]]:
+    """The date's ``usage_daily`` rows as plain tuples (``_DAILY_COLUMNS`` order): a
+    :class:`DailyRow` is built only for the few rows that change (tens of thousands of
+    dataclass instances per date cost more than the query)."""
     sql = (
         f"SELECT client_org_id, user_id, model, {', '.join(_DAILY_COLUMNS)}"
         " FROM usage_daily WHERE usage_date = ?"
     )
     async with conn.execute(sql, (day,)) as cursor:
-        return {(row[0], row[1], row[2]): DailyRow(*row[3:]) for row in await cursor.fetchall()}
+        return {(row[0], row[1], row[2]): row[3:] for row in await cursor.fetchall()}
 
 
 async def _count(conn: aiosqlite.Connection, sql: str, args: Iterable[object]) -> int:
@@ -276,17 +283,51 @@ async def _count(conn: aiosqlite.Connection, sql: str, args: Iterable[object]) -
     return int(row[0]) if row else 0
 
 
-def _diff(before: Mapping[Key, DailyRow], after: Mapping[Key, DailyRow]) -> list[RowChange]:
+_CONTENT = len(_DAILY_COLUMNS) - 2  # every column but revision and updated_at
+
+
+def _diff(
+    before: Mapping[Key, tuple[object, ...]], after: Mapping[Key, tuple[object, ...]]
+) -> list[RowChange]:
     changes: list[RowChange] = []
     for key in sorted(before.keys() | after.keys()):
         old, new = before.get(key), after.get(key)
         if old is None:
-            changes.append(RowChange("added", key, None, new))
+            changes.append(RowChange("added", key, None, DailyRow(*new)))
         elif new is None:
-            changes.append(RowChange("removed", key, old, None))
-        elif old.content() != new.content():
-            changes.append(RowChange("changed", key, old, new))
+            changes.append(RowChange("removed", key, DailyRow(*old), None))
+        elif old[:_CONTENT] != new[:_CONTENT]:
+            changes.append(RowChange("changed", key, DailyRow(*old), DailyRow(*new)))
     return changes
+
+
+class _Totals(NamedTuple):
+    """A :class:`SummaryRow`'s fields as a tuple: one per key of the date is compared with
+    the stored row, and a tuple is far cheaper to build than the frozen dataclass (only
+    rows that differ become SummaryRows)."""
+
+    client_org_id: str
+    user_id: str
+    model: str
+    usage_date: str
+    input_tokens: int
+    output_tokens: int
+    requests: int
+    estimated_requests: int
+    raw_cost_nano: int
+
+
+class _Lap:
+    """Records the seconds since the previous call under a step's name."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.last = time.monotonic()
+
+    def __call__(self, step: str) -> None:
+        now = time.monotonic()
+        self.timings[step] = self.timings.get(step, 0.0) + now - self.last
+        self.last = now
 
 
 async def replace_day(
@@ -316,10 +357,74 @@ async def replace_day(
             outcome = await _replace(
                 conn, day, ranges, markup, bucket, dry_run, started_at, records_processed
             )
+            lap = _Lap(outcome.timings)
+        lap("commit" if not dry_run else "rollback")
     finally:
         with contextlib.suppress(sqlite3.Error):
             await conn.execute("DETACH DATABASE replay_staging")
     return outcome
+
+
+def _inside(alias: str, ranges: Sequence[ReplayRange]) -> tuple[str, dict[str, int]]:
+    """SQL true for a ledger row read from one of the ranges, with its named arguments."""
+    if not ranges:
+        return "0", {}
+    sql = " OR ".join(
+        f"({alias}.source_partition = :p{i} AND {alias}.source_offset >= :s{i}"
+        f" AND {alias}.source_offset < :e{i})"
+        for i in range(len(ranges))
+    )
+    args = {}
+    for i, r in enumerate(ranges):
+        args.update({f"p{i}": r.partition, f"s{i}": r.start, f"e{i}": r.end})
+    return f"({sql})", args
+
+
+# (a) A ledger row of the date read from a replayed range is deleted, unless the replay's
+# own row for that request would put back exactly the same row: same bucket (the one the
+# replay records in), same values, and no other live row of the request survives (then
+# the original "delete, insert where not exists" would re-insert it). Keeping such a row
+# leaves the ledger byte for byte as deleting and re-inserting it would, without
+# rewriting the B-tree: a replay of an intact date writes no ledger row at all.
+_DELETE = """
+    DELETE FROM ledger WHERE usage_day = :day AND {inside} AND NOT (
+        bucket = :bucket
+        AND EXISTS (
+            SELECT 1 FROM replay_staging.staged s JOIN summary_keys k
+                ON k.client_org_id = s.client_org_id AND k.user_id = s.user_id
+                AND k.model = s.model
+            WHERE s.request_id = ledger.request_id AND s.usage_day = ledger.usage_day
+                AND k.key_id = ledger.key_id AND s.input_tokens = ledger.input_tokens
+                AND s.output_tokens = ledger.output_tokens AND s.cost_nano = ledger.cost_nano
+                AND s.cost_estimated = ledger.cost_estimated
+                AND s.source_partition = ledger.source_partition
+                AND s.source_offset = ledger.source_offset)
+        AND NOT EXISTS (
+            SELECT 1 FROM ledger o
+            WHERE o.bucket IN (SELECT bucket FROM ledger_buckets) AND o.bucket <> :bucket
+                AND o.request_id = ledger.request_id
+                AND NOT (o.usage_day = :day AND {inside_o})))
+"""
+# (b) the replay's unique events; a request already in the ledger keeps its first copy
+_INSERT = """
+    INSERT INTO main.ledger
+    SELECT ?, s.request_id, s.usage_day, k.key_id, s.input_tokens, s.output_tokens,
+           s.cost_nano, s.cost_estimated, s.source_partition, s.source_offset
+    FROM replay_staging.staged s JOIN summary_keys k USING (client_org_id, user_id, model)
+    WHERE s.usage_day = ? AND NOT EXISTS (
+        SELECT 1 FROM ledger l WHERE l.bucket IN (SELECT bucket FROM ledger_buckets)
+        AND l.request_id = s.request_id)
+"""
+# (c) the date's totals per key: aggregate first, then name the keys (one scan of ledger)
+_TOTALS = """
+    SELECT k.client_org_id, k.user_id, k.model, ?, t.input_tokens, t.output_tokens,
+           t.requests, t.estimated_requests, t.raw_cost_nano
+    FROM (SELECT key_id, SUM(input_tokens) AS input_tokens,
+                 SUM(output_tokens) AS output_tokens, COUNT(*) AS requests,
+                 SUM(cost_estimated) AS estimated_requests, SUM(cost_nano) AS raw_cost_nano
+          FROM ledger WHERE usage_day = ? GROUP BY key_id) t
+    JOIN summary_keys k USING (key_id)
+"""
 
 
 async def _replace(
@@ -332,56 +437,56 @@ async def _replace(
     started_at: str,
     records_processed: int,
 ) -> ReplayOutcome:
+    timings: dict[str, float] = {}
+    lap = _Lap(timings)
     ordinal = date.fromisoformat(day).toordinal()
     rate = await rate_for_date(conn, date.fromisoformat(day))
     before = await _daily_rows(conn, day)
-    ledger_sql = "SELECT COUNT(*) FROM ledger WHERE usage_day = ?"
-    ledger_before = await _count(conn, ledger_sql, (ordinal,))
-
-    # (a) the date's ledger rows that the replay has re-read (one scan for all ranges)
-    mark = conn.total_changes
+    lap("usage_daily before")
     read = [r for r in ranges if r.end > r.start]
-    if read:
-        inside = " OR ".join(
-            "(source_partition = ? AND source_offset >= ? AND source_offset < ?)" for _ in read
-        )
-        await conn.execute(
-            f"DELETE FROM ledger WHERE usage_day = ? AND ({inside})",
-            (ordinal, *[value for r in read for value in (r.partition, r.start, r.end)]),
-        )
-    removed = conn.total_changes - mark
+    inside, args = _inside("ledger", read)
+    args.update({"day": ordinal, "bucket": bucket})
+    # the date's ledger rows, and how many of them lie in the replayed ranges (one scan)
+    async with conn.execute(
+        f"SELECT COUNT(*), COALESCE(SUM({inside}), 0) FROM ledger WHERE usage_day = :day",
+        args,
+    ) as cursor:
+        ledger_before, in_ranges = await cursor.fetchone()
+    lap("ledger count")
 
-    # (b) the replay's unique events; a request already in the ledger keeps its first copy
     await conn.execute(
         "INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)"
         " SELECT DISTINCT client_org_id, user_id, model FROM replay_staging.staged"
     )
     await conn.execute("INSERT OR IGNORE INTO ledger_buckets VALUES (?)", (bucket,))
     mark = conn.total_changes
-    await conn.execute(
-        """INSERT INTO main.ledger
-        SELECT ?, s.request_id, s.usage_day, k.key_id, s.input_tokens, s.output_tokens,
-               s.cost_nano, s.cost_estimated, s.source_partition, s.source_offset
-        FROM replay_staging.staged s JOIN summary_keys k USING (client_org_id, user_id, model)
-        WHERE s.usage_day = ? AND NOT EXISTS (
-            SELECT 1 FROM ledger l WHERE l.bucket IN (SELECT bucket FROM ledger_buckets)
-            AND l.request_id = s.request_id)""",
-        (bucket, ordinal),
-    )
+    if read:
+        inside_o, _ = _inside("o", read)
+        await conn.execute(_DELETE.format(inside=inside, inside_o=inside_o), args)
+    deleted = conn.total_changes - mark
+    lap("ledger delete")
+    mark = conn.total_changes
+    await conn.execute(_INSERT, (bucket, ordinal))
     inserted = conn.total_changes - mark
+    kept = in_ranges - deleted  # identical rows left in place instead of re-inserted
+    lap("ledger insert")
 
-    # (c) every usage_daily row of the date, from the ledger
-    async with conn.execute(
-        """SELECT k.client_org_id, k.user_id, k.model, ?, SUM(l.input_tokens),
-               SUM(l.output_tokens), COUNT(*), SUM(l.cost_estimated), SUM(l.cost_nano)
-        FROM ledger l JOIN summary_keys k USING (key_id)
-        WHERE l.usage_day = ? GROUP BY l.key_id""",
-        (day, ordinal),
-    ) as cursor:
-        rows = [SummaryRow(*row) for row in await cursor.fetchall()]
-    written = await write_summaries(conn, rows, markup, rate)
-    kept = {(row.client_org_id, row.user_id, row.model) for row in rows}
-    gone = [key for key in before if key not in kept]
+    # (c) every usage_daily row of the date, from the ledger; only rows whose values
+    # differ are handed to write_summaries (which would leave the others untouched too)
+    async with conn.execute(_TOTALS, (day, ordinal)) as cursor:
+        rows = [_Totals(*row) for row in await cursor.fetchall()]
+    lap("totals")
+    now = utc_now_text()
+    differing = []
+    for row in rows:
+        old = before.get((row.client_org_id, row.user_id, row.model))
+        # the values write_summaries would store, by the same function
+        if old is None or old[:_CONTENT] != _summary_values(row, markup, rate, now)[4:-1]:
+            differing.append(SummaryRow(*row))
+    lap("compare")
+    written = await write_summaries(conn, differing, markup, rate)
+    kept_keys = {(row.client_org_id, row.user_id, row.model) for row in rows}
+    gone = [key for key in before if key not in kept_keys]
     mark = conn.total_changes
     await conn.executemany(
         "DELETE FROM usage_daily WHERE client_org_id = ? AND user_id = ? AND model = ?"
@@ -397,8 +502,9 @@ async def _replace(
         "INSERT OR IGNORE INTO closed_days VALUES (?, ?, ?)", (day, utc_now_text(), _CLOSED_BY)
     )
 
-    after = await _daily_rows(conn, day)
-    changes = _diff(before, after)
+    after = await _daily_rows(conn, day) if written else before
+    changes = _diff(before, after) if written else []
+    lap("write")
     clients = len({key[0] for key in after})
     run_id = None
     if not dry_run:
@@ -422,10 +528,11 @@ async def _replace(
         summaries_written=written,
         clients=clients,
         ledger_before=ledger_before,
-        ledger_after=await _count(conn, ledger_sql, (ordinal,)),
-        ledger_removed=removed,
-        ledger_inserted=inserted,
+        ledger_after=ledger_before - deleted + inserted,
+        ledger_removed=in_ranges,
+        ledger_inserted=inserted + kept,
         rate=rate,
         committed=not dry_run,
         batch_run_id=run_id,
+        timings=timings,
     )

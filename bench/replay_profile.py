@@ -1,0 +1,120 @@
+"""Profile ``usage-stream replay`` without the whole benchmark: one broker kept up while
+the replay is run (and changed) again and again.
+
+    .venv/bin/python bench/replay_profile.py serve DIR [--events N]   # until Ctrl-C
+    .venv/bin/python bench/replay_profile.py run DIR [--times K] [--py-spy OUT] [--dry-run]
+    .venv/bin/python bench/replay_profile.py raw DIR                   # the raw-reader floor
+
+``serve`` starts Tansu, produces bench/workload.py's events (same shape as bench/run.py),
+fills the summary DB by replaying every day of the workload once (so the ledger holds
+all three days, as after the worker), and writes ``DIR/env.json``. ``run`` times
+``python -m streams replay --date D`` (D = the workload's second day, as bench/run.py)
+as a whole command, optionally under ``py-spy record --gil -f raw``. Why a separate
+script: bench/run.py spends two minutes on floors and workers before the replay, and the
+replay's profile is what matters here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.floors import raw_reader  # noqa: E402
+from bench.worker_run import worker_env  # noqa: E402
+from bench.workload import PARTITIONS, build, create_topics, produce  # noqa: E402
+from streams.broker import EmbeddedBroker, free_port  # noqa: E402
+
+TOPIC = "bench-usage"
+TIMEZONE = "Europe/Warsaw"
+
+
+def _replay(env: dict[str, str], day: str, extra: list[str], py_spy: Path | None) -> float:
+    command = [sys.executable, "-m", "streams", "replay", "--date", day, *extra]
+    if py_spy is not None:
+        spy = str(Path(sys.executable).parent / "py-spy")
+        command = [spy, "record", "-o", str(py_spy), "-f", "raw", "--gil", "-r", "250", "--"]
+        command += [sys.executable, "-m", "streams", "replay", "--date", day, *extra]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"replay failed ({done.returncode}): {done.stdout}{done.stderr}")
+    print(done.stdout.splitlines()[0] if done.stdout else "", file=sys.stderr)
+    print("\n".join(ln for ln in done.stderr.splitlines() if "timings" in ln), file=sys.stderr)
+    return seconds
+
+
+def serve(directory: Path, events: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    workload = build(events, TIMEZONE)
+    expected = workload.expected
+    assert expected is not None
+    days = sorted(expected.unique_by_day)
+    with EmbeddedBroker(log_path=directory / "tansu.log") as broker:
+        bootstrap = f"127.0.0.1:{broker.port}"
+        asyncio.run(create_topics(bootstrap, [TOPIC, f"{TOPIC}-dlq"]))
+        seconds = asyncio.run(produce(bootstrap, TOPIC, workload))
+        print(f"produced {expected.records:,} records in {seconds:.1f} s", file=sys.stderr)
+        env = worker_env(
+            broker_url=broker.url,
+            topic=TOPIC,
+            data_dir=directory / "data",
+            app_id=f"profile-{os.getpid()}",
+            web_port=free_port(),
+            timezone=TIMEZONE,
+        )
+        state = {
+            "env": env,
+            "bootstrap": bootstrap,
+            "records": expected.records,
+            "day": days[1],
+            "unique_of_day": expected.unique_by_day[days[1]],
+            "days": days,
+        }
+        for day in days:  # the ledger of all days, as the worker leaves it
+            print(f"filling {day}: {_replay(env, day, [], None):.2f} s", file=sys.stderr)
+        (directory / "env.json").write_bytes(orjson.dumps(state))
+        print(f"ready: {directory / 'env.json'}", file=sys.stderr, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("serve", "run", "raw"))
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--times", type=int, default=1)
+    parser.add_argument("--py-spy", type=Path, default=None)
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args()
+    if args.mode == "serve":
+        serve(args.dir, args.events)
+        return
+    state = orjson.loads((args.dir / "env.json").read_bytes())
+    if args.mode == "raw":
+        result = raw_reader(state["bootstrap"], TOPIC, PARTITIONS, state["records"], args.dir, 120)
+        print(f"raw reader: {result.events_per_s or 0:,.0f} records/s {result.error or ''}")
+        return
+    for _ in range(args.times):
+        extra = ["--dry-run"] if args.dry_run else []
+        seconds = _replay(state["env"], state["day"], extra, args.py_spy)
+        print(f"replay: {seconds:.2f} s, {state['records'] / seconds:,.0f} records/s")
+
+
+if __name__ == "__main__":
+    main()
