@@ -1,8 +1,11 @@
-"""Operator commands (``@app.command``): publish, refresh and the local ``dev`` stack."""
+"""Operator commands (``@app.command``): publish and the local ``dev`` stack.
+
+Each command that belongs to an agent lives beside it (``refresh`` in agents/refresh.py,
+``replay`` in agents/replay.py, ``report``, ``raw-resend``), so no agent module imports
+another."""
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -31,29 +34,6 @@ async def publish(self: object, source: str) -> None:
     except BrokerUnreachable as error:
         fail(str(error))
     print(f"sent {sent} events to {settings.USAGE_TOPIC}")
-
-
-@app.command()
-async def refresh(self: object) -> None:
-    """Refresh the NBP USD/PLN rates and OpenRouter model prices now."""
-    from agents.refresh import run_refresh
-    from tables.schema import connect
-
-    try:
-        conn = await connect(settings.summary_db_path)
-    except (sqlite3.Error, OSError) as error:
-        fail(f"summary DB {settings.summary_db_path} is not writable: {error}")
-    try:
-        result = await run_refresh(settings, conn)
-    finally:
-        await conn.close()
-    if not result.ok:
-        fail(f"refresh failed: {result.error_text}")
-    print(
-        f"refresh ok: {result.rates_fetched} NBP rates ({result.rates_stored} new), "
-        f"{result.prices_fetched} model prices ({result.prices_stored} new), "
-        f"{result.pln_filled} rows converted to PLN"
-    )
 
 
 @app.command(

@@ -437,3 +437,27 @@ async def refresh_at_start() -> None:
         return
     if needed:
         await _refresh_now("start-up")
+
+
+@app.command()
+async def refresh(self: object) -> None:
+    """Refresh the NBP USD/PLN rates and OpenRouter model prices now."""
+    import sqlite3
+
+    from streams.cli import fail
+
+    try:
+        conn = await connect(app_settings.summary_db_path)
+    except (sqlite3.Error, OSError) as error:
+        fail(f"summary DB {app_settings.summary_db_path} is not writable: {error}")
+    try:
+        result = await run_refresh(app_settings, conn)
+    finally:
+        await conn.close()
+    if not result.ok:
+        fail(f"refresh failed: {result.error_text}")
+    print(
+        f"refresh ok: {result.rates_fetched} NBP rates ({result.rates_stored} new), "
+        f"{result.prices_fetched} model prices ({result.prices_stored} new), "
+        f"{result.pln_filled} rows converted to PLN"
+    )

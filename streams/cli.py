@@ -1,7 +1,8 @@
 """The ``usage-stream`` console script.
 
 Settings are validated first, so a bad value prints one line naming it instead of a
-traceback; ``worker`` also creates the topics and opens the summary DB before Faust starts.
+traceback; ``worker`` also runs the components' start-up checks (:data:`PREFLIGHT`) and
+creates the topics before Faust starts.
 Everything else is Faust's own CLI (``worker`` and the ``@app.command`` commands).
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import sys
+from collections.abc import Awaitable, Callable
 
-from streams.settings import SettingsError, get_settings
+from streams.settings import Settings, SettingsError, get_settings
 
 __all__ = ["fail", "main"]
 
@@ -23,16 +24,20 @@ def fail(message: str, code: int = 1) -> None:
     raise SystemExit(code)
 
 
+#: Start-up checks that component packages register (``tables`` registers "the summary
+#: DB is writable"): each returns None or a one-line problem, and the worker does not
+#: start on a problem. The CLI knows no component: it runs what they registered.
+PREFLIGHT: list[Callable[[Settings], Awaitable[str | None]]] = []
+
+
 async def _prepare_worker() -> None:
     from streams.broker import ensure_topics
-    from tables.schema import connect
 
     settings = get_settings()
-    try:
-        conn = await connect(settings.summary_db_path)
-        await conn.close()
-    except (sqlite3.Error, OSError) as error:
-        fail(f"summary DB {settings.summary_db_path} is not writable: {error}")
+    for check in PREFLIGHT:
+        problem = await check(settings)
+        if problem:
+            fail(problem)
     await ensure_topics(settings)
 
 
@@ -43,6 +48,9 @@ def main() -> None:
         get_settings()
     except SettingsError as error:
         fail(str(error), 2)
+    from streams.app import app
+
+    _import_components()
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         from streams.broker import BrokerUnreachable
 
@@ -50,9 +58,6 @@ def main() -> None:
             asyncio.run(_prepare_worker())
         except BrokerUnreachable as error:
             fail(str(error))
-    from streams.app import app
-
-    _import_components()
     logging.getLogger("aiokafka").setLevel(logging.NOTSET)
     app.main()
 
