@@ -1,12 +1,27 @@
-"""Raw point sinks (CONTRACT §2): InfluxDB v2 API, InfluxDB 1.x, or daily files."""
+"""Raw point sinks (CONTRACT §2): InfluxDB v2 API, InfluxDB 1.x, or daily files.
+
+With ``INFLUXDB_URL`` set, the worker's sink spools to ``DATA_DIR/spool/`` and ships from
+there (:mod:`streams.sinks.shipper`), so billing never waits for InfluxDB. Without it,
+the daily files under ``DATA_DIR/raw/`` are the local store and are written directly.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from streams.settings import Settings
 from streams.sinks.base import RawSink, RawWriteError, RawWriter
 from streams.sinks.lineprotocol import RawPoint
 
-__all__ = ["RawPoint", "RawSink", "RawWriteError", "RawWriter", "build_raw_sink", "build_writer"]
+__all__ = [
+    "RawPoint",
+    "RawSink",
+    "RawWriteError",
+    "RawWriter",
+    "build_raw_sink",
+    "build_writer",
+    "spool_dir",
+]
 
 
 def build_writer(settings: Settings) -> RawWriter:
@@ -27,10 +42,19 @@ def build_writer(settings: Settings) -> RawWriter:
     raise ValueError(f"unknown raw sink kind {kind!r}")
 
 
+def spool_dir(settings: Settings) -> Path:
+    """Where the spooling sink keeps its segments (``DATA_DIR/spool``)."""
+    return settings.DATA_DIR / "spool"
+
+
 def build_raw_sink(settings: Settings) -> RawSink:
-    """The at-least-once raw sink configured by the environment."""
-    return RawSink(
-        build_writer(settings),
-        batch_size=settings.RAW_BATCH_SIZE,
-        name=f"raw sink ({settings.raw_sink_kind})",
-    )
+    """The at-least-once raw sink configured by the environment: a
+    :class:`~streams.sinks.shipper.SpoolingSink` for InfluxDB (nothing is touched on disk
+    before its ``start()``/first write), a direct :class:`RawSink` for the daily files."""
+    name = f"raw sink ({settings.raw_sink_kind})"
+    writer = build_writer(settings)
+    if settings.raw_sink_kind == "file":
+        return RawSink(writer, batch_size=settings.RAW_BATCH_SIZE, name=name)
+    from streams.sinks.shipper import SpoolingSink
+
+    return SpoolingSink(writer, spool_dir(settings), batch_size=settings.RAW_BATCH_SIZE, name=name)
