@@ -69,6 +69,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import ClassVar, NoReturn, TextIO
@@ -286,6 +287,11 @@ async def _read_day(
     high = local_midnight_ms(day + timedelta(days=1), tz) + 1_000
     invalid = report.invalid
     progress = Progress(reader.total, f"replay {day}", stream)
+    # Staging runs on its own thread, one batch at a time and in read order (the first
+    # copy read must win): SQLite works without the GIL while the next fetch is parsed.
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(1, thread_name_prefix="replay-staging")
+    staged: asyncio.Future[int] | None = None
     try:
         async for batch in reader.batches():
             now_ms = wall_clock_ms()
@@ -300,10 +306,20 @@ async def _read_day(
                     elif low <= event.event_ms < high:
                         located.append((event, partition, record.offset))
             entries = ledger_events(located, prices, dates)
-            staging.add([entry for entry in entries if entry.usage_date == day_text])
+            of_day = [entry for entry in entries if entry.usage_date == day_text]
+            if staged is not None:
+                await staged
+            staged = loop.run_in_executor(executor, staging.add, of_day)
             report.records_read += count
             progress.update(count)
+        if staged is not None:
+            await staged
+            staged = None
     finally:
+        if staged is not None:  # an error or a cancellation: let the last add finish
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(staged)
+        executor.shutdown(wait=True)
         progress.close()
     report.events_of_day, report.unique = staging.read, staging.unique
 

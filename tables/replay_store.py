@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 _CLOSED_BY = f"replay@{socket.gethostname()}"
+#: Page cache of each database during the replace (MiB).
+REPLACE_CACHE_MIB = 256
 
 
 # Staging --------------------------------------------------------------------------------
@@ -72,8 +74,9 @@ class ReplayStaging:
     """The replay's unique events of the date, in a temporary SQLite file.
 
     Synchronous sqlite3 on purpose: one ``executemany`` per fetched batch, no thread hop
-    per row. The file lives in a private temporary directory under ``directory`` (the
-    summary DB's, so it is on a disk sized for the data) and is removed by :meth:`close`.
+    per row (the replay calls :meth:`add` on a thread of its own, one call at a time).
+    The file lives in a private temporary directory under ``directory`` (the summary DB's,
+    so it is on a disk sized for the data) and is removed by :meth:`close`.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -83,7 +86,8 @@ class ReplayStaging:
         self.read = 0  # events of the date offered to add()
         self.unique = 0  # of which distinct request ids
         try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None)
+            # used by one thread at a time: the replay's staging thread, then the closer
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode = OFF")
             self._conn.execute("PRAGMA synchronous = OFF")
             self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB, then it spills
@@ -352,6 +356,11 @@ async def replace_day(
     transaction open. With ``dry_run`` nothing is written, not even ``batch_runs``.
     """
     await conn.execute("ATTACH DATABASE ? AS replay_staging", (str(staging.path),))
+    # Page caches sized like the hot path's: the transaction scans the date's ledger rows
+    # and probes both B-trees by random request id; with SQLite's 2 MiB default nearly
+    # every probe reads its page from the OS again. Per connection, bounded.
+    await conn.execute(f"PRAGMA main.cache_size = -{REPLACE_CACHE_MIB * 1024}")
+    await conn.execute(f"PRAGMA replay_staging.cache_size = -{REPLACE_CACHE_MIB * 1024}")
     try:
         async with write_transaction(conn, rollback=dry_run):
             outcome = await _replace(

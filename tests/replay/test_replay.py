@@ -635,3 +635,147 @@ def test_replay_while_the_worker_runs(stack: Stack) -> None:
     group = stack.env["APP_ID"]
     assert worker.log_path.read_text().count(f"Joined group '{group}'") == 1
     assert worker.alive()
+
+
+# The replace, without a broker: the no-churn plan against the plain definition -----------
+
+_REF_DAY = date(2026, 11, 18)
+_REPLAY_BUCKET = 2_000_000
+_OLD_BUCKET = 1_000_000
+
+
+def _ledger_event(request_id: str, day: date, tokens: int, partition: int, offset: int):
+    from tables.ledger import LedgerEvent
+
+    return LedgerEvent(
+        request_id, day.isoformat(), day.toordinal(), "org", f"u{tokens % 3}", "m",
+        tokens, 1, 1000 * tokens, 0, 0, partition, offset,
+    )  # fmt: skip
+
+
+async def _reference_replace(db: object, staging_path: Path, ranges: list) -> None:
+    """The definition (the replay's original statements): delete every ledger row of the
+    date read from a replayed range, then insert the staged events whose request is in
+    no live bucket."""
+    from tables.summary_store import SummaryRow, write_summaries
+
+    ordinal = _REF_DAY.toordinal()
+    await db.execute("ATTACH DATABASE ? AS replay_staging", (str(staging_path),))
+    await db.execute("BEGIN IMMEDIATE")
+    inside = " OR ".join(
+        "(source_partition = ? AND source_offset >= ? AND source_offset < ?)" for _ in ranges
+    )
+    await db.execute(
+        f"DELETE FROM ledger WHERE usage_day = ? AND ({inside})",
+        (ordinal, *[v for r in ranges for v in (r.partition, r.start, r.end)]),
+    )
+    await db.execute(
+        "INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)"
+        " SELECT DISTINCT client_org_id, user_id, model FROM replay_staging.staged"
+    )
+    await db.execute("INSERT OR IGNORE INTO ledger_buckets VALUES (?)", (_REPLAY_BUCKET,))
+    await db.execute(
+        """INSERT INTO main.ledger
+        SELECT ?, s.request_id, s.usage_day, k.key_id, s.input_tokens, s.output_tokens,
+               s.cost_nano, s.cost_estimated, s.source_partition, s.source_offset
+        FROM replay_staging.staged s JOIN summary_keys k USING (client_org_id, user_id, model)
+        WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.bucket IN
+            (SELECT bucket FROM ledger_buckets) AND l.request_id = s.request_id)""",
+        (_REPLAY_BUCKET,),
+    )
+    async with db.execute(
+        """SELECT k.client_org_id, k.user_id, k.model, ?, SUM(l.input_tokens),
+               SUM(l.output_tokens), COUNT(*), SUM(l.cost_estimated), SUM(l.cost_nano)
+        FROM ledger l JOIN summary_keys k USING (key_id)
+        WHERE l.usage_day = ? GROUP BY l.key_id""",
+        (_REF_DAY.isoformat(), ordinal),
+    ) as cursor:
+        rows = [SummaryRow(*row) for row in await cursor.fetchall()]
+    await write_summaries(db, rows, Decimal("1.3"), None)
+    keys = [(r.client_org_id, r.user_id, r.model) for r in rows]
+    await db.execute(
+        "DELETE FROM usage_daily WHERE usage_date = ? AND (client_org_id, user_id, model)"
+        " NOT IN (SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?))",
+        (_REF_DAY.isoformat(), orjson.dumps(keys).decode()),
+    )
+    await db.execute("COMMIT")
+    await db.execute("DETACH DATABASE replay_staging")
+
+
+async def test_replace_day_equals_delete_then_insert(tmp_path: Path) -> None:
+    """Every case where keeping an identical ledger row could differ from deleting and
+    re-inserting it: the ledger and the date's totals must come out identical."""
+    from tables.replay_store import ReplayRange, ReplayStaging, replace_day
+
+    other_day = _REF_DAY - timedelta(days=1)
+    ledger = [  # (bucket, event) already recorded
+        (_REPLAY_BUCKET, _ledger_event("same", _REF_DAY, 5, 0, 1)),  # kept as it is
+        (_REPLAY_BUCKET, _ledger_event("changed", _REF_DAY, 6, 0, 2)),  # values differ
+        (_OLD_BUCKET, _ledger_event("old-bucket", _REF_DAY, 7, 0, 3)),  # bucket differs
+        (_OLD_BUCKET, _ledger_event("outside", _REF_DAY, 8, 0, 500)),  # first copy kept
+        (_REPLAY_BUCKET, _ledger_event("gone", _REF_DAY, 9, 0, 4)),  # not re-read: deleted
+        (_REPLAY_BUCKET, _ledger_event("twice", _REF_DAY, 10, 0, 5)),  # identical, but ...
+        (_OLD_BUCKET, _ledger_event("twice", other_day, 10, 1, 7)),  # ... survives here
+        (_REPLAY_BUCKET, _ledger_event("p1", _REF_DAY, 11, 1, 6)),  # partition not replayed
+        (_REPLAY_BUCKET, _ledger_event("other-day", other_day, 12, 0, 6)),  # not the date
+    ]
+    staged = [
+        _ledger_event("same", _REF_DAY, 5, 0, 1),
+        _ledger_event("changed", _REF_DAY, 60, 0, 2),
+        _ledger_event("old-bucket", _REF_DAY, 7, 0, 3),
+        _ledger_event("outside", _REF_DAY, 8, 0, 8),
+        _ledger_event("twice", _REF_DAY, 10, 0, 5),
+        _ledger_event("new", _REF_DAY, 13, 0, 9),
+    ]
+    ranges = [ReplayRange(0, 0, 100)]
+    results = []
+    for name in ("replay", "reference"):
+        db = await connect(tmp_path / name / "usage.db")
+        try:
+            await db.execute("INSERT INTO ledger_buckets VALUES (?)", (_OLD_BUCKET,))
+            for bucket, e in ledger:
+                await db.execute(
+                    "INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)"
+                    " VALUES (?, ?, ?)",
+                    (e.client_org_id, e.user_id, e.model),
+                )
+                await db.execute(
+                    "INSERT INTO ledger SELECT ?, ?, ?, key_id, ?, ?, ?, ?, ?, ? FROM"
+                    " summary_keys WHERE client_org_id = ? AND user_id = ? AND model = ?",
+                    (bucket, e.request_id, e.usage_day, e.input_tokens, e.output_tokens,
+                     e.cost_nano, e.cost_estimated, e.partition, e.offset,
+                     e.client_org_id, e.user_id, e.model),
+                )  # fmt: skip
+            with ReplayStaging(tmp_path / name) as staging:
+                assert staging.add(staged) == len(staged)
+                if name == "replay":
+                    outcome = await replace_day(
+                        db, staging, _REF_DAY.isoformat(), "usage", ranges, Decimal("1.3"),
+                        bucket=_REPLAY_BUCKET, dry_run=False, started_at="2026-11-19T00:00:00Z",
+                        records_processed=len(staged),
+                    )  # fmt: skip
+                else:
+                    await _reference_replace(db, staging.path, ranges)
+            async with db.execute(
+                "SELECT bucket, request_id, usage_day, k.client_org_id, k.user_id, input_tokens,"
+                " cost_nano, source_partition, source_offset FROM ledger"
+                " JOIN summary_keys k USING (key_id) ORDER BY 1, 2"
+            ) as cursor:
+                rows = await cursor.fetchall()
+            async with db.execute(
+                "SELECT client_org_id, user_id, model, requests, input_tokens, raw_cost_nano,"
+                " markup_cost_nano FROM usage_daily WHERE usage_date = ? ORDER BY 1, 2, 3",
+                (_REF_DAY.isoformat(),),
+            ) as cursor:
+                daily = await cursor.fetchall()
+            results.append((rows, daily))
+        finally:
+            await db.close()
+    assert results[0] == results[1]
+    rows, daily = results[0]
+    ids = {(bucket, request_id) for bucket, request_id, *_ in rows}
+    assert (_REPLAY_BUCKET, "same") in ids and (_REPLAY_BUCKET, "twice") not in ids
+    assert (_REPLAY_BUCKET, "gone") not in ids and (_REPLAY_BUCKET, "new") in ids
+    assert sum(row[3] for row in daily) == 6  # same changed old-bucket outside p1 new
+    # the counts the summary line prints: rows of the date before and after
+    assert (outcome.ledger_before, outcome.ledger_after) == (7, 6)
