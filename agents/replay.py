@@ -7,11 +7,16 @@
    with a group-less consumer: the live consumer group is never joined, rebalanced or
    committed to (streams/replay_reader.py). ``--from-offsets`` overrides the start of the
    partitions it names; the others keep the default.
-2. Validate each record like the worker (``parse_event``, "now" = the wall clock). Invalid
-   ones are counted and reported, **not** re-sent to the dead-letter topic (the worker did
-   that when it first saw them). Event time decides membership of the date.
-3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins) and
-   price events without ``cost_usd`` like the worker (:func:`tables.ledger.ledger_events`).
+2. Validate each record like the worker (``parse_events`` per fetch and partition, "now" =
+   the wall clock). Invalid ones are counted and reported, **not** re-sent to the
+   dead-letter topic (the worker did that when it first saw them). Event time decides
+   membership of the date. Every record is validated, even of another date (most of them
+   on Tansu): skipping validation would need proof that the record is valid, or the
+   invalid count of the report would be wrong.
+3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins; memory
+   stays bounded) and price events without ``cost_usd`` like the worker
+   (:func:`tables.ledger.ledger_events`). The file is written on a thread of its own, a
+   batch at a time in read order, while the next fetch is parsed.
 4. Replace the date in one transaction (tables/replay_store.py): ledger rows of the
    replayed offset range are swapped for the replay's events, every ``usage_daily`` row of
    the date is recomputed from the ledger, a ``batch_runs`` row (kind ``replay``) records
@@ -25,7 +30,7 @@ date, an unknown topic, an unreachable broker and an unwritable summary DB.
 
 Why the live worker and a replay cannot fight
 ---------------------------------------------
-Totals are derived from ledger membership (``usage_events``, one row per request_id), and
+Totals are derived from ledger membership (``ledger``, one row per request_id), and
 SQLite has a single writer lock: the replay's replace is one ``BEGIN IMMEDIATE``
 transaction, and so is every ledger insert and rollup of the worker. An event of the date
 recorded by the worker is therefore either
