@@ -32,6 +32,11 @@ A crash anywhere before 4 redelivers the batch: raw points land on the same poin
 Producers may key by anything, so copies of a request may sit on any partition: the
 ledger is shared by every worker, and its check-and-insert is one transaction, so no
 re-keying hop is needed.
+
+Failures are reported once per condition, not once per retry: the first failure of a
+stage is one ERROR line, repeats of the same condition are summed up at most once a
+minute, and the recovery is one WARNING line (:class:`ConditionLog`). While a stage is
+failing, :meth:`HotPath.not_ready_reason` names it for ``/ready`` (:mod:`agents.health`).
 """
 
 from __future__ import annotations
@@ -50,13 +55,13 @@ from typing import Any
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import ConsumerStoppedError, KafkaError
+from aiokafka.errors import ConsumerStoppedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
 from streams.app import app, settings, summary_db
 from streams.broker import kafka_client_kwargs
 from streams.business_time import UsageDates
-from streams.event import InvalidEvent, UsageEvent, parse_events
+from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_events
 from streams.metrics import (
     CONSUMER_LAG,
     EVENTS_CONSUMED,
@@ -84,6 +89,70 @@ RAW_MAINTENANCE_SECONDS = 300.0
 _PRUNE_INTERVAL_SECONDS = max(
     1.0, min(3600.0, settings.ledger_retention_days * 86_400 / 16)
 )  # every UTC offset in use is a multiple of 15 minutes
+
+
+def reported(error: BaseException) -> BaseException:
+    """The error worth reporting: on a full disk (SQLITE_FULL) or an I/O error SQLite
+    rolls the transaction back itself, so the ledger's ``ROLLBACK`` then fails with
+    "cannot rollback - no transaction is active", and the real error (``database or disk
+    is full``) is only that exception's ``__context__``."""
+    while "no transaction is active" in str(error) and error.__context__ is not None:
+        error = error.__context__
+    return error
+
+
+class ConditionLog:
+    """One log line when a condition starts, a summary at most every ``repeat_seconds``
+    while it lasts, one line when it ends.
+
+    The hot path retries a failing stage forever (every 1-8 s) and the fetch loop every
+    second; a line per attempt would bury the one that says what is wrong (a full disk, a
+    locked database, a frozen broker) under hundreds of copies. A condition is identified
+    by a name (``"commit"``, ``"fetch"``...); a different error text for the same name is
+    the same condition (the error of the latest attempt is kept for the summary).
+    """
+
+    def __init__(self, logger: logging.Logger, repeat_seconds: float = 60.0) -> None:
+        self.log = logger
+        self.repeat_seconds = repeat_seconds
+        # name -> [first failure (monotonic), last summary (monotonic), attempts, error]
+        self._active: dict[str, list[Any]] = {}
+
+    def failed(self, name: str, message: str, error: object, level: int = logging.ERROR) -> None:
+        """An attempt failed: log it if the condition is new, or summarise once a while."""
+        now = time.monotonic()
+        state = self._active.get(name)
+        if state is None:
+            self._active[name] = [now, now, 1, str(error)]
+            self.log.log(level, "hot path: %s: %s (retrying; reported once)", message, error)
+            return
+        state[2] += 1
+        state[3] = str(error)
+        if now - state[1] >= self.repeat_seconds:
+            state[1] = now
+            self.log.log(
+                level,
+                "hot path: %s: still failing after %d attempts in %.0f s: %s",
+                message,
+                state[2],
+                now - state[0],
+                error,
+            )
+
+    def recovered(self, name: str, message: str) -> None:
+        """An attempt succeeded: close the condition (one line, only if it was open)."""
+        state = self._active.pop(name, None)
+        if state is not None:
+            self.log.warning(
+                "hot path: %s: recovered after %d failed attempts in %.0f s",
+                message,
+                state[2],
+                time.monotonic() - state[0],
+            )
+
+    def active(self) -> dict[str, str]:
+        """Open conditions: name -> the latest error text."""
+        return {name: state[3] for name, state in self._active.items()}
 
 
 @dataclass(slots=True)
@@ -131,6 +200,7 @@ class HotPath(mode.Service):
         self.reader = LedgerStore(settings.summary_db_path, settings.ledger_retention_days, 16)
         self._in_flight: PreparedBatch | None = None
         self._committing: asyncio.Future[BatchResult] | None = None
+        self.conditions = ConditionLog(log)
         global _instance
         _instance = self
 
@@ -143,6 +213,9 @@ class HotPath(mode.Service):
             linger_ms=5,
             enable_idempotence=settings.KAFKA_PRODUCER_IDEMPOTENCE,
             acks="all",
+            # dead letters carry the original bytes, as big as the consumer could fetch;
+            # a broker that refuses one gets it truncated (_send_dead_letter)
+            max_request_size=16 * 1024 * 1024,
         )
         await self.producer.start()
         await self.sink.start()
@@ -222,6 +295,25 @@ class HotPath(mode.Service):
             return []
         return sorted(tp.partition for tp in self.consumer.assignment())
 
+    def not_ready_reason(self) -> str | None:
+        """Why the hot path cannot record events right now (``/ready``), or None.
+
+        A stage retrying a failure (database, disk, broker), or the direct raw file sink
+        failing (it retries inside the prepare stage, so only its breaker knows). The
+        spooling InfluxDB sink is left out on purpose: an InfluxDB outage does not stop
+        billing, the spool takes the points."""
+        reasons = [
+            f"hot path {name} failing: {error}"
+            for name, error in self.conditions.active().items()
+            if name != "kafka-commit"  # informational commit: SQLite holds the offsets
+        ]
+        if settings.raw_sink_kind == "file" and self.sink.consecutive_failures:
+            reasons.append(
+                f"raw files under {settings.raw_dir} not writable "
+                f"({self.sink.consecutive_failures} failed attempts)"
+            )
+        return "; ".join(reasons) or None
+
     def update_lag(self) -> None:
         """Lag = high watermark seen in fetch responses − next offset stored, per partition.
 
@@ -284,9 +376,10 @@ class HotPath(mode.Service):
             except ConsumerStoppedError:  # the worker is stopping
                 return []
             except KafkaError as error:
-                log.warning("hot path: fetch failed, retrying: %s", error)
+                self.conditions.failed("fetch", "fetch failed", error, logging.WARNING)
                 await asyncio.sleep(1)
                 break
+            self.conditions.recovered("fetch", "fetch failed")
             for partition_records in fetched.values():
                 records.extend(partition_records)
             if not fetched and not records:
@@ -295,17 +388,20 @@ class HotPath(mode.Service):
 
     async def _until_done(self, stage: str, step: Any, argument: Any) -> Any:
         """Run a stage until it succeeds: a failing database or broker stalls the batch
-        here (nothing is committed), never drops it."""
+        here (nothing is committed), never drops it. Logged once per condition
+        (:class:`ConditionLog`); ``/ready`` reports the stage as failing meanwhile."""
         delay = 1.0
+        message = f"{stage} of a batch failed"
         while True:
             try:
-                return await step(argument)
+                result = await step(argument)
             except (sqlite3.Error, OSError, KafkaError) as error:
-                log.error(
-                    "hot path: %s of a batch failed, retrying in %.0f s: %s", stage, delay, error
-                )
+                self.conditions.failed(stage, message, reported(error))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 8.0)
+            else:
+                self.conditions.recovered(stage, message)
+                return result
 
     async def process(self, records: Sequence[ConsumerRecord]) -> BatchResult:
         """One batch through every stage, without overlap (tests, tools)."""
@@ -373,17 +469,43 @@ class HotPath(mode.Service):
         return result
 
     async def _dead_letter(self, record: ConsumerRecord, event: InvalidEvent) -> Any:
+        """Send one invalid record to the dead-letter topic (delivery awaited in
+        ``prepare``, concurrently with the others)."""
+        return asyncio.ensure_future(self._send_dead_letter(record, event))
+
+    async def _send_dead_letter(self, record: ConsumerRecord, event: InvalidEvent) -> None:
+        """The original bytes with the reason, or, when the producer or the broker refuses
+        a record that big (a 1 MiB value against Kafka's default ``message.max.bytes``),
+        its first ``MAX_EVENT_BYTES`` with a ``value-truncated`` header giving the original
+        size: retrying a record the broker will never take would stall the partition."""
         assert self.producer is not None
         source = f"{record.topic}/{record.partition}/{record.offset}"
-        return await self.producer.send(
-            settings.dlq_topic,
-            key=record.key,
-            value=record.value if record.value is not None else b"",
-            headers=[
-                ("error", f"{event.reason}: {event.message}".encode()),
-                ("source-offset", source.encode()),
-            ],
-        )
+        value = record.value if record.value is not None else b""
+        headers = [
+            ("error", f"{event.reason}: {event.message}".encode()),
+            ("source-offset", source.encode()),
+        ]
+        try:
+            await (
+                await self.producer.send(
+                    settings.dlq_topic, key=record.key, value=value, headers=headers
+                )
+            )
+        except MessageSizeTooLargeError:
+            log.warning(
+                "hot path: dead letter of %d bytes (%s) too large for the broker, truncated",
+                len(value),
+                source,
+            )
+            headers.append(("value-truncated", str(len(value)).encode()))
+            await (
+                await self.producer.send(
+                    settings.dlq_topic,
+                    key=record.key,
+                    value=value[:MAX_EVENT_BYTES],
+                    headers=headers,
+                )
+            )
 
     async def _commit_kafka(self, offsets: Mapping[tuple[str, int], int]) -> None:
         assert self.consumer is not None
@@ -398,7 +520,9 @@ class HotPath(mode.Service):
         try:
             await self.consumer.commit(commit)
         except KafkaError as error:  # SQLite holds the authoritative offsets
-            log.info("hot path: Kafka offset commit skipped: %s", error)
+            self.conditions.failed("kafka-commit", "Kafka offset commit", error, logging.INFO)
+        else:
+            self.conditions.recovered("kafka-commit", "Kafka offset commit")
 
     def _raw_line(self, entry: LedgerEvent) -> str:
         return line(

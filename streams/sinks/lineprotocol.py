@@ -23,6 +23,20 @@ Money fields are floats written from the exact nano integer as decimal text
 (``218700`` nano -> ``0.000218700``), never through float arithmetic. Integer fields
 and nano amounts are clamped to 2**63 - 1 (InfluxDB's int64) so no line is ever rejected.
 
+Strings a sink cannot store as they are (issue 10, measured on influxd 1.6.7): influxd
+accepts NUL, every other control character, quotes, ``#``, DEL and any Unicode in tag
+values and string fields as they are (they read back unchanged), so those are written
+verbatim; only ``\n``/``\r`` (which end a line) are written in the visible escaped form
+above. A valid event therefore always gives a line every server accepts: never a
+rejected batch retried forever, never a dropped point. The validator guarantees the rest
+(valid UTF-8, no lone surrogates, bounded lengths and integers).
+
+Times outside InfluxDB's range (1677-09-21 .. 2262-04-11 in ns; an RFC 3339 timestamp of
+year 1 is a valid event) would make the server reject the whole batch, so the
+millisecond part is clamped to the nearest representable one (the sub-millisecond
+digits still tell requests apart). The bill uses the true event time; only the raw
+point of such an absurd timestamp sits at the range's edge.
+
 Timestamp (ns): ``event_ms * 1_000_000 + sub_ms(request_id)``, ``sub_ms`` being a
 blake2b hash of the request_id mod 10**6. A redelivered duplicate lands on the very same
 point (same series, same time: InfluxDB overwrites it with identical fields), while two
@@ -54,6 +68,10 @@ _NANO = 1_000_000_000
 #: InfluxDB integers are int64; a larger value would make the server reject the whole
 #: line forever (a poison batch), so integers and nano amounts are clamped to it.
 _MAX = 2**63 - 1
+#: Milliseconds kept inside InfluxDB's time range (-2**63 + 2 .. 2**63 - 2 ns) with room
+#: for the sub-millisecond digits (0 .. 999_999 ns).
+_MIN_MS = -(2**63 - 2) // 1_000_000 + 1
+_MAX_MS = (2**63 - 2) // 1_000_000 - 1
 
 _TAG_ESCAPES = str.maketrans(
     {"\\": "\\\\", ",": "\\,", " ": "\\ ", "=": "\\=", "\n": "\\n", "\r": "\\r"}
@@ -111,7 +129,14 @@ def sub_ms(request_id: str) -> int:
 
 
 def timestamp_ns(point: RawPoint) -> int:
-    return point.event_ms * 1_000_000 + sub_ms(point.request_id)
+    return _ns(point.event_ms, point.request_id)
+
+
+def _ns(event_ms: int, request_id: str) -> int:
+    """The point's time: the event's millisecond (clamped to InfluxDB's range) + sub_ms."""
+    if not _MIN_MS <= event_ms <= _MAX_MS:
+        event_ms = min(max(event_ms, _MIN_MS), _MAX_MS)
+    return event_ms * 1_000_000 + sub_ms(request_id)
 
 
 def to_line(p: RawPoint) -> str:
@@ -163,7 +188,7 @@ def line(
         f"total_tokens={total if total < _MAX else _MAX}i,"
         f"cost_usd={cost // _NANO}.{cost % _NANO:09d},"
         f"markup_cost_usd={markup // _NANO}.{markup % _NANO:09d},"
-        f'request_id="{rid}" {event_ms * 1_000_000 + sub_ms(request_id)}'
+        f'request_id="{rid}" {_ns(event_ms, request_id)}'
     )
 
 

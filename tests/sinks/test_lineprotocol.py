@@ -9,6 +9,7 @@ import pytest
 from streams.sinks.lineprotocol import (
     RawPoint,
     format_nano,
+    line,
     sub_ms,
     timestamp_ns,
     to_line,
@@ -129,3 +130,18 @@ def test_distinct_requests_in_one_millisecond_get_distinct_timestamps() -> None:
 def test_to_lines_keeps_order() -> None:
     points = [point(request_id=f"r{i}") for i in range(5)]
     assert to_lines(points) == [to_line(p) for p in points]
+
+
+def test_times_outside_influxdb_range_are_clamped_not_rejected() -> None:
+    """A valid event of year 1 (RFC 3339 allows it) must not give a line InfluxDB rejects
+    (the whole batch would be refused): its millisecond is clamped into int64 ns, the
+    sub-millisecond digits still differ per request."""
+    year_1_ms = -62_135_596_800_000
+    for event_ms in (year_1_ms, 2**62):
+        times = {
+            int(line(rid, "o", "u", "m", 1, 1, 0, 0, event_ms).rsplit(" ", 1)[1])
+            for rid in ("a", "b")
+        }
+        assert len(times) == 2
+        assert all(-(2**63) + 2 <= ns <= 2**63 - 2 for ns in times)
+    assert line("a", "o", "u", "m", 1, 1, 0, 0, 5).endswith(f" {5_000_000 + sub_ms('a')}")
