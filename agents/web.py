@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import sqlite3
+import time
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
 from typing import Any
 
+import orjson
 from faust.web import Request, Response, View
 
-from agents.health import PROBE_TIMEOUT_SECONDS, broker_answers, summary_db_writable
 from agents.pipeline import hot_path
+from agents.report import decimal_text
 from streams.app import app, settings, summary_db
 from streams.metrics import REGISTRY, render
-from tables.summary_store import pending_dates
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
@@ -27,63 +33,274 @@ async def health(web: View, request: Request) -> Response:
     return web.json({"status": "ok"})
 
 
-async def broker_reachable(timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
-    """None when the broker answers a real request (ApiVersions + Metadata) within
-    ``timeout``, else the reason: a frozen broker still accepts TCP connections."""
-    return await broker_answers(settings, timeout)
+async def broker_reachable(timeout: float = 2.0) -> str | None:
+    """None when a bootstrap broker accepts a TCP connection, else the reason."""
+    reasons = []
+    for server in settings.broker_bootstrap():
+        host, _, port = server.rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+        except (OSError, TimeoutError) as error:
+            reasons.append(f"{server}: {type(error).__name__}")
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return None
+    return "broker unreachable (" + "; ".join(reasons) + ")"
+
+
+def _try_write_lock(path: str) -> None:
+    """Take and release SQLite's write lock, waiting at most 2 s (a fresh connection, so a
+    long transaction of the worker's own connection cannot make /ready hang)."""
+    conn = sqlite3.connect(path, timeout=2.0, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
 
 
 async def db_writable() -> str | None:
-    """None when the summary DB takes the write lock (or the worker's own batch or
-    rollup holds it), else the reason naming the DB (:mod:`agents.health`)."""
-    pipeline = hot_path()
+    """None when the summary DB takes the write lock, else the reason."""
     try:
-        shared = await asyncio.wait_for(summary_db(), PROBE_TIMEOUT_SECONDS)  # creates it
-    except (sqlite3.Error, OSError, TimeoutError) as error:
-        return f"summary DB {settings.summary_db_path} not writable: {error!r}"
-    own = (shared, pipeline.store._conn if pipeline else None)
-    return await summary_db_writable(settings.summary_db_path, own)
+        await summary_db()  # creates and migrates it on first use
+        await asyncio.to_thread(_try_write_lock, str(settings.summary_db_path))
+    except (sqlite3.Error, OSError) as error:
+        return f"summary DB not writable: {error}"
+    return None
 
 
 @app.page("/ready")
 async def ready(web: View, request: Request) -> Response:
-    """200 when the broker answers, the summary DB is writable and the hot path is not
-    stuck retrying; else 503 with ``{"ready": false, "reasons": [...]}`` (one line each).
-    The probes run concurrently, so the answer comes within about 2 s."""
-    pipeline = hot_path()
-    probed = await asyncio.gather(broker_reachable(), db_writable())
-    reasons = [reason for reason in probed if reason]
-    stuck = pipeline.not_ready_reason() if pipeline else None
-    if stuck:
-        reasons.append(stuck)
+    reasons = [reason for reason in (await broker_reachable(), await db_writable()) if reason]
     if reasons:
         return web.json({"ready": False, "reasons": reasons}, status=503)
     return web.json({"ready": True})
 
 
-async def _rows(sql: str) -> list[dict[str, Any]]:
-    conn = await summary_db()
-    async with conn.execute(sql) as cursor:
-        names = [column[0] for column in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+# Reads (/status, /usage) --------------------------------------------------------------
+
+READ_TIMEOUT_SECONDS = 30.0
+MAX_RANGE_DAYS = 366  # one (leap) year of daily rows per request
+MAX_CLIENT_ID_CHARS = 128  # CONTRACT §1: no event can carry a longer client_org_id
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+# usage_daily's columns (CONTRACT §3) plus ``final``: the keys of every /usage row.
+USAGE_COLUMNS = (
+    "client_org_id",
+    "user_id",
+    "model",
+    "usage_date",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "requests",
+    "estimated_requests",
+    "raw_cost_nano",
+    "markup_cost_nano",
+    "markup_cost_pln_nano",
+    "raw_cost_usd",
+    "markup_cost_usd",
+    "markup_cost_pln",
+    "usd_pln_rate",
+    "nbp_table_no",
+    "revision",
+    "updated_at",
+    "final",
+)
+# Exact decimal strings added beside the REAL columns: (key, nano column it is made from).
+EXACT_MONEY = (
+    ("raw_cost_usd_exact", "raw_cost_nano"),
+    ("markup_cost_usd_exact", "markup_cost_nano"),
+    ("markup_cost_pln_exact", "markup_cost_pln_nano"),
+)
+_USAGE_SQL = (
+    f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage_daily_live"
+    " WHERE client_org_id = ? AND usage_date BETWEEN ? AND ?"
+    " ORDER BY usage_date, user_id, model, final"
+)
+
+
+class ReadTimeout(Exception):
+    """A read took longer than READ_TIMEOUT_SECONDS and was interrupted."""
+
+
+def _read_only(path: Path, timeout: float) -> sqlite3.Connection:
+    """A fresh read-only connection to the summary DB (WAL: it never blocks the writer,
+    and the writer never blocks it), interrupted after ``timeout`` seconds so that a huge
+    request cannot hold a WAL snapshot (and so the checkpoint) for ever."""
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    conn.execute("PRAGMA query_only = 1")
+    deadline = time.monotonic() + timeout
+    conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+    return conn
+
+
+def _query(
+    path: Path, statements: Sequence[tuple[str, tuple[object, ...]]], timeout: float
+) -> list[list[dict[str, Any]]]:
+    """Run the SELECTs in one read transaction (one consistent snapshot), in a thread."""
+    conn = _read_only(path, timeout)
+    try:
+        conn.execute("BEGIN")
+        results = []
+        for sql, params in statements:
+            try:
+                cursor = conn.execute(sql, params)
+                rows = cursor.fetchall()
+            except sqlite3.OperationalError as error:
+                if "interrupted" in str(error):
+                    raise ReadTimeout(f"query took longer than {timeout:.0f} s") from None
+                raise
+            names = [column[0] for column in cursor.description]
+            results.append([dict(zip(names, row, strict=True)) for row in rows])
+        conn.execute("COMMIT")
+        return results
+    finally:
+        conn.close()
+
+
+async def read_summary(
+    *statements: tuple[str, tuple[object, ...]], timeout: float = READ_TIMEOUT_SECONDS
+) -> list[list[dict[str, Any]]]:
+    """The rows of each SELECT, read off the event loop through a read-only connection:
+    the worker's shared connection would queue a page behind a rollup transaction (or
+    behind its own first connect, which waits for the write lock to migrate)."""
+    path = settings.summary_db_path
+    if not path.exists():  # the worker creates it at start-up; a read-only one cannot
+        await summary_db()
+    return await asyncio.to_thread(_query, path, statements, timeout)
+
+
+def _json(web: View, value: object, status: int = 200) -> Response:
+    return web.bytes(orjson.dumps(value), content_type="application/json", status=status)
 
 
 @app.page("/status")
 async def status(web: View, request: Request) -> Response:
-    conn = await summary_db()
+    """Operator's view of one worker.
+
+    ``consumer_lag`` lists the source topic's partitions only (``topic/partition`` →
+    messages not yet recorded), never Faust's internal topics. ``open_days`` are the usage
+    dates with provisional totals: increments pending and the day not closed (a closed day
+    with late events pending is not open again, its corrections are merged within a
+    rollup interval).
+    """
     pipeline = hot_path()
     lag = {
         f"{sample.labels['topic']}/{sample.labels['partition']}": int(sample.value)
         for metric in REGISTRY.collect()
         if metric.name == "usage_stream_consumer_lag"
         for sample in metric.samples
+        if sample.labels["topic"] == settings.USAGE_TOPIC
     }
-    return web.json(
+    runs, refresh, open_days = await read_summary(
+        ("SELECT * FROM batch_runs ORDER BY id DESC LIMIT 20", ()),
+        ("SELECT * FROM refresh_status ORDER BY source", ()),
+        (
+            "SELECT DISTINCT usage_date FROM daily_pending WHERE usage_date NOT IN"
+            " (SELECT usage_date FROM closed_days) ORDER BY usage_date",
+            (),
+        ),
+    )
+    return _json(
+        web,
         {
             "assigned_partitions": pipeline.assigned_partitions() if pipeline else [],
-            "last_batch_runs": await _rows("SELECT * FROM batch_runs ORDER BY id DESC LIMIT 20"),
-            "refresh": await _rows("SELECT * FROM refresh_status ORDER BY source"),
-            "open_days": await pending_dates(conn),
+            "last_batch_runs": runs,
+            "refresh": refresh,
+            "open_days": [row["usage_date"] for row in open_days],
             "consumer_lag": lag,
-        }
+        },
     )
+
+
+class BadRequest(ValueError):
+    """A /usage parameter is missing or invalid; the message is the one-line reason."""
+
+
+def _one(request: Request, name: str) -> str:
+    values = request.query.getall(name, [])
+    if not values:
+        raise BadRequest(f"missing parameter {name}")
+    if len(values) > 1:
+        raise BadRequest(f"parameter {name} given {len(values)} times")
+    return values[0]
+
+
+def _date(request: Request, name: str) -> date:
+    text = _one(request, name)
+    try:
+        if not _DATE.fullmatch(text):
+            raise ValueError
+        return date.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be a date YYYY-MM-DD, got {text[:40]!r}") from None
+
+
+def usage_query(request: Request) -> tuple[str, date, date]:
+    """(client_org_id, from, to) of a /usage request, or :class:`BadRequest`."""
+    client = _one(request, "client_org_id")
+    if not 1 <= len(client) <= MAX_CLIENT_ID_CHARS:
+        raise BadRequest(f"client_org_id must be 1-{MAX_CLIENT_ID_CHARS} characters")
+    first, last = _date(request, "from"), _date(request, "to")
+    if first > last:
+        raise BadRequest(f"from {first} is after to {last}")
+    if (days := (last - first).days + 1) > MAX_RANGE_DAYS:
+        raise BadRequest(f"range over {MAX_RANGE_DAYS} days ({days}): ask for it in parts")
+    return client, first, last
+
+
+def usage_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One ``usage_daily_live`` row as served: stored values as they are, plus the exact
+    decimal strings of the money (see :func:`usage`)."""
+    for key, nano in EXACT_MONEY:
+        row[key] = None if row[nano] is None else decimal_text(row[nano])
+    return row
+
+
+@app.page("/usage")
+async def usage(web: View, request: Request) -> Response:
+    """``GET /usage?client_org_id=…&from=YYYY-MM-DD&to=YYYY-MM-DD`` (CONTRACT §6).
+
+    A JSON array of ``usage_daily_live`` rows of one client, closed and open days together,
+    ordered by ``usage_date``, ``user_id``, ``model``. Keys: ``usage_daily``'s column names
+    plus ``final`` (1: the day closed, the row is the bill; 0: the day is still open and
+    the row is provisional, rewritten every ``ROLLUP_INTERVAL_SECONDS`` until it closes).
+    A late event re-writes a closed row (``revision`` + 1) and it stays ``final`` = 1.
+
+    Money for billing: every value is returned as stored, because a consumer reconciling
+    against the summary DB must see the same numbers. The exact amounts are the
+    ``*_nano`` integers (1e-9 USD or PLN). They are JSON integers, exact for any parser
+    with 64-bit integers but not for JavaScript's ``Number`` beyond 2**53 nano (~9 M per
+    row), so each is also given as an exact decimal string with 9 decimals:
+    ``raw_cost_usd_exact``, ``markup_cost_usd_exact``, ``markup_cost_pln_exact`` (null
+    while no rate is known, like ``markup_cost_pln_nano``). Sum those or the nano
+    integers; the REAL columns (``raw_cost_usd``…) are for display only, summing floats
+    drifts. ``usd_pln_rate`` is a decimal string, as stored.
+
+    Parameters, all required once: a missing, repeated or invalid one is a 400 with
+    ``{"error": "<one-line reason>"}``: a date that is not ``YYYY-MM-DD`` or not a real
+    day, ``from`` after ``to``, a range over 366 days (a year per request keeps a page
+    bounded; ask for longer spans in parts), a client_org_id outside 1-128 characters.
+    Both dates are inclusive usage dates (``BUSINESS_TIMEZONE``). A client without rows
+    in the range, known or not, is a 200 with ``[]``: there is no client registry to tell
+    "unknown" from "no usage", and an empty bill is the truthful answer for both.
+
+    The rows are read in one snapshot through a fresh read-only connection (WAL), so a
+    long request never blocks the hot path or the rollup; a read over 30 s is cut off
+    with a 503. CONTRACT §6 serves this on the summary writer; every worker writes the
+    summary DB today, so every worker serves it.
+    """
+    try:
+        client, first, last = usage_query(request)
+    except BadRequest as error:
+        return _json(web, {"error": str(error)}, status=400)
+    try:
+        (rows,) = await read_summary((_USAGE_SQL, (client, first.isoformat(), last.isoformat())))
+    except ReadTimeout as error:
+        return _json(web, {"error": str(error)}, status=503)
+    except sqlite3.Error as error:
+        return _json(web, {"error": f"summary DB not readable: {error}"}, status=503)
+    return _json(web, [usage_row(row) for row in rows])

@@ -51,6 +51,23 @@ def test_health_ready_status_and_an_open_day(stack: Stack, tmp_path: Path) -> No
         return found if len(found) == 4 and set(found.values()) == {0} else {}
 
     wait_for(usage_lag, 30, "zero lag on 4 partitions")
+    # only the source topic's partitions: never Faust's internal (leader) topic
+    assert set(worker.status()["consumer_lag"]) == {f"{stack.topic}/{p}" for p in range(4)}
+
+    # a closed day stays out of open_days, also while a late event for it is pending
+    old_ms = now_ms - 3 * 86_400_000
+    stack.publish([orjson.dumps(event("old-1", old_ms))])
+    wait_for(lambda: stack.query("SELECT SUM(requests) FROM usage_daily") == [(1,)], 30, "billed")
+    seen: list[str] = []
+
+    def late_billed() -> bool:
+        seen.extend(worker.status()["open_days"])
+        return stack.query("SELECT SUM(requests) FROM usage_daily") == [(2,)]
+
+    stack.publish([orjson.dumps(event("old-2", old_ms + 1))])
+    wait_for(late_billed, 30, "the late event billed", step=0.02)
+    assert set(seen) == set(status["open_days"])
+    assert worker.status()["open_days"] == status["open_days"]
 
     # the summary DB locked by someone else: not ready, with the reason, still healthy
     blocker = sqlite3.connect(stack.db_path, isolation_level=None)
