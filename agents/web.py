@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import sqlite3
 import time
@@ -15,6 +14,7 @@ from typing import Any
 import orjson
 from faust.web import Request, Response, View
 
+from agents.health import PROBE_TIMEOUT_SECONDS, broker_answers, summary_db_writable
 from agents.pipeline import hot_path
 from agents.report import decimal_text
 from streams.app import app, settings, summary_db
@@ -33,47 +33,35 @@ async def health(web: View, request: Request) -> Response:
     return web.json({"status": "ok"})
 
 
-async def broker_reachable(timeout: float = 2.0) -> str | None:
-    """None when a bootstrap broker accepts a TCP connection, else the reason."""
-    reasons = []
-    for server in settings.broker_bootstrap():
-        host, _, port = server.rpartition(":")
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
-        except (OSError, TimeoutError) as error:
-            reasons.append(f"{server}: {type(error).__name__}")
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return None
-    return "broker unreachable (" + "; ".join(reasons) + ")"
-
-
-def _try_write_lock(path: str) -> None:
-    """Take and release SQLite's write lock, waiting at most 2 s (a fresh connection, so a
-    long transaction of the worker's own connection cannot make /ready hang)."""
-    conn = sqlite3.connect(path, timeout=2.0, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-    finally:
-        conn.close()
+async def broker_reachable(timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
+    """None when the broker answers a real request (ApiVersions + Metadata) within
+    ``timeout``, else the reason: a frozen broker still accepts TCP connections."""
+    return await broker_answers(settings, timeout)
 
 
 async def db_writable() -> str | None:
-    """None when the summary DB takes the write lock, else the reason."""
+    """None when the summary DB takes the write lock (or the worker's own batch or
+    rollup holds it), else the reason naming the DB (:mod:`agents.health`)."""
+    pipeline = hot_path()
     try:
-        await summary_db()  # creates and migrates it on first use
-        await asyncio.to_thread(_try_write_lock, str(settings.summary_db_path))
-    except (sqlite3.Error, OSError) as error:
-        return f"summary DB not writable: {error}"
-    return None
+        shared = await asyncio.wait_for(summary_db(), PROBE_TIMEOUT_SECONDS)  # creates it
+    except (sqlite3.Error, OSError, TimeoutError) as error:
+        return f"summary DB {settings.summary_db_path} not writable: {error!r}"
+    own = (shared, pipeline.store._conn if pipeline else None)
+    return await summary_db_writable(settings.summary_db_path, own)
 
 
 @app.page("/ready")
 async def ready(web: View, request: Request) -> Response:
-    reasons = [reason for reason in (await broker_reachable(), await db_writable()) if reason]
+    """200 when the broker answers, the summary DB is writable and the hot path is not
+    stuck retrying; else 503 with ``{"ready": false, "reasons": [...]}`` (one line each).
+    The probes run concurrently, so the answer comes within about 2 s."""
+    pipeline = hot_path()
+    probed = await asyncio.gather(broker_reachable(), db_writable())
+    reasons = [reason for reason in probed if reason]
+    stuck = pipeline.not_ready_reason() if pipeline else None
+    if stuck:
+        reasons.append(stuck)
     if reasons:
         return web.json({"ready": False, "reasons": reasons}, status=503)
     return web.json({"ready": True})
