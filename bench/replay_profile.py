@@ -43,7 +43,7 @@ def _replay(env: dict[str, str], day: str, extra: list[str], py_spy: Path | None
     command = [sys.executable, "-m", "streams", "replay", "--date", day, *extra]
     if py_spy is not None:
         spy = str(Path(sys.executable).parent / "py-spy")
-        command = [spy, "record", "-o", str(py_spy), "-f", "raw", "--gil", "-r", "250", "--"]
+        command = [spy, "record", "-o", str(py_spy), "-f", "raw", "-r", "250", "--"]
         command += [sys.executable, "-m", "streams", "replay", "--date", day, *extra]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)

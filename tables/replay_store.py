@@ -302,17 +302,22 @@ _CONTENT = len(_DAILY_COLUMNS) - 2  # every column but revision and updated_at
 
 
 def _diff(
-    before: Mapping[Key, tuple[object, ...]], after: Mapping[Key, tuple[object, ...]]
+    before: Mapping[Key, tuple[object, ...]],
+    after: Mapping[Key, tuple[object, ...]],
+    candidates: Iterable[Key],
 ) -> list[RowChange]:
+    """The changes among ``candidates`` (the only keys that may have changed), by key."""
+    make = DailyRow._make  # tuple.__new__: a row of a whole added date costs little
     changes: list[RowChange] = []
-    for key in sorted(before.keys() | after.keys()):
+    for key in sorted(candidates):
         old, new = before.get(key), after.get(key)
         if old is None:
-            changes.append(RowChange("added", key, None, DailyRow(*new)))
+            if new is not None:
+                changes.append(RowChange("added", key, None, make(new)))
         elif new is None:
-            changes.append(RowChange("removed", key, DailyRow(*old), None))
+            changes.append(RowChange("removed", key, make(old), None))
         elif old[:_CONTENT] != new[:_CONTENT]:
-            changes.append(RowChange("changed", key, DailyRow(*old), DailyRow(*new)))
+            changes.append(RowChange("changed", key, make(old), make(new)))
     return changes
 
 
@@ -505,6 +510,7 @@ async def _replace(
             differing.append(SummaryRow(*row))
     lap("compare")
     written = await write_summaries(conn, differing, markup, rate)
+    lap("write_summaries")
     kept_keys = {(row.client_org_id, row.user_id, row.model) for row in rows}
     gone = [key for key in before if key not in kept_keys]
     mark = conn.total_changes
@@ -523,8 +529,10 @@ async def _replace(
     )
 
     after = await _daily_rows(conn, day) if written else before
-    changes = _diff(before, after) if written else []
-    lap("write")
+    # only rows handed to write_summaries or deleted can differ from before
+    candidates = {(r.client_org_id, r.user_id, r.model) for r in differing}.union(gone)
+    changes = _diff(before, after, candidates) if written else []
+    lap("settle and diff")
     clients = len({key[0] for key in after})
     run_id = None
     if not dry_run:
