@@ -140,11 +140,19 @@ def bucket_ms_for(retention_days: float) -> int:
     return max(1000, int(retention_days * 86_400_000 / 8))
 
 
+# Strings travel into SQLite as bound parameters only, through small TEMP tables: SQLite's
+# JSON functions stop at a NUL inside a string, and a NUL is valid in every field.
+_PROBE_TABLES = (
+    "CREATE TEMP TABLE IF NOT EXISTS probe_ids (request_id TEXT PRIMARY KEY) WITHOUT ROWID",
+    "CREATE TEMP TABLE IF NOT EXISTS probe_keys (client_org_id TEXT NOT NULL,"
+    " user_id TEXT NOT NULL, model TEXT NOT NULL,"
+    " PRIMARY KEY (client_org_id, user_id, model)) WITHOUT ROWID",
+)
 _KNOWN = """
-    SELECT j.value FROM json_each(?1) AS j
+    SELECT p.request_id FROM temp.probe_ids AS p
     WHERE EXISTS (
         SELECT 1 FROM ledger
-        WHERE bucket IN (SELECT bucket FROM ledger_buckets) AND request_id = j.value
+        WHERE bucket IN (SELECT bucket FROM ledger_buckets) AND request_id = p.request_id
     )
 """
 _FOLD = """
@@ -158,15 +166,15 @@ _FOLD = """
         raw_cost_nano = raw_cost_nano + excluded.raw_cost_nano,
         late_events = late_events + excluded.late_events
 """
-# Summary keys of a batch in two statements, whatever their number (JSON array of triples).
+# Summary keys of a batch in two statements, whatever their number (from temp.probe_keys).
 _NEW_KEYS = """
     INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)
-    SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?)
+    SELECT client_org_id, user_id, model FROM temp.probe_keys
 """
 _KEY_IDS = """
-    SELECT k.key_id, k.client_org_id, k.user_id, k.model FROM json_each(?) AS j
-    JOIN summary_keys AS k ON k.client_org_id = j.value ->> 0
-        AND k.user_id = j.value ->> 1 AND k.model = j.value ->> 2
+    SELECT k.key_id, k.client_org_id, k.user_id, k.model FROM temp.probe_keys AS p
+    JOIN summary_keys AS k ON k.client_org_id = p.client_org_id
+        AND k.user_id = p.user_id AND k.model = p.model
 """
 _OFFSET = """
     INSERT INTO source_offsets VALUES (?,?,?,?)
@@ -189,6 +197,7 @@ class LedgerStore:
         self.bucket_ms = bucket_ms_for(retention_days)
         self._conn: sqlite3.Connection | None = None
         self._keys: dict[tuple[str, str, str], int] = {}
+        self._probes_ready = False
         # One transaction at a time on the one connection, whichever thread asks.
         self._lock = threading.RLock()
 
@@ -202,6 +211,7 @@ class LedgerStore:
         """Checkpoint the WAL into the database and truncate it (best effort: another
         connection may still be reading), then close."""
         if self._conn is not None:
+            self._probes_ready = False
             with self._lock:
                 try:
                     self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -209,6 +219,12 @@ class LedgerStore:
                     log.info("ledger: WAL checkpoint at close skipped: %s", error)
                 self._conn.close()
                 self._conn = None
+
+    def _probe_tables(self, conn: sqlite3.Connection) -> None:
+        if not self._probes_ready:
+            for statement in _PROBE_TABLES:
+                conn.execute(statement)
+            self._probes_ready = True
 
     def bucket_at(self, now_ms: int) -> int:
         """The ledger bucket of a request first recorded at ``now_ms`` (its interval's end)."""
@@ -221,7 +237,13 @@ class LedgerStore:
         if not request_ids:
             return set()
         with self._lock:
-            return {row[0] for row in self.conn.execute(_KNOWN, (_json_list(request_ids),))}
+            conn = self.conn
+            self._probe_tables(conn)
+            conn.execute("DELETE FROM temp.probe_ids")
+            conn.executemany(
+                "INSERT OR IGNORE INTO temp.probe_ids VALUES (?)", [(rid,) for rid in request_ids]
+            )
+            return {row[0] for row in conn.execute(_KNOWN)}
 
     def stored_offsets(self, topic: str) -> dict[int, int]:
         rows = self.conn.execute(
@@ -328,9 +350,11 @@ class LedgerStore:
             key for e in events if (key := (e.client_org_id, e.user_id, e.model)) not in cache
         }
         if missing:
-            payload = orjson.dumps(list(missing))
-            conn.execute(_NEW_KEYS, (payload,))
-            for key_id, *key in conn.execute(_KEY_IDS, (payload,)):
+            self._probe_tables(conn)
+            conn.execute("DELETE FROM temp.probe_keys")
+            conn.executemany("INSERT INTO temp.probe_keys VALUES (?,?,?)", missing)
+            conn.execute(_NEW_KEYS)
+            for key_id, *key in conn.execute(_KEY_IDS):
                 cache[tuple(key)] = key_id  # type: ignore[index]
         return cache
 

@@ -285,3 +285,17 @@ async def test_open_days_have_provisional_rows_in_the_live_view(
     await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
     async with conn.execute("SELECT usage_date, requests, final FROM usage_daily_live") as cur:
         assert list(await cur.fetchall()) == [("2026-11-20", 2, 1)]
+
+
+async def test_nul_and_control_characters_in_ids_and_keys(conn: aiosqlite.Connection) -> None:
+    """A NUL is valid in every string field: ids and keys reach SQLite as bound values, so
+    copies are still found and keys still resolve (SQLite's JSON functions would cut them)."""
+    odd = ["a\x00b", "a\x00c", "a", 'q"\\,= #\n\x7f']
+    entries = [entry(rid, NOV20, client=f"org\x00{i % 2}") for i, rid in enumerate(odd)]
+    first = await record_events(conn, entries)
+    assert [e.request_id for e in first.fresh] == odd
+    again = await record_events(conn, entries)
+    assert again.fresh == [] and again.duplicates == len(odd)
+    await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
+    async with conn.execute("SELECT client_org_id, requests FROM usage_daily ORDER BY 1") as cursor:
+        assert list(await cursor.fetchall()) == [("org\x000", 2), ("org\x001", 2)]
