@@ -58,7 +58,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import ConsumerStoppedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
-from streams.app import app, settings, summary_db
+from streams.app import app, settings
 from streams.broker import kafka_client_kwargs
 from streams.business_time import UsageDates
 from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_events
@@ -74,6 +74,7 @@ from streams.pricing import Price
 from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import line
 from streams.sinks.raw_retention import maintain_raw_files
+from tables.connection import summary_db
 from tables.daily import day_closer, wall_clock_ms
 from tables.ledger import BatchResult, LedgerEvent, LedgerStore, ledger_events
 from tables.reference import latest_model_prices

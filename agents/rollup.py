@@ -23,8 +23,9 @@ from datetime import date
 
 import aiosqlite
 
-from streams.app import app, settings, summary_db
+from streams.app import app, settings
 from streams.metrics import OPEN_DAYS, ROLLUP_SECONDS, SUMMARIES_WRITTEN
+from tables.connection import summary_db
 from tables.daily import DayCloser, day_closer
 from tables.reference import rate_for_date, record_batch_run
 from tables.schema import utc_now_text

@@ -17,8 +17,9 @@ from faust.web import Request, Response, View
 from agents.health import PROBE_TIMEOUT_SECONDS, broker_answers, summary_db_writable
 from agents.pipeline import hot_path
 from agents.report import decimal_text
-from streams.app import app, settings, summary_db
+from streams.app import app, settings
 from streams.metrics import REGISTRY, render
+from tables.connection import summary_db
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 

@@ -7,18 +7,14 @@ one-line error before this module is imported.
 
 from __future__ import annotations
 
-import asyncio
-
-import aiosqlite
 import faust
 from faust.auth import SSLCredentials
 from faust.types.auth import SASLMechanism
 
 from streams.broker import kafka_ssl_context
 from streams.settings import Settings, get_settings
-from tables.schema import connect
 
-__all__ = ["app", "settings", "summary_db"]
+__all__ = ["app", "settings"]
 
 settings: Settings = get_settings()
 
@@ -60,25 +56,3 @@ app = faust.App(
     timezone=settings.tz,
     Worker="streams.worker:Worker",
 )
-
-_db: aiosqlite.Connection | None = None
-_db_lock = asyncio.Lock()
-
-
-async def summary_db() -> aiosqlite.Connection:
-    """The worker's shared connection to the summary DB (opened and migrated on first use)."""
-    global _db
-    async with _db_lock:
-        if _db is None:
-            _db = await connect(settings.summary_db_path)
-        return _db
-
-
-@app.on_before_shutdown.connect
-async def _close_summary_db(app: faust.App, **kwargs: object) -> None:
-    """Close the shared connection: aiosqlite's thread would otherwise keep the process up."""
-    global _db
-    async with _db_lock:
-        if _db is not None:
-            await _db.close()
-            _db = None
