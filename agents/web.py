@@ -20,6 +20,7 @@ from agents.report import decimal_text
 from streams.app import app, settings
 from streams.metrics import REGISTRY, render
 from tables.connection import summary_db
+from tables.summary_store import DAILY_COLUMNS
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
@@ -76,28 +77,7 @@ MAX_CLIENT_ID_CHARS = 128  # CONTRACT §1: no event can carry a longer client_or
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 # usage_daily's columns (CONTRACT §3) plus ``final``: the keys of every /usage row.
-USAGE_COLUMNS = (
-    "client_org_id",
-    "user_id",
-    "model",
-    "usage_date",
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-    "requests",
-    "estimated_requests",
-    "raw_cost_nano",
-    "markup_cost_nano",
-    "markup_cost_pln_nano",
-    "raw_cost_usd",
-    "markup_cost_usd",
-    "markup_cost_pln",
-    "usd_pln_rate",
-    "nbp_table_no",
-    "revision",
-    "updated_at",
-    "final",
-)
+USAGE_COLUMNS = (*DAILY_COLUMNS, "final")
 # Exact decimal strings added beside the REAL columns: (key, nano column it is made from).
 EXACT_MONEY = (
     ("raw_cost_usd_exact", "raw_cost_nano"),

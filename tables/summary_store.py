@@ -28,6 +28,9 @@ from streams.money import NanoScaler, nano_to_float
 from tables.schema import utc_now_text, write_transaction
 
 __all__ = [
+    "DAILY_COLUMNS",
+    "KEY_COLUMNS",
+    "VALUE_COLUMNS",
     "DayRollup",
     "Rate",
     "SummaryRow",
@@ -141,8 +144,10 @@ async def _late_events(conn: aiosqlite.Connection, day: str) -> int:
     return int(row[0]) if row else 0
 
 
+#: The key of a ``usage_daily`` row (CONTRACT §3), in primary-key order.
+KEY_COLUMNS = ("client_org_id", "user_id", "model", "usage_date")
 # Columns a rollup recomputes; a row is re-written (revision + 1) only when one differs.
-_VALUE_COLUMNS = (
+VALUE_COLUMNS = (
     "input_tokens",
     "output_tokens",
     "total_tokens",
@@ -157,15 +162,17 @@ _VALUE_COLUMNS = (
     "usd_pln_rate",
     "nbp_table_no",
 )
+#: Every ``usage_daily`` column, in table order.
+DAILY_COLUMNS = (*KEY_COLUMNS, *VALUE_COLUMNS, "revision", "updated_at")
 _UPSERT = f"""
 INSERT INTO usage_daily (
-    client_org_id, user_id, model, usage_date, {", ".join(_VALUE_COLUMNS)}, revision, updated_at
-) VALUES (?,?,?,?,{",".join("?" * len(_VALUE_COLUMNS))},1,?)
+    client_org_id, user_id, model, usage_date, {", ".join(VALUE_COLUMNS)}, revision, updated_at
+) VALUES (?,?,?,?,{",".join("?" * len(VALUE_COLUMNS))},1,?)
 ON CONFLICT (client_org_id, user_id, model, usage_date) DO UPDATE SET
-    {", ".join(f"{c} = excluded.{c}" for c in _VALUE_COLUMNS)},
+    {", ".join(f"{c} = excluded.{c}" for c in VALUE_COLUMNS)},
     revision = usage_daily.revision + 1,
     updated_at = excluded.updated_at
-WHERE {" OR ".join(f"usage_daily.{c} IS NOT excluded.{c}" for c in _VALUE_COLUMNS)}
+WHERE {" OR ".join(f"usage_daily.{c} IS NOT excluded.{c}" for c in VALUE_COLUMNS)}
 """
 
 
@@ -178,7 +185,7 @@ def _scaler(factor: Decimal) -> NanoScaler:
 def _summary_values(
     row: SummaryRow, markup: Decimal, rate: Rate | None, updated_at: str
 ) -> tuple[object, ...]:
-    """The ``usage_daily`` values of one row (key, then ``_VALUE_COLUMNS`` order, then
+    """The ``usage_daily`` values of one row (key, then ``VALUE_COLUMNS`` order, then
     ``updated_at``): markup and PLN applied per row, half-even."""
     markup_nano = _scaler(markup)(row.raw_cost_nano)
     pln_nano = _scaler(rate.mid)(markup_nano) if rate is not None else None
@@ -289,8 +296,8 @@ async def refresh_open_days(
                 continue
             await conn.executemany(
                 f"INSERT OR REPLACE INTO usage_daily_open (client_org_id, user_id, model,"
-                f" usage_date, {', '.join(_VALUE_COLUMNS)}, revision, updated_at)"
-                f" VALUES (?,?,?,?,{','.join('?' * len(_VALUE_COLUMNS))},0,?)",
+                f" usage_date, {', '.join(VALUE_COLUMNS)}, revision, updated_at)"
+                f" VALUES (?,?,?,?,{','.join('?' * len(VALUE_COLUMNS))},0,?)",
                 [_summary_values(row, markup, rate, now) for row in rows],
             )
             await conn.execute(
