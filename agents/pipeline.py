@@ -75,9 +75,9 @@ from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import line
 from streams.sinks.raw_retention import maintain_raw_files
 from tables.connection import summary_db
-from tables.daily import day_closer, wall_clock_ms
 from tables.ledger import BatchResult, LedgerEvent, LedgerStore, ledger_events
 from tables.reference import latest_model_prices
+from tables.watermarks import day_closer, wall_clock_ms
 
 __all__ = ["HotPath", "hot_path"]
 

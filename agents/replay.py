@@ -281,8 +281,8 @@ async def _read_day(
     """
     from streams.business_time import UsageDates, local_midnight_ms
     from streams.event import InvalidEvent, parse_events
-    from tables.daily import wall_clock_ms
     from tables.ledger import ledger_events
+    from tables.watermarks import wall_clock_ms
 
     day, tz = report.day, settings.tz
     day_text = day.isoformat()
@@ -341,11 +341,11 @@ async def run_replay(
     :class:`NoEventsForDate`. A failure after the DB opened is recorded in ``batch_runs``
     (``success`` 0) unless ``dry_run``."""
     from streams.replay_reader import ReplayReader
-    from tables.daily import wall_clock_ms
     from tables.ledger import LedgerStore
     from tables.reference import latest_model_prices, record_batch_run
     from tables.replay_store import ReplayRange, ReplayStaging, replace_day
     from tables.schema import connect, utc_now_text
+    from tables.watermarks import wall_clock_ms
 
     started_at = utc_now_text()
     begin = time.monotonic()

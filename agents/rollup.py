@@ -1,7 +1,7 @@
 """Rollup: move closed days' (and re-opened days') increments into ``usage_daily``.
 
 Runs on every worker every ``ROLLUP_INTERVAL_SECONDS``. A date with pending increments is
-written when it is due (see tables.daily) or, if it closed before, at once: late events
+written when it is due (see tables.watermarks) or, if it closed before, at once: late events
 re-open their day and its affected rows are re-written (``revision`` + 1). Concurrent
 workers are safe: each day is one ``BEGIN IMMEDIATE`` transaction that adds the pending
 increments and deletes them (tables.summary_store). The provisional rows of the days
@@ -26,7 +26,6 @@ import aiosqlite
 from streams.app import app, settings
 from streams.metrics import OPEN_DAYS, ROLLUP_SECONDS, SUMMARIES_WRITTEN
 from tables.connection import summary_db
-from tables.daily import DayCloser, day_closer
 from tables.reference import rate_for_date, record_batch_run
 from tables.schema import utc_now_text
 from tables.summary_store import (
@@ -36,6 +35,7 @@ from tables.summary_store import (
     refresh_open_days,
     rollup_day,
 )
+from tables.watermarks import DayCloser, day_closer
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import pytest
 
 from streams.business_time import local_midnight_ms, usage_date
 from streams.clients.nbp import NbpRate
-from tables.daily import DayCloser
 from tables.ledger import BatchResult, LedgerEvent, LedgerStore
 from tables.reference import rate_for_date, store_nbp_rates
 from tables.schema import connect
 from tables.summary_store import refresh_open_days, rollup_day
+from tables.watermarks import DayCloser
 
 WARSAW = ZoneInfo("Europe/Warsaw")
 MARKUP = Decimal("1.3")
