@@ -62,6 +62,7 @@ from streams.app import app, settings
 from streams.broker import kafka_client_kwargs
 from streams.business_time import UsageDates
 from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_events
+from streams.log_throttle import throttle_kafka_client_logs
 from streams.metrics import (
     CONSUMER_LAG,
     EVENTS_CONSUMED,
@@ -208,6 +209,7 @@ class HotPath(mode.Service):
     # Lifecycle --------------------------------------------------------------------------
 
     async def on_start(self) -> None:
+        throttle_kafka_client_logs()
         client = kafka_client_kwargs(settings)
         self.producer = AIOKafkaProducer(
             **client,
