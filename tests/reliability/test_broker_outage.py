@@ -12,7 +12,7 @@ it logs the outage in a handful of lines (not one per message or per retry), ``/
 stays 200, and the bills are exact against the independent ground truth.
 
 A broker *restart* (rather than a freeze) needs persistent storage: see
-``test_broker_restart_on_s3_storage`` below for what Tansu's ``s3://`` engine does here.
+tests/reliability/test_broker_restart.py (Tansu on ``s3://`` storage served by moto).
 """
 
 from __future__ import annotations
