@@ -232,6 +232,9 @@ def test_clean_restart_and_late_events_reopen_the_day(stack: Stack) -> None:
     # (the days are in the past: they closed at once, so events that arrived after the
     # first rollup were already late; count only this one)
     late_before = restarted.metrics()["usage_stream_events_late_total"]
+    runs_late_before = stack.query(
+        "SELECT COALESCE(SUM(late_events), 0) FROM batch_runs WHERE kind = 'rollup'"
+    )[0][0]
     stack.publish([orjson.dumps(late)])
     wait_settled(stack, len(events) + 1)
     assert actual(stack) == ground_truth(events + [late])
@@ -244,6 +247,23 @@ def test_clean_restart_and_late_events_reopen_the_day(stack: Stack) -> None:
     old = dict(before)[day.isoformat()]
     assert revision == [(old + 1,)]
     assert restarted.metrics()["usage_stream_events_late_total"] == late_before + 1
+    # the rollup that merged it records it in batch_runs.late_events
+    wait_for(
+        lambda: (
+            stack.query(
+                "SELECT COALESCE(SUM(late_events), 0) FROM batch_runs WHERE kind = 'rollup'"
+            )[0][0]
+            == runs_late_before + 1
+        ),
+        30,
+        "batch_runs.late_events",
+    )
+    (day_runs,) = stack.query(
+        "SELECT COUNT(*) FROM batch_runs WHERE kind = 'rollup' AND processing_date = ?"
+        " AND late_events = 1",
+        (day.isoformat(),),
+    )[0]
+    assert day_runs >= 1
 
     # its duplicate changes nothing
     snapshot = stack.query("SELECT * FROM usage_daily ORDER BY 1, 2, 3, 4")
