@@ -40,6 +40,7 @@ def test_shipped_prometheus_config_and_rules_pass_promtool() -> None:
 
 def test_dashboard_and_alerts_only_use_metrics_the_worker_exports() -> None:
     import streams.sinks.shipper  # noqa: F401 - registers the spool's metrics, as the worker does
+
     exported = {sample.name for metric in REGISTRY.collect() for sample in metric.samples} | {
         metric.name for metric in REGISTRY.collect()
     }
