@@ -197,7 +197,6 @@ class HotPath(mode.Service):
         self.committed: dict[int, int] = {}  # partition -> next offset stored
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "ledger")
         self._prices: dict[str, Price] = {}
-        self._prices_loaded = float("-inf")
         # a second connection for the pre-check, so it never queues behind a commit
         self.reader = LedgerStore(settings.summary_db_path, settings.ledger_retention_days, 16)
         self._in_flight: PreparedBatch | None = None
@@ -406,10 +405,6 @@ class HotPath(mode.Service):
                 self.conditions.recovered(stage, message)
                 return result
 
-    async def process(self, records: Sequence[ConsumerRecord]) -> BatchResult:
-        """One batch through every stage, without overlap (tests, tools)."""
-        return await self.commit(await self.prepare(records))
-
     async def prepare(self, records: Sequence[ConsumerRecord]) -> PreparedBatch:
         """Validate, dead-letter, drop copies, write the raw points (stages 1-3)."""
         now_ms = wall_clock_ms()
@@ -550,7 +545,6 @@ class HotPath(mode.Service):
         """The latest stored price per model, for events without ``cost_usd``."""
         try:
             self._prices = dict(await latest_model_prices(await summary_db()))
-            self._prices_loaded = time.monotonic()
         except sqlite3.Error as error:
             log.warning("could not load model prices: %s", error)
 

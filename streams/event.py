@@ -1,4 +1,4 @@
-"""The usage event (CONTRACT §1): validation of producer bytes and the internal codec.
+"""The usage event (CONTRACT §1): validation of producer bytes.
 
 ``parse_event`` never raises on bad input: it returns :class:`InvalidEvent` with a
 metric-friendly ``reason`` (a small fixed set) and a one-line ``message`` for the
@@ -50,8 +50,6 @@ __all__ = [
     "REASONS",
     "InvalidEvent",
     "UsageEvent",
-    "decode_internal",
-    "encode_internal",
     "parse_event",
     "parse_events",
 ]
@@ -518,28 +516,3 @@ def _timestamp_ms(obj: dict) -> int:
     if not isinstance(value, str):
         raise _Invalid("bad_type", "timestamp must be an RFC 3339 string or epoch milliseconds")
     return _rfc3339_ms(value)
-
-
-# Internal codec: the compact form forwarded on the repartition topic ---------------------
-
-
-def encode_internal(event: UsageEvent, source: str) -> bytes:
-    """Serialize a validated event plus its ``topic/partition/offset`` origin."""
-    return orjson.dumps(
-        [
-            event.request_id,
-            event.client_org_id,
-            event.user_id,
-            event.model,
-            event.input_tokens,
-            event.output_tokens,
-            event.cost_nano,
-            event.event_ms,
-            source,
-        ]
-    )
-
-
-def decode_internal(raw: bytes) -> tuple[UsageEvent, str]:
-    fields = orjson.loads(raw)
-    return UsageEvent(*fields[:8]), fields[8]

@@ -9,8 +9,6 @@ from streams.event import (
     MAX_EVENT_BYTES,
     InvalidEvent,
     UsageEvent,
-    decode_internal,
-    encode_internal,
     parse_event,
     parse_events,
 )
@@ -118,15 +116,6 @@ def test_old_timestamps_are_valid_and_both_formats_agree() -> None:
 
 def test_exactly_24h_ahead_is_still_valid() -> None:
     assert isinstance(parse_event(event(timestamp=NOW + 24 * 3600 * 1000), NOW), UsageEvent)
-
-
-def test_internal_codec_round_trips() -> None:
-    parsed = parse_event(event(cost_usd=...), NOW)
-    assert isinstance(parsed, UsageEvent)
-    assert decode_internal(encode_internal(parsed, "usage-events/3/42")) == (
-        parsed,
-        "usage-events/3/42",
-    )
 
 
 def with_member(name: str, literal: bytes) -> bytes:
