@@ -321,22 +321,6 @@ def _diff(
     return changes
 
 
-class _Totals(NamedTuple):
-    """A :class:`SummaryRow`'s fields as a tuple: one per key of the date is compared with
-    the stored row, and a tuple is far cheaper to build than the frozen dataclass (only
-    rows that differ become SummaryRows)."""
-
-    client_org_id: str
-    user_id: str
-    model: str
-    usage_date: str
-    input_tokens: int
-    output_tokens: int
-    requests: int
-    estimated_requests: int
-    raw_cost_nano: int
-
-
 class _Lap:
     """Records the seconds since the previous call under a step's name."""
 
@@ -499,7 +483,7 @@ async def _replace(
     # (c) every usage_daily row of the date, from the ledger; only rows whose values
     # differ are handed to write_summaries (which would leave the others untouched too)
     async with conn.execute(_TOTALS, (day, ordinal)) as cursor:
-        rows = [_Totals(*row) for row in await cursor.fetchall()]
+        rows = [SummaryRow(*row) for row in await cursor.fetchall()]
     lap("totals")
     now = utc_now_text()
     differing = []
@@ -507,7 +491,7 @@ async def _replace(
         old = before.get((row.client_org_id, row.user_id, row.model))
         # the values write_summaries would store, by the same function
         if old is None or old[:_CONTENT] != _summary_values(row, markup, rate, now)[4:-1]:
-            differing.append(SummaryRow(*row))
+            differing.append(row)
     lap("compare")
     written = await write_summaries(conn, differing, markup, rate)
     lap("write_summaries")
