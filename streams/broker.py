@@ -34,6 +34,7 @@ __all__ = [
     "free_port",
     "kafka_client_kwargs",
     "kafka_ssl_context",
+    "stop_process",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,18 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM a child server and wait; SIGKILL it when it does not stop in ``timeout``."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def free_port() -> int:
@@ -194,14 +207,7 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
     def kill(self) -> None:
         """SIGKILL and reap: a crash, no chance to flush or close anything."""

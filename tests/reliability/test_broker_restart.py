@@ -48,7 +48,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streams.broker import EmbeddedBroker, die_with_parent, free_port
+from streams.broker import EmbeddedBroker, die_with_parent, free_port, stop_process
 from tests.harness import Stack, Worker, consume_all, http_get, wait_for
 from tests.reliability.test_broker_outage import stack_env
 from tests.rollup.test_rollup_e2e import actual, ground_truth, make_events, seed_rates
@@ -117,14 +117,7 @@ class MotoS3:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture
