@@ -140,21 +140,21 @@ def bucket_ms_for(retention_days: float) -> int:
     return max(1000, int(retention_days * 86_400_000 / 8))
 
 
-# Strings travel into SQLite as bound parameters only, through small TEMP tables: SQLite's
-# JSON functions stop at a NUL inside a string, and a NUL is valid in every field.
+# Strings travel into SQLite as bound parameters only: SQLite's JSON functions stop at a
+# NUL inside a string, and a NUL is valid in every field. Request ids are probed as one
+# bound ``IN (?,?,…)`` list per chunk: SQLite sorts the list in memory and walks the
+# ledger's key once per live bucket. (Filling a TEMP table instead cost ~1.5 s per 50,000
+# ids with the default file-backed temp store, and was 40 % of the worker's time.)
+_PROBE_CHUNK = 20_000
 _PROBE_TABLES = (
-    "CREATE TEMP TABLE IF NOT EXISTS probe_ids (request_id TEXT PRIMARY KEY) WITHOUT ROWID",
     "CREATE TEMP TABLE IF NOT EXISTS probe_keys (client_org_id TEXT NOT NULL,"
     " user_id TEXT NOT NULL, model TEXT NOT NULL,"
     " PRIMARY KEY (client_org_id, user_id, model)) WITHOUT ROWID",
 )
-_KNOWN = """
-    SELECT p.request_id FROM temp.probe_ids AS p
-    WHERE EXISTS (
-        SELECT 1 FROM ledger
-        WHERE bucket IN (SELECT bucket FROM ledger_buckets) AND request_id = p.request_id
-    )
-"""
+_KNOWN = (
+    "SELECT request_id FROM ledger"
+    " WHERE bucket IN (SELECT bucket FROM ledger_buckets) AND request_id IN ({marks})"
+)
 _FOLD = """
     INSERT INTO daily_pending VALUES (?,?,?,?,?,?,?,?,1)
     ON CONFLICT (usage_date, key_id) DO UPDATE SET
@@ -236,14 +236,14 @@ class LedgerStore:
         """Request ids already in the ledger (a read; WAL: never waits for a writer)."""
         if not request_ids:
             return set()
+        found: set[str] = set()
         with self._lock:
             conn = self.conn
-            self._probe_tables(conn)
-            conn.execute("DELETE FROM temp.probe_ids")
-            conn.executemany(
-                "INSERT OR IGNORE INTO temp.probe_ids VALUES (?)", [(rid,) for rid in request_ids]
-            )
-            return {row[0] for row in conn.execute(_KNOWN)}
+            for start in range(0, len(request_ids), _PROBE_CHUNK):
+                chunk = request_ids[start : start + _PROBE_CHUNK]
+                sql = _KNOWN.format(marks=",".join("?" * len(chunk)))
+                found.update(row[0] for row in conn.execute(sql, chunk))
+        return found
 
     def stored_offsets(self, topic: str) -> dict[int, int]:
         rows = self.conn.execute(

@@ -414,6 +414,8 @@ def open_sync(path: Path, cache_mib: int = 2) -> sqlite3.Connection:
     conn.execute("PRAGMA wal_autocheckpoint = 16384")
     # and give the space back: without a limit the WAL file keeps its largest size ever
     conn.execute("PRAGMA journal_size_limit = 67108864")
+    # TEMP tables (the summary-key probe) in memory: the default temp store is a file
+    conn.execute("PRAGMA temp_store = MEMORY")
     return conn
 
 
