@@ -50,8 +50,16 @@ def main() -> None:
         fail(str(error), 2)
     from streams.app import app
 
-    _import_components()
-    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command in STANDALONE_COMMANDS:
+        # one module, no autodiscovery scan: the command's start-up is part of its time
+        import importlib
+
+        importlib.import_module(STANDALONE_COMMANDS[command])
+        app.conf.autodiscover = False
+    else:
+        _import_components()
+    if command == "worker":
         from streams.broker import BrokerUnreachable
 
         try:
@@ -60,6 +68,12 @@ def main() -> None:
             fail(str(error))
     logging.getLogger("aiokafka").setLevel(logging.NOTSET)
     app.main()
+
+
+#: Commands that need their own module only. ``replay`` is a batch command timed as a
+#: whole: importing every agent (the InfluxDB client, the web views...) and Faust's
+#: autodiscovery scan cost it ~1-2 s of start-up, for nothing it uses.
+STANDALONE_COMMANDS = {"replay": "agents.replay"}
 
 
 def _import_components() -> None:
