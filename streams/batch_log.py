@@ -68,6 +68,7 @@ class BatchEntry(msgspec.Struct, tag="batch", frozen=True):
     newest_event_ms: int  # the partition's event-time watermark after the batch, -1 none
     rows: list[SumRow]
     worker: str = ""  # who appended it (host/pid), for operators
+    behind: bool = False  # the batch was full: the worker is catching up on a backlog
 
 
 class Fence(msgspec.Struct, tag="fence", frozen=True):

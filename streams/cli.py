@@ -60,11 +60,11 @@ def main() -> None:
     else:
         _import_components()
     if command == "worker":
-        from streams.broker import BrokerUnreachable
+        from streams.broker import BrokerUnreachable, TopicMismatch
 
         try:
             asyncio.run(_prepare_worker())
-        except BrokerUnreachable as error:
+        except (BrokerUnreachable, TopicMismatch) as error:
             fail(str(error))
     logging.getLogger("aiokafka").setLevel(logging.NOTSET)
     app.main()
