@@ -42,7 +42,7 @@ from streams.partitioning import home_partitions
 from streams.settings import Settings
 from tables.seen_requests import SeenRequests
 
-__all__ = ["HomePartition", "Rebuilder", "ReplayFence"]
+__all__ = ["HomePartition", "Rebuilder", "ReplayFence", "follow_chain", "read_range"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,25 @@ class HomePartition:
     seen: SeenRequests
     head: ChainHead = field(default_factory=ChainHead)
     fences: dict[str, ReplayFence] = field(default_factory=dict)
+    #: the batch log's next offset as last seen: where this worker's next append must
+    #: land to be sure nothing came between (else it catches up; see agents/pipeline.py)
+    log_end: int = 0
+
+    def bounds(self) -> tuple[int, int] | None:
+        """The highest fence positions (usage, rerouted) this partition has not read past
+        in both topics, or None. Below them the replay counted a date; copies below must
+        be read before copies above, or a request could count on both sides."""
+        open_fences = [
+            f
+            for f in self.fences.values()
+            if self.head.usage_next < f.usage_end or self.head.rerouted_next < f.rerouted_end
+        ]
+        if not open_fences:
+            return None
+        return (
+            max(f.usage_end for f in open_fences),
+            max(f.rerouted_end for f in open_fences),
+        )
 
     def fenced(self, usage_date: str, rerouted: bool, offset: int) -> bool:
         """True when a replay counted this event (its date, below the fence)."""
@@ -114,7 +133,9 @@ class Rebuilder:
             ):
                 if end <= start:
                     continue
-                async for records in _read(consumer, TopicPartition(topic, partition), start, end):
+                async for records in read_range(
+                    consumer, TopicPartition(topic, partition), start, end
+                ):
                     found = self._home_ids(records, partition, rerouted, now_ms)
                     state.seen.add(found, now_ms)
                     ids += len(found)
@@ -138,21 +159,11 @@ class Rebuilder:
     async def _follow(
         self, consumer: AIOKafkaConsumer, partition: int, state: HomePartition
     ) -> tuple[ChainHead, dict[str, ReplayFence]]:
-        chain = Chain(state.head)
-        fences: dict[str, ReplayFence] = {}
-        tp = TopicPartition(self.settings.batch_log_topic, partition)
-        async for records in _read(consumer, tp, state.head.offset + 1, None):
-            for record in records:
-                try:
-                    decoded = decode(record.value)
-                except BadChainRecord:
-                    log.warning("batch log %s: offset %d is not a chain record", tp, record.offset)
-                    continue
-                if chain.accept(record.offset, decoded) and isinstance(decoded, Fence):
-                    fences[decoded.usage_date] = ReplayFence(
-                        decoded.usage_date, decoded.usage_end, decoded.rerouted_end
-                    )
-        return chain.head, fences
+        head, fences, end = await follow_chain(
+            consumer, self.settings.batch_log_topic, partition, state.head, state.log_end
+        )
+        state.log_end = end
+        return head, fences
 
     async def _ttl_starts(self, consumer: AIOKafkaConsumer, partition: int) -> tuple[int, int]:
         """Offsets of usage p and rerouted p at ``DEDUP_TTL_DAYS`` ago (their beginning
@@ -184,7 +195,31 @@ class Rebuilder:
         return [e.request_id for e, home in zip(events, homes, strict=True) if home == partition]
 
 
-async def _read(
+async def follow_chain(
+    consumer: AIOKafkaConsumer, topic: str, partition: int, head: ChainHead, start: int = -1
+) -> tuple[ChainHead, dict[str, ReplayFence], int]:
+    """Follow a batch-log partition from ``start`` (default: after ``head``) to its end.
+    Returns the chain's head, the valid fences met, and the next offset after the end."""
+    chain = Chain(head)
+    fences: dict[str, ReplayFence] = {}
+    tp = TopicPartition(topic, partition)
+    position = max(start, head.offset + 1)
+    async for records in read_range(consumer, tp, position, None):
+        for record in records:
+            position = record.offset + 1
+            try:
+                decoded = decode(record.value)
+            except BadChainRecord:
+                log.warning("batch log %s: offset %d is not a chain record", tp, record.offset)
+                continue
+            if chain.accept(record.offset, decoded) and isinstance(decoded, Fence):
+                fences[decoded.usage_date] = ReplayFence(
+                    decoded.usage_date, decoded.usage_end, decoded.rerouted_end
+                )
+    return chain.head, fences, position
+
+
+async def read_range(
     consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int | None
 ) -> AsyncIterator[list[ConsumerRecord]]:
     """Records of ``tp`` from ``start`` up to ``end`` (exclusive), or to the high watermark

@@ -364,7 +364,7 @@ class HotPath(mode.Service):
         deduplicated and written to the raw sink. Appends keep the batches' order."""
         assert self.consumer is not None
         while not self.should_stop:
-            records = await self._next_batch()
+            records = self._order_for_fences(await self._next_batch())
             if not records:
                 await self._finish_commit()
                 continue
@@ -412,6 +412,49 @@ class HotPath(mode.Service):
             if not fetched and not records:
                 break
         return records
+
+    def _order_for_fences(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """Below a replay's fence, read every copy before any copy above it.
+
+        The replay counted a date's requests with a copy below the fence (in the usage or
+        the rerouted topic); the worker counts those whose first copy it reads is above.
+        Were an above-fence copy in one topic read before a below-fence copy in the other,
+        a request would count on both sides. So while one topic of a home partition has
+        not reached its fence position, records at or past the fence in the other topic
+        wait (the consumer goes back to them), and within a batch that reaches both,
+        records below the fence come first."""
+        assert self.consumer is not None
+        fenced = {
+            p: bounds
+            for p, state in self.states.items()
+            if p in self.owned and (bounds := state.bounds()) is not None
+        }
+        if not fenced or not records:
+            return records
+        kept: list[ConsumerRecord] = []
+        later: list[ConsumerRecord] = []
+        for partition, (usage_end, rerouted_end) in fenced.items():
+            head = self.states[partition].head
+            reach = {self.topic: head.usage_next, self.rerouted_topic: head.rerouted_next}
+            bound = {self.topic: usage_end, self.rerouted_topic: rerouted_end}
+            for record in records:
+                if record.partition == partition and record.offset < bound[record.topic]:
+                    reach[record.topic] = max(reach[record.topic], record.offset + 1)
+            both = all(reach[topic] >= bound[topic] for topic in bound)
+            held: dict[str, int] = {}
+            for record in records:
+                if record.partition != partition:
+                    continue
+                if record.offset < bound[record.topic]:
+                    kept.append(record)
+                elif both:
+                    later.append(record)
+                elif record.topic not in held:
+                    held[record.topic] = record.offset
+            for topic, offset in held.items():
+                self.consumer.seek(TopicPartition(topic, partition), offset)
+        kept += [record for record in records if record.partition not in fenced]
+        return kept + later
 
     async def _until_done(self, stage: str, step: Any, argument: Any) -> Any:
         """Run a stage until it succeeds: a failing sink or broker stalls the batch here
@@ -468,6 +511,8 @@ class HotPath(mode.Service):
             elif event.request_id in state.seen or (
                 in_flight is not None
                 and partition in in_flight.homes
+                # a batch voided by a catch-up will not be appended: its ids are not seen
+                and in_flight.homes[partition].epoch == self.epochs.get(partition)
                 and event.request_id in in_flight.homes[partition].ids
             ):
                 batch.known += 1
@@ -529,9 +574,7 @@ class HotPath(mode.Service):
                 state = self.states[home.partition]
                 self.epochs[home.partition] = self.epochs.get(home.partition, 0) + 1
                 assert self.rebuilder is not None
-                self.states[home.partition] = await self.rebuilder.catch_up(
-                    state, home.partition
-                )
+                self.states[home.partition] = await self.rebuilder.catch_up(state, home.partition)
                 await self._seek_to_head(self.states[home.partition])
         EVENTS_CONSUMED.inc(batch.records)
         for reason, count in batch.invalid.items():
@@ -550,8 +593,11 @@ class HotPath(mode.Service):
         head = state.head
         usage_next = max(head.usage_next, home.usage_next)
         rerouted_next = max(head.rerouted_next, home.rerouted_next)
-        if head.offset >= 0 and not home.ids and usage_next == head.usage_next and (
-            rerouted_next == head.rerouted_next
+        if (
+            head.offset >= 0
+            and not home.ids
+            and usage_next == head.usage_next
+            and (rerouted_next == head.rerouted_next)
         ):
             return True  # nothing new for this partition
         rows = [SumRow(*key, *total) for key, total in home.sums.items()]
@@ -570,17 +616,16 @@ class HotPath(mode.Service):
         metadata = await (
             await self.producer.send(self.batch_log_topic, encode(entry), partition=partition)
         )
-        if metadata.offset != head.offset + 1 and not (
-            head.offset < 0 and metadata.offset == 0
-        ):
+        if metadata.offset != state.log_end:
             log.warning(
                 "hot path: batch log %d: appended at %d, expected %d: another record came"
                 " first; catching up",
                 partition,
                 metadata.offset,
-                head.offset + 1,
+                state.log_end,
             )
             return False
+        state.log_end = metadata.offset + 1
         state.head = ChainHead(metadata.offset, usage_next, rerouted_next, newest)
         state.seen.add(home.ids, time.time_ns() // 1_000_000)
         return True
@@ -593,8 +638,8 @@ class HotPath(mode.Service):
             tp = TopicPartition(topic, partition)
             state = self.states.get(partition)
             if tp in assignment and state is not None and state.head.offset >= 0:
-                head_offset = state.head.usage_next if topic == self.topic else (
-                    state.head.rerouted_next
+                head_offset = (
+                    state.head.usage_next if topic == self.topic else (state.head.rerouted_next)
                 )
                 commit[tp] = OffsetAndMetadata(head_offset, "")
                 self.committed[(topic, partition)] = head_offset

@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from streams.app import app, settings
-from streams.batch_log import BadChainRecord, BatchEntry, ChainRecord, decode
+from streams.batch_log import BadChainRecord, BatchEntry, ChainRecord, Fence, decode
 from streams.broker import kafka_client_kwargs
 from streams.metrics import EVENTS_LATE, PARTIALS_APPLIED, PARTIALS_SKIPPED
 from tables.batch_apply import BatchApplier, StoredHead
@@ -50,6 +50,9 @@ class SummaryWriter(mode.Service):
         self.closer = day_closer()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "summary-writer")
         self.failing: str | None = None
+        self.next_offsets: dict[int, int] = {}
+        # partition -> the fence it waits at (a replay of that date not complete yet)
+        self.blocked: dict[int, Fence] = {}
         global _instance
         _instance = self
 
@@ -70,6 +73,7 @@ class SummaryWriter(mode.Service):
             await self.consumer._client.force_metadata_update()
             partitions = sorted(self.consumer.partitions_for_topic(self.topic) or ())
         heads: dict[int, StoredHead] = await self._in_db(self.applier.heads)
+        self.next_offsets = {p: stored.next_offset for p, stored in heads.items()}
         tps = [TopicPartition(self.topic, p) for p in partitions]
         self.consumer.assign(tps)
         for tp in tps:
@@ -107,9 +111,12 @@ class SummaryWriter(mode.Service):
                 log.warning("summary writer: fetch failed: %s", error)
                 await asyncio.sleep(1)
                 continue
+            await self._unblock()
             records: list[tuple[int, int, ChainRecord | None]] = []
             behind = False
             for tp, batch in fetched.items():
+                if tp.partition in self.blocked:
+                    continue
                 for record in batch:
                     try:
                         decoded: ChainRecord | None = decode(record.value)
@@ -118,6 +125,13 @@ class SummaryWriter(mode.Service):
                         decoded = None
                     if isinstance(decoded, BatchEntry) and decoded.behind:
                         behind = True
+                    if (
+                        isinstance(decoded, Fence)
+                        and record.offset >= self.next_offsets.get(tp.partition, 0)
+                        and not await self._in_db(self.applier.replay_done, decoded)
+                    ):
+                        self._block(tp, record.offset, decoded)
+                        break
                     records.append((tp.partition, record.offset, decoded))
             if not records:
                 self.closer.behind = False
@@ -143,7 +157,43 @@ class SummaryWriter(mode.Service):
                 PARTIALS_SKIPPED.labels(reason="not_in_chain").inc(result.not_in_chain)
             EVENTS_LATE.inc(result.late)
             self.closer.behind = behind
+            self.next_offsets = {p: stored.next_offset for p, stored in heads.items()}
             self._observe(heads)
+
+    def _block(self, tp: TopicPartition, offset: int, fence: Fence) -> None:
+        """Stop at a replay's fence: the replay applies up to it and replaces the date;
+        only then may later sums of that date be added (module docstring of
+        agents/replay.py)."""
+        assert self.consumer is not None
+        self.blocked[tp.partition] = fence
+        self.consumer.seek(tp, offset)
+        self.consumer.pause(tp)
+        log.info(
+            "summary writer: batch log %d waits at the fence of replay %s (%s)",
+            tp.partition,
+            fence.replay_id,
+            fence.usage_date,
+        )
+
+    async def _unblock(self) -> None:
+        assert self.consumer is not None
+        for partition, fence in list(self.blocked.items()):
+            if await self._in_db(self.applier.replay_done, fence):
+                del self.blocked[partition]
+                self.consumer.resume(TopicPartition(self.topic, partition))
+                log.info(
+                    "summary writer: batch log %d goes on past replay %s",
+                    partition,
+                    fence.replay_id,
+                )
+
+    def waiting_reason(self) -> str | None:
+        """For /ready: partitions held at the fence of a replay still running (or failed
+        after fencing: then run the replay of that date again)."""
+        if not self.blocked:
+            return None
+        fences = sorted({(f.usage_date, f.replay_id) for f in self.blocked.values()})
+        return "summary writer waits for replay " + ", ".join(f"{r} ({d})" for d, r in fences)
 
 
 _instance: SummaryWriter | None = None

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from streams.batch_log import BatchEntry, Chain, ChainHead, ChainRecord
+from streams.batch_log import BatchEntry, Chain, ChainHead, ChainRecord, Fence
 from tables.schema import open_sync, utc_now_text
 from tables.summary_keys import FOLD_SQL, SummaryKeyIds
 
@@ -84,6 +84,13 @@ class BatchApplier:
 
     def heads(self) -> dict[int, StoredHead]:
         return _heads(self.conn)
+
+    def replay_done(self, fence: Fence) -> bool:
+        """True once the fence's replay, or a later replay of the same date, completed."""
+        found = self.conn.execute(
+            _REPLAY_DONE, {"day": fence.usage_date, "replay": fence.replay_id}
+        ).fetchone()
+        return found is not None
 
     def apply(
         self, records: Sequence[tuple[int, int, ChainRecord | None]]
@@ -180,6 +187,15 @@ class BatchApplier:
                 late += row.requests
         conn.executemany(FOLD_SQL, [(*key, *total) for key, total in sums.items()])
         return requests, late
+
+
+_REPLAY_DONE = """
+    SELECT 1 FROM replay_runs r
+    WHERE r.usage_date = :day AND r.status = 'complete' AND (
+        r.replay_id = :replay
+        OR r.started_at > COALESCE(
+            (SELECT started_at FROM replay_runs WHERE replay_id = :replay), '9999'))
+"""
 
 
 def _heads(conn: sqlite3.Connection) -> dict[int, StoredHead]:

@@ -346,6 +346,23 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        5,
+        [
+            # Replays under scale-out: a replay appends a fence to every batch-log
+            # partition; the summary writer waits at a fence until the replay that wrote
+            # it is complete (or a later replay of the same date is), so the date's sums
+            # after the fences are never wiped by the replace.
+            """CREATE TABLE replay_runs (
+                replay_id TEXT PRIMARY KEY,
+                usage_date TEXT NOT NULL,
+                status TEXT NOT NULL CHECK (status IN ('fencing', 'complete', 'failed')),
+                started_at TEXT NOT NULL,
+                finished_at TEXT,
+                error TEXT
+            )""",
+        ],
+    ),
 ]
 
 
