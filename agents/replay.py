@@ -6,51 +6,43 @@
    ``REPLAY_MARGIN_HOURS`` (by Kafka timestamp) up to its end as of the start of the replay,
    with a group-less consumer: the live consumer group is never joined, rebalanced or
    committed to (streams/replay_reader.py). ``--from-offsets`` overrides the start of the
-   partitions it names; the others keep the default.
+   partitions it names; the others keep the default. The rerouted topic (copies the
+   workers moved to their home partition) is read the same way.
 2. Validate each record like the worker (``parse_events`` per fetch and partition, "now" =
    the wall clock). Invalid ones are counted and reported, **not** re-sent to the
    dead-letter topic (the worker did that when it first saw them). Event time decides
-   membership of the date. Every record is validated, even of another date (most of them
-   on Tansu): skipping validation would need proof that the record is valid, or the
-   invalid count of the report would be wrong.
+   membership of the date. Like the live pipeline, a usage event counts where it is at
+   home (streams/partitioning.py); a copy read elsewhere counts through its rerouted copy.
 3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins; memory
    stays bounded) and price events without ``cost_usd`` like the worker
-   (:func:`tables.ledger.ledger_events`). The file is written on a thread of its own, a
-   batch at a time in read order, while the next fetch is parsed.
-4. Replace the date in one transaction (tables/replay_store.py): ledger rows of the
-   replayed offset range are swapped for the replay's events, every ``usage_daily`` row of
-   the date is recomputed from the ledger, a ``batch_runs`` row (kind ``replay``) records
-   it. ``--dry-run`` does all of it, prints the differences and rolls back: nothing is
-   written, not even ``batch_runs``.
+   (:func:`tables.ledger.ledger_events`).
+4. Take the date over from the live pipeline (agents/replay_fences.py): a fence in every
+   home partition's batch log, the records the workers read past the replay's end
+   snapshot, every batch-log record up to the fences applied.
+5. Replace the date in one transaction (tables/replay_store.py): every ``usage_daily``
+   row of the date becomes the replay's totals, the date's pending sums are dropped (they
+   came from before the fences), a ``batch_runs`` row (kind ``replay``) records it, and
+   the summary writer may go on past the fences. ``--dry-run`` reads and compares, appends
+   no fence, prints the differences and rolls back: nothing is written, not even
+   ``batch_runs``.
 
 A date without any valid event in the replayed range is an error (one line, exit 1) and
 nothing is written: most likely a wrong date or a topic whose retention already dropped it,
 and replacing the date with "nothing" would silently delete a bill. The same goes for a bad
-date, an unknown topic, an unreachable broker and an unwritable summary DB.
+date, an unknown topic, an unreachable broker and an unwritable summary DB. Events of the
+date are counted only if they are read: a range narrowed with ``--from-offsets`` leaves
+out what lies before it.
 
-Why the live worker and a replay cannot fight
----------------------------------------------
-Totals are derived from ledger membership (``ledger``, one row per request_id), and
-SQLite has a single writer lock: the replay's replace is one ``BEGIN IMMEDIATE``
-transaction, and so is every ledger insert and rollup of the worker. An event of the date
-recorded by the worker is therefore either
-
-* committed **before** the replay's transaction: it is in the ledger, and its source offset
-  is either inside the replayed range — deleted there and re-inserted from the replay's own
-  copy of the same record — or outside it (produced after the replay's end snapshot, or
-  before its start) and kept as it is; either way it is counted exactly once; or
-* committed **after** it: the replay may already have put the same request into the ledger
-  (then the worker's insert is a duplicate and changes nothing), or not (an event past the
-  end snapshot); then the insert marks its key pending and the worker's next rollup
-  recomputes that key of the date from the ledger, which holds the replay's result.
-
-A worker insert waits on the replay's write lock (busy timeout 60 s; the record agent
-retries a failed ledger write and the rollup retries on its next tick), never the reverse
-order of half-applied state. Events the replay put into the ledger before the worker saw
-them are counted in the worker's duplicate metric when it does, which is harmless.
-
-The date is marked closed by a replay, so later events of it count as late and are
-rolled up at once.
+Why the live workers and a replay cannot fight
+----------------------------------------------
+The fences split every home partition's stream of the date in two, at positions everyone
+agrees on (the batch log's chain rule): below them the replay counts, above them the
+workers do, and a worker reads every copy below a fence before any copy above it, so no
+request counts on both sides or on neither. The summary writer stops at the fences until
+the replace has committed, so the date's sums from above the fences are added after the
+replace, never wiped by it. The date is marked closed by a replay, so later events of it
+count as late and are rolled up at once. A replay that fails after fencing leaves the
+writer waiting (``/ready`` says so): run the replay of that date again.
 
 Test broker (Tansu) caveats
 ---------------------------

@@ -67,6 +67,10 @@ async def ready(web: View, request: Request) -> Response:
     stuck = pipeline.not_ready_reason() if pipeline else None
     if stuck:
         reasons.append(stuck)
+    writer = summary_writer()
+    waiting = writer.waiting_reason() if writer else None
+    if waiting:
+        reasons.append(waiting)
     if reasons:
         return web.json({"ready": False, "reasons": reasons}, status=503)
     return web.json({"ready": True})
