@@ -23,13 +23,15 @@ import sqlite3
 from typing import Any
 
 import mode
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from streams.app import app, settings
-from streams.batch_log import BadChainRecord, BatchEntry, ChainRecord, Fence, decode
+from streams.batch_log import BadChainRecord, BatchEntry, ChainRecord, Fence, decode, encode
 from streams.broker import kafka_client_kwargs
+from streams.cli import AFTER_TOPICS
 from streams.metrics import EVENTS_LATE, PARTIALS_APPLIED, PARTIALS_SKIPPED
+from streams.settings import Settings
 from tables.batch_apply import BatchApplier, StoredHead
 from tables.watermarks import day_closer
 
@@ -194,6 +196,51 @@ class SummaryWriter(mode.Service):
             return None
         fences = sorted({(f.usage_date, f.replay_id) for f in self.blocked.values()})
         return "summary writer waits for replay " + ", ".join(f"{r} ({d})" for d, r in fences)
+
+
+async def carry_over_offsets(settings: Settings) -> None:
+    """Upgrading a summary DB billed by the single-file pipeline (``source_offsets``
+    filled, no chain yet): start each partition's chain where that pipeline stopped, so
+    nothing it billed is read and billed again. Runs before the worker starts (registered
+    with :data:`streams.cli.AFTER_TOPICS`), and only appends to an empty batch-log
+    partition. Request ids that pipeline saw are read back by the workers from the usage
+    topic (copies it saw away from their home partition are not: a copy of one of those
+    arriving within the TTL would count again; upgrade while producers are quiet)."""
+    if not settings.SUMMARY_WRITER or not settings.summary_db_path.exists():
+        return
+    applier = BatchApplier(settings.summary_db_path)
+    try:
+        if applier.heads():
+            return
+        stored = dict(
+            applier.conn.execute(
+                "SELECT partition, next_offset FROM source_offsets WHERE topic = ?",
+                (settings.USAGE_TOPIC,),
+            ).fetchall()
+        )
+    finally:
+        applier.close()
+    if not stored:
+        return
+    producer = AIOKafkaProducer(acks="all", **kafka_client_kwargs(settings))
+    await producer.start()
+    try:
+        for partition, offset in sorted(stored.items()):
+            genesis = BatchEntry(-1, 0, offset, 0, 0, -1, [], "carried over")
+            sent = await producer.send_and_wait(
+                settings.batch_log_topic, encode(genesis), partition=partition
+            )
+            if sent.offset == 0:
+                log.info(
+                    "batch log %d starts at usage offset %d (carried over from source_offsets)",
+                    partition,
+                    offset,
+                )
+    finally:
+        await producer.stop()
+
+
+AFTER_TOPICS.append(carry_over_offsets)
 
 
 _instance: SummaryWriter | None = None
