@@ -99,7 +99,7 @@ class Rebuilder:
     def __init__(self, settings: Settings, partitions: int) -> None:
         self.settings = settings
         self.partitions = partitions
-        self.ttl_ms = int(settings.DEDUP_TTL_DAYS * 86_400_000)
+        self.ttl_ms = int(settings.ledger_retention_days * 86_400_000)
 
     def empty(self, partition: int) -> HomePartition:
         return HomePartition(partition, SeenRequests(self.ttl_ms))
