@@ -73,6 +73,8 @@ from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_event
 from streams.log_throttle import throttle_kafka_client_logs
 from streams.metrics import (
     CONSUMER_LAG,
+    DEDUPE_BYTES,
+    DEDUPE_IDS,
     EVENTS_CONSUMED,
     EVENTS_DUPLICATE,
     EVENTS_INVALID,
@@ -737,6 +739,9 @@ class HotPath(mode.Service):
     @mode.Service.timer(5.0)
     async def _lag(self) -> None:
         self.update_lag()
+        owned = [self.states[p] for p in self.owned if p in self.states]
+        DEDUPE_IDS.set(sum(len(state.seen) for state in owned))
+        DEDUPE_BYTES.set(sum(state.seen.approx_bytes() for state in owned))
 
     @mode.Service.timer(PRUNE_SECONDS)
     async def _prune(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tables.seen_requests import SeenRequests
+from tables.seen_requests import SeenRequests, compact
 
 DAY = 86_400_000
 
@@ -45,3 +45,30 @@ def test_never_forgets_early_and_never_invents(events: list[tuple[str, int]], no
 def test_a_positive_ttl_is_required() -> None:
     with pytest.raises(ValueError):
         SeenRequests(ttl_ms=0)
+
+
+def test_uuids_are_kept_compact_and_exactly() -> None:
+    canonical = "123e4567-e89b-12d3-a456-426614174000"
+    assert compact(canonical) == bytes.fromhex("123e4567e89b12d3a456426614174000")
+    # not canonical: kept as they are, so they never meet the canonical one
+    for other in (
+        canonical.upper(),
+        "123e4567-e89b-12d3-a456-42661417400g",
+        "123e4567-e89b-12d3-a456 426614174000",
+        "123e4567-e89b-12d3-a456-4266141 4000",
+        "123e4567e89b12d3a456426614174000",
+    ):
+        assert compact(other) == other
+    seen = SeenRequests(ttl_ms=DAY)
+    seen.add([canonical, canonical.upper()], recorded_ms=0)
+    assert canonical in seen and canonical.upper() in seen and len(seen) == 2
+    assert seen.known([canonical, "123e4567-e89b-12d3-a456-426614174001"]) == {canonical}
+
+
+@given(st.uuids(), st.booleans())
+def test_any_uuid_round_trips_through_its_key(value: object, upper: bool) -> None:
+    text = str(value).upper() if upper else str(value)
+    seen = SeenRequests(ttl_ms=DAY)
+    seen.add([text], recorded_ms=0)
+    assert text in seen
+    assert str(value).swapcase() not in seen or str(value).swapcase() == text
