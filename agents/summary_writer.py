@@ -135,8 +135,7 @@ class SummaryWriter(mode.Service):
                         self._block(tp, record.offset, decoded)
                         break
                     records.append((tp.partition, record.offset, decoded))
-            if not records:
-                self.closer.behind = False
+            if not records:  # "behind" stays as the last records said
                 continue
             while True:  # never skip a fetched group: retry until the DB takes it
                 try:
