@@ -171,6 +171,7 @@ class HomeBatch:
     ids: set[str] = field(default_factory=set)  # new requests, seen from the commit on
     sums: dict[tuple[str, str, str, str], list[int]] = field(default_factory=dict)
     newest_event_ms: int = -1
+    appended: bool = False  # a retried commit must not append this partition's record again
 
 
 @dataclass(slots=True)
@@ -589,6 +590,8 @@ class HotPath(mode.Service):
         another record came first, None when the partition moved or was resynced."""
         assert self.producer is not None
         partition = home.partition
+        if home.appended:
+            return True
         if partition not in self.owned or home.epoch != self.epochs.get(partition):
             return None
         state = self.states[partition]
@@ -628,6 +631,7 @@ class HotPath(mode.Service):
             )
             return False
         state.log_end = metadata.offset + 1
+        home.appended = True
         state.head = ChainHead(metadata.offset, usage_next, rerouted_next, newest)
         state.seen.add(home.ids, time.time_ns() // 1_000_000)
         return True
