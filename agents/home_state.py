@@ -114,8 +114,8 @@ class Rebuilder:
             max_partition_fetch_bytes=8 * 1024 * 1024,
             **kafka_client_kwargs(self.settings),
         )
-        await consumer.start()
         try:
+            await consumer.start()
             fresh = state is None
             if state is None:
                 state = self.empty(partition)

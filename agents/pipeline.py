@@ -236,6 +236,9 @@ class HotPath(mode.Service):
             # dead letters and rerouted events carry the original bytes; a batch-log
             # record carries one row per (date, key) of a batch
             max_request_size=16 * 1024 * 1024,
+            # reroutes are sent thousands at a time: with aiokafka's 16 KB batches they
+            # queued past the request timeout (KafkaTimeoutError, the batch retried)
+            max_batch_size=1024 * 1024,
         )
         await self.producer.start()
         await self.sink.start()
@@ -279,12 +282,18 @@ class HotPath(mode.Service):
             self.partitions = len(self.consumer.partitions_for_topic(self.topic) or ())
             self.rebuilder = Rebuilder(settings, self.partitions)
         homes = sorted({tp.partition for tp in assigned if tp.topic == self.topic})
-        for partition in homes:
-            state = await self._until_done(
-                "rebuild",
-                lambda p=partition: self.rebuilder.catch_up(self.states.get(p), p),  # type: ignore[union-attr]
-                None,
+        # concurrently: the group waits for this callback (the rebalance timeout)
+        states = await asyncio.gather(
+            *(
+                self._until_done(
+                    "rebuild",
+                    lambda p=partition: self.rebuilder.catch_up(self.states.get(p), p),  # type: ignore[union-attr]
+                    None,
+                )
+                for partition in homes
             )
+        )
+        for partition, state in zip(homes, states, strict=True):
             self.states[partition] = state
             self.owned.add(partition)
             self.epochs[partition] = self.epochs.get(partition, 0) + 1

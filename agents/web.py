@@ -71,6 +71,8 @@ async def ready(web: View, request: Request) -> Response:
     waiting = writer.waiting_reason() if writer else None
     if waiting:
         reasons.append(waiting)
+    if writer is not None and writer.failing:
+        reasons.append(f"summary writer failing: {writer.failing}")
     if reasons:
         return web.json({"ready": False, "reasons": reasons}, status=503)
     return web.json({"ready": True})

@@ -103,7 +103,10 @@ class BatchApplier:
             result, heads = self._apply(conn, records)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # on SQLITE_FULL or an I/O error SQLite rolled back already: a ROLLBACK would
+            # raise "no transaction is active" and hide the real error
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         return result, heads
 
