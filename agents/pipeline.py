@@ -216,6 +216,7 @@ class HotPath(mode.Service):
         self.owned: set[int] = set()
         self.epochs: dict[int, int] = {}
         self.committed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
+        self._expected: dict[TopicPartition, int] = {}  # next offset the consumer owes us
         self.prices = PricesFeed(settings)
         self._in_flight: PreparedBatch | None = None
         self._committing: asyncio.Future[None] | None = None
@@ -310,6 +311,7 @@ class HotPath(mode.Service):
             tp = TopicPartition(topic, state.partition)
             if tp not in self.consumer.assignment():
                 continue
+            self._expected.pop(tp, None)
             if head.offset < 0:
                 await self.consumer.seek_to_beginning(tp)
             else:
@@ -420,9 +422,28 @@ class HotPath(mode.Service):
             self.conditions.recovered("fetch", "fetch failed")
             for tp, partition_records in fetched.items():
                 if tp.partition in self.owned:
-                    records.extend(partition_records)
+                    records.extend(self._in_order(tp, partition_records))
             if not fetched and not records:
                 break
+        return records
+
+    def _in_order(self, tp: TopicPartition, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """Drop records the consumer hands out again (an offset below one already taken
+        without a seek in between). Never expected from a broker; a rerouted copy handed
+        out twice would be billed once but counted twice as a duplicate."""
+        expected = self._expected.get(tp)
+        if records and expected is not None and records[0].offset < expected:
+            again = [record for record in records if record.offset < expected]
+            log.warning(
+                "hot path: %s handed out offsets %d..%d again (next expected %d): dropped",
+                tp,
+                again[0].offset,
+                again[-1].offset,
+                expected,
+            )
+            records = [record for record in records if record.offset >= expected]
+        if records:
+            self._expected[tp] = records[-1].offset + 1
         return records
 
     def _order_for_fences(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
@@ -465,6 +486,7 @@ class HotPath(mode.Service):
                     held[record.topic] = record.offset
             for topic, offset in held.items():
                 self.consumer.seek(TopicPartition(topic, partition), offset)
+                self._expected[TopicPartition(topic, partition)] = offset
         kept += [record for record in records if record.partition not in fenced]
         return kept + later
 
