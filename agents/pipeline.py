@@ -217,6 +217,7 @@ class HotPath(mode.Service):
         self.epochs: dict[int, int] = {}
         self.committed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
         self._expected: dict[TopicPartition, int] = {}  # next offset the consumer owes us
+        self._seeks: dict[TopicPartition, int] = {}  # seeks to a chain head, per partition
         self.prices = PricesFeed(settings)
         self._in_flight: PreparedBatch | None = None
         self._committing: asyncio.Future[None] | None = None
@@ -283,18 +284,12 @@ class HotPath(mode.Service):
             self.partitions = len(self.consumer.partitions_for_topic(self.topic) or ())
             self.rebuilder = Rebuilder(settings, self.partitions)
         homes = sorted({tp.partition for tp in assigned if tp.topic == self.topic})
-        # concurrently: the group waits for this callback (the rebalance timeout)
-        states = await asyncio.gather(
-            *(
-                self._until_done(
-                    "rebuild",
-                    lambda p=partition: self.rebuilder.catch_up(self.states.get(p), p),  # type: ignore[union-attr]
-                    None,
-                )
-                for partition in homes
+        for partition in homes:
+            state = await self._until_done(
+                "rebuild",
+                lambda p=partition: self.rebuilder.catch_up(self.states.get(p), p),  # type: ignore[union-attr]
+                None,
             )
-        )
-        for partition, state in zip(homes, states, strict=True):
             self.states[partition] = state
             self.owned.add(partition)
             self.epochs[partition] = self.epochs.get(partition, 0) + 1
@@ -312,6 +307,7 @@ class HotPath(mode.Service):
             if tp not in self.consumer.assignment():
                 continue
             self._expected.pop(tp, None)
+            self._seeks[tp] = self._seeks.get(tp, 0) + 1
             if head.offset < 0:
                 await self.consumer.seek_to_beginning(tp)
             else:
@@ -403,6 +399,8 @@ class HotPath(mode.Service):
         assert self.consumer is not None
         limit = settings.BATCH_MAX_EVENTS
         records: list[ConsumerRecord] = []
+        # (partition, its seeks when fetched, where its records start, how many)
+        fetched_at: list[tuple[TopicPartition, int, int, int]] = []
         deadline = time.monotonic() + settings.RAW_BATCH_SECONDS
         while len(records) < limit:
             wait = deadline - time.monotonic()
@@ -422,9 +420,21 @@ class HotPath(mode.Service):
             self.conditions.recovered("fetch", "fetch failed")
             for tp, partition_records in fetched.items():
                 if tp.partition in self.owned:
-                    records.extend(self._in_order(tp, partition_records))
+                    taken = self._in_order(tp, partition_records)
+                    fetched_at.append((tp, self._seeks.get(tp, 0), len(records), len(taken)))
+                    records.extend(taken)
             if not fetched and not records:
                 break
+        # a rebalance may have moved a partition back (to its chain head) while this batch
+        # was being collected: what was fetched before that seek comes again after it
+        stale = [
+            (start, start + count)
+            for tp, seeks, start, count in fetched_at
+            if self._seeks.get(tp, 0) != seeks
+        ]
+        if stale:
+            drop = {i for start, end in stale for i in range(start, end)}
+            records = [record for i, record in enumerate(records) if i not in drop]
         return records
 
     def _in_order(self, tp: TopicPartition, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
