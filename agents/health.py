@@ -2,7 +2,8 @@
 
 ``/ready`` answers 200 only when the worker can do its job right now: the broker answers
 a real request, the hot path is not stuck retrying a stage, and on the summary writer the
-summary DB takes a write lock, the writer is not failing and no replay's fence holds it. Each probe returns None when fine, else a one-line reason for the 503 body.
+summary DB takes a write lock, the writer is not failing and no replay's fence holds it.
+Each probe returns None when fine, else a one-line reason for the 503 body.
 
 * **Broker**: a TCP connect is not enough: a frozen (SIGSTOPped) or wedged broker still
   completes the handshake from the kernel's backlog and then never answers. The probe
