@@ -1,8 +1,9 @@
 """Readiness probes behind ``GET /ready`` (CONTRACT §6).
 
 ``/ready`` answers 200 only when the worker can do its job right now: the broker answers
-a real request, the summary DB takes a write lock, and the hot path is not stuck retrying
-a stage. Each probe returns None when fine, else a one-line reason for the 503 body.
+a real request, the hot path is not stuck retrying a stage, and on the summary writer the
+summary DB takes a write lock, the writer is not failing and no replay's fence holds it.
+Each probe returns None when fine, else a one-line reason for the 503 body.
 
 * **Broker**: a TCP connect is not enough: a frozen (SIGSTOPped) or wedged broker still
   completes the handshake from the kernel's backlog and then never answers. The probe
@@ -14,9 +15,10 @@ a stage. Each probe returns None when fine, else a one-line reason for the 503 b
   rollup merge holds it for seconds), the worker is busy, not blocked: ready. Otherwise
   another process (or another worker sharing the DB) holds it, and the reason names the
   DB file. A full disk does not stop this probe (taking and dropping a lock writes
-  nothing); the hot path's own failing stage reports it.
+  nothing); the summary writer's failing transaction reports it. Workers with
+  ``SUMMARY_WRITER=false`` have no summary DB and skip this probe.
 * **Hot path**: :meth:`agents.pipeline.HotPath.not_ready_reason`: a stage (prepare,
-  commit, fetch) failing and retrying, or the raw file sink failing.
+  commit, fetch, rebuild) failing and retrying, or the raw file sink failing.
 """
 
 from __future__ import annotations

@@ -1,53 +1,57 @@
-"""The hot path, in one place: batch in → validate → dedupe → raw sink → aggregate → commit.
+"""The hot path, in one place: batch in → validate → route → dedupe → raw sink →
+aggregate → commit.
 
 A Faust ``@app.service`` that owns a plain aiokafka consumer in the consumer group
-``APP_ID`` and reads the usage topic with ``getmany`` in batches of up to
-``BATCH_MAX_EVENTS`` records (or ``RAW_BATCH_SECONDS``). Faust keeps everything else: its
-web server, timers, the leader election of the refresh, the CLI. Faust's per-message
-path (``Consumer._drain_messages`` awaits ``wait_first`` per message; ``take()`` still runs
-every message through it) moved ~6–12k events/s here; a batch pays its costs once.
+``APP_ID`` and reads, in batches of up to ``BATCH_MAX_EVENTS`` records (``getmany``), the
+usage topic and the rerouted topic, partition p of both on the same worker (range
+assignor). Faust keeps everything else: its web server, timers, the CLI.
+
+**Home partitions.** Every request is deduplicated on its home partition
+(:mod:`streams.partitioning`), by the worker that owns it, in memory
+(:class:`agents.home_state.HomePartition`). Producers key by request id, so nearly every
+event is read at home; a copy read elsewhere is produced unchanged to the rerouted
+topic, partition home, and counted there.
 
 Per batch, in OpenMeter's sink order:
 
-1. **validate** every record (``parse_events``); invalid ones are produced to the
-   dead-letter topic with the reason and their origin;
-2. **dedupe**: copies inside the batch are dropped, and copies already in the ledger
-   (checked with one read) are dropped before anything is written;
-3. **raw sink**: the batch's new requests are written as raw points (retried with backoff
-   and a circuit breaker until they are stored);
-4. **aggregate + commit**: one SQLite transaction re-checks the ledger (another worker may
-   have recorded a copy meanwhile), adds the new requests, folds their increments into the
-   day's totals and stores every source partition's next offset
-   (:class:`tables.ledger.LedgerStore`); the dead-letter sends are awaited before it;
-5. the offsets are committed to Kafka too (informational: the consumer seeks to the
-   stored ones on assignment).
+1. **validate** every record (``parse_events``); invalid ones go to the dead-letter
+   topic with the reason and their origin;
+2. **route**: valid events read away from home go to the rerouted topic;
+3. **dedupe**: per home partition, copies inside the batch and ids seen before (or in
+   the batch still being committed) are dropped;
+4. **raw sink**: the new requests' raw points (retried with backoff and a circuit
+   breaker until stored);
+5. **aggregate**: per home partition, the batch's exact sums per (usage date, key);
+6. **commit**: the dead letters and reroutes are awaited, then one record per home
+   partition is appended to the batch log (:mod:`streams.batch_log`): the positions read
+   up to, the sums, the watermark, and ``prev``, the chain head it extends. That append
+   is the commit point. The summary writer adds the sums once each
+   (:mod:`agents.summary_writer`); a worker that gets the partition later starts from the
+   chain head. The Kafka offset commit is informational.
 
-Stages 1–3 of the next batch overlap with stage 4 of the previous one (SQLite works in
-its own thread and releases the GIL); commits keep the batches' order. The pre-check
-treats the batch being committed as recorded, so a copy in two consecutive batches is
-never written twice to the raw sink.
+If the appended record did not land right after the head it extends, another record came
+first (a zombie that still thinks it owns the partition, or a replay's fence): the
+partition's state is caught up from the log (:class:`agents.home_state.Rebuilder`), the
+consumer goes back to the head's positions, and what this worker had prepared on top of
+the old head is dropped (its raw points may be written twice: the same points).
 
-A crash anywhere before 4 redelivers the batch: raw points land on the same points again
-(and the file sink appends a line identical to the first), the ledger drops what it holds.
-Producers may key by anything, so copies of a request may sit on any partition: the
-ledger is shared by every worker, and its check-and-insert is one transaction, so no
-re-keying hop is needed.
+Stages 1-5 of the next batch overlap with stage 6 of the previous one; the dedupe of the
+next batch counts the one being committed as seen.
 
-Failures are reported once per condition, not once per retry: the first failure of a
-stage is one ERROR line, repeats of the same condition are summed up at most once a
-minute, and the recovery is one WARNING line (:class:`ConditionLog`). While a stage is
-failing, :meth:`HotPath.not_ready_reason` names it for ``/ready`` (:mod:`agents.health`).
+Failures are reported once per condition (:class:`ConditionLog`), and while a stage is
+failing :meth:`HotPath.not_ready_reason` names it for ``/ready`` (:mod:`agents.health`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
+import os
+import socket
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -55,42 +59,41 @@ from typing import Any
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import ConsumerStoppedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
+from agents.home_state import HomePartition, Rebuilder
+from agents.prices_feed import PricesFeed
 from streams.app import app, settings
+from streams.batch_log import BatchEntry, ChainHead, SumRow, encode
 from streams.broker import kafka_client_kwargs
 from streams.business_time import UsageDates
 from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_events
 from streams.log_throttle import throttle_kafka_client_logs
 from streams.metrics import (
     CONSUMER_LAG,
+    DEDUPE_BYTES,
+    DEDUPE_IDS,
     EVENTS_CONSUMED,
     EVENTS_DUPLICATE,
     EVENTS_INVALID,
-    EVENTS_LATE,
 )
 from streams.money import NanoScaler
-from streams.pricing import Price
+from streams.partitioning import home_partitions
 from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import line
 from streams.sinks.raw_retention import maintain_raw_files
-from tables.connection import summary_db
-from tables.ledger import BatchResult, LedgerEvent, LedgerStore, ledger_events
-from tables.reference import latest_model_prices
-from tables.watermarks import day_closer, wall_clock_ms
+from tables.ledger import LedgerEvent, ledger_events
 
 __all__ = ["HotPath", "hot_path"]
 
 log = logging.getLogger(__name__)
 
-PRICES_RELOAD_SECONDS = 300.0
 STOP_GRACE_SECONDS = 10.0
 RAW_MAINTENANCE_SECONDS = 300.0
-# Hourly, or often enough that a short retention (tests use seconds) is honoured closely.
-_PRUNE_INTERVAL_SECONDS = max(
-    1.0, min(3600.0, settings.ledger_retention_days * 86_400 / 16)
-)  # every UTC offset in use is a multiple of 15 minutes
+PRUNE_SECONDS = max(1.0, min(3600.0, settings.DEDUP_TTL_DAYS * 86_400 / 16))
+_WORKER = f"{socket.gethostname()}/{os.getpid()}"
 
 
 def reported(error: BaseException) -> BaseException:
@@ -158,17 +161,30 @@ class ConditionLog:
 
 
 @dataclass(slots=True)
-class PreparedBatch:
-    """A batch after validation, dedupe pre-check and the raw sink, ready to commit."""
+class HomeBatch:
+    """What one batch brings to one home partition."""
 
-    records: int
-    entries: list[LedgerEvent] = field(default_factory=list)
-    request_ids: set[str] = field(default_factory=set)
+    partition: int
+    epoch: int  # the state's epoch when prepared: a resync in between voids it
+    usage_next: int = -1  # next offset after the batch's usage records (-1: none read)
+    rerouted_next: int = -1
+    ids: set[str] = field(default_factory=set)  # new requests, seen from the commit on
+    sums: dict[tuple[str, str, str, str], list[int]] = field(default_factory=dict)
+    newest_event_ms: int = -1
+    appended: bool = False  # a retried commit must not append this partition's record again
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch after validation, routing, dedupe, the raw sink and aggregation."""
+
+    records: int  # of the usage topic (rerouted copies were counted where they were read)
+    homes: dict[int, HomeBatch] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     invalid: dict[str, int] = field(default_factory=dict)
-    newest: dict[int, int] = field(default_factory=dict)  # partition -> newest event ms
     copies: int = 0  # copies inside the batch
-    known: int = 0  # copies recorded before (pre-check)
+    known: int = 0  # copies seen before
+    full: bool = False
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -183,24 +199,28 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 class HotPath(mode.Service):
-    """Consumes the usage topic in batches and records them (module docstring)."""
+    """Consumes the usage and rerouted topics in batches (module docstring)."""
 
     def __post_init__(self) -> None:
         self.topic = settings.USAGE_TOPIC
-        self.store = LedgerStore(settings.summary_db_path, settings.ledger_retention_days)
+        self.rerouted_topic = settings.rerouted_topic
+        self.batch_log_topic = settings.batch_log_topic
         self.sink = build_raw_sink(settings)
-        self.closer = day_closer()
         self.dates = UsageDates(settings.tz)
         self.markup = NanoScaler(settings.USAGE_MARKUP_MULTIPLIER)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
-        self.committed: dict[int, int] = {}  # partition -> next offset stored
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "ledger")
-        self._prices: dict[str, Price] = {}
-        # a second connection for the pre-check, so it never queues behind a commit
-        self.reader = LedgerStore(settings.summary_db_path, settings.ledger_retention_days, 16)
+        self.partitions = 0  # of the usage topic (= of the rerouted topic and batch log)
+        self.rebuilder: Rebuilder | None = None
+        self.states: dict[int, HomePartition] = {}  # kept after a revoke: caught up on reuse
+        self.owned: set[int] = set()
+        self.epochs: dict[int, int] = {}
+        self.committed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
+        self._expected: dict[TopicPartition, int] = {}  # next offset the consumer owes us
+        self._seeks: dict[TopicPartition, int] = {}  # seeks to a chain head, per partition
+        self.prices = PricesFeed(settings)
         self._in_flight: PreparedBatch | None = None
-        self._committing: asyncio.Future[BatchResult] | None = None
+        self._committing: asyncio.Future[None] | None = None
         self.conditions = ConditionLog(log)
         global _instance
         _instance = self
@@ -215,9 +235,12 @@ class HotPath(mode.Service):
             linger_ms=5,
             enable_idempotence=settings.KAFKA_PRODUCER_IDEMPOTENCE,
             acks="all",
-            # dead letters carry the original bytes, as big as the consumer could fetch;
-            # a broker that refuses one gets it truncated (_send_dead_letter)
+            # dead letters and rerouted events carry the original bytes; a batch-log
+            # record carries one row per (date, key) of a batch
             max_request_size=16 * 1024 * 1024,
+            # reroutes are sent thousands at a time: with aiokafka's 16 KB batches they
+            # queued past the request timeout (KafkaTimeoutError, the batch retried)
+            max_batch_size=1024 * 1024,
         )
         await self.producer.start()
         await self.sink.start()
@@ -226,6 +249,8 @@ class HotPath(mode.Service):
             group_id=settings.APP_ID,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # partition p of the usage and the rerouted topic to the same worker
+            partition_assignment_strategy=(RangePartitionAssignor,),
             session_timeout_ms=int(settings.KAFKA_SESSION_TIMEOUT_SECONDS * 1000),
             rebalance_timeout_ms=int(settings.KAFKA_REBALANCE_TIMEOUT_SECONDS * 1000),
             heartbeat_interval_ms=int(settings.KAFKA_HEARTBEAT_INTERVAL_SECONDS * 1000),
@@ -233,13 +258,13 @@ class HotPath(mode.Service):
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
         )
-        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
-        await self.load_prices()
+        self.consumer.subscribe([self.topic, self.rerouted_topic], listener=_Rebalance(self))
+        await self.prices.start()
         await self.consumer.start()
 
     async def on_stop(self) -> None:
         """Let the batch in flight finish (briefly): one stuck on an outage is cancelled,
-        uncommitted, and redelivered to whoever reads the partition next."""
+        unappended, and read again by whoever owns the partition next."""
         if not await self._settle(STOP_GRACE_SECONDS):
             log.warning("hot path: stopping with a batch in flight; it will be redelivered")
         if self.consumer is not None:
@@ -247,42 +272,58 @@ class HotPath(mode.Service):
         if self.producer is not None:
             await self.producer.stop()
         await self.sink.close()
-        self._executor.submit(self.store.close)
-        self.reader.close()
-        self._executor.shutdown(wait=False)
-
-    async def _in_store(self, function: Any, *args: object) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        await self.prices.stop()
 
     # Rebalancing ------------------------------------------------------------------------
 
     async def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Seek to the offsets stored with the last batch (SQLite is authoritative)."""
-        stored = await self._in_store(self.store.stored_offsets, self.topic)
+        """Bring each new home partition's state up to its chain head, then read on from
+        the head's positions."""
         assert self.consumer is not None
-        for tp in assigned:
-            if tp.partition in stored:
-                self.consumer.seek(tp, stored[tp.partition])
-                self.committed[tp.partition] = stored[tp.partition]
-        log.info(
-            "hot path: assigned %s partitions %s",
-            self.topic,
-            sorted(tp.partition for tp in assigned),
-        )
+        if self.rebuilder is None:
+            self.partitions = len(self.consumer.partitions_for_topic(self.topic) or ())
+            self.rebuilder = Rebuilder(settings, self.partitions)
+        homes = sorted({tp.partition for tp in assigned if tp.topic == self.topic})
+        for partition in homes:
+            state = await self._until_done(
+                "rebuild",
+                lambda p=partition: self.rebuilder.catch_up(self.states.get(p), p),  # type: ignore[union-attr]
+                None,
+            )
+            self.states[partition] = state
+            self.owned.add(partition)
+            self.epochs[partition] = self.epochs.get(partition, 0) + 1
+            await self._seek_to_head(state)
+        log.info("hot path: assigned home partitions %s", homes)
+
+    async def _seek_to_head(self, state: HomePartition) -> None:
+        assert self.consumer is not None
+        head = state.head
+        for topic, offset in (
+            (self.topic, head.usage_next),
+            (self.rerouted_topic, head.rerouted_next),
+        ):
+            tp = TopicPartition(topic, state.partition)
+            if tp not in self.consumer.assignment():
+                continue
+            self._expected.pop(tp, None)
+            self._seeks[tp] = self._seeks.get(tp, 0) + 1
+            if head.offset < 0:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, offset)
+                self.committed[(topic, state.partition)] = offset
 
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        """Finish the batch in flight (briefly), then forget the partitions' watermarks.
-
-        Not needed for exactness (a batch applied after the partition moved finds its
-        requests in the ledger), only to spare the next owner re-reading it.
-        """
+        """Finish the append in flight (briefly); the states stay for a later return."""
         await self._settle(STOP_GRACE_SECONDS)
-        partitions = [tp.partition for tp in revoked]
-        self.closer.forget(partitions)
-        for partition in partitions:
-            self.committed.pop(partition, None)
-            with contextlib.suppress(KeyError):
-                CONSUMER_LAG.remove(self.topic, str(partition))
+        for tp in revoked:
+            if tp.topic == self.topic:
+                self.owned.discard(tp.partition)
+                self.epochs[tp.partition] = self.epochs.get(tp.partition, 0) + 1
+                with contextlib.suppress(KeyError):
+                    CONSUMER_LAG.remove(self.topic, str(tp.partition))
+            self.committed.pop((tp.topic, tp.partition), None)
 
     async def _settle(self, timeout: float) -> bool:
         """Wait (bounded) for the batch being committed; True when none is left."""
@@ -295,19 +336,14 @@ class HotPath(mode.Service):
     def assigned_partitions(self) -> list[int]:
         if self.consumer is None:
             return []
-        return sorted(tp.partition for tp in self.consumer.assignment())
+        return sorted(tp.partition for tp in self.consumer.assignment() if tp.topic == self.topic)
 
     def not_ready_reason(self) -> str | None:
-        """Why the hot path cannot record events right now (``/ready``), or None.
-
-        A stage retrying a failure (database, disk, broker), or the direct raw file sink
-        failing (it retries inside the prepare stage, so only its breaker knows). The
-        spooling InfluxDB sink is left out on purpose: an InfluxDB outage does not stop
-        billing, the spool takes the points."""
+        """Why the hot path cannot record events right now (``/ready``), or None."""
         reasons = [
             f"hot path {name} failing: {error}"
             for name, error in self.conditions.active().items()
-            if name != "kafka-commit"  # informational commit: SQLite holds the offsets
+            if name != "kafka-commit"  # informational: the batch log holds the positions
         ]
         if settings.raw_sink_kind == "file" and self.sink.consecutive_failures:
             reasons.append(
@@ -317,41 +353,39 @@ class HotPath(mode.Service):
         return "; ".join(reasons) or None
 
     def update_lag(self) -> None:
-        """Lag = high watermark seen in fetch responses − next offset stored, per partition.
-
-        ``end_offsets()`` (ListOffsets latest) is wrong on the test broker; the high
-        watermark carried by fetch responses is right on every broker."""
+        """Lag = high watermark seen in fetch responses − next offset read, per usage
+        partition (``end_offsets()`` is wrong on the test broker)."""
         if self.consumer is None:
             return
         for tp in self.consumer.assignment():
+            if tp.topic != self.topic:
+                continue
             highwater = self.consumer.highwater(tp)
             if highwater is None or highwater < 0:
                 continue
-            lag = highwater - self.committed.get(tp.partition, 0)
+            lag = highwater - self.committed.get((tp.topic, tp.partition), 0)
             CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(max(lag, 0))
 
     # The loop ---------------------------------------------------------------------------
 
     @mode.Service.task
     async def _consume(self) -> None:
-        """Two stages overlap: while batch N commits (SQLite, in its own thread), batch
-        N+1 is fetched, validated, pre-checked and written to the raw sink. Commits keep
-        the batches' order."""
+        """While batch N is appended to the batch log, batch N+1 is fetched, validated,
+        deduplicated and written to the raw sink. Appends keep the batches' order."""
         assert self.consumer is not None
         while not self.should_stop:
-            records = await self._next_batch()
-            self.closer.behind = len(records) >= settings.BATCH_MAX_EVENTS
+            records = self._order_for_fences(await self._next_batch())
             if not records:
                 await self._finish_commit()
                 continue
             batch = await self._until_done("prepare", self.prepare, records)
+            batch.full = len(records) >= settings.BATCH_MAX_EVENTS
             await self._finish_commit()
             self._in_flight = batch
             self._committing = asyncio.ensure_future(self._until_done("commit", self.commit, batch))
         await self._finish_commit()
 
     async def _finish_commit(self) -> None:
-        """Wait for the batch being committed, if any."""
         if self._committing is not None:
             try:
                 await asyncio.shield(self._committing)
@@ -365,6 +399,8 @@ class HotPath(mode.Service):
         assert self.consumer is not None
         limit = settings.BATCH_MAX_EVENTS
         records: list[ConsumerRecord] = []
+        # (partition, its seeks when fetched, where its records start, how many)
+        fetched_at: list[tuple[TopicPartition, int, int, int]] = []
         deadline = time.monotonic() + settings.RAW_BATCH_SECONDS
         while len(records) < limit:
             wait = deadline - time.monotonic()
@@ -375,29 +411,104 @@ class HotPath(mode.Service):
                     timeout_ms=max(int(wait * 1000), 0) if records else 1000,
                     max_records=limit - len(records),
                 )
-            except ConsumerStoppedError:  # the worker is stopping
+            except ConsumerStoppedError:
                 return []
             except KafkaError as error:
                 self.conditions.failed("fetch", "fetch failed", error, logging.WARNING)
                 await asyncio.sleep(1)
                 break
             self.conditions.recovered("fetch", "fetch failed")
-            for partition_records in fetched.values():
-                records.extend(partition_records)
+            for tp, partition_records in fetched.items():
+                if tp.partition in self.owned:
+                    taken = self._in_order(tp, partition_records)
+                    fetched_at.append((tp, self._seeks.get(tp, 0), len(records), len(taken)))
+                    records.extend(taken)
             if not fetched and not records:
                 break
+        # a rebalance may have moved a partition back (to its chain head) while this batch
+        # was being collected: what was fetched before that seek comes again after it
+        stale = [
+            (start, start + count)
+            for tp, seeks, start, count in fetched_at
+            if self._seeks.get(tp, 0) != seeks
+        ]
+        if stale:
+            drop = {i for start, end in stale for i in range(start, end)}
+            records = [record for i, record in enumerate(records) if i not in drop]
         return records
 
+    def _in_order(self, tp: TopicPartition, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """Drop records the consumer hands out again (an offset below one already taken
+        without a seek in between). Never expected from a broker; a rerouted copy handed
+        out twice would be billed once but counted twice as a duplicate."""
+        expected = self._expected.get(tp)
+        if records and expected is not None and records[0].offset < expected:
+            again = [record for record in records if record.offset < expected]
+            log.warning(
+                "hot path: %s handed out offsets %d..%d again (next expected %d): dropped",
+                tp,
+                again[0].offset,
+                again[-1].offset,
+                expected,
+            )
+            records = [record for record in records if record.offset >= expected]
+        if records:
+            self._expected[tp] = records[-1].offset + 1
+        return records
+
+    def _order_for_fences(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """Below a replay's fence, read every copy before any copy above it.
+
+        The replay counted a date's requests with a copy below the fence (in the usage or
+        the rerouted topic); the worker counts those whose first copy it reads is above.
+        Were an above-fence copy in one topic read before a below-fence copy in the other,
+        a request would count on both sides. So while one topic of a home partition has
+        not reached its fence position, records at or past the fence in the other topic
+        wait (the consumer goes back to them), and within a batch that reaches both,
+        records below the fence come first."""
+        assert self.consumer is not None
+        fenced = {
+            p: bounds
+            for p, state in self.states.items()
+            if p in self.owned and (bounds := state.bounds()) is not None
+        }
+        if not fenced or not records:
+            return records
+        kept: list[ConsumerRecord] = []
+        later: list[ConsumerRecord] = []
+        for partition, (usage_end, rerouted_end) in fenced.items():
+            head = self.states[partition].head
+            reach = {self.topic: head.usage_next, self.rerouted_topic: head.rerouted_next}
+            bound = {self.topic: usage_end, self.rerouted_topic: rerouted_end}
+            for record in records:
+                if record.partition == partition and record.offset < bound[record.topic]:
+                    reach[record.topic] = max(reach[record.topic], record.offset + 1)
+            both = all(reach[topic] >= bound[topic] for topic in bound)
+            held: dict[str, int] = {}
+            for record in records:
+                if record.partition != partition:
+                    continue
+                if record.offset < bound[record.topic]:
+                    kept.append(record)
+                elif both:
+                    later.append(record)
+                elif record.topic not in held:
+                    held[record.topic] = record.offset
+            for topic, offset in held.items():
+                self.consumer.seek(TopicPartition(topic, partition), offset)
+                self._expected[TopicPartition(topic, partition)] = offset
+        kept += [record for record in records if record.partition not in fenced]
+        return kept + later
+
     async def _until_done(self, stage: str, step: Any, argument: Any) -> Any:
-        """Run a stage until it succeeds: a failing database or broker stalls the batch
-        here (nothing is committed), never drops it. Logged once per condition
-        (:class:`ConditionLog`); ``/ready`` reports the stage as failing meanwhile."""
+        """Run a stage until it succeeds: a failing sink or broker stalls the batch here
+        (nothing is appended), never drops it."""
         delay = 1.0
         message = f"{stage} of a batch failed"
         while True:
             try:
-                result = await step(argument)
-            except (sqlite3.Error, OSError, KafkaError) as error:
+                result = await (step(argument) if argument is not None else step())
+            except (sqlite3.Error, OSError, KafkaError, TimeoutError) as error:
                 self.conditions.failed(stage, message, reported(error))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 8.0)
@@ -406,70 +517,201 @@ class HotPath(mode.Service):
                 return result
 
     async def prepare(self, records: Sequence[ConsumerRecord]) -> PreparedBatch:
-        """Validate, dead-letter, drop copies, write the raw points (stages 1-3)."""
-        now_ms = wall_clock_ms()
+        """Stages 1-5 (module docstring)."""
+        now_ms = time.time_ns() // 1_000_000
         parsed = parse_events([record.value for record in records], now_ms)
-        candidates: dict[str, tuple[UsageEvent, ConsumerRecord]] = {}
-        dead_letters: list[asyncio.Future[Any]] = []
-        batch = PreparedBatch(len(records))
+        batch = PreparedBatch(sum(1 for record in records if record.topic == self.topic))
+        sends: list[asyncio.Future[Any]] = []
+        valid: list[tuple[ConsumerRecord, UsageEvent]] = []
         for record, event in zip(records, parsed, strict=True):
-            if isinstance(event, InvalidEvent):
-                batch.invalid[event.reason] = batch.invalid.get(event.reason, 0) + 1
-                dead_letters.append(await self._dead_letter(record, event))
-                continue
-            if event.event_ms > batch.newest.get(record.partition, -1):
-                batch.newest[record.partition] = event.event_ms
-            if event.request_id in candidates:
-                batch.copies += 1
-            else:
-                candidates[event.request_id] = (event, record)
-        # copies recorded before (the batch being committed counts as recorded)
-        known = await asyncio.to_thread(self.reader.known, list(candidates))
-        in_flight = self._in_flight
-        if in_flight is not None:
-            known.update(rid for rid in candidates if rid in in_flight.request_ids)
-        batch.known = len(known)
-        batch.entries = ledger_events(
-            [
-                (event, record.partition, record.offset)
-                for request_id, (event, record) in candidates.items()
-                if request_id not in known
-            ],
-            self._prices,
-            self.dates,
-        )
-        batch.request_ids = {entry.request_id for entry in batch.entries}
-        if batch.entries:
-            await self.sink.write_lines([self._raw_line(entry) for entry in batch.entries])
-        if dead_letters:
-            await asyncio.gather(*dead_letters)
-        for record in records:
             key = (record.topic, record.partition)
             if record.offset + 1 > batch.offsets.get(key, -1):
                 batch.offsets[key] = record.offset + 1
+            if isinstance(event, InvalidEvent):
+                batch.invalid[event.reason] = batch.invalid.get(event.reason, 0) + 1
+                sends.append(asyncio.ensure_future(self._send_dead_letter(record, event)))
+            else:
+                valid.append((record, event))
+        at_home = [record.topic == self.rerouted_topic for record, _ in valid]
+        away = [i for i, home in enumerate(at_home) if not home]
+        homes = home_partitions([valid[i][1].request_id for i in away], self.partitions)
+        for i, home in zip(away, homes, strict=True):
+            record = valid[i][0]
+            at_home[i] = home == record.partition
+            if not at_home[i]:
+                sends.append(asyncio.ensure_future(self._reroute(record, valid[i][1], home)))
+        # dedupe per home partition (the batch being committed counts as seen)
+        in_flight = self._in_flight
+        candidates: dict[str, tuple[UsageEvent, ConsumerRecord]] = {}
+        for (record, event), home in zip(valid, at_home, strict=True):
+            if not home:
+                continue
+            partition = record.partition
+            state = self.states[partition]
+            if event.event_ms > self._home(batch, partition).newest_event_ms:
+                batch.homes[partition].newest_event_ms = event.event_ms
+            if event.request_id in candidates:
+                batch.copies += 1
+            elif event.request_id in state.seen or (
+                in_flight is not None
+                and partition in in_flight.homes
+                # a batch voided by a catch-up will not be appended: its ids are not seen
+                and in_flight.homes[partition].epoch == self.epochs.get(partition)
+                and event.request_id in in_flight.homes[partition].ids
+            ):
+                batch.known += 1
+            else:
+                candidates[event.request_id] = (event, record)
+        entries = ledger_events(
+            [(event, record.partition, record.offset) for event, record in candidates.values()],
+            self.prices.current,
+            self.dates,
+        )
+        if entries:
+            await self.sink.write_lines([self._raw_line(entry) for entry in entries])
+        for entry, (_, record) in zip(entries, candidates.values(), strict=True):
+            self._add(batch, entry, record)
+        for record in records:
+            if record.partition in self.states:
+                home = self._home(batch, record.partition)
+                if record.topic == self.topic:
+                    home.usage_next = max(home.usage_next, record.offset + 1)
+                else:
+                    home.rerouted_next = max(home.rerouted_next, record.offset + 1)
+        if sends:
+            await asyncio.gather(*sends)
         return batch
 
-    async def commit(self, batch: PreparedBatch) -> BatchResult:
-        """Stage 4 and 5: the one SQLite transaction, then the Kafka commit and metrics."""
-        result: BatchResult = await self._in_store(
-            self.store.commit_batch, batch.entries, batch.offsets
+    def _home(self, batch: PreparedBatch, partition: int) -> HomeBatch:
+        home = batch.homes.get(partition)
+        if home is None:
+            home = batch.homes[partition] = HomeBatch(partition, self.epochs.get(partition, 0))
+        return home
+
+    def _add(self, batch: PreparedBatch, entry: LedgerEvent, record: ConsumerRecord) -> None:
+        """One new request into its home partition's ids and sums (unless a replay's
+        fence says the replay counted it)."""
+        home = self._home(batch, record.partition)
+        home.ids.add(entry.request_id)
+        state = self.states[record.partition]
+        if state.fences and state.fenced(
+            entry.usage_date, record.topic == self.rerouted_topic, record.offset
+        ):
+            return
+        key = (entry.usage_date, entry.client_org_id, entry.user_id, entry.model)
+        total = home.sums.get(key)
+        if total is None:
+            total = home.sums[key] = [0, 0, 0, 0, 0]
+        total[0] += entry.input_tokens
+        total[1] += entry.output_tokens
+        total[2] += 1
+        total[3] += entry.cost_estimated
+        total[4] += entry.cost_nano
+
+    async def commit(self, batch: PreparedBatch) -> None:
+        """Stage 6: one batch-log record per home partition, then metrics and offsets."""
+        results = await asyncio.gather(
+            *(self._append(home, batch.full) for home in batch.homes.values())
         )
+        for home, ok in zip(batch.homes.values(), results, strict=True):
+            if ok is False:  # lost a race: catch up, go back to the head, drop the rest
+                state = self.states[home.partition]
+                self.epochs[home.partition] = self.epochs.get(home.partition, 0) + 1
+                assert self.rebuilder is not None
+                self.states[home.partition] = await self.rebuilder.catch_up(state, home.partition)
+                await self._seek_to_head(self.states[home.partition])
         EVENTS_CONSUMED.inc(batch.records)
         for reason, count in batch.invalid.items():
             EVENTS_INVALID.labels(reason=reason).inc(count)
-        EVENTS_DUPLICATE.inc(batch.copies + batch.known + result.duplicates)
-        EVENTS_LATE.inc(result.late)
-        for partition, event_ms in batch.newest.items():
-            self.closer.observe(partition, event_ms)
-        for (_, partition), offset in batch.offsets.items():
-            self.committed[partition] = offset
-        await self._commit_kafka(batch.offsets)
-        return result
+        EVENTS_DUPLICATE.inc(batch.copies + batch.known)
+        await self._commit_kafka(batch)
 
-    async def _dead_letter(self, record: ConsumerRecord, event: InvalidEvent) -> Any:
-        """Send one invalid record to the dead-letter topic (delivery awaited in
-        ``prepare``, concurrently with the others)."""
-        return asyncio.ensure_future(self._send_dead_letter(record, event))
+    async def _append(self, home: HomeBatch, full: bool) -> bool | None:
+        """Append the partition's record; True when it extends the head, False when
+        another record came first, None when the partition moved or was resynced."""
+        assert self.producer is not None
+        partition = home.partition
+        if home.appended:
+            return True
+        if partition not in self.owned or home.epoch != self.epochs.get(partition):
+            return None
+        state = self.states[partition]
+        head = state.head
+        usage_next = max(head.usage_next, home.usage_next)
+        rerouted_next = max(head.rerouted_next, home.rerouted_next)
+        if (
+            head.offset >= 0
+            and not home.ids
+            and usage_next == head.usage_next
+            and (rerouted_next == head.rerouted_next)
+        ):
+            return True  # nothing new for this partition
+        rows = [SumRow(*key, *total) for key, total in home.sums.items()]
+        newest = max(head.newest_event_ms, home.newest_event_ms)
+        entry = BatchEntry(
+            head.offset,
+            head.usage_next,
+            usage_next,
+            head.rerouted_next,
+            rerouted_next,
+            newest,
+            rows,
+            _WORKER,
+            full,
+        )
+        metadata = await (
+            await self.producer.send(self.batch_log_topic, encode(entry), partition=partition)
+        )
+        if metadata.offset != state.log_end:
+            log.warning(
+                "hot path: batch log %d: appended at %d, expected %d: another record came"
+                " first; catching up",
+                partition,
+                metadata.offset,
+                state.log_end,
+            )
+            return False
+        state.log_end = metadata.offset + 1
+        home.appended = True
+        state.head = ChainHead(metadata.offset, usage_next, rerouted_next, newest)
+        state.seen.add(home.ids, time.time_ns() // 1_000_000)
+        return True
+
+    async def _commit_kafka(self, batch: PreparedBatch) -> None:
+        assert self.consumer is not None
+        assignment = self.consumer.assignment()
+        commit = {}
+        for topic, partition in batch.offsets:
+            tp = TopicPartition(topic, partition)
+            state = self.states.get(partition)
+            if tp in assignment and state is not None and state.head.offset >= 0:
+                head_offset = (
+                    state.head.usage_next if topic == self.topic else (state.head.rerouted_next)
+                )
+                commit[tp] = OffsetAndMetadata(head_offset, "")
+                self.committed[(topic, partition)] = head_offset
+        if not commit:
+            return
+        try:
+            await self.consumer.commit(commit)
+        except KafkaError as error:
+            self.conditions.failed("kafka-commit", "Kafka offset commit", error, logging.INFO)
+        else:
+            self.conditions.recovered("kafka-commit", "Kafka offset commit")
+
+    async def _reroute(self, record: ConsumerRecord, event: UsageEvent, home: int) -> None:
+        """A valid event read away from its home partition, to the rerouted topic."""
+        assert self.producer is not None
+        source = f"{record.topic}/{record.partition}/{record.offset}"
+        await (
+            await self.producer.send(
+                self.rerouted_topic,
+                key=event.request_id.encode(),
+                value=record.value,
+                partition=home,
+                headers=[("source-offset", source.encode())],
+            )
+        )
 
     async def _send_dead_letter(self, record: ConsumerRecord, event: InvalidEvent) -> None:
         """The original bytes with the reason, or, when the producer or the broker refuses
@@ -505,23 +747,6 @@ class HotPath(mode.Service):
                 )
             )
 
-    async def _commit_kafka(self, offsets: Mapping[tuple[str, int], int]) -> None:
-        assert self.consumer is not None
-        assignment = self.consumer.assignment()
-        commit = {
-            TopicPartition(topic, partition): OffsetAndMetadata(offset, "")
-            for (topic, partition), offset in offsets.items()
-            if TopicPartition(topic, partition) in assignment
-        }
-        if not commit:
-            return
-        try:
-            await self.consumer.commit(commit)
-        except KafkaError as error:  # SQLite holds the authoritative offsets
-            self.conditions.failed("kafka-commit", "Kafka offset commit", error, logging.INFO)
-        else:
-            self.conditions.recovered("kafka-commit", "Kafka offset commit")
-
     def _raw_line(self, entry: LedgerEvent) -> str:
         return line(
             entry.request_id,
@@ -536,17 +761,6 @@ class HotPath(mode.Service):
         )
 
     # Timers -----------------------------------------------------------------------------
-
-    @mode.Service.timer(PRICES_RELOAD_SECONDS)
-    async def _reload_prices(self) -> None:
-        await self.load_prices()
-
-    async def load_prices(self) -> None:
-        """The latest stored price per model, for events without ``cost_usd``."""
-        try:
-            self._prices = dict(await latest_model_prices(await summary_db()))
-        except sqlite3.Error as error:
-            log.warning("could not load model prices: %s", error)
 
     @mode.Service.timer(RAW_MAINTENANCE_SECONDS)
     async def _raw_files(self) -> None:
@@ -570,16 +784,16 @@ class HotPath(mode.Service):
     @mode.Service.timer(5.0)
     async def _lag(self) -> None:
         self.update_lag()
+        owned = [self.states[p] for p in self.owned if p in self.states]
+        DEDUPE_IDS.set(sum(len(state.seen) for state in owned))
+        DEDUPE_BYTES.set(sum(state.seen.approx_bytes() for state in owned))
 
-    @mode.Service.timer(_PRUNE_INTERVAL_SECONDS)
+    @mode.Service.timer(PRUNE_SECONDS)
     async def _prune(self) -> None:
-        """Drop per-event rows past LEDGER_RETENTION_DAYS (chunked; see LedgerStore.prune)."""
-        try:
-            await self._in_store(self.store.prune)
-        except sqlite3.Error as error:
-            log.warning(
-                "ledger pruning failed, next try in %.0f s: %s", _PRUNE_INTERVAL_SECONDS, error
-            )
+        """Forget request ids older than DEDUP_TTL_DAYS, on quiet partitions too."""
+        now_ms = time.time_ns() // 1_000_000
+        for state in self.states.values():
+            state.seen.prune(now_ms)
 
 
 _instance: HotPath | None = None

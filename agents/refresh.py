@@ -390,7 +390,8 @@ async def _retry_due_now() -> bool:
 
 @app.task
 async def refresh_on_schedule() -> None:
-    """``REFRESH_CRON`` in ``BUSINESS_TIMEZONE``, on the leader only.
+    """``REFRESH_CRON`` in ``BUSINESS_TIMEZONE``, on the summary writer only (the one
+    process that has the summary DB; several writers would only repeat idempotent upserts).
 
     Not ``@app.crontab``: faust 0.15.3 computes the next time with croniter on an aware
     datetime, which fires an hour early/late on DST change days.
@@ -402,13 +403,15 @@ async def refresh_on_schedule() -> None:
         now = datetime.now(UTC)
         wake = next_refresh_run(app_settings.REFRESH_CRON, app_settings.tz, max(now, wake))
         await app.sleep((wake - now).total_seconds())
-        if not app.should_stop and app.is_leader():
+        if not app.should_stop and app_settings.SUMMARY_WRITER:
             await _refresh_now("scheduled")
 
 
-@app.timer(interval=RETRY_INTERVAL_SECONDS, on_leader=True)
+@app.timer(interval=RETRY_INTERVAL_SECONDS)
 async def retry_failed_refresh() -> None:
     """After a failed run, try again every 15 minutes for the rest of the local day."""
+    if not app_settings.SUMMARY_WRITER:
+        return
     try:
         due = await _retry_due_now()
     except Exception:
@@ -425,6 +428,8 @@ async def refresh_at_start() -> None:
     Every worker runs this (leadership is not known yet at start-up); concurrent runs in
     several processes are harmless: every write is an idempotent upsert.
     """
+    if not app_settings.SUMMARY_WRITER:
+        return
     try:
         conn = await connect(app_settings.summary_db_path)
         try:

@@ -6,51 +6,43 @@
    ``REPLAY_MARGIN_HOURS`` (by Kafka timestamp) up to its end as of the start of the replay,
    with a group-less consumer: the live consumer group is never joined, rebalanced or
    committed to (streams/replay_reader.py). ``--from-offsets`` overrides the start of the
-   partitions it names; the others keep the default.
+   partitions it names; the others keep the default. The rerouted topic (copies the
+   workers moved to their home partition) is read the same way.
 2. Validate each record like the worker (``parse_events`` per fetch and partition, "now" =
    the wall clock). Invalid ones are counted and reported, **not** re-sent to the
    dead-letter topic (the worker did that when it first saw them). Event time decides
-   membership of the date. Every record is validated, even of another date (most of them
-   on Tansu): skipping validation would need proof that the record is valid, or the
-   invalid count of the report would be wrong.
+   membership of the date. Like the live pipeline, a usage event counts where it is at
+   home (streams/partitioning.py); a copy read elsewhere counts through its rerouted copy.
 3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins; memory
    stays bounded) and price events without ``cost_usd`` like the worker
-   (:func:`tables.ledger.ledger_events`). The file is written on a thread of its own, a
-   batch at a time in read order, while the next fetch is parsed.
-4. Replace the date in one transaction (tables/replay_store.py): ledger rows of the
-   replayed offset range are swapped for the replay's events, every ``usage_daily`` row of
-   the date is recomputed from the ledger, a ``batch_runs`` row (kind ``replay``) records
-   it. ``--dry-run`` does all of it, prints the differences and rolls back: nothing is
-   written, not even ``batch_runs``.
+   (:func:`tables.ledger.ledger_events`).
+4. Take the date over from the live pipeline (agents/replay_fences.py): a fence in every
+   home partition's batch log, the records the workers read past the replay's end
+   snapshot, every batch-log record up to the fences applied.
+5. Replace the date in one transaction (tables/replay_store.py): every ``usage_daily``
+   row of the date becomes the replay's totals, the date's pending sums are dropped (they
+   came from before the fences), a ``batch_runs`` row (kind ``replay``) records it, and
+   the summary writer may go on past the fences. ``--dry-run`` reads and compares, appends
+   no fence, prints the differences and rolls back: nothing is written, not even
+   ``batch_runs``.
 
 A date without any valid event in the replayed range is an error (one line, exit 1) and
 nothing is written: most likely a wrong date or a topic whose retention already dropped it,
 and replacing the date with "nothing" would silently delete a bill. The same goes for a bad
-date, an unknown topic, an unreachable broker and an unwritable summary DB.
+date, an unknown topic, an unreachable broker and an unwritable summary DB. Events of the
+date are counted only if they are read: a range narrowed with ``--from-offsets`` leaves
+out what lies before it.
 
-Why the live worker and a replay cannot fight
----------------------------------------------
-Totals are derived from ledger membership (``ledger``, one row per request_id), and
-SQLite has a single writer lock: the replay's replace is one ``BEGIN IMMEDIATE``
-transaction, and so is every ledger insert and rollup of the worker. An event of the date
-recorded by the worker is therefore either
-
-* committed **before** the replay's transaction: it is in the ledger, and its source offset
-  is either inside the replayed range — deleted there and re-inserted from the replay's own
-  copy of the same record — or outside it (produced after the replay's end snapshot, or
-  before its start) and kept as it is; either way it is counted exactly once; or
-* committed **after** it: the replay may already have put the same request into the ledger
-  (then the worker's insert is a duplicate and changes nothing), or not (an event past the
-  end snapshot); then the insert marks its key pending and the worker's next rollup
-  recomputes that key of the date from the ledger, which holds the replay's result.
-
-A worker insert waits on the replay's write lock (busy timeout 60 s; the record agent
-retries a failed ledger write and the rollup retries on its next tick), never the reverse
-order of half-applied state. Events the replay put into the ledger before the worker saw
-them are counted in the worker's duplicate metric when it does, which is harmless.
-
-The date is marked closed by a replay, so later events of it count as late and are
-rolled up at once.
+Why the live workers and a replay cannot fight
+----------------------------------------------
+The fences split every home partition's stream of the date in two, at positions everyone
+agrees on (the batch log's chain rule): below them the replay counts, above them the
+workers do, and a worker reads every copy below a fence before any copy above it, so no
+request counts on both sides or on neither. The summary writer stops at the fences until
+the replace has committed, so the date's sums from above the fences are added after the
+replace, never wiped by it. The date is marked closed by a replay, so later events of it
+count as late and are rolled up at once. A replay that fails after fencing leaves the
+writer waiting (``/ready`` says so): run the replay of that date again.
 
 Test broker (Tansu) caveats
 ---------------------------
@@ -201,15 +193,14 @@ class ReplayReport:
             f"{self.records_read} records read, {self.unique} unique events of {self.day},"
             f" {self.duplicates} duplicates, {sum(self.invalid.values())} invalid"
         )
-        ledger = f"ledger rows of the date {outcome.ledger_before} -> {outcome.ledger_after}"
         if self.dry_run:
             return (
                 f"dry run {self.day}: would change {outcome.corrections} usage_daily rows"
-                f" ({counts}); {reads}; {ledger}; nothing written"
+                f" ({counts}); {reads}; nothing written"
             )
         return (
             f"replay {self.day}: {outcome.summaries_written} usage_daily rows written"
-            f" ({counts}, {outcome.rows} rows now); {reads}; {ledger}; {self.seconds:.1f} s"
+            f" ({counts}, {outcome.rows} rows now); {reads}; {self.seconds:.1f} s"
         )
 
     def timing_line(self) -> str:
@@ -263,70 +254,120 @@ def _change_line(change: object) -> str:
     return f"  {change.kind} {key}: {values}"
 
 
-async def _read_day(
-    reader: object,
-    staging: object,
-    report: ReplayReport,
-    prices: Mapping[str, object],
-    settings: Settings,
-    stream: TextIO | None,
-) -> None:
-    """Validate every record of the slice and stage the events of the date.
+class _DayStager:
+    """Validates fetched records and stages the events of the date, like the worker:
+    from the usage topic only events at their home partition (a copy read elsewhere is
+    counted through its rerouted copy, as the live pipeline counts it), from the rerouted
+    topic every one. Staging runs on its own thread, one batch at a time and in read order
+    (the first copy read must win), while the next fetch is parsed."""
 
-    Every record is fully validated, whatever its date: the report counts the invalid
-    records read, and only validation can tell an invalid record from a valid one of
-    another date. Per fetch and partition: one ``parse_events`` over the values, one
-    pass picking the events of the date (by event time) and counting the invalid ones,
-    then :func:`tables.ledger.ledger_events` (cost, usage date) for the few that remain.
-    """
-    from streams.business_time import UsageDates, local_midnight_ms
-    from streams.event import InvalidEvent, parse_events
-    from tables.ledger import ledger_events
-    from tables.watermarks import wall_clock_ms
+    def __init__(
+        self,
+        staging: object,
+        report: ReplayReport,
+        prices: Mapping[str, object],
+        settings: Settings,
+        partitions: int,
+    ) -> None:
+        from streams.business_time import UsageDates, local_midnight_ms
 
-    day, tz = report.day, settings.tz
-    day_text = day.isoformat()
-    dates = UsageDates(tz)
-    # a cheap prefilter on event time; the usage date of ledger_events decides
-    low = local_midnight_ms(day, tz) - 1_000
-    high = local_midnight_ms(day + timedelta(days=1), tz) + 1_000
-    invalid = report.invalid
-    progress = Progress(reader.total, f"replay {day}", stream)
-    # Staging runs on its own thread, one batch at a time and in read order (the first
-    # copy read must win): SQLite works without the GIL while the next fetch is parsed.
-    loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(1, thread_name_prefix="replay-staging")
-    staged: asyncio.Future[int] | None = None
+        self.staging = staging
+        self.report = report
+        self.prices = prices
+        self.partitions = partitions
+        day, tz = report.day, settings.tz
+        self.day_text = day.isoformat()
+        self.dates = UsageDates(tz)
+        # a cheap prefilter on event time; the usage date of ledger_events decides
+        self.low = local_midnight_ms(day, tz) - 1_000
+        self.high = local_midnight_ms(day + timedelta(days=1), tz) + 1_000
+        self.loop = asyncio.get_running_loop()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="replay-staging")
+        self.staged: asyncio.Future[int] | None = None
+
+    async def stage(self, rerouted: bool, batch: list[tuple[int, list]]) -> int:
+        """One fetch: ``(partition, records)`` pairs; returns the records it held."""
+        from streams.event import InvalidEvent, parse_events
+        from streams.partitioning import home_partitions
+        from tables.ledger import ledger_events
+        from tables.watermarks import wall_clock_ms
+
+        now_ms = wall_clock_ms()
+        located = []
+        count = 0
+        invalid = self.report.invalid
+        for partition, records in batch:
+            count += len(records)
+            parsed = parse_events([record.value for record in records], now_ms)
+            for record, event in zip(records, parsed, strict=True):
+                if type(event) is InvalidEvent:
+                    if not rerouted:  # a rerouted copy is a valid event's (never invalid)
+                        invalid[event.reason] += 1
+                elif self.low <= event.event_ms < self.high:
+                    located.append((event, partition, record.offset))
+        if not rerouted and located:
+            homes = home_partitions([event.request_id for event, _, _ in located], self.partitions)
+            located = [item for item, home in zip(located, homes, strict=True) if home == item[1]]
+        entries = ledger_events(located, self.prices, self.dates)
+        of_day = [entry for entry in entries if entry.usage_date == self.day_text]
+        await self.settle()
+        self.staged = self.loop.run_in_executor(self.executor, self.staging.add, of_day)
+        if not rerouted:
+            self.report.records_read += count
+        return count
+
+    async def settle(self) -> None:
+        if self.staged is not None:
+            staged, self.staged = self.staged, None
+            await staged
+
+    async def close(self) -> None:
+        try:
+            if self.staged is not None:  # an error or a cancellation: let it finish
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(self.staged)
+        finally:
+            self.executor.shutdown(wait=True)
+        self.report.events_of_day = self.staging.read
+        self.report.unique = self.staging.unique
+
+
+async def _read_slice(reader: object, stager: _DayStager, rerouted: bool, stream: object) -> None:
+    progress = Progress(reader.total, f"replay {stager.report.day}", stream)
     try:
         async for batch in reader.batches():
-            now_ms = wall_clock_ms()
-            located = []
-            count = 0
-            for partition, records in batch:
-                count += len(records)
-                parsed = parse_events([record.value for record in records], now_ms)
-                for record, event in zip(records, parsed, strict=True):
-                    if type(event) is InvalidEvent:
-                        invalid[event.reason] += 1
-                    elif low <= event.event_ms < high:
-                        located.append((event, partition, record.offset))
-            entries = ledger_events(located, prices, dates)
-            of_day = [entry for entry in entries if entry.usage_date == day_text]
-            if staged is not None:
-                await staged
-            staged = loop.run_in_executor(executor, staging.add, of_day)
-            report.records_read += count
-            progress.update(count)
-        if staged is not None:
-            await staged
-            staged = None
+            progress.update(await stager.stage(rerouted, batch))
+        await stager.settle()
     finally:
-        if staged is not None:  # an error or a cancellation: let the last add finish
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(staged)
-        executor.shutdown(wait=True)
         progress.close()
-    report.events_of_day, report.unique = staging.read, staging.unique
+
+
+async def _read_range(
+    settings: Settings, stager: _DayStager, topic: str, rerouted: bool, ranges: dict
+) -> None:
+    """The records of ``[start, end)`` per partition (the stretch between the replay's end
+    snapshot and its fence), staged like the rest."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from agents.home_state import read_range
+    from streams.broker import kafka_client_kwargs
+
+    if not any(end > start for start, end in ranges.values()):
+        return
+    consumer = AIOKafkaConsumer(
+        group_id=None, enable_auto_commit=False, **kafka_client_kwargs(settings)
+    )
+    await consumer.start()
+    try:
+        for partition, (start, end) in sorted(ranges.items()):
+            if end <= start:
+                continue
+            tp = TopicPartition(topic, partition)
+            async for records in read_range(consumer, tp, start, end):
+                await stager.stage(rerouted, [(partition, records)])
+        await stager.settle()
+    finally:
+        await consumer.stop()
 
 
 async def run_replay(
@@ -340,17 +381,20 @@ async def run_replay(
     ``sqlite3.Error``/``OSError`` (summary DB), ``BrokerUnreachable``, ``ReplayReadError``,
     :class:`NoEventsForDate`. A failure after the DB opened is recorded in ``batch_runs``
     (``success`` 0) unless ``dry_run``."""
-    from streams.replay_reader import ReplayReader
-    from tables.ledger import LedgerStore
+    import uuid
+
+    from agents.replay_fences import append_fences, apply_up_to_fences
+    from streams.replay_reader import ReplayReader, TopicNotFound
+    from tables.batch_apply import BatchApplier
     from tables.reference import latest_model_prices, record_batch_run
-    from tables.replay_store import ReplayRange, ReplayStaging, replace_day
+    from tables.replay_store import ReplayStaging, replace_day
     from tables.schema import connect, utc_now_text
-    from tables.watermarks import wall_clock_ms
 
     started_at = utc_now_text()
     begin = time.monotonic()
     report = ReplayReport(day, settings.USAGE_TOPIC, dry_run)
     conn = await connect(settings.summary_db_path)
+    replay_id: str | None = None
     try:
         # fail before reading anything when the DB cannot take the write lock
         await conn.execute("BEGIN IMMEDIATE")
@@ -362,27 +406,73 @@ async def run_replay(
                 async with ReplayReader(settings, day, from_offsets) as reader:
                     report.ranges = list(reader.ranges.values())
                     print(report.plan_line(), file=stream or sys.stderr, flush=True)
-                    await _read_day(reader, staging, report, prices, settings, stream)
+                    stager = _DayStager(staging, report, prices, settings, len(reader.ranges))
+                    try:
+                        await _read_slice(reader, stager, False, stream)
+                        rerouted_ends: dict[int, int] = {}
+                        try:
+                            async with ReplayReader(
+                                settings, day, None, topic=settings.rerouted_topic
+                            ) as again:
+                                await _read_slice(again, stager, True, None)
+                                rerouted_ends = {p: r.end for p, r in again.ranges.items()}
+                        except TopicNotFound:
+                            pass  # no worker of this version ran yet: nothing was rerouted
+                        usage_ends = {p: r.end for p, r in reader.ranges.items()}
+                        if stager.staging.unique == 0:
+                            invalid = sum(report.invalid.values())
+                            raise NoEventsForDate(
+                                f"no events of {day} in {settings.USAGE_TOPIC}"
+                                f" ({report.records_read} records read, {invalid} invalid);"
+                                " nothing changed"
+                            )
+                        if not dry_run:
+                            replay_id = f"{day}-{uuid.uuid4().hex[:12]}"
+                            await _register(conn, replay_id, day.isoformat(), started_at)
+                            applier = BatchApplier(settings.summary_db_path)
+                            try:
+                                heads = await asyncio.to_thread(applier.heads)
+                                fences = await append_fences(
+                                    settings,
+                                    replay_id,
+                                    day.isoformat(),
+                                    heads,
+                                    usage_ends,
+                                    rerouted_ends,
+                                )
+                                # what the workers had read past the replay's end snapshot
+                                await _read_range(
+                                    settings,
+                                    stager,
+                                    settings.USAGE_TOPIC,
+                                    False,
+                                    {p: (usage_ends[p], f.usage_end) for p, f in fences.items()},
+                                )
+                                await _read_range(
+                                    settings,
+                                    stager,
+                                    settings.rerouted_topic,
+                                    True,
+                                    {
+                                        p: (rerouted_ends.get(p, 0), f.rerouted_end)
+                                        for p, f in fences.items()
+                                    },
+                                )
+                                await apply_up_to_fences(settings, applier, fences)
+                            finally:
+                                applier.close()
+                    finally:
+                        await stager.close()
                 report.read_seconds = time.monotonic() - read_started
-                if staging.unique == 0:
-                    invalid = sum(report.invalid.values())
-                    raise NoEventsForDate(
-                        f"no events of {day} in {settings.USAGE_TOPIC} ({report.records_read}"
-                        f" records read, {invalid} invalid); nothing changed"
-                    )
                 report.outcome = await replace_day(
                     conn,
                     staging,
                     day.isoformat(),
-                    settings.USAGE_TOPIC,
-                    [ReplayRange(r.partition, r.start, r.end) for r in report.ranges],
                     settings.USAGE_MARKUP_MULTIPLIER,
-                    bucket=LedgerStore(
-                        settings.summary_db_path, settings.ledger_retention_days
-                    ).bucket_at(wall_clock_ms()),
                     dry_run=dry_run,
                     started_at=started_at,
                     records_processed=report.records_read,
+                    replay_id=replay_id,
                 )
         except Exception as error:
             if not dry_run:
@@ -397,6 +487,12 @@ async def run_replay(
                         error=_one_line(error),
                         records_processed=report.records_read,
                     )
+                    if replay_id is not None:
+                        await conn.execute(
+                            "UPDATE replay_runs SET status = 'failed', finished_at = ?,"
+                            " error = ? WHERE replay_id = ?",
+                            (utc_now_text(), _one_line(error), replay_id),
+                        )
                 except (sqlite3.Error, OSError) as also:
                     log.warning("could not record the failed replay: %s", also)
             raise
@@ -404,6 +500,15 @@ async def run_replay(
         await conn.close()
     report.seconds = time.monotonic() - begin
     return report
+
+
+async def _register(conn: object, replay_id: str, day: str, started_at: str) -> None:
+    """The replay's row, before any fence exists: the writer waits for it to complete."""
+    await conn.execute(
+        "INSERT INTO replay_runs (replay_id, usage_date, status, started_at)"
+        " VALUES (?, ?, 'fencing', ?)",
+        (replay_id, day, started_at),
+    )
 
 
 def _one_line(error: BaseException) -> str:

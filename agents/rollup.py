@@ -104,6 +104,8 @@ async def run_rollup(conn: aiosqlite.Connection, closer: DayCloser) -> RollupPas
 
 @app.timer(interval=settings.ROLLUP_INTERVAL_SECONDS)
 async def rollup() -> None:
+    if not settings.SUMMARY_WRITER:  # the summary writer closes days; others have no DB
+        return
     try:
         await run_rollup(await summary_db(), day_closer())
     except Exception:  # the next tick retries; pending keys stay pending

@@ -17,6 +17,7 @@ from faust.web import Request, Response, View
 from agents.health import PROBE_TIMEOUT_SECONDS, broker_answers, summary_db_writable
 from agents.pipeline import hot_path
 from agents.report import decimal_text
+from agents.summary_writer import summary_writer
 from streams.app import app, settings
 from streams.metrics import REGISTRY, render
 from tables.connection import summary_db
@@ -44,12 +45,14 @@ async def broker_reachable(timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None
 async def db_writable() -> str | None:
     """None when the summary DB takes the write lock (or the worker's own batch or
     rollup holds it), else the reason naming the DB (:mod:`agents.health`)."""
-    pipeline = hot_path()
+    if not settings.SUMMARY_WRITER:  # this worker never opens it
+        return None
+    writer = summary_writer()
     try:
         shared = await asyncio.wait_for(summary_db(), PROBE_TIMEOUT_SECONDS)  # creates it
     except (sqlite3.Error, OSError, TimeoutError) as error:
         return f"summary DB {settings.summary_db_path} not writable: {error!r}"
-    own = (shared, pipeline.store._conn if pipeline else None)
+    own = (shared, writer.applier._conn if writer else None)
     return await summary_db_writable(settings.summary_db_path, own)
 
 
@@ -64,6 +67,12 @@ async def ready(web: View, request: Request) -> Response:
     stuck = pipeline.not_ready_reason() if pipeline else None
     if stuck:
         reasons.append(stuck)
+    writer = summary_writer()
+    waiting = writer.waiting_reason() if writer else None
+    if waiting:
+        reasons.append(waiting)
+    if writer is not None and writer.failing:
+        reasons.append(f"summary writer failing: {writer.failing}")
     if reasons:
         return web.json({"ready": False, "reasons": reasons}, status=503)
     return web.json({"ready": True})
@@ -164,6 +173,15 @@ async def status(web: View, request: Request) -> Response:
         for sample in metric.samples
         if sample.labels["topic"] == settings.USAGE_TOPIC
     }
+    if not settings.SUMMARY_WRITER:  # no summary DB here: the writer has the rest
+        return _json(
+            web,
+            {
+                "assigned_partitions": pipeline.assigned_partitions() if pipeline else [],
+                "summary_writer": False,
+                "consumer_lag": lag,
+            },
+        )
     runs, refresh, open_days = await read_summary(
         ("SELECT * FROM batch_runs ORDER BY id DESC LIMIT 20", ()),
         ("SELECT * FROM refresh_status ORDER BY source", ()),
@@ -177,6 +195,7 @@ async def status(web: View, request: Request) -> Response:
         web,
         {
             "assigned_partitions": pipeline.assigned_partitions() if pipeline else [],
+            "summary_writer": True,
             "last_batch_runs": runs,
             "refresh": refresh,
             "open_days": [row["usage_date"] for row in open_days],
@@ -259,9 +278,13 @@ async def usage(web: View, request: Request) -> Response:
 
     The rows are read in one snapshot through a fresh read-only connection (WAL), so a
     long request never blocks the hot path or the rollup; a read over 30 s is cut off
-    with a 503. CONTRACT §6 serves this on the summary writer; every worker writes the
-    summary DB today, so every worker serves it.
+    with a 503. Served by the summary writer only (CONTRACT §6): another worker answers
+    404 with the reason, it has no summary DB.
     """
+    if not settings.SUMMARY_WRITER:
+        return _json(
+            web, {"error": "not the summary writer: ask the worker with SUMMARY_WRITER=true"}, 404
+        )
     try:
         client, first, last = usage_query(request)
     except BadRequest as error:

@@ -243,7 +243,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
             " the same basis for every run",
             "floors": "raw reader and Faust no-op: first record to last",
             "workers": "last /metrics sample with nothing consumed to the sample where"
-            " SUM(source_offsets.next_offset) reached the records produced",
+            " SUM(batch_log_heads.usage_next) reached the records produced",
             "replay": "wall time of the whole command; reads the whole topic on Tansu",
             "peak_rss_mb": "highest VmHWM/VmRSS read from /proc/PID/status while it ran",
         },

@@ -6,7 +6,7 @@ name and command line for the README's instructions.
 The worker against the raw aiokafka+orjson reader and the do-nothing Faust agent, on the
 same broker and events, with the count checks; results in bench/results/latest.*.
 It used to poll the old ``usage_events`` ledger; bench/run.py's completion signal is the
-hot path's ``source_offsets`` (see bench/worker_run.py).
+summary writer's ``batch_log_heads`` (see bench/worker_run.py).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """One ``usage-stream worker`` process from the start of the topic to the last record:
 throughput over time, memory, what its state costs on disk, and whether it counted right.
 
-Completion signal: the hot path stores its consumer positions in the summary DB
-(``source_offsets``, next offset per partition, in the same transaction as the ledger
-rows), so ``SUM(next_offset)`` over the topic equals the records produced exactly when
-every record has been processed and committed; offsets start at 0 per partition. The DB is
-opened read-only with a busy timeout on every sample: the worker keeps writing, and the
-file (or the table) may not exist yet at first.
+Completion signal: the summary writer stores, in the transaction that adds a batch's sums,
+how far each usage partition has been read (``batch_log_heads.usage_next``), so its sum
+equals the records produced exactly when every record has been processed and its sums
+applied; offsets start at 0 per partition. The DB is opened read-only with a busy timeout
+on every sample: the worker keeps writing, and the file (or the table) may not exist yet.
+
+Dedupe state lives in the worker's memory now: its size per tracked id comes from the
+worker's ``usage_stream_dedupe_bytes`` / ``usage_stream_dedupe_ids`` gauges.
 
 Timing: from the last sample at which ``/metrics`` still showed nothing consumed (start-up
 and the consumer-group join are excluded, and the span can only be over-estimated by
@@ -100,14 +102,13 @@ def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
 
 
 def processed_offsets(db: Path, topic: str) -> int:
-    """``SUM(next_offset)`` of the topic in ``source_offsets``; 0 while there is none."""
+    """``SUM(usage_next)`` over the batch log's partitions; 0 while there is none."""
     if not db.exists():
         return 0
     try:
         with read_only(db) as conn:
             (done,) = conn.execute(
-                "SELECT COALESCE(SUM(next_offset), 0) FROM source_offsets WHERE topic = ?",
-                (topic,),
+                "SELECT COALESCE(SUM(usage_next), 0) FROM batch_log_heads"
             ).fetchone()
         return int(done)
     except sqlite3.OperationalError:  # no table yet, or the file is still being created
@@ -364,6 +365,8 @@ def _measure(
             and sum(_invalid_by_reason(metrics).values()) == expected.invalid
             and _counter(metrics, "events_duplicate") == expected.duplicates
             and billed == expected.unique
+            # the InfluxDB sinks ship from a spool: wait until it is empty
+            and not (metrics or {}).get(_PREFIX + "raw_spool_points")
         ) or time.monotonic() - settle_started > SETTLE_SECONDS:
             break
         time.sleep(SAMPLE_SECONDS)
@@ -396,6 +399,12 @@ def _measure(
     result.details["billed_requests"] = billed
     data_dir = db.parent
     result.details.update(db_sizes(db, expected.unique))
+    if metrics is not None and metrics.get(_PREFIX + "dedupe_ids"):
+        ids = metrics[_PREFIX + "dedupe_ids"]
+        result.details["dedupe_ids"] = int(ids)
+        result.details["dedupe_bytes"] = int(metrics.get(_PREFIX + "dedupe_bytes", 0))
+        result.details["dedupe_bytes_per_id"] = result.details["dedupe_bytes"] / ids
+        result.details["dedupe_method"] = "worker memory (usage_stream_dedupe_bytes / _ids)"
     raw_bytes = _dir_bytes(data_dir / "raw")
     db_files = sum(f.stat().st_size for f in data_dir.glob(db.name + "*") if f.is_file())
     result.details["raw_dir_bytes"] = raw_bytes

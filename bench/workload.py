@@ -40,6 +40,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from streams.partitioning import murmur2_partitions as _murmur2_partitions
+
 PARTITIONS = 4
 MODELS = (
     "openai/gpt-4o-mini",
@@ -105,44 +107,10 @@ def _rfc3339(ms: int, tz: ZoneInfo, utc: bool) -> str:
 
 
 def murmur2_partitions(keys: list[bytes]) -> list[int]:
-    """The partition aiokafka's ``DefaultPartitioner`` picks for each key, vectorised.
-
-    The same murmur2 as ``aiokafka.partitioner.murmur2`` (the Java client's), computed
-    with numpy per group of equal-length keys: the pure-Python one costs ~34 µs a key,
-    which alone would take half a minute for a million records."""
-    result = [0] * len(keys)
-    by_length: dict[int, list[int]] = {}
-    for index, key in enumerate(keys):
-        by_length.setdefault(len(key), []).append(index)
-    m = np.uint32(0x5BD1E995)
-    for length, indices in by_length.items():
-        data = np.frombuffer(b"".join(keys[i] for i in indices), dtype=np.uint8)
-        data = data.reshape(len(indices), length)
-        h = np.full(len(indices), (0x9747B28C ^ length) & 0xFFFFFFFF, dtype=np.uint32)
-        words = length // 4
-        if words:
-            blocks = np.ascontiguousarray(data[:, : words * 4]).view("<u4")
-            for column in range(words):
-                k = blocks[:, column] * m
-                k ^= k >> np.uint32(24)
-                k *= m
-                h *= m
-                h ^= k
-        tail = words * 4
-        extra = length % 4
-        if extra >= 3:
-            h ^= data[:, tail + 2].astype(np.uint32) << np.uint32(16)
-        if extra >= 2:
-            h ^= data[:, tail + 1].astype(np.uint32) << np.uint32(8)
-        if extra >= 1:
-            h ^= data[:, tail].astype(np.uint32)
-            h *= m
-        h ^= h >> np.uint32(13)
-        h *= m
-        h ^= h >> np.uint32(15)
-        for index, partition in zip(indices, ((h & 0x7FFFFFFF) % PARTITIONS).tolist(), strict=True):
-            result[index] = int(partition)
-    return result
+    """The partition aiokafka's ``DefaultPartitioner`` picks for each key: the pipeline's
+    own vectorised murmur2 (:mod:`streams.partitioning`; pure Python costs ~34 µs a key,
+    which alone would take half a minute for a million records)."""
+    return _murmur2_partitions(keys, PARTITIONS)
 
 
 def build(events: int, timezone: str = "Europe/Warsaw", seed: int = 7) -> Workload:

@@ -44,6 +44,10 @@ class BrokerUnreachable(RuntimeError):
     """No broker answered at the configured address."""
 
 
+class TopicMismatch(RuntimeError):
+    """The pipeline's topics exist with a layout it cannot work with."""
+
+
 def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
     """Connection keyword arguments for plain aiokafka clients (admin, producer, replay)."""
     kwargs: dict[str, object] = {
@@ -101,9 +105,52 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, 
                 await admin.create_topics(missing)
             log.info("created topics %s", ", ".join(topic.name for topic in missing))
         described = await admin.describe_topics(wanted)
-        return {item["topic"]: len(item["partitions"]) for item in described}
+        counts = {item["topic"]: len(item["partitions"]) for item in described}
+        counts.update(await _ensure_internal_topics(admin, settings, counts[settings.USAGE_TOPIC]))
+        return counts
     finally:
         await admin.close()
+
+
+async def _ensure_internal_topics(
+    admin: AIOKafkaAdminClient, settings: Settings, partitions: int
+) -> dict[str, int]:
+    """The pipeline's own topics, partitioned like the usage topic (partition p of each
+    belongs to home partition p). The batch log is kept for ever for now: a worker that
+    gets a partition follows its chain from the start (aggregates only, one record per
+    batch); the prices topic is compacted (the latest record is what counts)."""
+    internal = {
+        settings.rerouted_topic: NewTopic(
+            settings.rerouted_topic, partitions, settings.KAFKA_REPLICATION_FACTOR
+        ),
+        settings.batch_log_topic: NewTopic(
+            settings.batch_log_topic,
+            partitions,
+            settings.KAFKA_REPLICATION_FACTOR,
+            topic_configs={"retention.ms": "-1"},
+        ),
+        settings.prices_topic: NewTopic(
+            settings.prices_topic,
+            1,
+            settings.KAFKA_REPLICATION_FACTOR,
+            topic_configs={"cleanup.policy": "compact"},
+        ),
+    }
+    existing = set(await admin.list_topics())
+    missing = [topic for name, topic in internal.items() if name not in existing]
+    if missing:
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics(missing)
+        log.info("created topics %s", ", ".join(topic.name for topic in missing))
+    described = await admin.describe_topics(list(internal))
+    counts = {item["topic"]: len(item["partitions"]) for item in described}
+    for name in (settings.rerouted_topic, settings.batch_log_topic):
+        if counts.get(name) != partitions:
+            raise TopicMismatch(
+                f"topic {name} has {counts.get(name)} partitions, {settings.USAGE_TOPIC} has "
+                f"{partitions}: they must match (home partitions)"
+            )
+    return counts
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

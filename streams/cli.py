@@ -30,6 +30,11 @@ def fail(message: str, code: int = 1) -> None:
 PREFLIGHT: list[Callable[[Settings], Awaitable[str | None]]] = []
 
 
+#: Steps that component packages register to run once the topics exist, before the
+#: worker starts (``agents`` registers carrying an upgraded summary DB's offsets over).
+AFTER_TOPICS: list[Callable[[Settings], Awaitable[None]]] = []
+
+
 async def _prepare_worker() -> None:
     from streams.broker import ensure_topics
 
@@ -39,6 +44,8 @@ async def _prepare_worker() -> None:
         if problem:
             fail(problem)
     await ensure_topics(settings)
+    for step in AFTER_TOPICS:
+        await step(settings)
 
 
 def main() -> None:
@@ -60,11 +67,11 @@ def main() -> None:
     else:
         _import_components()
     if command == "worker":
-        from streams.broker import BrokerUnreachable
+        from streams.broker import BrokerUnreachable, TopicMismatch
 
         try:
             asyncio.run(_prepare_worker())
-        except BrokerUnreachable as error:
+        except (BrokerUnreachable, TopicMismatch) as error:
             fail(str(error))
     logging.getLogger("aiokafka").setLevel(logging.NOTSET)
     app.main()

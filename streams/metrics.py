@@ -61,6 +61,27 @@ for _reason in REASONS:
 EVENTS_LATE = Counter(
     _P + "events_late", "Unique events for a day that had already closed", registry=REGISTRY
 )
+DEDUPE_IDS = Gauge(
+    f"{_P}dedupe_ids",
+    "Request ids this worker remembers for deduplication (its home partitions)",
+    registry=REGISTRY,
+)
+DEDUPE_BYTES = Gauge(
+    f"{_P}dedupe_bytes",
+    "Memory those ids take (sets exactly, ids from a sample of their sizes)",
+    registry=REGISTRY,
+)
+PARTIALS_APPLIED = Counter(
+    f"{_P}partials_applied",
+    "Batch-log records whose sums the summary writer added (scale-out)",
+    registry=REGISTRY,
+)
+PARTIALS_SKIPPED = Counter(
+    f"{_P}partials_skipped",
+    "Batch-log records the summary writer did not add: redelivered, or not in the chain",
+    ["reason"],
+    registry=REGISTRY,
+)
 RAW_POINTS_WRITTEN = Counter(
     _P + "raw_points_written", "Raw points acknowledged by the raw sink", registry=REGISTRY
 )

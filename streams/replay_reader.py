@@ -155,9 +155,10 @@ class ReplayReader:
         from_offsets: Mapping[int, int] | None = None,
         *,
         connect_timeout: float = 30.0,
+        topic: str | None = None,
     ) -> None:
         self.settings = settings
-        self.topic = settings.USAGE_TOPIC
+        self.topic = topic or settings.USAGE_TOPIC
         self.day = day
         self.from_offsets = dict(from_offsets or {})
         self.connect_timeout = connect_timeout

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     # Off by default: the local broker (Tansu) cannot initialise aiokafka producer ids.
     KAFKA_PRODUCER_IDEMPOTENCE: bool = False
 
+    # Scale-out: the one worker that applies every worker's aggregates to the summary DB.
+    # Workers with false never open it (they need no shared filesystem).
+    SUMMARY_WRITER: bool = True
+
     # Storage
     DATA_DIR: Path = Path("./data")
     SUMMARY_DB_PATH: Path | None = None
@@ -473,6 +477,21 @@ class Settings(BaseSettings):
     @property
     def dlq_topic(self) -> str:
         return f"{self.USAGE_TOPIC}-dlq"
+
+    @property
+    def rerouted_topic(self) -> str:
+        """Valid events moved to their home partition (streams/partitioning.py)."""
+        return f"{self.APP_ID}-rerouted"
+
+    @property
+    def batch_log_topic(self) -> str:
+        """Per home partition, the chain of batches and their sums (streams/batch_log.py)."""
+        return f"{self.APP_ID}-batch-log"
+
+    @property
+    def prices_topic(self) -> str:
+        """The latest model prices, published by the summary writer for every worker."""
+        return f"{self.APP_ID}-prices"
 
     @property
     def raw_sink_kind(self) -> str:

@@ -44,6 +44,7 @@ from streams.business_time import UsageDates
 from streams.event import UsageEvent
 from streams.pricing import Price, estimate_cost_nano
 from tables.schema import open_sync, utc_now_text
+from tables.summary_keys import FOLD_SQL, SummaryKeyIds
 
 __all__ = [
     "BatchResult",
@@ -146,36 +147,10 @@ def bucket_ms_for(retention_days: float) -> int:
 # ledger's key once per live bucket. (Filling a TEMP table instead cost ~1.5 s per 50,000
 # ids with the default file-backed temp store, and was 40 % of the worker's time.)
 _PROBE_CHUNK = 20_000
-_PROBE_TABLES = (
-    "CREATE TEMP TABLE IF NOT EXISTS probe_keys (client_org_id TEXT NOT NULL,"
-    " user_id TEXT NOT NULL, model TEXT NOT NULL,"
-    " PRIMARY KEY (client_org_id, user_id, model)) WITHOUT ROWID",
-)
 _KNOWN = (
     "SELECT request_id FROM ledger"
     " WHERE bucket IN (SELECT bucket FROM ledger_buckets) AND request_id IN ({marks})"
 )
-_FOLD = """
-    INSERT INTO daily_pending VALUES (?,?,?,?,?,?,?,?,1)
-    ON CONFLICT (usage_date, key_id) DO UPDATE SET
-        live_dirty = 1,
-        input_tokens = input_tokens + excluded.input_tokens,
-        output_tokens = output_tokens + excluded.output_tokens,
-        requests = requests + excluded.requests,
-        estimated_requests = estimated_requests + excluded.estimated_requests,
-        raw_cost_nano = raw_cost_nano + excluded.raw_cost_nano,
-        late_events = late_events + excluded.late_events
-"""
-# Summary keys of a batch in two statements, whatever their number (from temp.probe_keys).
-_NEW_KEYS = """
-    INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)
-    SELECT client_org_id, user_id, model FROM temp.probe_keys
-"""
-_KEY_IDS = """
-    SELECT k.key_id, k.client_org_id, k.user_id, k.model FROM temp.probe_keys AS p
-    JOIN summary_keys AS k ON k.client_org_id = p.client_org_id
-        AND k.user_id = p.user_id AND k.model = p.model
-"""
 _OFFSET = """
     INSERT INTO source_offsets VALUES (?,?,?,?)
     ON CONFLICT (topic, partition) DO UPDATE SET
@@ -196,8 +171,7 @@ class LedgerStore:
         self.retention_ms = int(retention_days * 86_400_000)
         self.bucket_ms = bucket_ms_for(retention_days)
         self._conn: sqlite3.Connection | None = None
-        self._keys: dict[tuple[str, str, str], int] = {}
-        self._probes_ready = False
+        self.keys = SummaryKeyIds()
         # One transaction at a time on the one connection, whichever thread asks.
         self._lock = threading.RLock()
 
@@ -211,7 +185,7 @@ class LedgerStore:
         """Checkpoint the WAL into the database and truncate it (best effort: another
         connection may still be reading), then close."""
         if self._conn is not None:
-            self._probes_ready = False
+            self.keys.forget_connection(self._conn)
             with self._lock:
                 try:
                     self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -219,12 +193,6 @@ class LedgerStore:
                     log.info("ledger: WAL checkpoint at close skipped: %s", error)
                 self._conn.close()
                 self._conn = None
-
-    def _probe_tables(self, conn: sqlite3.Connection) -> None:
-        if not self._probes_ready:
-            for statement in _PROBE_TABLES:
-                conn.execute(statement)
-            self._probes_ready = True
 
     def bucket_at(self, now_ms: int) -> int:
         """The ledger bucket of a request first recorded at ``now_ms`` (its interval's end)."""
@@ -289,7 +257,7 @@ class LedgerStore:
         if fresh:
             bucket = self.bucket_at(now_ms)
             conn.execute("INSERT OR IGNORE INTO ledger_buckets VALUES (?)", (bucket,))
-            key_ids = self._key_ids(conn, fresh)
+            key_ids = self.keys.resolve(conn, fresh)
             closed = {
                 row[0]
                 for row in conn.execute(
@@ -329,7 +297,7 @@ class LedgerStore:
                     total[5] += 1
                     late += 1
             conn.executemany("INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-            conn.executemany(_FOLD, [(*key, *total) for key, total in sums.items()])
+            conn.executemany(FOLD_SQL, [(*key, *total) for key, total in sums.items()])
         if offsets:
             updated_at = utc_now_text()
             conn.executemany(
@@ -340,23 +308,6 @@ class LedgerStore:
                 ],
             )
         return BatchResult(fresh, len(events) - len(fresh), late)
-
-    def _key_ids(
-        self, conn: sqlite3.Connection, events: Sequence[LedgerEvent]
-    ) -> dict[tuple[str, str, str], int]:
-        """Ids of the batch's summary keys; new keys are inserted (ids never change)."""
-        cache = self._keys
-        missing = {
-            key for e in events if (key := (e.client_org_id, e.user_id, e.model)) not in cache
-        }
-        if missing:
-            self._probe_tables(conn)
-            conn.execute("DELETE FROM temp.probe_keys")
-            conn.executemany("INSERT INTO temp.probe_keys VALUES (?,?,?)", missing)
-            conn.execute(_NEW_KEYS)
-            for key_id, *key in conn.execute(_KEY_IDS):
-                cache[tuple(key)] = key_id  # type: ignore[index]
-        return cache
 
     # Retention ----------------------------------------------------------------------
 

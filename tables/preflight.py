@@ -16,6 +16,8 @@ __all__ = ["summary_db_writable"]
 
 
 async def summary_db_writable(settings: Settings) -> str | None:
+    if not settings.SUMMARY_WRITER:  # never opens the summary DB
+        return None
     try:
         conn = await connect(settings.summary_db_path)
         await conn.close()

@@ -5,37 +5,19 @@
    row per ``request_id`` (PRIMARY KEY, ``INSERT OR IGNORE``: the first copy read wins),
    only for events of the replayed date.
 2. :func:`replace_day` — in ONE ``BEGIN IMMEDIATE`` transaction on the summary DB:
-   a. delete the date's ledger rows whose source offset lies inside the replayed range
-      ``[start, end)`` of a partition of the usage topic (they are all re-read by the
-      replay; rows from outside the range, e.g. older offsets, are kept);
-   b. add the staged events to the ledger unless the ledger holds their request already
-      (a request recorded from outside the range keeps its first copy);
-   c. recompute every ``usage_daily`` row of the date from the ledger with
-      :func:`tables.summary_store.write_summaries` (rate from
-      :func:`tables.reference.rate_for_date`, looked up inside the transaction), and delete
-      the rows whose key has no ledger rows any more;
-   d. drop the date's pending increments (the ledger rows they came from are counted in
-      c) and provisional rows, mark it in ``closed_days``, and append a ``batch_runs`` row
-      (kind ``replay``) — all before ``COMMIT``.
+   every ``usage_daily`` row of the date becomes the staged events' totals
+   (:func:`tables.summary_store.write_summaries`, rate from
+   :func:`tables.reference.rate_for_date` looked up inside the transaction; rows whose key
+   has no staged event are deleted); the date's pending increments and provisional rows
+   are dropped (they came from batches before the replay's fences, which the replay read
+   itself: see agents/replay.py), the date is marked in ``closed_days``, a ``batch_runs``
+   row (kind ``replay``) is appended and the replay is marked complete in
+   ``replay_runs``, which lets the summary writer go on past its fences.
 
-   That is the definition; the statements get the same result with less work, which
-   matters because the transaction holds the write lock the live worker waits for:
-   a row that (a) would delete and (b) put back unchanged (same bucket, same values, no
-   other live copy of its request) is left in place, so replaying an intact date writes
-   no ledger row; the date's rows are scanned twice (a count, then the totals, which are
-   aggregated before the keys are named); only ``usage_daily`` rows whose values differ
-   go through ``write_summaries`` (the same function computes the values compared), and
-   the rows are re-read for the report only if something was written.
-   ``tests/replay/test_replay.py`` checks the result against the plain (a)+(b) on every
-   case where keeping a row could differ.
-
-   The ledger keeps per-event rows for ``LEDGER_RETENTION_DAYS``. For a date older than
-   that, the rows recorded from outside the replayed range are gone, so the date is
-   rebuilt from what the replay reads: widen the range with ``--from-offsets`` when some
-   of its events were produced long before or after it.
-   Unchanged rows keep their ``revision`` and ``updated_at``, so replaying twice changes
-   nothing. With ``dry_run`` the same work is done and then rolled back: only the
-   differences are returned.
+   Only rows whose values differ are handed to ``write_summaries``: unchanged rows keep
+   their ``revision`` and ``updated_at``, so replaying twice changes nothing. With
+   ``dry_run`` the same work is done and then rolled back: only the differences are
+   returned.
 
 :func:`tables.ledger.ledger_events` is the one place where a validated event becomes a
 ledger row (its usage date, and its cost: ``cost_usd`` when present, else estimated from
@@ -67,7 +49,6 @@ from tables.summary_store import Rate, SummaryRow, _summary_values, write_summar
 __all__ = [
     "DailyRow",
     "ReplayOutcome",
-    "ReplayRange",
     "ReplayStaging",
     "RowChange",
     "replace_day",
@@ -176,15 +157,6 @@ class ReplayStaging:
 # The replace --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ReplayRange:
-    """Offsets ``[start, end)`` of one partition of the usage topic that were replayed."""
-
-    partition: int
-    start: int
-    end: int
-
-
 Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
 
 _DAILY_COLUMNS = (
@@ -262,10 +234,6 @@ class ReplayOutcome:
     rows: int  # usage_daily rows of the date after the replay
     summaries_written: int  # rows inserted or re-written (revision + 1) plus rows deleted
     clients: int
-    ledger_before: int  # ledger rows of the date
-    ledger_after: int
-    ledger_removed: int  # rows of the date in the replayed ranges: replaced (a)
-    ledger_inserted: int  # staged events now in the ledger (b; kept identical rows too)
     rate: Rate | None
     committed: bool
     batch_run_id: int | None
@@ -290,12 +258,6 @@ async def _daily_rows(conn: aiosqlite.Connection, day: str) -> dict[Key, tuple[o
     )
     async with conn.execute(sql, (day,)) as cursor:
         return {(row[0], row[1], row[2]): row[3:] for row in await cursor.fetchall()}
-
-
-async def _count(conn: aiosqlite.Connection, sql: str, args: Iterable[object]) -> int:
-    async with conn.execute(sql, tuple(args)) as cursor:
-        row = await cursor.fetchone()
-    return int(row[0]) if row else 0
 
 
 _CONTENT = len(_DAILY_COLUMNS) - 2  # every column but revision and updated_at
@@ -338,33 +300,24 @@ async def replace_day(
     conn: aiosqlite.Connection,
     staging: ReplayStaging,
     day: str,
-    topic: str,
-    ranges: Sequence[ReplayRange],
     markup: Decimal,
     *,
-    bucket: int,
     dry_run: bool,
     started_at: str,
     records_processed: int,
+    replay_id: str | None = None,
 ) -> ReplayOutcome:
-    """Replace date ``day`` from the staged events, atomically (see the module docstring).
-
-    ``bucket`` is the ledger bucket of requests recorded now
-    (:meth:`tables.ledger.LedgerStore.bucket_at`).
+    """Replace date ``day`` with the staged events' totals, atomically (module docstring).
 
     ``conn`` must be in autocommit mode (as :func:`tables.schema.connect` opens it) with no
     transaction open. With ``dry_run`` nothing is written, not even ``batch_runs``.
     """
     await conn.execute("ATTACH DATABASE ? AS replay_staging", (str(staging.path),))
-    # Page caches sized like the hot path's: the transaction scans the date's ledger rows
-    # and probes both B-trees by random request id; with SQLite's 2 MiB default nearly
-    # every probe reads its page from the OS again. Per connection, bounded.
-    await conn.execute(f"PRAGMA main.cache_size = -{REPLACE_CACHE_MIB * 1024}")
     await conn.execute(f"PRAGMA replay_staging.cache_size = -{REPLACE_CACHE_MIB * 1024}")
     try:
         async with write_transaction(conn, rollback=dry_run):
             outcome = await _replace(
-                conn, day, ranges, markup, bucket, dry_run, started_at, records_processed
+                conn, day, markup, dry_run, started_at, records_processed, replay_id
             )
             lap = _Lap(outcome.timings)
         lap("commit" if not dry_run else "rollback")
@@ -374,77 +327,23 @@ async def replace_day(
     return outcome
 
 
-def _inside(alias: str, ranges: Sequence[ReplayRange]) -> tuple[str, dict[str, int]]:
-    """SQL true for a ledger row read from one of the ranges, with its named arguments."""
-    if not ranges:
-        return "0", {}
-    sql = " OR ".join(
-        f"({alias}.source_partition = :p{i} AND {alias}.source_offset >= :s{i}"
-        f" AND {alias}.source_offset < :e{i})"
-        for i in range(len(ranges))
-    )
-    args = {}
-    for i, r in enumerate(ranges):
-        args.update({f"p{i}": r.partition, f"s{i}": r.start, f"e{i}": r.end})
-    return f"({sql})", args
-
-
-# (a) A ledger row of the date read from a replayed range is deleted, unless the replay's
-# own row for that request would put back exactly the same row: same bucket (the one the
-# replay records in), same values, and no other live row of the request survives (then
-# the original "delete, insert where not exists" would re-insert it). Keeping such a row
-# leaves the ledger byte for byte as deleting and re-inserting it would, without
-# rewriting the B-tree: a replay of an intact date writes no ledger row at all.
-_DELETE = """
-    DELETE FROM ledger WHERE usage_day = :day AND {inside} AND NOT (
-        bucket = :bucket
-        AND EXISTS (
-            SELECT 1 FROM replay_staging.staged s JOIN summary_keys k
-                ON k.client_org_id = s.client_org_id AND k.user_id = s.user_id
-                AND k.model = s.model
-            WHERE s.request_id = ledger.request_id AND s.usage_day = ledger.usage_day
-                AND k.key_id = ledger.key_id AND s.input_tokens = ledger.input_tokens
-                AND s.output_tokens = ledger.output_tokens AND s.cost_nano = ledger.cost_nano
-                AND s.cost_estimated = ledger.cost_estimated
-                AND s.source_partition = ledger.source_partition
-                AND s.source_offset = ledger.source_offset)
-        AND NOT EXISTS (
-            SELECT 1 FROM ledger o
-            WHERE o.bucket IN (SELECT bucket FROM ledger_buckets) AND o.bucket <> :bucket
-                AND o.request_id = ledger.request_id
-                AND NOT (o.usage_day = :day AND {inside_o})))
-"""
-# (b) the replay's unique events; a request already in the ledger keeps its first copy
-_INSERT = """
-    INSERT INTO main.ledger
-    SELECT ?, s.request_id, s.usage_day, k.key_id, s.input_tokens, s.output_tokens,
-           s.cost_nano, s.cost_estimated, s.source_partition, s.source_offset
-    FROM replay_staging.staged s JOIN summary_keys k USING (client_org_id, user_id, model)
-    WHERE s.usage_day = ? AND NOT EXISTS (
-        SELECT 1 FROM ledger l WHERE l.bucket IN (SELECT bucket FROM ledger_buckets)
-        AND l.request_id = s.request_id)
-"""
-# (c) the date's totals per key: aggregate first, then name the keys (one scan of ledger)
+# the date's totals per key, from the staged events (one per request)
 _TOTALS = """
-    SELECT k.client_org_id, k.user_id, k.model, ?, t.input_tokens, t.output_tokens,
-           t.requests, t.estimated_requests, t.raw_cost_nano
-    FROM (SELECT key_id, SUM(input_tokens) AS input_tokens,
-                 SUM(output_tokens) AS output_tokens, COUNT(*) AS requests,
-                 SUM(cost_estimated) AS estimated_requests, SUM(cost_nano) AS raw_cost_nano
-          FROM ledger WHERE usage_day = ? GROUP BY key_id) t
-    JOIN summary_keys k USING (key_id)
+    SELECT client_org_id, user_id, model, ?, SUM(input_tokens), SUM(output_tokens),
+           COUNT(*), SUM(cost_estimated), SUM(cost_nano)
+    FROM replay_staging.staged WHERE usage_day = ?
+    GROUP BY client_org_id, user_id, model
 """
 
 
 async def _replace(
     conn: aiosqlite.Connection,
     day: str,
-    ranges: Sequence[ReplayRange],
     markup: Decimal,
-    bucket: int,
     dry_run: bool,
     started_at: str,
     records_processed: int,
+    replay_id: str | None,
 ) -> ReplayOutcome:
     timings: dict[str, float] = {}
     lap = _Lap(timings)
@@ -452,36 +351,6 @@ async def _replace(
     rate = await rate_for_date(conn, date.fromisoformat(day))
     before = await _daily_rows(conn, day)
     lap("usage_daily before")
-    read = [r for r in ranges if r.end > r.start]
-    inside, args = _inside("ledger", read)
-    args.update({"day": ordinal, "bucket": bucket})
-    # the date's ledger rows, and how many of them lie in the replayed ranges (one scan)
-    async with conn.execute(
-        f"SELECT COUNT(*), COALESCE(SUM({inside}), 0) FROM ledger WHERE usage_day = :day",
-        args,
-    ) as cursor:
-        ledger_before, in_ranges = await cursor.fetchone()
-    lap("ledger count")
-
-    await conn.execute(
-        "INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)"
-        " SELECT DISTINCT client_org_id, user_id, model FROM replay_staging.staged"
-    )
-    await conn.execute("INSERT OR IGNORE INTO ledger_buckets VALUES (?)", (bucket,))
-    mark = conn.total_changes
-    if read:
-        inside_o, _ = _inside("o", read)
-        await conn.execute(_DELETE.format(inside=inside, inside_o=inside_o), args)
-    deleted = conn.total_changes - mark
-    lap("ledger delete")
-    mark = conn.total_changes
-    await conn.execute(_INSERT, (bucket, ordinal))
-    inserted = conn.total_changes - mark
-    kept = in_ranges - deleted  # identical rows left in place instead of re-inserted
-    lap("ledger insert")
-
-    # (c) every usage_daily row of the date, from the ledger; only rows whose values
-    # differ are handed to write_summaries (which would leave the others untouched too)
     async with conn.execute(_TOTALS, (day, ordinal)) as cursor:
         rows = [SummaryRow(*row) for row in await cursor.fetchall()]
     lap("totals")
@@ -505,7 +374,7 @@ async def _replace(
     )
     written += conn.total_changes - mark
 
-    # (d) the date is settled: nothing pending, closed (later events of it count as late)
+    # the date is settled: nothing pending, closed (later events of it count as late)
     await conn.execute("DELETE FROM daily_pending WHERE usage_date = ?", (day,))
     await conn.execute("DELETE FROM usage_daily_open WHERE usage_date = ?", (day,))
     await conn.execute(
@@ -533,16 +402,17 @@ async def _replace(
             data_corrections=len(changes),
             late_events=0,
         )
+        if replay_id is not None:
+            await conn.execute(
+                "UPDATE replay_runs SET status = 'complete', finished_at = ? WHERE replay_id = ?",
+                (utc_now_text(), replay_id),
+            )
     return ReplayOutcome(
         usage_date=day,
         changes=changes,
         rows=len(after),
         summaries_written=written,
         clients=clients,
-        ledger_before=ledger_before,
-        ledger_after=ledger_before - deleted + inserted,
-        ledger_removed=in_ranges,
-        ledger_inserted=inserted + kept,
         rate=rate,
         committed=not dry_run,
         batch_run_id=run_id,

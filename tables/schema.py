@@ -327,6 +327,42 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 SELECT *, 0 AS final FROM usage_daily_open""",
         ],
     ),
+    (
+        4,
+        [
+            # Scale-out (issue 9): the summary writer's place in each home partition's
+            # batch log (streams/batch_log.py), stored in the transaction that adds the
+            # sums of the records it read: a record below next_offset was applied (or
+            # judged) already, and the chain head says which record the next valid one
+            # must extend, and where the partition's workers have read up to.
+            """CREATE TABLE batch_log_heads (
+                partition INTEGER PRIMARY KEY,
+                next_offset INTEGER NOT NULL,
+                head_offset INTEGER NOT NULL,
+                usage_next INTEGER NOT NULL,
+                rerouted_next INTEGER NOT NULL,
+                newest_event_ms INTEGER NOT NULL,
+                updated_at TEXT NOT NULL
+            )""",
+        ],
+    ),
+    (
+        5,
+        [
+            # Replays under scale-out: a replay appends a fence to every batch-log
+            # partition; the summary writer waits at a fence until the replay that wrote
+            # it is complete (or a later replay of the same date is), so the date's sums
+            # after the fences are never wiped by the replace.
+            """CREATE TABLE replay_runs (
+                replay_id TEXT PRIMARY KEY,
+                usage_date TEXT NOT NULL,
+                status TEXT NOT NULL CHECK (status IN ('fencing', 'complete', 'failed')),
+                started_at TEXT NOT NULL,
+                finished_at TEXT,
+                error TEXT
+            )""",
+        ],
+    ),
 ]
 
 

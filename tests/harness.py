@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import signal
 import sqlite3
@@ -44,6 +45,12 @@ def event_ms(event: dict) -> int:
     if isinstance(stamp, int):
         return stamp
     return int(datetime.fromisoformat(stamp).timestamp() * 1000)
+
+
+def point_request_id(line: str) -> str:
+    """The ``request_id`` field of a raw point (line protocol, as the tests' ids need no
+    escaping)."""
+    return line.rsplit('request_id="', 1)[1].split('"', 1)[0]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -160,6 +167,42 @@ class Stack:
             return conn.execute(sql, params).fetchall()
         finally:
             conn.close()
+
+    def billed_requests(self) -> int:
+        """Unique requests billed so far, closed days and open ones, in one snapshot.
+
+        Replaces ``COUNT(*) FROM ledger`` (per-event rows are no longer written): the
+        summary writer folds each batch's requests into ``daily_pending`` and the rollup
+        moves them into ``usage_daily`` in one transaction, so the sum never counts a
+        request twice or loses one in between."""
+        ((total,),) = self.query(
+            "SELECT (SELECT COALESCE(SUM(requests), 0) FROM usage_daily)"
+            " + (SELECT COALESCE(SUM(requests), 0) FROM daily_pending)"
+        )
+        return int(total)
+
+    def records_committed(self) -> int:
+        """Usage-topic records read and committed (every partition): the chain heads'
+        ``usage_next`` the summary writer stored (was ``SUM(next_offset) FROM
+        source_offsets``)."""
+        ((total,),) = self.query("SELECT COALESCE(SUM(usage_next), 0) FROM batch_log_heads")
+        return int(total)
+
+    def raw_points(self) -> list[str]:
+        """The file raw sink's distinct points (``DATA_DIR/raw``, ``.lp`` and gzipped
+        ``.lp.gz``): a redelivered or retried batch appends identical lines again, the
+        same point on import, so distinct lines are what was written."""
+        raw = Path(self.env["DATA_DIR"]) / "raw"
+        lines: set[str] = set()
+        for path in raw.glob("usage_tracking-*.lp*"):
+            if path.name.endswith(".lp"):
+                text = path.read_text()
+            elif path.name.endswith(".lp.gz"):
+                text = gzip.decompress(path.read_bytes()).decode()
+            else:
+                continue
+            lines.update(line for line in text.splitlines() if line and not line.startswith("#"))
+        return sorted(lines)
 
     def publish(
         self,

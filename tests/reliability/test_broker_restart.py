@@ -15,15 +15,15 @@ again on the same port and storage after a few seconds:
 
 Expected: the same worker process rides both out (same PID, no crash or restart loop, no
 traceback in its log), ``/ready`` is 503 while the broker is down and 200 after, and in
-the end every unique request is in the ledger exactly once and the daily bills equal the
-independent Decimal ground truth of ``tests/rollup/test_rollup_e2e.py``. The topic read
-from offset 0 afterwards still holds every published request: that is what makes this a
-restart test and not a fresh broker (run on ``memory://`` instead, it fails: the bills
-never settle).
+the end every unique request is billed exactly once (and its raw point written) and the
+daily bills equal the independent Decimal ground truth of
+``tests/rollup/test_rollup_e2e.py``. The topic read from offset 0 afterwards still holds
+every published request: that is what makes this a restart test and not a fresh broker
+(run on ``memory://`` instead, it fails: the bills never settle).
 
 Measured here (2 cores): ~40 s in all, of which ~13 s are the worker's two group joins;
 Tansu on S3 answers at once after a restart (``/ready`` 200 within the first 0.5 s poll,
-the ledger growing again within ~1 s); Tansu takes ~5 s to exit on SIGTERM. While the
+billing growing again within ~1 s); Tansu takes ~5 s to exit on SIGTERM. While the
 broker refuses connections, aiokafka retries reconnects and metadata ~150 times a second
 and logs each at ERROR; the worker summarises repeated client lines
 (``streams/log_throttle.py``), so the whole log of an outage stays short.
@@ -49,7 +49,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from streams.broker import EmbeddedBroker, die_with_parent, free_port, stop_process
-from tests.harness import Stack, Worker, consume_all, http_get, wait_for
+from tests.harness import Stack, Worker, consume_all, http_get, point_request_id, wait_for
 from tests.reliability.test_broker_outage import stack_env
 from tests.rollup.test_rollup_e2e import actual, ground_truth, make_events, seed_rates
 
@@ -144,11 +144,17 @@ def s3_stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 async def publish_through(
-    port: int, topic: str, values: list[bytes], partitions: list[int]
+    port: int,
+    topic: str,
+    values: list[bytes],
+    partitions: list[int],
+    held_back: threading.Event | None = None,
 ) -> None:
     """Publish in chunks with pauses, riding out broker restarts: a long request timeout
     keeps batches queued while nothing listens, and retries resend them afterwards (a
-    retried send may duplicate a record: the pipeline must drop the copy)."""
+    retried send may duplicate a record: the pipeline must drop the copy). The last
+    quarter of the values waits for ``held_back`` (when given), so that some of the load
+    is certainly sent into the last outage, whatever the worker's pace before it."""
     producer = AIOKafkaProducer(
         bootstrap_servers=f"127.0.0.1:{port}",
         linger_ms=5,
@@ -158,6 +164,8 @@ async def publish_through(
     await producer.start()
     try:
         for start in range(0, len(values), CHUNK):
+            if held_back is not None and start >= len(values) * 3 // 4:
+                await asyncio.to_thread(held_back.wait, 300)
             futures = [
                 await producer.send(topic, values[index], partition=partitions[index])
                 for index in range(start, min(start + CHUNK, len(values)))
@@ -168,19 +176,20 @@ async def publish_through(
         await producer.stop()
 
 
-def ledger_count(stack: Stack) -> int:
+def billed_count(stack: Stack) -> int:
+    """Unique requests billed so far (``Stack.billed_requests``), 0 before the DB exists."""
     if not stack.db_path.exists():
         return 0
     try:
-        return int(stack.query("SELECT COUNT(*) FROM ledger")[0][0])
+        return stack.billed_requests()
     except Exception:  # noqa: BLE001 - schema not created yet
         return 0
 
 
 def billed(stack: Stack, unique: int) -> bool:
-    """Every unique request in the ledger, nothing pending, and every request billed."""
+    """Every unique request billed, nothing pending, and every day closed."""
     try:
-        (count,) = stack.query("SELECT COUNT(*) FROM ledger")[0]
+        count = stack.billed_requests()
         (pending,) = stack.query("SELECT COUNT(*) FROM daily_pending")[0]
         (total,) = stack.query("SELECT COALESCE(SUM(requests), 0) FROM usage_daily")[0]
     except Exception:  # noqa: BLE001 - DB not created yet
@@ -201,11 +210,11 @@ def restart_broker(
 ) -> dict[str, Any]:
     """Stop the broker with ``stop``, keep it down ``DOWN_SECONDS`` while probing the
     worker, start it again on the same port and storage, and wait for ``/ready`` 200 and
-    for the ledger to grow again (the producer is still sending).
+    for billing to grow again (the producer is still sending).
 
     Returns what was observed, for the assertions and the timing report."""
     log_before = len(log_lines(worker))
-    ledger_at_stop = ledger_count(stack)
+    billed_at_stop = billed_count(stack)
     stopped_at = time.monotonic()
     stop()
     gone_at = time.monotonic()  # Tansu takes ~5 s to exit on SIGTERM
@@ -220,7 +229,7 @@ def restart_broker(
     producing = publisher.is_alive()
     stack.broker.start()
     started_at = time.monotonic()
-    ledger_at_start = ledger_count(stack)
+    billed_at_start = billed_count(stack)
     wait_for(
         lambda: http_get(worker.web + "/ready", timeout=10)[0] == 200,
         60,
@@ -229,14 +238,14 @@ def restart_broker(
     )
     ready_at = time.monotonic()
     wait_for(
-        lambda: ledger_count(stack) > ledger_at_start,
+        lambda: billed_count(stack) > billed_at_start,
         60,
-        f"the ledger to grow after the {how} restart",
+        f"billing to grow after the {how} restart",
         step=0.5,
     )
     return {
         "how": how,
-        "ledger_at_stop": ledger_at_stop,
+        "billed_at_stop": billed_at_stop,
         "producing_at_restart": producing,
         "ready": ready,
         "health": health,
@@ -270,18 +279,26 @@ def test_broker_killed_and_terminated_mid_run_on_s3_storage(
     joined_at = time.monotonic()
 
     failure: list[BaseException] = []
+    last_outage = threading.Event()
 
     def produce() -> None:
         try:
-            asyncio.run(publish_through(stack.broker.port, stack.topic, values, partitions))
+            asyncio.run(
+                publish_through(stack.broker.port, stack.topic, values, partitions, last_outage)
+            )
         except BaseException as error:  # noqa: BLE001 - reported by the test
             failure.append(error)
 
     publisher = threading.Thread(target=produce, daemon=True)
     publisher.start()
-    wait_for(lambda: ledger_count(stack) >= 1_000, 60, "the worker to be busy", step=0.2)
+    wait_for(lambda: billed_count(stack) >= 1_000, 60, "the worker to be busy", step=0.2)
     crash = restart_broker(stack, worker, publisher, stack.broker.kill, "SIGKILL")
-    orderly = restart_broker(stack, worker, publisher, stack.broker.stop, "SIGTERM")
+
+    def terminate() -> None:
+        stack.broker.stop()
+        last_outage.set()  # the rest of the load goes out while the broker is down
+
+    orderly = restart_broker(stack, worker, publisher, terminate, "SIGTERM")
 
     publisher.join(120)
     assert not publisher.is_alive(), "the producer did not finish within 120 s"
@@ -293,7 +310,7 @@ def test_broker_killed_and_terminated_mid_run_on_s3_storage(
     unique_ids = {event["request_id"] for event in events}
     for observed in (crash, orderly):
         how = observed["how"]
-        assert observed["ledger_at_stop"] < UNIQUE, f"{how}: the restart came after the load"
+        assert observed["billed_at_stop"] < UNIQUE, f"{how}: the restart came after the load"
         assert observed["producing_at_restart"], f"{how}: the producer finished before it"
         # the worker's own HTTP server never stops answering
         assert set(observed["health"]) == {200}, (how, observed["health"])
@@ -314,10 +331,14 @@ def test_broker_killed_and_terminated_mid_run_on_s3_storage(
     assert len(records) >= len(values)
     assert {orjson.loads(record.value)["request_id"] for record in records} == unique_ids
 
-    # every unique request once in the ledger, bills exact against the ground truth
-    ids = [row[0] for row in stack.query("SELECT request_id FROM ledger")]
+    # every unique request billed once (``billed`` above) and written as one raw point
+    # (identical lines of a retried append are that same point), bills exact against the
+    # ground truth
+    points = stack.raw_points()
+    ids = [point_request_id(line) for line in points]
     assert len(ids) == len(set(ids)) == UNIQUE
     assert set(ids) == unique_ids
+    assert stack.billed_requests() == UNIQUE
     assert actual(stack) == ground_truth(events)
     assert worker.metrics().get("usage_stream_events_invalid_total", 0) == 0
 
@@ -331,7 +352,7 @@ def test_broker_killed_and_terminated_mid_run_on_s3_storage(
             f"\nbroker restart on S3: worker joined {joined_at - began:.1f}s; "
             + "; ".join(
                 f"{o['how']}: stop {o['stop_took_s']:.1f}s, down {o['down_s']:.1f}s, "
-                f"/ready 200 {o['ready_after_s']:.1f}s and ledger growing "
+                f"/ready 200 {o['ready_after_s']:.1f}s and billing growing "
                 f"{o['progress_after_s']:.1f}s after start, {len(o['log'])} worker log lines"
                 for o in (crash, orderly)
             )

@@ -8,18 +8,22 @@ privilege to mount, the test fails and says so (no silent skip).
 
 For each condition, in turn:
 
-* raw files dir full: the raw sink cannot append; the batch stalls before its SQLite
-  transaction;
-* summary DB full: the raw points are written, the one SQLite transaction (ledger, sums,
-  offsets) fails with ``database or disk is full`` and rolls back;
+* raw files dir full: the raw sink cannot append; the batch stalls before its batch-log
+  record (the commit point) is appended;
+* summary DB full: the raw points are written and the batch-log records appended (the
+  hot path no longer writes SQLite), but the summary writer's transaction (sums and chain
+  heads) fails with ``database or disk is full`` and rolls back;
 
-expected: ONE error line for the condition (the hot path logs a condition once, the raw
-sink its circuit opening once; the raw sink's per-attempt warnings are bounded by its
-backoff, never per message), ``/ready`` 503 naming it, ``/health`` 200, no offset
-advancing past unwritten data (``source_offsets`` in SQLite and the group's committed
-offsets in Kafka stay put), and once the filler is deleted: full recovery, exact bills
-against the independent ground truth, every raw point present once (a retried append may
-repeat an identical line, which is the same point on import: distinct lines are counted).
+expected: ONE error line for the condition (the hot path and the summary writer log a
+condition once, the raw sink its circuit opening once; the raw sink's per-attempt
+warnings are bounded by its backoff, never per message), ``/ready`` 503 naming it,
+``/health`` 200, no position advancing past unwritten data (the chain heads stored in
+SQLite, ``batch_log_heads``, and the bills stay put; while the raw disk is full the
+group's committed offsets in Kafka too; while the DB disk is full they may move: the
+batch log holds what was read), and once the filler is deleted: full recovery, exact
+bills against the independent ground truth, every raw point present once (a retried
+append may repeat an identical line, which is the same point on import: distinct lines
+are counted).
 """
 
 from __future__ import annotations
@@ -89,10 +93,9 @@ def fill(directory: Path) -> Path:
 
 
 def stored_offsets(stack: Stack) -> dict[int, int]:
-    rows = stack.query(
-        "SELECT partition, next_offset FROM source_offsets WHERE topic = ?", (stack.topic,)
-    )
-    return dict(rows)
+    """Per partition, how far the usage topic was read and billed (the chain heads the
+    summary writer stored with the sums)."""
+    return dict(stack.query("SELECT partition, usage_next FROM batch_log_heads"))
 
 
 def kafka_committed(stack: Stack) -> dict[int, int | None]:
@@ -115,7 +118,7 @@ def kafka_committed(stack: Stack) -> dict[int, int | None]:
 
 def billed(stack: Stack, unique: int) -> bool:
     try:
-        (count,) = stack.query("SELECT COUNT(*) FROM ledger")[0]
+        count = stack.billed_requests()
         (pending,) = stack.query("SELECT COUNT(*) FROM daily_pending")[0]
         (total,) = stack.query("SELECT COALESCE(SUM(requests), 0) FROM usage_daily")[0]
     except Exception:  # noqa: BLE001 - DB busy or not created yet
@@ -141,19 +144,20 @@ def ready_reasons(stack: Stack, url: str) -> str | None:
     return None
 
 
-def assert_stalled(stack: Stack, url: str, what: str) -> str:
-    """While a disk is full: /ready 503 naming ``what``, /health 200, offsets static."""
+def assert_stalled(stack: Stack, url: str, what: str, kafka_static: bool) -> str:
+    """While a disk is full: /ready 503 naming ``what``, /health 200, the stored chain
+    heads and the bills static (and the group's committed offsets, when ``kafka_static``)."""
     reason = wait_for(
         lambda: (r := ready_reasons(stack, url)) and what in r and r, 60, f"/ready naming {what}"
     )
-    before = (stored_offsets(stack), kafka_committed(stack))
-    ledger = stack.query("SELECT COUNT(*) FROM ledger")[0][0]
+    before = (stored_offsets(stack), kafka_committed(stack) if kafka_static else None)
+    billed_before = stack.billed_requests()
     deadline = time.monotonic() + STALL_SECONDS
     while time.monotonic() < deadline:
         assert http_get(url + "/health")[0] == 200
         time.sleep(1)
-    assert (stored_offsets(stack), kafka_committed(stack)) == before
-    assert stack.query("SELECT COUNT(*) FROM ledger")[0][0] == ledger
+    assert (stored_offsets(stack), kafka_committed(stack) if kafka_static else None) == before
+    assert stack.billed_requests() == billed_before
     return str(reason)
 
 
@@ -174,7 +178,7 @@ def test_full_disks_stall_cleanly_and_recover_exactly(
     lines_before = len(worker.log_path.read_text().splitlines())
     filler = fill(raw)
     stack.publish(values[2_000:4_000])
-    reason = assert_stalled(stack, worker.web, "raw files")
+    reason = assert_stalled(stack, worker.web, "raw files", kafka_static=True)
     assert str(raw) in reason
     filler.unlink()
     wait_for(lambda: billed(stack, 4_000), 90, "recovery after the raw disk is freed")
@@ -188,14 +192,17 @@ def test_full_disks_stall_cleanly_and_recover_exactly(
     lines_before = len(worker.log_path.read_text().splitlines())
     filler = fill(data)
     stack.publish(values[4_000:])
-    reason = assert_stalled(stack, worker.web, "database or disk is full")
-    assert "commit" in reason
+    # (the hot path goes on: its commit point is the batch log; the summary writer is stuck)
+    reason = assert_stalled(stack, worker.web, "database or disk is full", kafka_static=False)
+    assert "summary" in reason
     filler.unlink()
     wait_for(lambda: billed(stack, len(events)), 90, "recovery after the DB disk is freed")
     log = worker.log_path.read_text().splitlines()[lines_before:]
-    ours = [line for line in log if "hot path: commit" in line]
+    ours = [line for line in log if "summary writer: applying" in line]
     assert len(ours) == 2, "\n".join(ours)  # the failure, once, and the recovery
-    assert "ERROR" in ours[0] and "recovered" in ours[1]
+    assert "ERROR" in ours[0] and "database or disk is full" in ours[0]
+    assert "recovered" in ours[1]
+    assert not [line for line in log if "hot path: commit" in line]
 
     wait_for(lambda: http_get(worker.web + "/ready", timeout=10)[0] == 200, 30, "/ready 200")
     assert actual(stack) == ground_truth(events)

@@ -3,8 +3,8 @@
 Ground truth is computed here, independently of the pipeline (Decimal, half-even, markup
 1.3, the NBP rate of the day before, estimated costs from the seeded prices). The worker
 bills several past days (duplicates on other partitions, late events, Kafka timestamps far
-from the event times, invalid messages); then a day is damaged in ``usage_daily`` and in
-the ledger, and the replay must restore exactly that day and touch nothing else.
+from the event times, invalid messages); then a day is damaged in ``usage_daily``,
+and the replay must restore exactly that day and touch nothing else.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from streams.broker import EmbeddedBroker, ensure_topics, free_port
 from streams.clients.nbp import NbpRate
 from streams.clients.openrouter import ModelPrice
+from streams.partitioning import home_partition
 from streams.replay_reader import choose_start, parse_from_offsets
 from streams.settings import load_settings
 from tables.reference import store_model_prices, store_nbp_rates
@@ -237,18 +238,17 @@ def table(stack: Stack, name: str, where: str = "", params: tuple = ()) -> list[
 
 def dump(stack: Stack) -> dict[str, list[tuple]]:
     """Every table the replay may write, in full."""
-    names = ("usage_daily", "ledger_events", "closed_days", "daily_pending", "batch_runs")
+    names = ("usage_daily", "closed_days", "daily_pending", "batch_runs", "replay_runs")
     return {name: table(stack, name) for name in names}
 
 
 def settled(stack: Stack, unique: int) -> bool:
     try:
-        (count,) = stack.query("SELECT COUNT(*) FROM ledger")[0]
         (pending,) = stack.query("SELECT COUNT(*) FROM daily_pending")[0]
         (billed,) = stack.query("SELECT COALESCE(SUM(requests), 0) FROM usage_daily")[0]
     except Exception:  # noqa: BLE001 - DB not created yet
         return False
-    return count == unique and pending == 0 and billed == unique
+    return pending == 0 and billed == unique
 
 
 def wait_settled(stack: Stack, unique: int, timeout: float = 90) -> None:
@@ -309,7 +309,8 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     #    replayed day starts in the middle of each partition's log
     earlier = make_events(DAY - timedelta(days=2), 200, "a", 1)
     earlier += make_events(DAY - timedelta(days=1), 200, "b", 2)
-    produced = send(stack, [rec(e, i % 4) for i, e in enumerate(earlier)])
+    sent = [rec(e, i % 4) for i, e in enumerate(earlier)]
+    produced = send(stack, sent)
 
     # 2. the day and the next, interleaved; Kafka timestamps far from the event times
     #    (a backfill 3 days later, a producer clock 20 h early, or the wall clock);
@@ -334,6 +335,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     ]
     records += [(value, None, k % 4, now) for k, value in enumerate(invalid)]
     produced += send(stack, records)
+    sent += records
     valid = earlier + day_events + next_events + duplicated
     wait_settled(stack, len(earlier) + len(day_events) + len(next_events))
 
@@ -343,6 +345,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     late_records = [rec(e, i % 4, now) for i, e in enumerate(late)]
     late_records += [rec(e, (i + 2) % 4, now, key=None) for i, e in enumerate(day_events[1::25])]
     produced += send(stack, late_records)
+    sent += late_records
     valid += late + day_events[1::25]
     unique = len(earlier) + len(day_events) + len(next_events) + len(late)
     wait_settled(stack, unique)
@@ -353,36 +356,17 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
 
     day = DAY.isoformat()
     other_days_daily = table(stack, "usage_daily", "WHERE usage_date != ?", (day,))
-    other_days_ledger = table(stack, "ledger_events", "WHERE usage_date != ?", (day,))
     before_damage = {
         row[:4]: row for row in table(stack, "usage_daily", "WHERE usage_date = ?", (day,))
     }
     keys = sorted(before_damage)
     deleted, altered = keys[:3], keys[3:7]
-    ledger_gone = [
-        row[0]
-        for row in stack.query(
-            "SELECT request_id FROM ledger_events WHERE usage_date = ? ORDER BY request_id LIMIT 5",
-            (day,),
-        )
-    ]
     row_sql = " WHERE client_org_id = ? AND user_id = ? AND model = ? AND usage_date = ?"
     copy_row = (
         "INSERT INTO usage_daily SELECT 'org-ghost', user_id, model, usage_date, input_tokens,"
         " output_tokens, total_tokens, requests, estimated_requests, raw_cost_nano,"
         " markup_cost_nano, markup_cost_pln_nano, raw_cost_usd, markup_cost_usd,"
         " markup_cost_pln, usd_pln_rate, nbp_table_no, revision, updated_at FROM usage_daily"
-    )
-    # a ledger row that no record of the topic backs, inside the replayed range (p0, 1)
-    ghost_key = (
-        "INSERT INTO summary_keys (client_org_id, user_id, model)"
-        " SELECT 'org-ghost-2', user_id, model FROM ledger_events WHERE request_id = ?"
-    )
-    ghost_event = (
-        "INSERT INTO ledger SELECT bucket, 'ghost-request', usage_day,"
-        " (SELECT key_id FROM summary_keys WHERE client_org_id = 'org-ghost-2'),"
-        " input_tokens, output_tokens, cost_nano, cost_estimated, 0, 1"
-        " FROM ledger WHERE request_id = ?"
     )
     damage = [("DELETE FROM usage_daily" + row_sql, key) for key in deleted]
     damage += [
@@ -395,10 +379,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
         ("UPDATE usage_daily SET total_tokens = 0" + row_sql, altered[2]),
         ("UPDATE usage_daily SET usd_pln_rate = '9.9999'" + row_sql, altered[3]),
         (copy_row + row_sql, keys[8]),
-        (ghost_key, (ledger_gone[0],)),
-        (ghost_event, (ledger_gone[0],)),
     ]
-    damage += [("DELETE FROM ledger WHERE request_id = ?", (rid,)) for rid in ledger_gone]
     with sqlite3.connect(stack.db_path, timeout=30) as conn:
         for sql, params in damage:
             assert conn.execute(sql, params).rowcount == 1, sql
@@ -432,13 +413,6 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     assert f"{len(duplicated) + len(day_events[1::25])} duplicates, 3 invalid" in out
     assert actual(stack) == truth
     assert table(stack, "usage_daily", "WHERE usage_date != ?", (day,)) == other_days_daily
-    assert table(stack, "ledger_events", "WHERE usage_date != ?", (day,)) == other_days_ledger
-    day_ids = {e["request_id"] for e in day_events + late}
-    ledger_ids = {
-        row[0]
-        for row in stack.query("SELECT request_id FROM ledger_events WHERE usage_date = ?", (day,))
-    }
-    assert ledger_ids == day_ids
     after = {row[:4]: row for row in table(stack, "usage_daily", "WHERE usage_date = ?", (day,))}
     revision = 17  # column index of revision in SELECT *
     for key, row in after.items():
@@ -471,39 +445,31 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
         " ORDER BY id DESC LIMIT 1"
     ) == [(0, 0)]
 
-    # --from-offsets: partition 0 from its third ledger row of the day; a ledger row before
-    # it (outside the range) stays missing, one after it (inside) is restored
-    copied = {e["request_id"] for e in duplicated + day_events[1::25]}
-    p0 = [
-        (rid, offset)
-        for rid, offset in stack.query(
-            "SELECT request_id, source_offset FROM ledger_events WHERE usage_date = ?"
-            " AND source_partition = 0 ORDER BY source_offset",
-            (day,),
-        )
-        if rid not in copied
-    ]
-    outside, start, inside = p0[0], p0[2][1], p0[5]
-    with sqlite3.connect(stack.db_path, timeout=30) as conn:
-        conn.executemany("DELETE FROM ledger WHERE request_id = ?", [(outside[0],), (inside[0],)])
-    result = replay(stack, "--date", day, "--from-offsets", f"0:{start}")
+    # --from-offsets: partition 0 read from its end, so nothing of it is re-read. A
+    # request is then missing from the replay exactly when it is homed at partition 0 and
+    # every copy of it was produced to partition 0 (a copy produced elsewhere reached
+    # partition 0 through the rerouted topic, which is read in full).
+    end_p0 = per_partition[0]
+    result = replay(stack, "--date", day, "--from-offsets", f"0:{end_p0}")
     assert result.returncode == 0, result.stderr.decode()
     ranges = plan(result)
-    assert ranges[0][:1] == (start,) and ranges[0][2] == "from-offsets"
-    assert read_count(result) == sum(end - begin for begin, end, _ in ranges.values())
-    ledger_ids = {
-        row[0]
-        for row in stack.query("SELECT request_id FROM ledger_events WHERE usage_date = ?", (day,))
-    }
-    assert ledger_ids == day_ids - {outside[0]}
-    missing = [e for e in day_events + late if e["request_id"] == outside[0]]
+    assert ranges[0] == (end_p0, end_p0, "from-offsets")
+    copies: dict[str, set[int]] = {}
+    for value, _, partition, _ in sent:
+        try:
+            copies.setdefault(orjson.loads(value)["request_id"], set()).add(partition)
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue
+    missing = {rid for rid, where in copies.items() if home_partition(rid, 4) == 0 and where == {0}}
+    assert missing & {e["request_id"] for e in day_events + late}  # the case is exercised
     assert only(actual(stack), DAY) == only(
-        ground_truth([e for e in valid if e["request_id"] != outside[0]]), DAY
+        ground_truth([e for e in valid if e["request_id"] not in missing]), DAY
     )
-    assert missing
     # and a full replay puts it back
     assert replay(stack, "--date", day).returncode == 0
     assert actual(stack) == truth
+    # every fence of these replays was passed: nothing waits
+    assert stack.query("SELECT DISTINCT status FROM replay_runs") == [("complete",)]
 
     # operator mistakes: one line, non-zero exit, nothing written
     snapshot = table(stack, "usage_daily")
@@ -560,7 +526,7 @@ def test_replay_errors_without_a_worker(stack: Stack, tmp_path: Path) -> None:
     line = one_line_error(replay(stack, "--date", day))
     assert f"no events of {day}" in line and "31 records read, 1 invalid" in line
     assert stack.query("SELECT COUNT(*) FROM usage_daily") == [(0,)]
-    assert stack.query("SELECT COUNT(*) FROM ledger") == [(0,)]
+    assert stack.query("SELECT COUNT(*) FROM replay_runs") == [(0,)]  # no fence appended
     # a dry run of a date with events works without any worker, and writes nothing
     result = replay(stack, "--date", (DAY - timedelta(days=1)).isoformat(), "--dry-run")
     assert result.returncode == 0, result.stderr.decode()
@@ -635,147 +601,3 @@ def test_replay_while_the_worker_runs(stack: Stack) -> None:
     group = stack.env["APP_ID"]
     assert worker.log_path.read_text().count(f"Joined group '{group}'") == 1
     assert worker.alive()
-
-
-# The replace, without a broker: the no-churn plan against the plain definition -----------
-
-_REF_DAY = date(2026, 11, 18)
-_REPLAY_BUCKET = 2_000_000
-_OLD_BUCKET = 1_000_000
-
-
-def _ledger_event(request_id: str, day: date, tokens: int, partition: int, offset: int):
-    from tables.ledger import LedgerEvent
-
-    return LedgerEvent(
-        request_id, day.isoformat(), day.toordinal(), "org", f"u{tokens % 3}", "m",
-        tokens, 1, 1000 * tokens, 0, 0, partition, offset,
-    )  # fmt: skip
-
-
-async def _reference_replace(db: object, staging_path: Path, ranges: list) -> None:
-    """The definition (the replay's original statements): delete every ledger row of the
-    date read from a replayed range, then insert the staged events whose request is in
-    no live bucket."""
-    from tables.summary_store import SummaryRow, write_summaries
-
-    ordinal = _REF_DAY.toordinal()
-    await db.execute("ATTACH DATABASE ? AS replay_staging", (str(staging_path),))
-    await db.execute("BEGIN IMMEDIATE")
-    inside = " OR ".join(
-        "(source_partition = ? AND source_offset >= ? AND source_offset < ?)" for _ in ranges
-    )
-    await db.execute(
-        f"DELETE FROM ledger WHERE usage_day = ? AND ({inside})",
-        (ordinal, *[v for r in ranges for v in (r.partition, r.start, r.end)]),
-    )
-    await db.execute(
-        "INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)"
-        " SELECT DISTINCT client_org_id, user_id, model FROM replay_staging.staged"
-    )
-    await db.execute("INSERT OR IGNORE INTO ledger_buckets VALUES (?)", (_REPLAY_BUCKET,))
-    await db.execute(
-        """INSERT INTO main.ledger
-        SELECT ?, s.request_id, s.usage_day, k.key_id, s.input_tokens, s.output_tokens,
-               s.cost_nano, s.cost_estimated, s.source_partition, s.source_offset
-        FROM replay_staging.staged s JOIN summary_keys k USING (client_org_id, user_id, model)
-        WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.bucket IN
-            (SELECT bucket FROM ledger_buckets) AND l.request_id = s.request_id)""",
-        (_REPLAY_BUCKET,),
-    )
-    async with db.execute(
-        """SELECT k.client_org_id, k.user_id, k.model, ?, SUM(l.input_tokens),
-               SUM(l.output_tokens), COUNT(*), SUM(l.cost_estimated), SUM(l.cost_nano)
-        FROM ledger l JOIN summary_keys k USING (key_id)
-        WHERE l.usage_day = ? GROUP BY l.key_id""",
-        (_REF_DAY.isoformat(), ordinal),
-    ) as cursor:
-        rows = [SummaryRow(*row) for row in await cursor.fetchall()]
-    await write_summaries(db, rows, Decimal("1.3"), None)
-    keys = [(r.client_org_id, r.user_id, r.model) for r in rows]
-    await db.execute(
-        "DELETE FROM usage_daily WHERE usage_date = ? AND (client_org_id, user_id, model)"
-        " NOT IN (SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?))",
-        (_REF_DAY.isoformat(), orjson.dumps(keys).decode()),
-    )
-    await db.execute("COMMIT")
-    await db.execute("DETACH DATABASE replay_staging")
-
-
-async def test_replace_day_equals_delete_then_insert(tmp_path: Path) -> None:
-    """Every case where keeping an identical ledger row could differ from deleting and
-    re-inserting it: the ledger and the date's totals must come out identical."""
-    from tables.replay_store import ReplayRange, ReplayStaging, replace_day
-
-    other_day = _REF_DAY - timedelta(days=1)
-    ledger = [  # (bucket, event) already recorded
-        (_REPLAY_BUCKET, _ledger_event("same", _REF_DAY, 5, 0, 1)),  # kept as it is
-        (_REPLAY_BUCKET, _ledger_event("changed", _REF_DAY, 6, 0, 2)),  # values differ
-        (_OLD_BUCKET, _ledger_event("old-bucket", _REF_DAY, 7, 0, 3)),  # bucket differs
-        (_OLD_BUCKET, _ledger_event("outside", _REF_DAY, 8, 0, 500)),  # first copy kept
-        (_REPLAY_BUCKET, _ledger_event("gone", _REF_DAY, 9, 0, 4)),  # not re-read: deleted
-        (_REPLAY_BUCKET, _ledger_event("twice", _REF_DAY, 10, 0, 5)),  # identical, but ...
-        (_OLD_BUCKET, _ledger_event("twice", other_day, 10, 1, 7)),  # ... survives here
-        (_REPLAY_BUCKET, _ledger_event("p1", _REF_DAY, 11, 1, 6)),  # partition not replayed
-        (_REPLAY_BUCKET, _ledger_event("other-day", other_day, 12, 0, 6)),  # not the date
-    ]
-    staged = [
-        _ledger_event("same", _REF_DAY, 5, 0, 1),
-        _ledger_event("changed", _REF_DAY, 60, 0, 2),
-        _ledger_event("old-bucket", _REF_DAY, 7, 0, 3),
-        _ledger_event("outside", _REF_DAY, 8, 0, 8),
-        _ledger_event("twice", _REF_DAY, 10, 0, 5),
-        _ledger_event("new", _REF_DAY, 13, 0, 9),
-    ]
-    ranges = [ReplayRange(0, 0, 100)]
-    results = []
-    for name in ("replay", "reference"):
-        db = await connect(tmp_path / name / "usage.db")
-        try:
-            await db.execute("INSERT INTO ledger_buckets VALUES (?)", (_OLD_BUCKET,))
-            for bucket, e in ledger:
-                await db.execute(
-                    "INSERT OR IGNORE INTO summary_keys (client_org_id, user_id, model)"
-                    " VALUES (?, ?, ?)",
-                    (e.client_org_id, e.user_id, e.model),
-                )
-                await db.execute(
-                    "INSERT INTO ledger SELECT ?, ?, ?, key_id, ?, ?, ?, ?, ?, ? FROM"
-                    " summary_keys WHERE client_org_id = ? AND user_id = ? AND model = ?",
-                    (bucket, e.request_id, e.usage_day, e.input_tokens, e.output_tokens,
-                     e.cost_nano, e.cost_estimated, e.partition, e.offset,
-                     e.client_org_id, e.user_id, e.model),
-                )  # fmt: skip
-            with ReplayStaging(tmp_path / name) as staging:
-                assert staging.add(staged) == len(staged)
-                if name == "replay":
-                    outcome = await replace_day(
-                        db, staging, _REF_DAY.isoformat(), "usage", ranges, Decimal("1.3"),
-                        bucket=_REPLAY_BUCKET, dry_run=False, started_at="2026-11-19T00:00:00Z",
-                        records_processed=len(staged),
-                    )  # fmt: skip
-                else:
-                    await _reference_replace(db, staging.path, ranges)
-            async with db.execute(
-                "SELECT bucket, request_id, usage_day, k.client_org_id, k.user_id, input_tokens,"
-                " cost_nano, source_partition, source_offset FROM ledger"
-                " JOIN summary_keys k USING (key_id) ORDER BY 1, 2"
-            ) as cursor:
-                rows = await cursor.fetchall()
-            async with db.execute(
-                "SELECT client_org_id, user_id, model, requests, input_tokens, raw_cost_nano,"
-                " markup_cost_nano FROM usage_daily WHERE usage_date = ? ORDER BY 1, 2, 3",
-                (_REF_DAY.isoformat(),),
-            ) as cursor:
-                daily = await cursor.fetchall()
-            results.append((rows, daily))
-        finally:
-            await db.close()
-    assert results[0] == results[1]
-    rows, daily = results[0]
-    ids = {(bucket, request_id) for bucket, request_id, *_ in rows}
-    assert (_REPLAY_BUCKET, "same") in ids and (_REPLAY_BUCKET, "twice") not in ids
-    assert (_REPLAY_BUCKET, "gone") not in ids and (_REPLAY_BUCKET, "new") in ids
-    assert sum(row[3] for row in daily) == 6  # same changed old-bucket outside p1 new
-    # the counts the summary line prints: rows of the date before and after
-    assert (outcome.ledger_before, outcome.ledger_after) == (7, 6)

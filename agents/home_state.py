@@ -1,0 +1,256 @@
+"""A home partition's state on the worker that owns it, and how it is (re)built exactly.
+
+State (:class:`HomePartition`): the request ids seen (:class:`tables.seen_requests.
+SeenRequests`), the batch log's chain head (where the usage and rerouted partitions were
+read up to, :mod:`streams.batch_log`), the replay fences met on the chain, and the
+partition's event-time watermark.
+
+What the seen set must hold is *defined* by the chain head: every request id of a valid
+event homed at p below the head's positions (usage partition p: events at home only;
+rerouted partition p: all). So the state moves with the partition by rebuild from the
+topics, never by trusting a copy:
+
+1. follow partition p's batch log from what is known (nothing, or the state's head) to
+   its end with the chain rule;
+2. read usage p and rerouted p from where the state's ids end (or ``DEDUP_TTL_DAYS``
+   ago) up to the new head's positions, validate, and add the home events' ids.
+
+A worker that is assigned p, a worker whose append lost a race (a zombie came first, or a
+replay's fence), and a restart with an empty ``DATA_DIR`` all run the same two steps. Ids
+read back are remembered from the time of the rebuild, so they live at least
+``DEDUP_TTL_DAYS`` from then ("at least the TTL").
+
+Reads never trust ListOffsets *latest* (wrong on the test broker): the end of a read is
+the target offset, or the high watermark carried by Fetch responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from streams.batch_log import BadChainRecord, Chain, ChainHead, Fence, decode
+from streams.broker import kafka_client_kwargs
+from streams.event import UsageEvent, parse_events
+from streams.partitioning import home_partitions
+from streams.settings import Settings
+from tables.seen_requests import SeenRequests
+
+__all__ = ["HomePartition", "Rebuilder", "ReplayFence", "follow_chain", "read_range"]
+
+log = logging.getLogger(__name__)
+
+#: A read that does not move for this long fails (and is retried by the caller).
+STALL_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayFence:
+    """A replay counted the events of ``usage_date`` below these positions itself."""
+
+    usage_date: str
+    usage_end: int
+    rerouted_end: int
+
+
+@dataclass(slots=True)
+class HomePartition:
+    partition: int
+    seen: SeenRequests
+    head: ChainHead = field(default_factory=ChainHead)
+    fences: dict[str, ReplayFence] = field(default_factory=dict)
+    #: the batch log's next offset as last seen: where this worker's next append must
+    #: land to be sure nothing came between (else it catches up; see agents/pipeline.py)
+    log_end: int = 0
+
+    def bounds(self) -> tuple[int, int] | None:
+        """The highest fence positions (usage, rerouted) this partition has not read past
+        in both topics, or None. Below them the replay counted a date; copies below must
+        be read before copies above, or a request could count on both sides."""
+        open_fences = [
+            f
+            for f in self.fences.values()
+            if self.head.usage_next < f.usage_end or self.head.rerouted_next < f.rerouted_end
+        ]
+        if not open_fences:
+            return None
+        return (
+            max(f.usage_end for f in open_fences),
+            max(f.rerouted_end for f in open_fences),
+        )
+
+    def fenced(self, usage_date: str, rerouted: bool, offset: int) -> bool:
+        """True when a replay counted this event (its date, below the fence)."""
+        fence = self.fences.get(usage_date)
+        if fence is None:
+            return False
+        return offset < (fence.rerouted_end if rerouted else fence.usage_end)
+
+
+class Rebuilder:
+    """Builds and catches up :class:`HomePartition` states from the topics."""
+
+    def __init__(self, settings: Settings, partitions: int) -> None:
+        self.settings = settings
+        self.partitions = partitions
+        self.ttl_ms = int(settings.ledger_retention_days * 86_400_000)
+
+    def empty(self, partition: int) -> HomePartition:
+        return HomePartition(partition, SeenRequests(self.ttl_ms))
+
+    async def catch_up(self, state: HomePartition | None, partition: int) -> HomePartition:
+        """``state`` brought up to the end of the chain (a new state when None)."""
+        started = time.monotonic()
+        consumer = AIOKafkaConsumer(
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            **kafka_client_kwargs(self.settings),
+        )
+        try:
+            await consumer.start()
+            fresh = state is None
+            if state is None:
+                state = self.empty(partition)
+            before = state.head
+            head, fences = await self._follow(consumer, partition, state)
+            if fresh:
+                usage_from, rerouted_from = await self._ttl_starts(consumer, partition)
+            else:
+                usage_from, rerouted_from = before.usage_next, before.rerouted_next
+            ids = 0
+            now_ms = time.time_ns() // 1_000_000
+            for rerouted, topic, start, end in (
+                (False, self.settings.USAGE_TOPIC, usage_from, head.usage_next),
+                (True, self.settings.rerouted_topic, rerouted_from, head.rerouted_next),
+            ):
+                if end <= start:
+                    continue
+                async for records in read_range(
+                    consumer, TopicPartition(topic, partition), start, end
+                ):
+                    found = self._home_ids(records, partition, rerouted, now_ms)
+                    state.seen.add(found, now_ms)
+                    ids += len(found)
+            state.head = head
+            state.fences.update(fences)
+        finally:
+            await consumer.stop()
+        if ids or state.head != before:
+            log.info(
+                "home partition %d: chain head %d (usage %d, rerouted %d), %d ids read back"
+                " in %.1f s",
+                partition,
+                state.head.offset,
+                state.head.usage_next,
+                state.head.rerouted_next,
+                ids,
+                time.monotonic() - started,
+            )
+        return state
+
+    async def _follow(
+        self, consumer: AIOKafkaConsumer, partition: int, state: HomePartition
+    ) -> tuple[ChainHead, dict[str, ReplayFence]]:
+        head, fences, end = await follow_chain(
+            consumer, self.settings.batch_log_topic, partition, state.head, state.log_end
+        )
+        state.log_end = end
+        return head, fences
+
+    async def _ttl_starts(self, consumer: AIOKafkaConsumer, partition: int) -> tuple[int, int]:
+        """Offsets of usage p and rerouted p at ``DEDUP_TTL_DAYS`` ago (their beginning
+        when the lookup has no answer; the test broker answers 0, which only costs time)."""
+        since = time.time_ns() // 1_000_000 - self.ttl_ms
+        tps = [
+            TopicPartition(self.settings.USAGE_TOPIC, partition),
+            TopicPartition(self.settings.rerouted_topic, partition),
+        ]
+        beginning = await consumer.beginning_offsets(tps)
+        found = await consumer.offsets_for_times({tp: since for tp in tps})
+        starts = []
+        for tp in tps:
+            answer = found.get(tp)
+            starts.append(max(answer.offset, beginning[tp]) if answer else beginning[tp])
+        return starts[0], starts[1]
+
+    def _home_ids(
+        self, records: list[ConsumerRecord], partition: int, rerouted: bool, now_ms: int
+    ) -> list[str]:
+        events = [
+            event
+            for event in parse_events([record.value for record in records], now_ms)
+            if type(event) is UsageEvent
+        ]
+        if rerouted:
+            return [event.request_id for event in events]
+        homes = home_partitions([event.request_id for event in events], self.partitions)
+        return [e.request_id for e, home in zip(events, homes, strict=True) if home == partition]
+
+
+async def follow_chain(
+    consumer: AIOKafkaConsumer, topic: str, partition: int, head: ChainHead, start: int = -1
+) -> tuple[ChainHead, dict[str, ReplayFence], int]:
+    """Follow a batch-log partition from ``start`` (default: after ``head``) to its end.
+    Returns the chain's head, the valid fences met, and the next offset after the end."""
+    chain = Chain(head)
+    fences: dict[str, ReplayFence] = {}
+    tp = TopicPartition(topic, partition)
+    position = max(start, head.offset + 1)
+    async for records in read_range(consumer, tp, position, None):
+        for record in records:
+            position = record.offset + 1
+            try:
+                decoded = decode(record.value)
+            except BadChainRecord:
+                log.warning("batch log %s: offset %d is not a chain record", tp, record.offset)
+                continue
+            if chain.accept(record.offset, decoded) and isinstance(decoded, Fence):
+                fences[decoded.usage_date] = ReplayFence(
+                    decoded.usage_date, decoded.usage_end, decoded.rerouted_end
+                )
+    return chain.head, fences, position
+
+
+async def read_range(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int | None
+) -> AsyncIterator[list[ConsumerRecord]]:
+    """Records of ``tp`` from ``start`` up to ``end`` (exclusive), or to the high watermark
+    seen in Fetch responses when ``end`` is None."""
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    position, moved = start, time.monotonic()
+    while True:
+        highwater = consumer.highwater(tp)
+        target = end if end is not None else highwater
+        if target is not None and position >= target:
+            return
+        try:
+            fetched = await consumer.getmany(tp, timeout_ms=500)
+        except KafkaError as error:
+            if time.monotonic() - moved > STALL_SECONDS:
+                raise
+            log.warning("reading %s failed, retrying: %s", tp, error)
+            await asyncio.sleep(1)
+            continue
+        records = fetched.get(tp, [])
+        if end is not None:
+            records = [record for record in records if record.offset < end]
+        if records:
+            position = records[-1].offset + 1
+            moved = time.monotonic()
+            yield records
+        else:
+            position = max(position, await consumer.position(tp))
+            if end is None and consumer.highwater(tp) is not None:
+                if position >= consumer.highwater(tp):
+                    return
+            if time.monotonic() - moved > STALL_SECONDS:
+                raise TimeoutError(f"{tp} stopped at offset {position} before {target}")

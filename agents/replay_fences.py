@@ -1,0 +1,119 @@
+"""How a replay takes a date over from the live pipeline on every host: fences.
+
+Workers on other hosts keep adding sums of the date while a replay reads it, and the
+replay cannot see their memory. So the replay draws a line in each home partition's batch
+log (:mod:`streams.batch_log`), where every worker and the summary writer will meet it:
+
+1. :func:`append_fences`: per partition, follow the chain to its head and append a
+   :class:`~streams.batch_log.Fence` that extends it, naming the positions up to which the
+   replay counts the date: the larger of the replay's own end (the partition's end when
+   it started) and the head's positions (what the workers have read already). If a worker
+   appended first, the fence is not in the chain: follow again and append another.
+2. The workers meet the fence when their next append lands after it (they catch up from
+   the log); from then on they leave the date's events below the fence out of their sums
+   (those are the replay's) and count only later ones.
+3. The summary writer stops at the fence until the replay is complete
+   (``replay_runs``), so no sum of the date from after the fence can be wiped by it.
+4. :func:`apply_up_to_fences`: the replay adds every record before its fences itself (the
+   writer may be doing the same: each record counts once, see tables/batch_apply.py),
+   then replaces the date in one transaction (tables/replay_store.py): the date's
+   pending sums came from records before the fences, all of which the replay re-read.
+
+A replay that fails after fencing leaves the writer waiting at the fences (``/ready`` says
+so): the workers already left the date's events below them out, so only a replay of the
+date may complete it. Run ``usage-stream replay --date D`` again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from agents.home_state import follow_chain, read_range
+from streams.batch_log import BadChainRecord, ChainHead, ChainRecord, Fence, decode, encode
+from streams.broker import kafka_client_kwargs
+from streams.settings import Settings
+from tables.batch_apply import ApplyResult, BatchApplier, StoredHead
+
+__all__ = ["PartitionFence", "append_fences", "apply_up_to_fences"]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionFence:
+    partition: int
+    offset: int  # of the valid fence in the batch log
+    usage_end: int
+    rerouted_end: int
+
+
+async def append_fences(
+    settings: Settings,
+    replay_id: str,
+    day: str,
+    heads: Mapping[int, StoredHead],
+    usage_ends: Mapping[int, int],
+    rerouted_ends: Mapping[int, int],
+) -> dict[int, PartitionFence]:
+    """One valid fence per batch-log partition (module docstring, step 1)."""
+    client = kafka_client_kwargs(settings)
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **client)
+    producer = AIOKafkaProducer(acks="all", **client)
+    await consumer.start()
+    await producer.start()
+    fences: dict[int, PartitionFence] = {}
+    try:
+        for partition in sorted(usage_ends):
+            stored = heads.get(partition)
+            head = stored.head if stored else ChainHead()
+            start = stored.next_offset if stored else 0
+            while True:
+                head, _, end = await follow_chain(
+                    consumer, settings.batch_log_topic, partition, head, start
+                )
+                usage_end = max(usage_ends[partition], head.usage_next)
+                rerouted_end = max(rerouted_ends.get(partition, 0), head.rerouted_next)
+                fence = Fence(head.offset, replay_id, day, usage_end, rerouted_end)
+                sent = await producer.send_and_wait(
+                    settings.batch_log_topic, encode(fence), partition=partition
+                )
+                if sent.offset == end:  # nothing came between the head and the fence
+                    fences[partition] = PartitionFence(
+                        partition, sent.offset, usage_end, rerouted_end
+                    )
+                    break
+                start = end  # a worker appended first: follow on from there
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    return fences
+
+
+async def apply_up_to_fences(
+    settings: Settings, applier: BatchApplier, fences: Mapping[int, PartitionFence]
+) -> ApplyResult:
+    """Step 4's first half: every batch-log record up to each fence, applied once."""
+    heads = await asyncio.to_thread(applier.heads)
+    consumer = AIOKafkaConsumer(
+        group_id=None, enable_auto_commit=False, **kafka_client_kwargs(settings)
+    )
+    await consumer.start()
+    records: list[tuple[int, int, ChainRecord | None]] = []
+    try:
+        for partition, fence in sorted(fences.items()):
+            stored = heads.get(partition)
+            start = stored.next_offset if stored else 0
+            tp = TopicPartition(settings.batch_log_topic, partition)
+            async for batch in read_range(consumer, tp, start, fence.offset + 1):
+                for record in batch:
+                    try:
+                        decoded: ChainRecord | None = decode(record.value)
+                    except BadChainRecord:
+                        decoded = None
+                    records.append((partition, record.offset, decoded))
+    finally:
+        await consumer.stop()
+    result, _ = await asyncio.to_thread(applier.apply, records)
+    return result

@@ -1,0 +1,253 @@
+"""The summary writer: every worker's batch-log records into the summary DB, once each.
+
+Runs only where ``SUMMARY_WRITER`` is true (the default, so one worker is still the whole
+pipeline). It reads every partition of ``<APP_ID>-batch-log`` itself, without a consumer
+group (``assign``), from the offsets stored in ``batch_log_heads``, and applies what it
+reads in one SQLite transaction per fetch (:class:`tables.batch_apply.BatchApplier`):
+sums of valid records into ``daily_pending``, with the partition's next offset and chain
+head. A crash before the commit reads the same records again; after it, the stored
+offsets skip them. So no record's sums are ever added twice, whoever restarts.
+
+Each partition's watermark travels in its records; the stored heads feed the shared
+:class:`tables.watermarks.DayCloser`, so the rollup closes a date when every partition
+seen has passed it (or the wall clock has). Its volume is one record per batch and home
+partition, with one row per (date, key) of the batch: aggregates, not events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import sqlite3
+from typing import Any
+
+import mode
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import ConsumerStoppedError, KafkaError
+
+from streams.app import app, settings
+from streams.batch_log import BadChainRecord, BatchEntry, ChainRecord, Fence, decode, encode
+from streams.broker import kafka_client_kwargs
+from streams.cli import AFTER_TOPICS
+from streams.metrics import EVENTS_LATE, PARTIALS_APPLIED, PARTIALS_SKIPPED
+from streams.settings import Settings
+from tables.batch_apply import BatchApplier, StoredHead
+from tables.watermarks import day_closer
+
+__all__ = ["SummaryWriter"]
+
+log = logging.getLogger(__name__)
+
+MAX_RECORDS_PER_TRANSACTION = 500
+
+
+class SummaryWriter(mode.Service):
+    """Applies the batch log (module docstring)."""
+
+    def __post_init__(self) -> None:
+        self.topic = settings.batch_log_topic
+        self.applier = BatchApplier(settings.summary_db_path)
+        self.consumer: AIOKafkaConsumer | None = None
+        self.closer = day_closer()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "summary-writer")
+        self.failing: str | None = None
+        self.next_offsets: dict[int, int] = {}
+        # partition -> the fence it waits at (a replay of that date not complete yet)
+        self.blocked: dict[int, Fence] = {}
+        global _instance
+        _instance = self
+
+    async def _in_db(self, function: Any, *args: object) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def on_start(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            **kafka_client_kwargs(settings),
+        )
+        await self.consumer.start()
+        partitions = sorted(self.consumer.partitions_for_topic(self.topic) or ())
+        if not partitions:
+            await self.consumer._client.force_metadata_update()
+            partitions = sorted(self.consumer.partitions_for_topic(self.topic) or ())
+        heads: dict[int, StoredHead] = await self._in_db(self.applier.heads)
+        self.next_offsets = {p: stored.next_offset for p, stored in heads.items()}
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        self.consumer.assign(tps)
+        for tp in tps:
+            stored = heads.get(tp.partition)
+            if stored is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, stored.next_offset)
+        self._observe(heads)
+        log.info("summary writer: applying %s partitions %s", self.topic, partitions)
+
+    async def on_stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+        self._executor.submit(self.applier.close)
+        self._executor.shutdown(wait=False)
+
+    def _observe(self, heads: dict[int, StoredHead]) -> None:
+        for partition, stored in heads.items():
+            if stored.head.newest_event_ms >= 0:
+                self.closer.observe(partition, stored.head.newest_event_ms)
+
+    @mode.Service.task
+    async def _apply(self) -> None:
+        assert self.consumer is not None
+        delay = 1.0
+        while not self.should_stop:
+            try:
+                fetched = await self.consumer.getmany(
+                    timeout_ms=500, max_records=MAX_RECORDS_PER_TRANSACTION
+                )
+            except ConsumerStoppedError:
+                return
+            except KafkaError as error:
+                log.warning("summary writer: fetch failed: %s", error)
+                await asyncio.sleep(1)
+                continue
+            await self._unblock()
+            records: list[tuple[int, int, ChainRecord | None]] = []
+            behind = False
+            for tp, batch in fetched.items():
+                if tp.partition in self.blocked:
+                    continue
+                for record in batch:
+                    try:
+                        decoded: ChainRecord | None = decode(record.value)
+                    except BadChainRecord:
+                        log.warning("summary writer: %s %d: not a chain record", tp, record.offset)
+                        decoded = None
+                    if isinstance(decoded, BatchEntry) and decoded.behind:
+                        behind = True
+                    if (
+                        isinstance(decoded, Fence)
+                        and record.offset >= self.next_offsets.get(tp.partition, 0)
+                        and not await self._in_db(self.applier.replay_done, decoded)
+                    ):
+                        self._block(tp, record.offset, decoded)
+                        break
+                    records.append((tp.partition, record.offset, decoded))
+            if not records:  # "behind" stays as the last records said
+                continue
+            while True:  # never skip a fetched group: retry until the DB takes it
+                try:
+                    result, heads = await self._in_db(self.applier.apply, records)
+                except (sqlite3.Error, OSError) as error:
+                    if self.failing is None:
+                        log.error("summary writer: applying failed (retrying): %s", error)
+                    self.failing = str(error)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 8.0)
+                    continue
+                if self.failing is not None:
+                    log.warning("summary writer: applying recovered")
+                self.failing, delay = None, 1.0
+                break
+            PARTIALS_APPLIED.inc(result.applied)
+            if result.redelivered:
+                PARTIALS_SKIPPED.labels(reason="redelivered").inc(result.redelivered)
+            if result.not_in_chain:
+                PARTIALS_SKIPPED.labels(reason="not_in_chain").inc(result.not_in_chain)
+            EVENTS_LATE.inc(result.late)
+            self.closer.behind = behind
+            self.next_offsets = {p: stored.next_offset for p, stored in heads.items()}
+            self._observe(heads)
+
+    def _block(self, tp: TopicPartition, offset: int, fence: Fence) -> None:
+        """Stop at a replay's fence: the replay applies up to it and replaces the date;
+        only then may later sums of that date be added (module docstring of
+        agents/replay.py)."""
+        assert self.consumer is not None
+        self.blocked[tp.partition] = fence
+        self.consumer.seek(tp, offset)
+        self.consumer.pause(tp)
+        log.info(
+            "summary writer: batch log %d waits at the fence of replay %s (%s)",
+            tp.partition,
+            fence.replay_id,
+            fence.usage_date,
+        )
+
+    async def _unblock(self) -> None:
+        assert self.consumer is not None
+        for partition, fence in list(self.blocked.items()):
+            if await self._in_db(self.applier.replay_done, fence):
+                del self.blocked[partition]
+                self.consumer.resume(TopicPartition(self.topic, partition))
+                log.info(
+                    "summary writer: batch log %d goes on past replay %s",
+                    partition,
+                    fence.replay_id,
+                )
+
+    def waiting_reason(self) -> str | None:
+        """For /ready: partitions held at the fence of a replay still running (or failed
+        after fencing: then run the replay of that date again)."""
+        if not self.blocked:
+            return None
+        fences = sorted({(f.usage_date, f.replay_id) for f in self.blocked.values()})
+        return "summary writer waits for replay " + ", ".join(f"{r} ({d})" for d, r in fences)
+
+
+async def carry_over_offsets(settings: Settings) -> None:
+    """Upgrading a summary DB billed by the single-file pipeline (``source_offsets``
+    filled, no chain yet): start each partition's chain where that pipeline stopped, so
+    nothing it billed is read and billed again. Runs before the worker starts (registered
+    with :data:`streams.cli.AFTER_TOPICS`), and only appends to an empty batch-log
+    partition. Request ids that pipeline saw are read back by the workers from the usage
+    topic (copies it saw away from their home partition are not: a copy of one of those
+    arriving within the TTL would count again; upgrade while producers are quiet)."""
+    if not settings.SUMMARY_WRITER or not settings.summary_db_path.exists():
+        return
+    applier = BatchApplier(settings.summary_db_path)
+    try:
+        if applier.heads():
+            return
+        stored = dict(
+            applier.conn.execute(
+                "SELECT partition, next_offset FROM source_offsets WHERE topic = ?",
+                (settings.USAGE_TOPIC,),
+            ).fetchall()
+        )
+    finally:
+        applier.close()
+    if not stored:
+        return
+    producer = AIOKafkaProducer(acks="all", **kafka_client_kwargs(settings))
+    await producer.start()
+    try:
+        for partition, offset in sorted(stored.items()):
+            genesis = BatchEntry(-1, 0, offset, 0, 0, -1, [], "carried over")
+            sent = await producer.send_and_wait(
+                settings.batch_log_topic, encode(genesis), partition=partition
+            )
+            if sent.offset == 0:
+                log.info(
+                    "batch log %d starts at usage offset %d (carried over from source_offsets)",
+                    partition,
+                    offset,
+                )
+    finally:
+        await producer.stop()
+
+
+AFTER_TOPICS.append(carry_over_offsets)
+
+
+_instance: SummaryWriter | None = None
+
+
+def summary_writer() -> SummaryWriter | None:
+    return _instance
+
+
+if settings.SUMMARY_WRITER:
+    app.service(SummaryWriter)

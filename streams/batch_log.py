@@ -1,0 +1,140 @@
+"""The batch log: one chain of records per home partition, the commit point of the
+scale-out hot path and the way its aggregates reach the summary writer (issue 9).
+
+Topic ``<APP_ID>-batch-log``, as many partitions as the usage topic. Per batch and home
+partition p the worker that owns p appends a :class:`BatchEntry` to partition p: the
+positions it has read up to in the usage topic and the rerouted topic (partition p of
+both), the batch's exact sums per (usage date, summary key), and the partition's newest
+event time (its watermark). A replay appends a :class:`Fence`.
+
+**The chain rule.** Every record names ``prev``, the offset of the record it extends (-1
+for the first). A record is *valid* when ``prev`` is the offset of the last valid record
+of the partition; nothing else counts. Everyone applies the same rule over the same log,
+so everyone agrees on the chain without transactions or locks:
+
+* the summary writer adds the sums of valid entries only (and stores the head with them);
+* a worker that is assigned p follows the chain to its head to learn where to read from;
+* a worker that lost p without knowing (a zombie) and appends anyway names a ``prev``
+  that is no longer the head: its record is not in the chain, and the owner's is;
+* the appending worker checks the offset its record got: anything but ``prev + 1`` means
+  another record came first, so it must follow the chain again before going on.
+
+Records are msgspec structs encoded as JSON (tagged union), small and self-describing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+__all__ = [
+    "BadChainRecord",
+    "BatchEntry",
+    "Chain",
+    "ChainHead",
+    "ChainRecord",
+    "Fence",
+    "SumRow",
+    "decode",
+    "encode",
+]
+
+
+class SumRow(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """A batch's exact increments of one ``usage_daily`` key (a usage date and a summary
+    key), before markup and conversion (the writer applies those)."""
+
+    usage_date: str
+    client_org_id: str
+    user_id: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    requests: int
+    estimated_requests: int
+    raw_cost_nano: int
+
+
+class BatchEntry(msgspec.Struct, tag="batch", frozen=True):
+    """One batch of one home partition: read ``[usage_from, usage_next)`` of the usage
+    topic and ``[rerouted_from, rerouted_next)`` of the rerouted topic (partition p)."""
+
+    prev: int
+    usage_from: int
+    usage_next: int
+    rerouted_from: int
+    rerouted_next: int
+    newest_event_ms: int  # the partition's event-time watermark after the batch, -1 none
+    rows: list[SumRow]
+    worker: str = ""  # who appended it (host/pid), for operators
+    behind: bool = False  # the batch was full: the worker is catching up on a backlog
+
+
+class Fence(msgspec.Struct, tag="fence", frozen=True):
+    """A replay of ``usage_date`` read this partition up to these offsets: the date's
+    events below them are the replay's (see the README's scale-out design)."""
+
+    prev: int
+    replay_id: str
+    usage_date: str
+    usage_end: int
+    rerouted_end: int
+
+
+ChainRecord = BatchEntry | Fence
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(ChainRecord)
+
+
+class BadChainRecord(ValueError):
+    """Bytes in the batch log that are not a chain record (never written by this code)."""
+
+
+def encode(record: ChainRecord) -> bytes:
+    return _ENCODER.encode(record)
+
+
+def decode(value: bytes | None) -> ChainRecord:
+    try:
+        return _DECODER.decode(value or b"")
+    except msgspec.DecodeError as error:
+        raise BadChainRecord(str(error)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """The last valid record of a partition's chain and the read positions it leaves."""
+
+    offset: int = -1  # -1: no valid record yet
+    usage_next: int = 0
+    rerouted_next: int = 0
+    newest_event_ms: int = -1
+
+
+class Chain:
+    """Follows one partition's batch log record by record (the chain rule above)."""
+
+    def __init__(self, head: ChainHead | None = None) -> None:
+        self.head = head or ChainHead()
+
+    def accept(self, offset: int, record: ChainRecord) -> bool:
+        """True (and the head moves) when the record at ``offset`` is valid."""
+        if record.prev != self.head.offset or offset <= self.head.offset:
+            return False
+        if isinstance(record, BatchEntry):
+            self.head = ChainHead(
+                offset,
+                record.usage_next,
+                record.rerouted_next,
+                max(self.head.newest_event_ms, record.newest_event_ms),
+            )
+        else:  # a fence moves the head, not the positions
+            self.head = ChainHead(
+                offset,
+                self.head.usage_next,
+                self.head.rerouted_next,
+                self.head.newest_event_ms,
+            )
+        return True

@@ -1,0 +1,211 @@
+"""The summary writer's transaction: batch-log records into ``daily_pending``, once each.
+
+One ``BEGIN IMMEDIATE`` transaction per group of records read from the batch log
+(:mod:`streams.batch_log`). Per home partition, ``batch_log_heads`` holds the next offset
+to read and the chain head, and is updated in the same transaction as the sums, so:
+
+* a record below ``next_offset`` was already judged: redelivered, skipped;
+* a record the chain rule rejects (a zombie's, or one raced by another) moves
+  ``next_offset`` and adds nothing;
+* a valid :class:`~streams.batch_log.BatchEntry` folds its rows into ``daily_pending``
+  (the same increments the single-process hot path folds: ``usage_daily`` receives them
+  when the day closes, or at the next rollup pass for a day that closed already, so a
+  late event re-opens its day) and becomes the head.
+
+A crash anywhere rolls the transaction back; the records are read again from the stored
+offsets. Two writers on one file would be safe too (the heads are read inside the
+transaction), though one is the deployment.
+
+Synchronous ``sqlite3`` on one connection, run in the writer's own thread, like
+:class:`tables.ledger.LedgerStore`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from streams.batch_log import BatchEntry, Chain, ChainHead, ChainRecord, Fence
+from tables.schema import open_sync, utc_now_text
+from tables.summary_keys import FOLD_SQL, SummaryKeyIds
+
+__all__ = ["ApplyResult", "BatchApplier", "StoredHead"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredHead:
+    """A partition's row of ``batch_log_heads``."""
+
+    partition: int
+    next_offset: int
+    head: ChainHead
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    applied: int = 0  # valid entries whose sums were added
+    fences: int = 0  # valid fences
+    redelivered: int = 0  # below next_offset: judged before
+    not_in_chain: int = 0  # rejected by the chain rule (or not a chain record at all)
+    requests: int = 0  # requests added
+    late: int = 0  # of which for dates already closed
+
+
+_SAVE_HEAD = """
+    INSERT INTO batch_log_heads VALUES (?,?,?,?,?,?,?)
+    ON CONFLICT (partition) DO UPDATE SET
+        next_offset = excluded.next_offset, head_offset = excluded.head_offset,
+        usage_next = excluded.usage_next, rerouted_next = excluded.rerouted_next,
+        newest_event_ms = excluded.newest_event_ms, updated_at = excluded.updated_at
+"""
+
+
+class BatchApplier:
+    """The writer's connection to the summary DB (module docstring)."""
+
+    def __init__(self, path: Path, cache_mib: int = 64) -> None:
+        self.path = path
+        self.cache_mib = cache_mib
+        self._conn: sqlite3.Connection | None = None
+        self.keys = SummaryKeyIds()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = open_sync(self.path, cache_mib=self.cache_mib)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def heads(self) -> dict[int, StoredHead]:
+        return _heads(self.conn)
+
+    def replay_done(self, fence: Fence) -> bool:
+        """True once the fence's replay, or a later replay of the same date, completed."""
+        found = self.conn.execute(
+            _REPLAY_DONE, {"day": fence.usage_date, "replay": fence.replay_id}
+        ).fetchone()
+        return found is not None
+
+    def apply(
+        self, records: Sequence[tuple[int, int, ChainRecord | None]]
+    ) -> tuple[ApplyResult, dict[int, StoredHead]]:
+        """Apply ``(partition, offset, record)`` in log order per partition (``None``:
+        bytes that are not a chain record). Returns what happened and the new heads."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result, heads = self._apply(conn, records)
+            conn.execute("COMMIT")
+        except BaseException:
+            # on SQLITE_FULL or an I/O error SQLite rolled back already: a ROLLBACK would
+            # raise "no transaction is active" and hide the real error
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result, heads
+
+    def _apply(
+        self, conn: sqlite3.Connection, records: Sequence[tuple[int, int, ChainRecord | None]]
+    ) -> tuple[ApplyResult, dict[int, StoredHead]]:
+        result = ApplyResult()
+        heads = _heads(conn)
+        chains: dict[int, Chain] = {}
+        next_offsets = {p: stored.next_offset for p, stored in heads.items()}
+        entries: list[BatchEntry] = []
+        for partition, offset, record in records:
+            if offset < next_offsets.get(partition, 0):
+                result.redelivered += 1
+                continue
+            next_offsets[partition] = offset + 1
+            chain = chains.get(partition)
+            if chain is None:
+                stored = heads.get(partition)
+                chain = chains[partition] = Chain(stored.head if stored else None)
+            if record is None or not chain.accept(offset, record):
+                result.not_in_chain += 1
+            elif isinstance(record, BatchEntry):
+                result.applied += 1
+                entries.append(record)
+            else:
+                result.fences += 1
+        if entries:
+            requests, late = self._fold(conn, entries)
+            result.requests += requests
+            result.late += late
+        updated_at = utc_now_text()
+        saved = []
+        for partition, nxt in next_offsets.items():
+            chain = chains.get(partition)
+            if chain is None:
+                continue
+            head = chain.head
+            saved.append(
+                (
+                    partition,
+                    nxt,
+                    head.offset,
+                    head.usage_next,
+                    head.rerouted_next,
+                    head.newest_event_ms,
+                    updated_at,
+                )
+            )
+            heads[partition] = StoredHead(partition, nxt, head)
+        conn.executemany(_SAVE_HEAD, saved)
+        return result, heads
+
+    def _fold(self, conn: sqlite3.Connection, entries: Sequence[BatchEntry]) -> tuple[int, int]:
+        """The entries' rows as increments of ``daily_pending`` (summed per key first)."""
+        rows = [row for entry in entries for row in entry.rows]
+        key_ids = self.keys.resolve(conn, rows)
+        dates = sorted({row.usage_date for row in rows})
+        marks = ",".join("?" * len(dates))
+        closed = {
+            day
+            for (day,) in conn.execute(
+                f"SELECT usage_date FROM closed_days WHERE usage_date IN ({marks})", dates
+            )
+        }
+        sums: dict[tuple[str, int], list[int]] = {}
+        requests = late = 0
+        for row in rows:
+            key = (row.usage_date, key_ids[(row.client_org_id, row.user_id, row.model)])
+            total = sums.get(key)
+            if total is None:
+                total = sums[key] = [0, 0, 0, 0, 0, 0]
+            total[0] += row.input_tokens
+            total[1] += row.output_tokens
+            total[2] += row.requests
+            total[3] += row.estimated_requests
+            total[4] += row.raw_cost_nano
+            requests += row.requests
+            if row.usage_date in closed:
+                total[5] += row.requests
+                late += row.requests
+        conn.executemany(FOLD_SQL, [(*key, *total) for key, total in sums.items()])
+        return requests, late
+
+
+_REPLAY_DONE = """
+    SELECT 1 FROM replay_runs r
+    WHERE r.usage_date = :day AND r.status = 'complete' AND (
+        r.replay_id = :replay
+        OR r.started_at > COALESCE(
+            (SELECT started_at FROM replay_runs WHERE replay_id = :replay), '9999'))
+"""
+
+
+def _heads(conn: sqlite3.Connection) -> dict[int, StoredHead]:
+    return {
+        partition: StoredHead(partition, nxt, ChainHead(head, usage_next, rerouted_next, newest))
+        for partition, nxt, head, usage_next, rerouted_next, newest in conn.execute(
+            "SELECT partition, next_offset, head_offset, usage_next, rerouted_next,"
+            " newest_event_ms FROM batch_log_heads"
+        )
+    }

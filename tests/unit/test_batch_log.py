@@ -1,0 +1,68 @@
+"""The batch log's records and its chain rule (streams/batch_log.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.batch_log import (
+    BadChainRecord,
+    BatchEntry,
+    Chain,
+    ChainHead,
+    Fence,
+    SumRow,
+    decode,
+    encode,
+)
+
+ROW = SumRow("2026-11-28", "org\x00a", "user", "model", 10, 20, 1, 0, 123_456_789_012)
+
+
+def entry(prev: int, start: int, end: int, newest: int = 5) -> BatchEntry:
+    return BatchEntry(prev, start, end, 0, 0, newest, [ROW], "host/1")
+
+
+def test_round_trip_keeps_every_value_exactly() -> None:
+    for record in (
+        entry(-1, 0, 10),
+        Fence(7, "replay-1", "2026-11-28", 100, 3),
+        BatchEntry(3, 10, 10, 4, 9, -1, [], ""),
+    ):
+        assert decode(encode(record)) == record
+    assert decode(encode(entry(-1, 0, 1))).rows[0].client_org_id == "org\x00a"  # NUL kept
+
+
+@pytest.mark.parametrize("value", [None, b"", b"{}", b'{"type":"other"}', b"\xff", b"[1,2]"])
+def test_anything_else_is_a_bad_record(value: bytes | None) -> None:
+    with pytest.raises(BadChainRecord):
+        decode(value)
+
+
+def test_the_chain_keeps_the_first_record_extending_the_head() -> None:
+    chain = Chain()
+    assert chain.accept(0, entry(-1, 0, 10))
+    # a zombie and the new owner both extend offset 0: the first one in the log wins
+    assert chain.accept(1, entry(0, 10, 20, newest=9))
+    assert not chain.accept(2, entry(0, 10, 15))  # the other: not part of the chain
+    assert not chain.accept(3, entry(2, 15, 30))  # nor anything built on it
+    assert chain.head == ChainHead(1, 20, 0, 9)
+    # a fence moves the head but not the positions; records after it must name it
+    assert chain.accept(4, Fence(1, "r", "2026-11-28", 25, 0))
+    assert not chain.accept(5, entry(1, 20, 40))
+    assert chain.accept(6, entry(4, 20, 40, newest=3))
+    assert chain.head == ChainHead(6, 40, 0, 9)  # the watermark never goes back
+
+
+def test_a_record_is_never_accepted_twice() -> None:
+    chain = Chain()
+    first = entry(-1, 0, 10)
+    assert chain.accept(0, first)
+    assert not chain.accept(0, first)  # redelivered
+    assert chain.head.offset == 0
+
+
+def test_following_from_a_checkpoint() -> None:
+    chain = Chain(ChainHead(41, 500, 7, 1_000))
+    assert not chain.accept(42, entry(40, 480, 520))
+    assert chain.accept(43, BatchEntry(41, 500, 520, 7, 9, 900, [ROW]))
+    assert chain.head == ChainHead(43, 520, 9, 1_000)
