@@ -216,8 +216,7 @@ class HotPath(mode.Service):
         self.owned: set[int] = set()
         self.epochs: dict[int, int] = {}
         self.committed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
-        self._expected: dict[TopicPartition, int] = {}  # next offset the consumer owes us
-        self._seeks: dict[TopicPartition, int] = {}  # seeks to a chain head, per partition
+        self._seeks: dict[TopicPartition, int] = {}  # seeks we made, per partition
         self.prices = PricesFeed(settings)
         self._in_flight: PreparedBatch | None = None
         self._committing: asyncio.Future[None] | None = None
@@ -306,7 +305,6 @@ class HotPath(mode.Service):
             tp = TopicPartition(topic, state.partition)
             if tp not in self.consumer.assignment():
                 continue
-            self._expected.pop(tp, None)
             self._seeks[tp] = self._seeks.get(tp, 0) + 1
             if head.offset < 0:
                 await self.consumer.seek_to_beginning(tp)
@@ -420,13 +418,15 @@ class HotPath(mode.Service):
             self.conditions.recovered("fetch", "fetch failed")
             for tp, partition_records in fetched.items():
                 if tp.partition in self.owned:
-                    taken = self._in_order(tp, partition_records)
-                    fetched_at.append((tp, self._seeks.get(tp, 0), len(records), len(taken)))
-                    records.extend(taken)
+                    fetched_at.append(
+                        (tp, self._seeks.get(tp, 0), len(records), len(partition_records))
+                    )
+                    records.extend(partition_records)
             if not fetched and not records:
                 break
-        # a rebalance may have moved a partition back (to its chain head) while this batch
-        # was being collected: what was fetched before that seek comes again after it
+        # a partition moved back while this batch was collected (to its chain head on a
+        # rebalance or a lost append, or to a fence): what was fetched before that seek
+        # comes again after it
         stale = [
             (start, start + count)
             for tp, seeks, start, count in fetched_at
@@ -435,25 +435,6 @@ class HotPath(mode.Service):
         if stale:
             drop = {i for start, end in stale for i in range(start, end)}
             records = [record for i, record in enumerate(records) if i not in drop]
-        return records
-
-    def _in_order(self, tp: TopicPartition, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
-        """Drop records the consumer hands out again (an offset below one already taken
-        without a seek in between). Never expected from a broker; a rerouted copy handed
-        out twice would be billed once but counted twice as a duplicate."""
-        expected = self._expected.get(tp)
-        if records and expected is not None and records[0].offset < expected:
-            again = [record for record in records if record.offset < expected]
-            log.warning(
-                "hot path: %s handed out offsets %d..%d again (next expected %d): dropped",
-                tp,
-                again[0].offset,
-                again[-1].offset,
-                expected,
-            )
-            records = [record for record in records if record.offset >= expected]
-        if records:
-            self._expected[tp] = records[-1].offset + 1
         return records
 
     def _order_for_fences(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
@@ -495,8 +476,9 @@ class HotPath(mode.Service):
                 elif record.topic not in held:
                     held[record.topic] = record.offset
             for topic, offset in held.items():
-                self.consumer.seek(TopicPartition(topic, partition), offset)
-                self._expected[TopicPartition(topic, partition)] = offset
+                tp = TopicPartition(topic, partition)
+                self.consumer.seek(tp, offset)
+                self._seeks[tp] = self._seeks.get(tp, 0) + 1
         kept += [record for record in records if record.partition not in fenced]
         return kept + later
 
