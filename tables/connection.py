@@ -1,7 +1,7 @@
 """The worker's shared aiosqlite connection to the summary DB (rollup, web pages, prices).
 
-The hot path has connections of its own (tables/ledger.py): it runs whole transactions
-in one thread. This one is for the many small awaits of timers and pages; writers on it
+The summary writer has a connection of its own (tables/batch_apply.py): it runs whole
+transactions in one thread. This one is for the many small awaits of timers and pages; writers on it
 go through :func:`tables.schema.write_transaction`.
 """
 

@@ -1,6 +1,6 @@
 """Summary keys ((client, user, model) → a small integer id) and the fold of increments
 into ``daily_pending``: shared by everything that adds sums to the summary DB (the
-single-process ledger commit, the summary writer's batch-log apply)."""
+summary writer's batch-log apply)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """The SQLite summary store: daily totals from folded increments, closed and provisional.
 
-The hot path folds every batch's exact increments into ``daily_pending`` in the same
-transaction that records its requests in the ledger (:mod:`tables.ledger`). Closing a day
-moves them into ``usage_daily``: each row's new totals are its stored totals plus the
-pending increments, markup and PLN recomputed from the totals (per row, half-even), and
-the pending rows deleted, in one ``BEGIN IMMEDIATE`` transaction. A redelivered batch was
-dropped by the ledger, and a rollup pass applied twice finds nothing pending, so nothing
-counts twice; the cost of closing a day is its number of summary keys, not its events.
+The summary writer folds the exact increments of every valid batch-log entry into
+``daily_pending`` once, in the transaction that stores its partition's chain head
+(:mod:`tables.batch_apply`). Closing a day moves them into ``usage_daily``: each row's new
+totals are its stored totals plus the pending increments, markup and PLN recomputed from
+the totals (per row, half-even), and the pending rows deleted, in one ``BEGIN IMMEDIATE``
+transaction. A batch-log record read again is below the stored next offset and skipped,
+and a rollup pass applied twice finds nothing pending, so nothing counts twice; the cost
+of closing a day is its number of summary keys, not its events.
 
 Open days have provisional rows in ``usage_daily_open`` (rewritten at every pass), which
 the view ``usage_daily_live`` shows beside ``usage_daily``.

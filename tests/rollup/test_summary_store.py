@@ -1,11 +1,15 @@
-"""The ledger and the rollup on a real SQLite file: exact, idempotent, late-event aware,
-and bounded (per-event rows pruned, late events of a pruned day still exact)."""
+"""The summary writer's sums and the rollup on a real SQLite file: exact, idempotent,
+late-event aware, and bounded (request ids forgotten after the retention, late events of
+a forgotten day still exact)."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sqlite3
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -14,16 +18,20 @@ from zoneinfo import ZoneInfo
 import aiosqlite
 import pytest
 
+from streams.batch_log import BatchEntry, SumRow, decode, encode
 from streams.business_time import local_midnight_ms, usage_date
 from streams.clients.nbp import NbpRate
-from tables.ledger import BatchResult, LedgerEvent, LedgerStore
+from tables.batch_apply import BatchApplier
+from tables.ledger import LedgerEvent
 from tables.reference import rate_for_date, store_nbp_rates
 from tables.schema import connect
+from tables.seen_requests import SeenRequests
 from tables.summary_store import refresh_open_days, rollup_day
 from tables.watermarks import DayCloser
 
 WARSAW = ZoneInfo("Europe/Warsaw")
 MARKUP = Decimal("1.3")
+RETENTION_MS = 7 * 86_400_000
 
 
 def entry(
@@ -45,31 +53,94 @@ def entry(
         10,
         5,
         cost_nano,
-        estimated,
+        1 if estimated else 0,
         event_ms,
         0,
         offset,
     )
 
 
-_stores: dict[int, LedgerStore] = {}
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    fresh: list[LedgerEvent]
+    duplicates: int  # copies inside the batch and requests seen before
+    late: int  # fresh events of days that had closed already
+
+
+class Pipeline:
+    """Home partition 0 as the product handles it: the hot path's dedupe
+    (:class:`SeenRequests`) and per-key sums into a :class:`BatchEntry` extending the
+    chain head, encoded and decoded as on the batch log, then the summary writer's
+    :class:`BatchApplier` on its own connection and its own single thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.seen = SeenRequests(RETENTION_MS)
+        self.applier = BatchApplier(path)
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, "summary-writer")
+        self.head = -1  # the chain head's batch-log offset
+        self.usage_next = 0
+
+    def close(self) -> None:
+        self.writer.submit(self.applier.close).result()
+        self.writer.shutdown()
+
+    def append(
+        self, events: Sequence[LedgerEvent], now_ms: int | None
+    ) -> tuple[int, bytes, list[LedgerEvent]]:
+        """The hot path's prepare and append: the record's batch-log offset, its bytes,
+        and the fresh events (the others are copies)."""
+        fresh: dict[str, LedgerEvent] = {}
+        for e in events:  # the first copy of a request wins, also inside the batch
+            if e.request_id not in fresh and e.request_id not in self.seen:
+                fresh[e.request_id] = e
+        sums: dict[tuple[str, str, str, str], list[int]] = {}
+        for e in fresh.values():
+            total = sums.setdefault((e.usage_date, e.client_org_id, e.user_id, e.model), [0] * 5)
+            total[0] += e.input_tokens
+            total[1] += e.output_tokens
+            total[2] += 1
+            total[3] += e.cost_estimated
+            total[4] += e.cost_nano
+        record = BatchEntry(
+            self.head,
+            self.usage_next,
+            self.usage_next + len(events),
+            0,
+            0,
+            max((e.event_ms for e in events), default=-1),
+            [SumRow(*key, *total) for key, total in sums.items()],
+            "test",
+        )
+        offset = self.head + 1
+        self.head, self.usage_next = offset, record.usage_next
+        self.seen.add(fresh, time.time_ns() // 1_000_000 if now_ms is None else now_ms)
+        return offset, encode(record), list(fresh.values())
+
+
+_pipelines: dict[int, Pipeline] = {}
 
 
 @pytest.fixture
 async def conn(tmp_path: Path):
     connection = await connect(tmp_path / "usage.db")
-    _stores[id(connection)] = LedgerStore(tmp_path / "usage.db", retention_days=7)
+    _pipelines[id(connection)] = Pipeline(tmp_path / "usage.db")
     yield connection
-    _stores.pop(id(connection)).close()
+    _pipelines.pop(id(connection)).close()
     await connection.close()
 
 
 async def record_events(
     conn: aiosqlite.Connection, entries: Sequence[LedgerEvent], now_ms: int | None = None
-) -> BatchResult:
-    """What the hot path does with a batch: one transaction on its own connection."""
-    store = _stores[id(conn)]
-    return await asyncio.to_thread(store.commit_batch, entries, {("usage-events", 0): 1}, now_ms)
+) -> Recorded:
+    """A batch through the product path: deduplicated and summed as the hot path does,
+    then applied by the summary writer in its thread (one transaction)."""
+    pipeline = _pipelines[id(conn)]
+    offset, value, fresh = pipeline.append(entries, now_ms)
+    result, _ = await asyncio.get_running_loop().run_in_executor(
+        pipeline.writer, pipeline.applier.apply, [(0, offset, decode(value))]
+    )
+    assert result.applied == 1 and result.requests == len(fresh)
+    return Recorded(fresh, len(entries) - len(fresh), result.late)
 
 
 async def no_rate(conn: aiosqlite.Connection, day: date) -> None:
@@ -88,7 +159,7 @@ async def daily(conn: aiosqlite.Connection) -> list[tuple]:
 NOV20 = local_midnight_ms(date(2026, 11, 20), WARSAW) + 3_600_000
 
 
-async def test_ledger_ignores_requests_it_already_holds(conn: aiosqlite.Connection) -> None:
+async def test_requests_seen_before_are_not_counted_again(conn: aiosqlite.Connection) -> None:
     first = await record_events(conn, [entry("a", NOV20), entry("b", NOV20), entry("a", NOV20)])
     assert [e.request_id for e in first.fresh] == ["a", "b"]
     assert first.duplicates == 1
@@ -219,8 +290,8 @@ def test_grace_follows_local_midnight_on_the_25_hour_day() -> None:
 async def test_concurrent_writers_on_one_connection_do_not_undo_each_other(
     conn: aiosqlite.Connection,
 ) -> None:
-    """The hot path (its own connection, in a thread) and the rollup timer write at the
-    same time: SQLite's write lock serialises them, nothing is lost or counted twice."""
+    """The summary writer (its own connection, in its thread) and the rollup timer write
+    at the same time: SQLite's write lock serialises them, nothing is lost or counted twice."""
 
     async def record(batch: int) -> None:
         entries = [entry(f"c{batch}-{i}", NOV20 + i, cost_nano=3) for i in range(200)]
@@ -242,20 +313,19 @@ async def test_concurrent_writers_on_one_connection_do_not_undo_each_other(
 async def test_pruned_day_still_takes_late_events_and_drops_their_copies_exactly(
     conn: aiosqlite.Connection,
 ) -> None:
-    """Retention: per-event rows go after LEDGER_RETENTION_DAYS, the closed day's totals
-    stay, and late events for it (with copies) still update it exactly."""
+    """Retention: request ids are forgotten after LEDGER_RETENTION_DAYS, the closed
+    day's totals stay, and late events for it (with copies) still update it exactly."""
     day_ms = 86_400_000
     recorded = NOV20 + 2 * day_ms  # the wall clock when the day's events were recorded
     await record_events(
         conn, [entry(f"p{i}", NOV20 + i, cost_nano=1_000_001) for i in range(100)], recorded
     )
     await rollup_day(conn, "2026-11-20", MARKUP, no_rate)
-    store = _stores[id(conn)]
-    assert await asyncio.to_thread(store.prune, recorded + 6 * day_ms) == 0  # within retention
-    pruned = await asyncio.to_thread(store.prune, recorded + 8 * day_ms + store.bucket_ms)
+    seen = _pipelines[id(conn)].seen
+    assert seen.prune(recorded + 6 * day_ms) == 0  # within retention
+    pruned = seen.prune(recorded + 8 * day_ms + seen.bucket_ms)
     assert pruned == 100
-    async with conn.execute("SELECT COUNT(*) FROM ledger") as cursor:
-        assert (await cursor.fetchone())[0] == 0
+    assert len(seen) == 0  # no per-event state left
     assert await daily(conn) == [
         ("org-1", "2026-11-20", 100, 1000, 100_000_100, 130_000_130, None, None, None, 1)
     ]
@@ -288,8 +358,9 @@ async def test_open_days_have_provisional_rows_in_the_live_view(
 
 
 async def test_nul_and_control_characters_in_ids_and_keys(conn: aiosqlite.Connection) -> None:
-    """A NUL is valid in every string field: ids and keys reach SQLite as bound values, so
-    copies are still found and keys still resolve (SQLite's JSON functions would cut them)."""
+    """A NUL is valid in every string field: copies are still found, and keys survive the
+    batch log's JSON and reach SQLite as bound values, so they still resolve (SQLite's
+    JSON functions would cut them)."""
     odd = ["a\x00b", "a\x00c", "a", 'q"\\,= #\n\x7f']
     entries = [entry(rid, NOV20, client=f"org\x00{i % 2}") for i, rid in enumerate(odd)]
     first = await record_events(conn, entries)
