@@ -39,6 +39,7 @@ async def _prepare_worker() -> None:
     from streams.broker import ensure_topics
 
     settings = get_settings()
+    _make_directories(settings)
     for check in PREFLIGHT:
         problem = await check(settings)
         if problem:
@@ -46,6 +47,20 @@ async def _prepare_worker() -> None:
     await ensure_topics(settings)
     for step in AFTER_TOPICS:
         await step(settings)
+
+
+def _make_directories(settings: Settings) -> None:
+    """Create ``DATA_DIR`` and Faust's data dir with their parents before Faust starts:
+    Faust creates its data dir without parents, so a worker whose ``DATA_DIR`` does not
+    exist yet crashed with a traceback (a summary writer got it created by opening the DB;
+    a worker with ``SUMMARY_WRITER=false`` opens nothing there first)."""
+    named = [("DATA_DIR", settings.DATA_DIR)]
+    named.append(("STATE_DIR" if settings.STATE_DIR else "DATA_DIR", settings.state_dir))
+    for name, directory in named:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            fail(f"{name}: cannot create {directory}: {error.strerror or error}")
 
 
 def main() -> None:

@@ -385,3 +385,44 @@ def test_days_close_across_hosts_by_watermark_and_wall_clock_and_reopen(
         )
     assert_no_sqlite(other_dir, other)
     assert writer.alive() and other.alive()
+
+
+# 5 -------------------------------------------------------------------------------------
+
+
+def test_non_writer_creates_a_missing_nested_data_dir(stack: Stack, tmp_path: Path) -> None:
+    """A new host's DATA_DIR need not exist: the worker creates it with its parents (Faust
+    creates its own data dir, DATA_DIR/faust-<port>, without parents: a non-writer, which
+    opens nothing there first, crashed at start). A path that cannot be created stops the
+    worker with one line naming the setting."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    refused = stack.cli(
+        "worker", DATA_DIR=str(blocker / "data"), SUMMARY_WRITER="false", timeout=60
+    )
+    err = refused.stderr.decode()
+    assert refused.returncode == 1, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"usage-stream: DATA_DIR: cannot create {blocker / 'data'}: Not a directory"
+    ]
+
+    events = past_events((2,), 2_000, "five")
+    records, _ = spread(events, 0.1, seed=5)
+    writer = stack.worker()
+    host = tmp_path / "host-b"
+    nested = host / "not" / "there" / "yet"
+    other = stack.worker(DATA_DIR=str(nested), SUMMARY_WRITER="false")
+    writer.start()
+    other.start()
+    wait_group([writer, other])
+    assert nested.is_dir()
+    assert (nested / f"faust-{other.env['WEB_PORT']}").is_dir()
+
+    publish(stack, records)
+    wait_billed(stack, ground_truth(events), timeout=90)
+    assert metric(other, CONSUMED) > 0
+    assert raw_lines(nested)
+    assert_raw_points_exact([stack.db_path.parent, nested], events)
+    assert_no_sqlite(host, other)
+    assert writer.alive() and other.alive()
