@@ -40,7 +40,6 @@ SAMPLE_SECONDS = 0.5
 STARTUP_SAMPLE_SECONDS = 0.25  # finer until the first record is consumed: that starts the clock
 SETTLE_SECONDS = 120.0  # after the last offset: closed days reach usage_daily at the next rollup
 STALL_SECONDS = 180.0
-LEDGER_TABLES = ("ledger", "usage_events")  # the new hot path's name, then the old one
 _PREFIX = "usage_stream_"
 
 
@@ -193,7 +192,11 @@ def _estimated_table_bytes(conn: sqlite3.Connection, table: str) -> int:
 
 def db_sizes(db: Path, unique: int) -> dict[str, object]:
     """What the summary DB costs once the worker stopped: file + WAL bytes, allocated pages,
-    and the ledger (the dedupe authority) per tracked request_id from ``dbstat``."""
+    and bytes per table and index (``dbstat``; without it, each table's value bytes).
+
+    The dedupe state is not in the DB (the worker's gauges give its size), and nothing
+    here assumes a particular table: the single-file design's ``ledger``, which this used
+    to measure, was dropped by migration 6."""
     wal = Path(f"{db}-wal")
     file_bytes = db.stat().st_size if db.exists() else 0
     wal_bytes = wal.stat().st_size if wal.exists() else 0
@@ -216,37 +219,16 @@ def db_sizes(db: Path, unique: int) -> dict[str, object]:
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
             )
         ]
-        ledger = next((name for name in LEDGER_TABLES if name in tables), None)
-        sizes["ledger_table"] = ledger
-        if ledger is None:
-            return sizes
-        indexes = [
-            row[0]
-            for row in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (ledger,)
-            )
-        ]
-        (rows,) = conn.execute(f'SELECT COUNT(*) FROM "{ledger}"').fetchone()
-        sizes["ledger_rows"] = rows
         try:
-            by_name = dict(conn.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name"))
-            table_bytes = int(by_name.get(ledger, 0))
-            index_bytes = sum(int(by_name.get(name, 0)) for name in indexes)
-            sizes["dedupe_method"] = "dbstat: ledger table + its indexes"
-            sizes["bytes_by_table"] = by_name
+            by_name = {
+                name: int(size)
+                for name, size in conn.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name")
+            }
+            sizes["bytes_by_table_method"] = "dbstat: allocated pages, tables and indexes"
         except sqlite3.OperationalError:
-            others = sum(_estimated_table_bytes(conn, t) for t in tables if t != ledger)
-            table_bytes = max(page_count * page_size - others, 0)
-            index_bytes = 0
-            sizes["dedupe_method"] = (
-                "estimate (dbstat unavailable): page_count*page_size minus the other tables'"
-                " value bytes; indexes included"
-            )
-    sizes["ledger_table_bytes"] = table_bytes
-    sizes["ledger_index_bytes"] = index_bytes
-    sizes["dedupe_bytes"] = table_bytes + index_bytes
-    sizes["dedupe_bytes_per_id"] = (table_bytes + index_bytes) / unique if unique else None
-    sizes["ledger_table_bytes_per_id"] = table_bytes / unique if unique else None
+            by_name = {table: _estimated_table_bytes(conn, table) for table in tables}
+            sizes["bytes_by_table_method"] = "estimate (dbstat unavailable): value bytes per table"
+    sizes["bytes_by_table"] = by_name
     return sizes
 
 
@@ -350,7 +332,7 @@ def _measure(
     ]
     result.details["processed_offsets"] = last_processed
 
-    # the counts: offsets are committed with the ledger; closed days follow at the next rollup
+    # the counts: heads are stored with the sums; closed days follow at the next rollup
     checks: list[Check] = []
     metrics = None
     billed = None

@@ -3,6 +3,13 @@
 Each migration is a list of statements applied in one transaction and recorded in
 ``schema_migrations``; start-up applies the ones missing. To evolve the schema, append a
 new ``(version, statements)`` pair to :data:`MIGRATIONS`; never edit a released one.
+
+``source_offsets`` (migration 3) is empty in the scale-out design but kept: it is the
+upgrade path from the single-file design, which stored each usage partition's next offset
+there. :func:`agents.summary_writer.carry_over_offsets` reads it to start every batch-log
+chain where that design stopped, so nothing it billed is billed again. The rest of that
+design's per-event ledger (``ledger``, ``ledger_buckets``, the ``ledger_events`` view)
+is dropped by migration 6.
 """
 
 from __future__ import annotations
@@ -363,6 +370,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        6,
+        [
+            # The single-file design's per-event ledger: since the scale-out redesign
+            # (issue 9) request ids are deduplicated in memory per home partition and
+            # rebuilt from the topics, and sums reach daily_pending through the batch
+            # log, so nothing reads or writes these any more. A database billed by that
+            # design loses only its old request ids, which the workers read back from
+            # the usage topic (agents/summary_writer.py, carry_over_offsets).
+            # source_offsets stays (module docstring).
+            "DROP VIEW ledger_events",
+            "DROP TABLE ledger",
+            "DROP TABLE ledger_buckets",
+        ],
+    ),
 ]
 
 
@@ -435,18 +457,18 @@ async def connect(path: Path) -> aiosqlite.Connection:
 
 def open_sync(path: Path, cache_mib: int = 2) -> sqlite3.Connection:
     """A plain ``sqlite3`` connection to an already migrated summary DB, for code that runs
-    whole transactions in one thread (the hot path). Autocommit mode, WAL, busy timeout,
+    whole transactions in one thread (the summary writer). Autocommit mode, WAL, busy timeout,
     like :func:`connect`; ``check_same_thread`` is off because the owner is an executor
     thread, not the thread that opened it."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 60000")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
-    # Request ids are random, so every batch inserts all over the ledger's B-tree: with
-    # SQLite's default 2 MiB page cache most inserts read a page from the OS again.
+    # A batch's summary keys are spread all over daily_pending's B-tree: with SQLite's
+    # default 2 MiB page cache most of its updates would read a page from the OS again.
     conn.execute(f"PRAGMA cache_size = -{cache_mib * 1024}")
     # Checkpoint the WAL every ~64 MiB instead of every 4 MiB: a batch dirties pages all
-    # over the ledger, and each checkpoint copies (and fsyncs) them into the database.
+    # over daily_pending, and each checkpoint copies (and fsyncs) them into the database.
     conn.execute("PRAGMA wal_autocheckpoint = 16384")
     # and give the space back: without a limit the WAL file keeps its largest size ever
     conn.execute("PRAGMA journal_size_limit = 67108864")
