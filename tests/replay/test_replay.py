@@ -17,11 +17,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
@@ -35,11 +34,10 @@ from streams.replay_reader import choose_start, parse_from_offsets
 from streams.settings import load_settings
 from tables.reference import store_model_prices, store_nbp_rates
 from tables.schema import connect
+from tests.ground_truth import WARSAW, local_midnight_ms, on_day
+from tests.ground_truth import ground_truth as expected_rows
 from tests.harness import REPO, Stack, event_ms, wait_for
 
-WARSAW = ZoneInfo("Europe/Warsaw")
-MARKUP = Decimal("1.3")
-NANO = Decimal(1_000_000_000)
 DAY = date.today() - timedelta(days=10)  # the replayed date; every test day is in the past
 PRICES = {
     "openai/gpt-4o-mini": (Decimal("0.00000015"), Decimal("0.0000006"), Decimal("0")),
@@ -61,14 +59,6 @@ DAILY_COLUMNS = (
 
 
 # Test data and ground truth --------------------------------------------------------------
-
-
-def half_even(value: Decimal) -> int:
-    return int(value.to_integral_value(rounding=ROUND_HALF_EVEN))
-
-
-def local_midnight_ms(day: date) -> int:
-    return int(datetime(day.year, day.month, day.day, tzinfo=WARSAW).timestamp() * 1000)
 
 
 def make_events(day: date, count: int, tag: str, seed: int) -> list[dict]:
@@ -111,67 +101,15 @@ def make_events(day: date, count: int, tag: str, seed: int) -> list[dict]:
     return events
 
 
-def local_date(event: dict) -> str:
-    return datetime.fromtimestamp(event_ms(event) / 1000, UTC).astimezone(WARSAW).date().isoformat()
-
-
-def cost_nano(event: dict) -> tuple[int, bool]:
-    if "cost_usd" in event:
-        return half_even(Decimal(str(event["cost_usd"])) * NANO), False
-    price = PRICES.get(event["model"])
-    if price is None:
-        return 0, True
-    prompt, completion, request = price
-    cost = event["input_tokens"] * prompt + event["output_tokens"] * completion + request
-    return half_even(cost * NANO), True
-
-
-def to_float(nano: int | None) -> float | None:
-    return None if nano is None else float(Decimal(nano) / NANO)
+def rate_for(day: date) -> tuple[str, Decimal] | None:
+    """The seeded table of the day before (every day around DAY has one)."""
+    return RATES.get(day - timedelta(days=1))
 
 
 def ground_truth(events: list[dict]) -> dict[tuple, tuple]:
-    """Expected ``usage_daily`` rows (key → DAILY_COLUMNS) of unique events (first copy)."""
-    seen: set[str] = set()
-    totals: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
-    for event in events:
-        if event["request_id"] in seen:
-            continue
-        seen.add(event["request_id"])
-        key = (event["client_org_id"], event["user_id"], event["model"], local_date(event))
-        row = totals[key]
-        cost, estimated = cost_nano(event)
-        row[0] += event["input_tokens"]
-        row[1] += event["output_tokens"]
-        row[2] += 1
-        row[3] += int(estimated)
-        row[4] += cost
-    expected = {}
-    for key, (inp, out, requests, estimated, raw) in totals.items():
-        day = date.fromisoformat(key[3])
-        table_no, mid = RATES.get(day - timedelta(days=1), (None, None))
-        markup = half_even(Decimal(raw) * MARKUP)
-        pln = half_even(Decimal(markup) * mid) if mid is not None else None
-        expected[key] = (
-            inp,
-            out,
-            inp + out,
-            requests,
-            estimated,
-            raw,
-            markup,
-            pln,
-            to_float(raw),
-            to_float(markup),
-            to_float(pln),
-            str(mid) if mid is not None else None,
-            table_no,
-        )
-    return expected
-
-
-def only(rows: dict[tuple, tuple], day: date) -> dict[tuple, tuple]:
-    return {key: value for key, value in rows.items() if key[3] == day.isoformat()}
+    """Expected ``usage_daily`` rows (key → DAILY_COLUMNS) of unique events (first copy),
+    with the seeded prices and rates (tests/ground_truth.py)."""
+    return dict(expected_rows(events, PRICES, rate_for))
 
 
 # Stack helpers -------------------------------------------------------------------------
@@ -462,7 +400,7 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
             continue
     missing = {rid for rid, where in copies.items() if home_partition(rid, 4) == 0 and where == {0}}
     assert missing & {e["request_id"] for e in day_events + late}  # the case is exercised
-    assert only(actual(stack), DAY) == only(
+    assert on_day(actual(stack), DAY) == on_day(
         ground_truth([e for e in valid if e["request_id"] not in missing]), DAY
     )
     # and a full replay puts it back

@@ -13,18 +13,15 @@ import re
 import time
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import orjson
 from aiokafka.partitioner import murmur2
 
-from tests.harness import Stack, Worker, event_ms, wait_for
+from tests.ground_truth import WARSAW, local_midnight_ms
+from tests.ground_truth import ground_truth as expected_rows
+from tests.harness import Stack, Worker, wait_for
 
-WARSAW = ZoneInfo("Europe/Warsaw")
-MARKUP = Decimal("1.3")
-NANO = Decimal(1_000_000_000)
 PARTITIONS = 4
 MODELS = ["openai/gpt-4o-mini", "anthropic/claude-3.5-sonnet", "meta/llama-3-70b"]
 COLUMNS = (
@@ -37,16 +34,8 @@ Record = tuple[bytes, bytes | None, int | None]  # value, key, partition (None: 
 # Events and ground truth ---------------------------------------------------------------
 
 
-def half_even(value: Decimal) -> int:
-    return int(value.to_integral_value(rounding=ROUND_HALF_EVEN))
-
-
 def local_today() -> date:
     return datetime.now(WARSAW).date()
-
-
-def local_midnight_ms(day: date) -> int:
-    return int(datetime(day.year, day.month, day.day, tzinfo=WARSAW).timestamp() * 1000)
 
 
 def home(request_id: str) -> int:
@@ -109,42 +98,11 @@ def make_day(day: date, count: int, tag: str, seed: int, until_ms: int | None = 
     return events
 
 
-def local_date(event: dict) -> str:
-    return datetime.fromtimestamp(event_ms(event) / 1000, UTC).astimezone(WARSAW).date().isoformat()
-
-
-def cost_nano(event: dict) -> tuple[int, int]:
-    """(raw cost in nano-USD, 1 when estimated). No model price is known: estimates are 0."""
-    if "cost_usd" in event:
-        return half_even(Decimal(str(event["cost_usd"])) * NANO), 0
-    return 0, 1
-
-
 def ground_truth(events: list[dict]) -> dict[tuple, tuple]:
-    """Expected rows (key → COLUMNS) of the unique events, the first copy counting."""
-    seen: set[str] = set()
-    totals: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
-    for event in events:
-        if event["request_id"] in seen:
-            continue
-        seen.add(event["request_id"])
-        key = (event["client_org_id"], event["user_id"], event["model"], local_date(event))
-        row = totals[key]
-        cost, estimated = cost_nano(event)
-        row[0] += event["input_tokens"]
-        row[1] += event["output_tokens"]
-        row[2] += 1
-        row[3] += estimated
-        row[4] += cost
-    # NBP is unreachable in the tests: no rate, so PLN stays NULL
-    return {
-        key: (inp, out, inp + out, req, est, raw, half_even(Decimal(raw) * MARKUP), None, None)
-        for key, (inp, out, req, est, raw) in totals.items()
-    }
-
-
-def on_day(rows: dict[tuple, tuple], day: date | str) -> dict[tuple, tuple]:
-    return {key: value for key, value in rows.items() if key[3] == str(day)}
+    """Expected rows (key → COLUMNS) of the unique events, the first copy counting
+    (tests/ground_truth.py). No model price and no NBP rate is reachable in these tests:
+    estimated costs are 0 and PLN stays NULL."""
+    return {key: (*row[:8], row.usd_pln_rate) for key, row in expected_rows(events).items()}
 
 
 def spread(events: list[dict], copy_share: float, seed: int) -> tuple[list[Record], int]:

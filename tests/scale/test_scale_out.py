@@ -20,6 +20,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.ground_truth import local_midnight_ms, on_day
 from tests.harness import Stack, Worker, consume_all, wait_for
 from tests.scale.helpers import (
     PARTITIONS,
@@ -31,12 +32,10 @@ from tests.scale.helpers import (
     home,
     homed,
     invalid_records,
-    local_midnight_ms,
     local_today,
     make_day,
     make_event,
     metric,
-    on_day,
     open_sqlite_files,
     publish,
     raw_lines,
