@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaProducer
 
 from streams.broker import EmbeddedBroker, free_port
 from tests.harness import Stack, http_get, wait_for
+from tests.reliability.waits import billed, billed_count
 from tests.rollup.test_rollup_e2e import actual, ground_truth, make_events, seed_rates
 
 FREEZE_SECONDS = 30.0
@@ -97,25 +98,6 @@ async def publish_through(broker: EmbeddedBroker, topic: str, values: list[bytes
         await producer.stop()
 
 
-def billed(stack: Stack, unique: int) -> bool:
-    try:
-        count = stack.billed_requests()
-        (pending,) = stack.query("SELECT COUNT(*) FROM daily_pending")[0]
-        (total,) = stack.query("SELECT COALESCE(SUM(requests), 0) FROM usage_daily")[0]
-    except Exception:  # noqa: BLE001 - DB not created yet
-        return False
-    return count == unique and pending == 0 and total == unique
-
-
-def billed_so_far(stack: Stack) -> int:
-    if not stack.db_path.exists():  # (connecting would create it)
-        return 0
-    try:
-        return stack.billed_requests()
-    except Exception:  # noqa: BLE001 - DB not created yet
-        return 0
-
-
 def test_broker_frozen_30s_under_load_is_ridden_out(own_stack: Stack) -> None:
     stack = own_stack
     events = make_events(40_000, seed=61)
@@ -136,7 +118,7 @@ def test_broker_frozen_30s_under_load_is_ridden_out(own_stack: Stack) -> None:
 
     publisher = threading.Thread(target=produce)
     publisher.start()
-    wait_for(lambda: billed_so_far(stack) >= 2_000, 60, "the worker to be busy")
+    wait_for(lambda: billed_count(stack) >= 2_000, 60, "the worker to be busy")
     broker_process = stack.broker._process
     assert broker_process is not None
     log_before = len(worker.log_path.read_text(errors="replace").splitlines())

@@ -51,6 +51,7 @@ from aiokafka import AIOKafkaProducer
 from streams.broker import EmbeddedBroker, die_with_parent, free_port, stop_process
 from tests.harness import Stack, Worker, consume_all, http_get, point_request_id, wait_for
 from tests.reliability.test_broker_outage import stack_env
+from tests.reliability.waits import billed, billed_count
 from tests.rollup.test_rollup_e2e import actual, ground_truth, make_events, seed_rates
 
 DOWN_SECONDS = 6.0  # how long the broker stays dead (no process) each time
@@ -174,27 +175,6 @@ async def publish_through(
             await asyncio.sleep(CHUNK_PAUSE)
     finally:
         await producer.stop()
-
-
-def billed_count(stack: Stack) -> int:
-    """Unique requests billed so far (``Stack.billed_requests``), 0 before the DB exists."""
-    if not stack.db_path.exists():
-        return 0
-    try:
-        return stack.billed_requests()
-    except Exception:  # noqa: BLE001 - schema not created yet
-        return 0
-
-
-def billed(stack: Stack, unique: int) -> bool:
-    """Every unique request billed, nothing pending, and every day closed."""
-    try:
-        count = stack.billed_requests()
-        (pending,) = stack.query("SELECT COUNT(*) FROM daily_pending")[0]
-        (total,) = stack.query("SELECT COALESCE(SUM(requests), 0) FROM usage_daily")[0]
-    except Exception:  # noqa: BLE001 - DB not created yet
-        return False
-    return count == unique and pending == 0 and total == unique
 
 
 def log_lines(worker: Worker) -> list[str]:
