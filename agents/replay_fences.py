@@ -18,10 +18,17 @@ log (:mod:`streams.batch_log`), where every worker and the summary writer will m
    writer may be doing the same: each record counts once, see tables/batch_apply.py),
    then replaces the date in one transaction (tables/replay_store.py): the date's
    pending sums came from records before the fences, all of which the replay re-read.
+   The fences themselves it leaves to the summary writer, so the stored position of each
+   partition stays at its fence until the replace commits.
 
 A replay that fails after fencing leaves the writer waiting at the fences (``/ready`` says
 so): the workers already left the date's events below them out, so only a replay of the
-date may complete it. Run ``usage-stream replay --date D`` again.
+date may complete it. Run ``usage-stream replay --date D`` again. That holds for a writer
+restarted meanwhile too: it starts reading at the stored position, the fence, and meets it
+again. (Had the replay applied its fences, a replay killed between that transaction and
+the replace left the stored position past them: a restarted writer, or one whose position
+had been refreshed from the database, went on past the fences without waiting, and the
+date's events below them were billed by nobody.)
 """
 
 from __future__ import annotations
@@ -94,19 +101,28 @@ async def append_fences(
 async def apply_up_to_fences(
     settings: Settings, applier: BatchApplier, fences: Mapping[int, PartitionFence]
 ) -> ApplyResult:
-    """Step 4's first half: every batch-log record up to each fence, applied once."""
+    """Step 4's first half: every batch-log record before each fence, applied once; the
+    fence is not (module docstring, step 4)."""
     heads = await asyncio.to_thread(applier.heads)
+    ranges = {}
+    for partition, fence in fences.items():
+        stored = heads.get(partition)
+        start = stored.next_offset if stored else 0
+        if start < fence.offset:
+            ranges[partition] = (start, fence.offset)
+    if not ranges:
+        # the writer applied everything before the fences. (No consumer either: aiokafka
+        # 0.14 raises CancelledError from stop() when nothing was awaited since start().)
+        return ApplyResult()
     consumer = AIOKafkaConsumer(
         group_id=None, enable_auto_commit=False, **kafka_client_kwargs(settings)
     )
     await consumer.start()
     records: list[tuple[int, int, ChainRecord | None]] = []
     try:
-        for partition, fence in sorted(fences.items()):
-            stored = heads.get(partition)
-            start = stored.next_offset if stored else 0
+        for partition, (start, end) in sorted(ranges.items()):
             tp = TopicPartition(settings.batch_log_topic, partition)
-            async for batch in read_range(consumer, tp, start, fence.offset + 1):
+            async for batch in read_range(consumer, tp, start, end):
                 for record in batch:
                     try:
                         decoded: ChainRecord | None = decode(record.value)

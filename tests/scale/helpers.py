@@ -98,6 +98,18 @@ def make_day(day: date, count: int, tag: str, seed: int, until_ms: int | None = 
     return events
 
 
+def past_events(days_ago: tuple[int, ...], total: int, tag: str) -> list[dict]:
+    """``total`` unique events spread over the given past local dates (closed by the wall
+    clock as soon as the writer sees them)."""
+    today = local_today()
+    events: list[dict] = []
+    for n, ago in enumerate(days_ago):
+        count = total // len(days_ago) + (1 if n < total % len(days_ago) else 0)
+        events += make_day(today - timedelta(days=ago), count, f"{tag}{n}", seed=100 * ago + n)
+    assert len(events) == total
+    return events
+
+
 def ground_truth(events: list[dict]) -> dict[tuple, tuple]:
     """Expected rows (key → COLUMNS) of the unique events, the first copy counting
     (tests/ground_truth.py). No model price and no NBP rate is reachable in these tests:
@@ -284,6 +296,19 @@ def open_sqlite_files(worker: Worker) -> list[str]:
             continue
     pattern = re.compile(r"\.(db|sqlite|sqlite3)(-wal|-shm|-journal)?$")
     return [target for target in targets if pattern.search(target)]
+
+
+def non_writer(stack: Stack, data_dir: Path, **env: str) -> Worker:
+    """A worker on another host: its own, empty DATA_DIR, not the summary writer."""
+    data_dir.mkdir()  # fails if it exists: every host starts empty
+    return stack.worker(DATA_DIR=str(data_dir), SUMMARY_WRITER="false", **env)
+
+
+def assert_no_sqlite(data_dir: Path, worker: Worker | None = None) -> None:
+    assert not (data_dir / "usage.db").exists()
+    assert sqlite_files(data_dir) == []
+    if worker is not None and worker.alive():
+        assert open_sqlite_files(worker) == []
 
 
 # Raw points (file sink) ----------------------------------------------------------------

@@ -21,10 +21,11 @@ import orjson
 import pytest
 
 from tests.ground_truth import local_midnight_ms, on_day
-from tests.harness import Stack, Worker, consume_all, wait_for
+from tests.harness import Stack, consume_all, wait_for
 from tests.scale.helpers import (
     PARTITIONS,
     Record,
+    assert_no_sqlite,
     assigned,
     closed_days,
     daily,
@@ -33,16 +34,15 @@ from tests.scale.helpers import (
     homed,
     invalid_records,
     local_today,
-    make_day,
     make_event,
     metric,
-    open_sqlite_files,
+    non_writer,
+    past_events,
     publish,
     raw_lines,
     raw_points,
     scalar,
     spread,
-    sqlite_files,
     wait_billed,
     wait_group,
 )
@@ -52,31 +52,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(280)]
 CONSUMED = "usage_stream_events_consumed_total"
 DUPLICATES = "usage_stream_events_duplicate_total"
 APPLIED = "usage_stream_partials_applied_total"
-
-
-def past_events(days_ago: tuple[int, ...], total: int, tag: str) -> list[dict]:
-    """``total`` unique events spread over the given past local dates (closed by the wall
-    clock as soon as the writer sees them)."""
-    today = local_today()
-    events: list[dict] = []
-    for n, ago in enumerate(days_ago):
-        count = total // len(days_ago) + (1 if n < total % len(days_ago) else 0)
-        events += make_day(today - timedelta(days=ago), count, f"{tag}{n}", seed=100 * ago + n)
-    assert len(events) == total
-    return events
-
-
-def non_writer(stack: Stack, data_dir: Path, **env: str) -> Worker:
-    """A worker on another host: its own, empty DATA_DIR, not the summary writer."""
-    data_dir.mkdir()  # fails if it exists: every host starts empty
-    return stack.worker(DATA_DIR=str(data_dir), SUMMARY_WRITER="false", **env)
-
-
-def assert_no_sqlite(data_dir: Path, worker: Worker | None = None) -> None:
-    assert not (data_dir / "usage.db").exists()
-    assert sqlite_files(data_dir) == []
-    if worker is not None and worker.alive():
-        assert open_sqlite_files(worker) == []
 
 
 def assert_raw_points_exact(data_dirs: list[Path], events: list[dict]) -> None:

@@ -1,0 +1,5 @@
+"""The scale-out tests' shared helpers assert too: let pytest explain their failures."""
+
+import pytest
+
+pytest.register_assert_rewrite("tests.scale.helpers")

@@ -1,0 +1,252 @@
+"""Replay under scale-out (issue 9), on the real broker with real processes: worker
+processes, the ``usage-stream replay`` command, SIGKILL.
+
+A replay takes its date over from the live workers with a fence in every home
+partition's batch log (agents/replay_fences.py); the summary writer waits at the fences
+until the replay is complete. This checks what happens when that goes wrong across
+hosts: a replay that dies after fencing (the writer must wait, say so on /ready, and go
+on once the date is replayed again). Totals are checked row by row against
+tests/ground_truth.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tests.harness import REPO, Stack, Worker, http_get, wait_for
+from tests.scale.helpers import (
+    PARTITIONS,
+    ground_truth,
+    local_today,
+    make_day,
+    metric,
+    publish,
+    spread,
+    wait_billed,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(200)]
+
+CONSUMED = "usage_stream_events_consumed_total"
+REDELIVERED = "usage_stream_partials_skipped_total{reason=redelivered}"
+
+
+# The batch log, /ready, the summary DB ---------------------------------------------------
+
+
+async def _read_log(stack: Stack) -> list[tuple[int, int, dict]]:
+    topic = f"{stack.env['APP_ID']}-batch-log"
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=f"127.0.0.1:{stack.broker.port}", enable_auto_commit=False
+    )
+    await consumer.start()
+    records: list[tuple[int, int, dict]] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for tp, batch in (await consumer.getmany(timeout_ms=300)).items():
+                records += [(tp.partition, r.offset, orjson.loads(r.value)) for r in batch]
+            # the Fetch high watermark, not end_offsets() (wrong on Tansu)
+            ends = [consumer.highwater(tp) for tp in tps]
+            if None in ends:
+                continue
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(at >= end for at, end in zip(positions, ends, strict=True)):
+                break
+    finally:
+        await consumer.stop()
+    return records
+
+
+def batch_log(stack: Stack) -> list[tuple[int, int, dict]]:
+    """Every record of the batch log: (partition, offset, decoded JSON)."""
+    return asyncio.run(_read_log(stack))
+
+
+def fences_of(log: list[tuple[int, int, dict]], replay_id: str) -> dict[int, int]:
+    """partition -> offset of the replay's fence."""
+    return {
+        partition: offset
+        for partition, offset, record in log
+        if record.get("type") == "fence" and record.get("replay_id") == replay_id
+    }
+
+
+def ready(worker: Worker) -> tuple[int, list[str]]:
+    code, body = http_get(worker.web + "/ready")
+    return code, (orjson.loads(body).get("reasons", []) if body else [])
+
+
+def billed_by_date(stack: Stack) -> dict[str, int]:
+    """Requests per usage date in the summary DB: in ``usage_daily`` or still pending."""
+    rows = stack.query(
+        "SELECT usage_date, SUM(requests) FROM (SELECT usage_date, requests FROM usage_daily"
+        " UNION ALL SELECT usage_date, requests FROM daily_pending) GROUP BY usage_date"
+    )
+    return dict(rows)
+
+
+def replay_statuses(stack: Stack) -> dict[str, str]:
+    return dict(stack.query("SELECT replay_id, status FROM replay_runs"))
+
+
+def open_paths(pid: int) -> list[str]:
+    paths = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            paths.append(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            continue
+    return paths
+
+
+def kill_replay_after_fencing(stack: Stack, day: str) -> str:
+    """Run ``usage-stream replay --date day`` and SIGKILL it in the middle of its replace,
+    after it appended its fences and applied the batch log up to them; return its id.
+
+    How it is held there: as soon as the replay registers (``replay_runs`` row, status
+    'fencing': it has read the topic, its dedupe file is complete and it appends the
+    fences next), this test takes an exclusive lock on that dedupe file (another process
+    holding a lock, as any could). The replay then appends its fences and applies the
+    batch log without touching the file, attaches it for the replace and waits for the
+    lock: a second descriptor of the file in /proc/PID/fd shows it got there."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streams", "replay", "--date", day],
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    watcher = sqlite3.connect(f"file:{stack.db_path}?mode=ro", uri=True, timeout=5)
+    lock: sqlite3.Connection | None = None
+    try:
+
+        def registered() -> str | None:
+            if process.poll() is not None:
+                out, err = process.communicate()
+                raise AssertionError(f"replay ended ({process.returncode}): {out!r} {err!r}")
+            row = watcher.execute(
+                "SELECT replay_id FROM replay_runs WHERE status = 'fencing' AND usage_date = ?",
+                (day,),
+            ).fetchone()
+            return row[0] if row else None
+
+        replay_id = wait_for(registered, 60, "the replay to register", step=0.002)
+        (staging,) = stack.db_path.parent.glob(".replay-*/staging.db")
+        lock = sqlite3.connect(staging, isolation_level=None, timeout=5)
+        lock.execute("BEGIN EXCLUSIVE")
+        assert replay_statuses(stack)[replay_id] == "fencing", "the replay was too quick"
+
+        def in_replace() -> bool:
+            assert process.poll() is None, process.communicate()
+            return open_paths(process.pid).count(str(staging)) >= 2
+
+        wait_for(in_replace, 60, "the replay to attach its dedupe file for the replace")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if lock is not None:
+            lock.execute("ROLLBACK")
+            lock.close()
+        watcher.close()
+    assert process.returncode == -signal.SIGKILL
+    return replay_id
+
+
+# 1 -------------------------------------------------------------------------------------
+
+
+def test_replay_killed_after_fencing_holds_the_writer_until_replayed_again(stack: Stack) -> None:
+    today = local_today()
+    day, other, third = (today - timedelta(days=n) for n in (4, 3, 5))
+    replayed = day.isoformat()
+
+    first = make_day(day, 1500, "a-d", 1) + make_day(other, 500, "a-e", 2)
+    writer = stack.worker().start()
+    writer.wait_assigned()
+    publish(stack, spread(first, 0.1, seed=11)[0])
+    wait_billed(stack, ground_truth(first), timeout=90)
+    billed_before = billed_by_date(stack)
+
+    # the worker stops (a deploy, a lost host); events keep coming, some of the date: the
+    # replay reads them, so its fences lie past what the workers had read, and the
+    # workers will leave those events of the date to the replay
+    assert writer.stop() == 0
+    second = make_day(day, 400, "b-d", 3) + make_day(other, 300, "b-e", 4)
+    second_records = spread(second, 0.1, seed=12)[0]
+    publish(stack, second_records)
+
+    replay_id = kill_replay_after_fencing(stack, replayed)
+    log = batch_log(stack)
+    fences = fences_of(log, replay_id)
+    assert sorted(fences) == list(range(PARTITIONS))  # it died after fencing every partition
+    assert replay_statuses(stack) == {replay_id: "fencing"}
+    assert stack.query("SELECT COUNT(*) FROM batch_runs WHERE kind = 'replay'") == [(0,)]
+    assert billed_by_date(stack) == billed_before  # the replace never committed
+
+    # the worker comes back: its summary writer stops at the fences and /ready says why,
+    # also after a restart, whatever the dead replay had applied
+    writer = stack.worker().start()
+    writer.wait_assigned()
+    reason = f"summary writer waits for replay {replay_id} ({replayed})"
+    wait_for(lambda: reason in ready(writer)[1], 60, "/ready to name the abandoned replay")
+    assert ready(writer)[0] == 503
+
+    # later batches of every date are read and logged past the fences, and not applied
+    third_events = make_day(third, 300, "c-f", 5) + make_day(day, 200, "c-d", 6)
+    third_records = spread(third_events, 0.1, seed=13)[0]
+    publish(stack, third_records)
+    expected = len(second_records) + len(third_records)
+    wait_for(lambda: metric(writer, CONSUMED) >= expected, 60, f"{expected} records consumed")
+
+    def logged_past_the_fences() -> bool:
+        past = {
+            p for p, offset, r in batch_log(stack) if r["type"] == "batch" and offset > fences[p]
+        }
+        return past == set(range(PARTITIONS))
+
+    wait_for(logged_past_the_fences, 30, "batch-log records past every fence")
+    held_until = time.monotonic() + 3  # six rollup intervals
+    while time.monotonic() < held_until:
+        assert billed_by_date(stack) == billed_before
+        assert reason in ready(writer)[1]
+        time.sleep(0.25)
+
+    # the operator's answer: replay the date again; the writer goes on, nothing twice
+    result = stack.cli("replay", "--date", replayed, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    everything = first + second + third_events
+    wait_billed(stack, ground_truth(everything), timeout=60)
+    wait_for(lambda: ready(writer)[0] == 200, 30, "/ready 200 once the date is replayed")
+    statuses = replay_statuses(stack)
+    assert statuses.pop(replay_id) == "fencing"  # the dead one's row stays as it was left
+    assert list(statuses.values()) == ["complete"]
+    assert stack.query("SELECT processing_date, success FROM batch_runs WHERE kind = 'replay'") == [
+        (replayed, 1)
+    ]
+    # the writer met records the second replay had applied, and skipped them
+    assert metric(writer, REDELIVERED) > 0
+
+    # and it goes on: later events of the replayed date (late now) and of another one
+    fourth = make_day(day, 100, "d-d", 7) + make_day(other, 100, "d-e", 8)
+    publish(stack, spread(fourth, 0.1, seed=14)[0])
+    wait_billed(stack, ground_truth(everything + fourth), timeout=60)
+    assert writer.alive()
