@@ -3,38 +3,45 @@ processes, the ``usage-stream replay`` command, SIGKILL.
 
 A replay takes its date over from the live workers with a fence in every home
 partition's batch log (agents/replay_fences.py); the summary writer waits at the fences
-until the replay is complete. This checks what happens when that goes wrong across
+until the replay is complete. These tests check the two ways that can go wrong across
 hosts: a replay that dies after fencing (the writer must wait, say so on /ready, and go
-on once the date is replayed again). Totals are checked row by row against
-tests/ground_truth.py.
+on once the date is replayed again), and a replay while a non-writer host and the
+producers keep working. Totals are checked row by row against tests/ground_truth.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tests.harness import REPO, Stack, Worker, http_get, wait_for
 from tests.scale.helpers import (
     PARTITIONS,
+    Record,
+    assert_no_sqlite,
     ground_truth,
     local_today,
     make_day,
     metric,
+    non_writer,
+    past_events,
     publish,
     spread,
     wait_billed,
+    wait_group,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(200)]
@@ -250,3 +257,98 @@ def test_replay_killed_after_fencing_holds_the_writer_until_replayed_again(stack
     publish(stack, spread(fourth, 0.1, seed=14)[0])
     wait_billed(stack, ground_truth(everything + fourth), timeout=60)
     assert writer.alive()
+
+
+# 2 -------------------------------------------------------------------------------------
+
+
+def live_traffic(
+    stack: Stack, days: list[date], stop: threading.Event, published: list[dict]
+) -> threading.Thread:
+    """Produce batches of new events of ``days`` (in turn) until ``stop``, each with copies
+    of its own and of earlier batches' events on other partitions, some unkeyed."""
+
+    async def loop() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{stack.broker.port}", linger_ms=2)
+        await producer.start()
+        rng = random.Random(31)
+        try:
+            batch_no = 0
+            while not stop.is_set() or batch_no < 3:
+                fresh = make_day(days[batch_no % len(days)], 40, f"live{batch_no}", 300 + batch_no)
+                records, _ = spread(fresh, 0.1, seed=400 + batch_no)
+                for event in rng.sample(published, min(3, len(published))):
+                    records.append((orjson.dumps(event), None, rng.randrange(PARTITIONS)))
+                futures = [
+                    await producer.send(stack.topic, value, key=key, partition=partition)
+                    for value, key, partition in records
+                ]
+                for future in futures:
+                    await future
+                published.extend(fresh)
+                batch_no += 1
+                await asyncio.sleep(0.05)
+        finally:
+            await producer.stop()
+
+    thread = threading.Thread(target=lambda: asyncio.run(loop()))
+    thread.start()
+    return thread
+
+
+def test_replay_while_a_non_writer_host_and_producers_keep_working(
+    stack: Stack, tmp_path: Path
+) -> None:
+    today = local_today()
+    day = today - timedelta(days=4)
+    events = past_events((5, 4, 3), 3_000, "base")
+    records: list[Record] = spread(events, 0.1, seed=21)[0]
+
+    writer = stack.worker()
+    host = tmp_path / "host-b"
+    # a summary DB path nothing can open: a non-writer that tried would fail
+    not_a_dir = tmp_path / "not-a-directory"
+    not_a_dir.write_text("")
+    other = non_writer(stack, host, SUMMARY_DB_PATH=str(not_a_dir / "usage.db"))
+    writer.start()
+    other.start()
+    wait_group([writer, other])
+    publish(stack, records)
+    wait_billed(stack, ground_truth(events), timeout=90)
+    consumed = [metric(writer, CONSUMED), metric(other, CONSUMED)]
+
+    stop = threading.Event()
+    published: list[dict] = []
+    days = [day, today - timedelta(days=5), day, today - timedelta(days=3)]
+    traffic = live_traffic(stack, days, stop, published)
+    try:
+        wait_for(lambda: len(published) >= 80, 30, "live traffic")
+        before = len(published)
+        result = stack.cli("replay", "--date", day.isoformat(), timeout=120)
+        during = len(published)
+        time.sleep(1)  # and on after it
+    finally:
+        stop.set()
+        traffic.join(60)
+    assert result.returncode == 0, result.stderr.decode()
+    # producers were sending before, during and after the replay
+    assert before < during < len(published)
+    assert f"replay {day}: " in result.stdout.decode()
+
+    everything = events + published
+    wait_billed(stack, ground_truth(everything), timeout=90)
+    # both hosts consumed the live traffic
+    assert metric(writer, CONSUMED) > consumed[0] and metric(other, CONSUMED) > consumed[1]
+    ((replay_id, status),) = stack.query("SELECT replay_id, status FROM replay_runs")
+    assert status == "complete"
+    assert sorted(fences_of(batch_log(stack), replay_id)) == list(range(PARTITIONS))
+    runs = stack.query(
+        "SELECT processing_date, success, records_processed > 0, error FROM batch_runs"
+        " WHERE kind = 'replay'"
+    )
+    assert runs == [(day.isoformat(), 1, 1, None)]
+    # the non-writer never opened a summary DB: not its path, nor any file like one
+    assert not_a_dir.is_file()
+    assert_no_sqlite(host, other)
+    assert str(not_a_dir) not in other.log_path.read_text()
+    assert writer.alive() and other.alive()
