@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.ground_truth import local_midnight_ms, on_day
+from tests.ground_truth import WARSAW, local_midnight_ms, on_day
 from tests.harness import Stack, consume_all, wait_for
 from tests.scale.helpers import (
     PARTITIONS,
@@ -33,7 +33,6 @@ from tests.scale.helpers import (
     home,
     homed,
     invalid_records,
-    local_today,
     make_event,
     metric,
     non_writer,
@@ -226,22 +225,20 @@ def requests_on(stack: Stack, day: str, table: str = "usage_daily") -> int | Non
 def test_days_close_across_hosts_by_watermark_and_wall_clock_and_reopen(
     stack: Stack, tmp_path: Path
 ) -> None:
+    # The watermark case needs a date the wall clock will not close during the test and
+    # events past its close that are valid (at most 24 h ahead). Yesterday, with a grace
+    # that puts its close an hour from now, works at any time of day and across DST
+    # changes: the events that close it are an hour ahead, whatever the hour.
     now_ms = int(time.time() * 1000)
-    today = local_today()
-    tomorrow = today + timedelta(days=1)
+    today = datetime.fromtimestamp(now_ms / 1000, WARSAW).date()
+    yesterday = today - timedelta(days=1)
     old_day = today - timedelta(days=3)
-    tomorrow_ms = local_midnight_ms(tomorrow)
-    # grace 1 s; within 15 min of local midnight the wall clock itself would close today
-    # during the test, so the grace moves it 2 h away (and the "tomorrow" events with it)
-    grace = 1 if now_ms + 15 * 60_000 < tomorrow_ms else 7_200
-    ahead_ms = tomorrow_ms + grace * 1000 + 4_000  # 00:00:05 local with grace 1
-    if ahead_ms > now_ms + 23 * 3_600_000:
-        pytest.skip(
-            f"local time is within the first hour after midnight: an event at tomorrow"
-            f" 00:00:05 local would be {(ahead_ms - now_ms) / 3_600_000:.2f} h ahead, more"
-            " than 23 h (the contract rejects events over 24 h in the future, and a"
-            " 23-hour DST day shrinks the margin), so the watermark case cannot be built"
-        )
+    grace = -(-(now_ms + 3_600_000 - local_midnight_ms(today)) // 1000)  # 1-26 h, rounded up
+    close_ms = local_midnight_ms(today) + grace * 1000  # yesterday's close: >= now + 1 h
+    ahead_ms = close_ms + 4_000
+    ahead_day = datetime.fromtimestamp(ahead_ms / 1000, WARSAW).date()  # today or tomorrow
+    # the wall clock closes the day 3 days ago at once (its close is over 20 h ago)
+    assert local_midnight_ms(old_day + timedelta(days=1)) + grace * 1000 < now_ms
     env = {"WINDOW_GRACE_SECONDS": str(grace)}
     writer = stack.worker(**env)
     other_dir = tmp_path / "host-b"
@@ -269,20 +266,20 @@ def test_days_close_across_hosts_by_watermark_and_wall_clock_and_reopen(
         ground_truth(everything), old_day
     )
 
-    # (a) by the watermark: today on all four partitions ...
-    day = today.isoformat()
-    midnight = local_midnight_ms(today)
-    span = max(now_ms - 60_000 - midnight, 1)
-    today_events: list[dict] = []
+    # (a) by the watermark: yesterday on all four partitions ...
+    day = yesterday.isoformat()
+    midnight = local_midnight_ms(yesterday)
+    span = local_midnight_ms(today) - midnight  # 23, 24 or 25 h
+    day_events: list[dict] = []
     for partition in range(PARTITIONS):
         moments = [midnight + rng.randrange(span) for _ in range(50)]
-        today_events += homed_events(f"today-p{partition}", partition, moments, 10 + partition)
-    publish(stack, at_home(today_events))
-    everything += today_events
-    wait_for(lambda: requests_on(stack, day, "usage_daily_live") == 200, 60, "today's rows")
+        day_events += homed_events(f"day-p{partition}", partition, moments, 10 + partition)
+    publish(stack, at_home(day_events))
+    everything += day_events
+    wait_for(lambda: requests_on(stack, day, "usage_daily_live") == 200, 60, "yesterday's rows")
     assert day not in closed_days(stack)
 
-    # ... then tomorrow 00:00:05 on three partitions: the fourth holds today open
+    # ... then events past its close on three partitions: the fourth holds it open
     def ahead(partition: int, seed: int) -> list[dict]:
         return homed_events(
             f"ahead-p{partition}", partition, [ahead_ms + i for i in range(30)], seed
@@ -291,15 +288,15 @@ def test_days_close_across_hosts_by_watermark_and_wall_clock_and_reopen(
     three = [event for partition in range(3) for event in ahead(partition, 20 + partition)]
     publish(stack, at_home(three))
     everything += three
-    tomorrow_day = tomorrow.isoformat()
+    later = ahead_day.isoformat()
     wait_for(
-        lambda: requests_on(stack, tomorrow_day, "usage_daily_live") == 90,
+        lambda: requests_on(stack, later, "usage_daily_live") == 90,
         60,
-        "tomorrow's events of three partitions to reach the writer",
+        "the events ahead of three partitions to reach the writer",
     )
     held_until = time.monotonic() + 4  # eight rollup intervals
     while time.monotonic() < held_until:
-        assert day not in closed_days(stack), "today closed while partition 3 lags"
+        assert day not in closed_days(stack), "yesterday closed while partition 3 lags"
         assert requests_on(stack, day) == 0
         finals = stack.query(
             "SELECT DISTINCT final FROM usage_daily_live WHERE usage_date = ?", (day,)
@@ -310,30 +307,30 @@ def test_days_close_across_hosts_by_watermark_and_wall_clock_and_reopen(
     fourth = ahead(3, 23)
     publish(stack, at_home(fourth))
     everything += fourth
-    wait_for(lambda: day in closed_days(stack), 30, "today to close by the watermark")
-    assert time.time() * 1000 < tomorrow_ms + grace * 1000, "the wall clock could have closed it"
-    wait_for(lambda: requests_on(stack, day) == 200, 30, "today's rows in usage_daily")
+    wait_for(lambda: day in closed_days(stack), 30, "yesterday to close by the watermark")
+    assert time.time() * 1000 < close_ms, "the wall clock could have closed it"
+    wait_for(lambda: requests_on(stack, day) == 200, 30, "yesterday's rows in usage_daily")
     truth = ground_truth(everything)
-    assert daily(stack, where="WHERE usage_date = ?", params=(day,)) == on_day(truth, today)
+    assert daily(stack, where="WHERE usage_date = ?", params=(day,)) == on_day(truth, yesterday)
     assert stack.query(
         "SELECT DISTINCT final FROM usage_daily_live WHERE usage_date = ?", (day,)
     ) == [(1,)]
-    assert tomorrow_day not in closed_days(stack)
-    assert daily(stack, "usage_daily_live", "WHERE usage_date = ?", (tomorrow_day,)) == on_day(
-        truth, tomorrow
+    assert later not in closed_days(stack)
+    assert daily(stack, "usage_daily_live", "WHERE usage_date = ?", (later,)) == on_day(
+        truth, ahead_day
     )
 
     # (c) late events for both closed days, read by the non-writer, re-open them
     owned = sorted(assigned(other))
     assert owned, "the non-writer holds no partition"
     late: list[dict] = []
-    for n, (template, closed) in enumerate(((today_events[7], today), (old[3], old_day))):
+    for n, (template, closed) in enumerate(((day_events[7], yesterday), (old[3], old_day))):
         rid = homed(f"late{n}", owned[n % len(owned)], 1)[0]
         moment = local_midnight_ms(closed) + 3_600_000 + n
         late.append({**template, "request_id": rid, "timestamp": moment, "cost_usd": "0.5"})
     keys = [
         (e["client_org_id"], e["user_id"], e["model"], d.isoformat())
-        for e, d in zip(late, (today, old_day), strict=True)
+        for e, d in zip(late, (yesterday, old_day), strict=True)
     ]
     revisions = [revision(stack, key) for key in keys]
     late_before = [late_count(stack, key[3]) for key in keys]
