@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streams.batch_log import BadChainRecord, Chain, ChainHead, Fence, decode
+from streams.batch_log import BadChainRecord, Chain, ChainHead, Fence, decode_rows_raw
 from streams.broker import kafka_client_kwargs
 from streams.event import UsageEvent, parse_events
 from streams.partitioning import home_partitions
@@ -208,7 +208,7 @@ async def follow_chain(
         for record in records:
             position = record.offset + 1
             try:
-                decoded = decode(record.value)
+                decoded = decode_rows_raw(record.value)
             except BadChainRecord:
                 log.warning("batch log %s: offset %d is not a chain record", tp, record.offset)
                 continue

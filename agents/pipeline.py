@@ -70,6 +70,7 @@ from streams.batch_log import BatchEntry, ChainHead, SumRow, encode
 from streams.broker import kafka_client_kwargs
 from streams.business_time import UsageDates
 from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_events
+from streams.gc_tuning import tune_for_batches
 from streams.log_throttle import throttle_kafka_client_logs
 from streams.metrics import (
     CONSUMER_LAG,
@@ -228,6 +229,7 @@ class HotPath(mode.Service):
 
     async def on_start(self) -> None:
         throttle_kafka_client_logs()
+        tune_for_batches()
         client = kafka_client_kwargs(settings)
         self.producer = AIOKafkaProducer(
             **client,

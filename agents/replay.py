@@ -568,6 +568,7 @@ class _DirectCommand(AppCommand):
 async def replay(self: object, day: str | None, from_offsets: str | None, dry_run: bool) -> None:
     """Re-aggregate one usage date from the topic and replace its rows atomically."""
     from streams.broker import BrokerUnreachable
+    from streams.gc_tuning import tune_for_batches
     from streams.replay_reader import ReplayReadError, parse_from_offsets
 
     try:
@@ -577,6 +578,7 @@ async def replay(self: object, day: str | None, from_offsets: str | None, dry_ru
         fail(str(error))
     # aiokafka logs every failed connection attempt; the one line below is the answer
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    tune_for_batches()
     try:
         report = await run_replay(settings, usage_day, starts, dry_run)
     except (BrokerUnreachable, ReplayReadError, NoEventsForDate) as error:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agents.home_state import follow_chain, read_range
-from streams.batch_log import BadChainRecord, ChainHead, ChainRecord, Fence, decode, encode
+from streams.batch_log import BadChainRecord, ChainHead, ChainRecord, Fence, decode_rows_raw, encode
 from streams.broker import kafka_client_kwargs
 from streams.settings import Settings
 from tables.batch_apply import ApplyResult, BatchApplier, StoredHead
@@ -125,7 +125,7 @@ async def apply_up_to_fences(
             async for batch in read_range(consumer, tp, start, end):
                 for record in batch:
                     try:
-                        decoded: ChainRecord | None = decode(record.value)
+                        decoded: ChainRecord | None = decode_rows_raw(record.value)
                     except BadChainRecord:
                         decoded = None
                     records.append((partition, record.offset, decoded))

@@ -27,7 +27,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from streams.app import app, settings
-from streams.batch_log import BadChainRecord, BatchEntry, ChainRecord, Fence, decode, encode
+from streams.batch_log import (
+    BadChainRecord,
+    BatchEntry,
+    ChainRecord,
+    Fence,
+    decode_rows_raw,
+    encode,
+)
 from streams.broker import kafka_client_kwargs
 from streams.cli import AFTER_TOPICS
 from streams.metrics import EVENTS_LATE, PARTIALS_APPLIED, PARTIALS_SKIPPED
@@ -121,7 +128,7 @@ class SummaryWriter(mode.Service):
                     continue
                 for record in batch:
                     try:
-                        decoded: ChainRecord | None = decode(record.value)
+                        decoded: ChainRecord | None = decode_rows_raw(record.value)
                     except BadChainRecord:
                         log.warning("summary writer: %s %d: not a chain record", tp, record.offset)
                         decoded = None

@@ -25,6 +25,7 @@ Records are msgspec structs encoded as JSON (tagged union), small and self-descr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import msgspec
 
@@ -37,6 +38,7 @@ __all__ = [
     "Fence",
     "SumRow",
     "decode",
+    "decode_rows_raw",
     "encode",
 ]
 
@@ -56,9 +58,16 @@ class SumRow(msgspec.Struct, array_like=True, gc=False, frozen=True):
     raw_cost_nano: int
 
 
-class BatchEntry(msgspec.Struct, tag="batch", frozen=True):
+Rows = TypeVar("Rows")
+
+
+class BatchEntry(msgspec.Struct, Generic[Rows], tag="batch", frozen=True):
     """One batch of one home partition: read ``[usage_from, usage_next)`` of the usage
-    topic and ``[rerouted_from, rerouted_next)`` of the rerouted topic (partition p)."""
+    topic and ``[rerouted_from, rerouted_next)`` of the rerouted topic (partition p).
+
+    ``rows`` is a ``list[SumRow]`` everywhere but in the summary writer, which decodes
+    them as ``msgspec.Raw`` (their JSON text) and lets SQLite fold them
+    (:func:`decode_rows_raw`): generic so both are the same record."""
 
     prev: int
     usage_from: int
@@ -66,7 +75,7 @@ class BatchEntry(msgspec.Struct, tag="batch", frozen=True):
     rerouted_from: int
     rerouted_next: int
     newest_event_ms: int  # the partition's event-time watermark after the batch, -1 none
-    rows: list[SumRow]
+    rows: Rows
     worker: str = ""  # who appended it (host/pid), for operators
     behind: bool = False  # the batch was full: the worker is catching up on a backlog
 
@@ -85,7 +94,8 @@ class Fence(msgspec.Struct, tag="fence", frozen=True):
 ChainRecord = BatchEntry | Fence
 
 _ENCODER = msgspec.json.Encoder()
-_DECODER = msgspec.json.Decoder(ChainRecord)
+_DECODER = msgspec.json.Decoder(BatchEntry[list[SumRow]] | Fence)
+_RAW_ROWS_DECODER = msgspec.json.Decoder(BatchEntry[msgspec.Raw] | Fence)
 
 
 class BadChainRecord(ValueError):
@@ -99,6 +109,16 @@ def encode(record: ChainRecord) -> bytes:
 def decode(value: bytes | None) -> ChainRecord:
     try:
         return _DECODER.decode(value or b"")
+    except msgspec.DecodeError as error:
+        raise BadChainRecord(str(error)) from None
+
+
+def decode_rows_raw(value: bytes | None) -> ChainRecord:
+    """Like :func:`decode`, but an entry's ``rows`` stay JSON text (``msgspec.Raw``): the
+    summary writer hands them to SQLite as they are, so no Python object is built per
+    row (tables/summary_keys.py). The rows are checked there, not here."""
+    try:
+        return _RAW_ROWS_DECODER.decode(value or b"")
     except msgspec.DecodeError as error:
         raise BadChainRecord(str(error)) from None
 

@@ -16,8 +16,8 @@ A crash anywhere rolls the transaction back; the records are read again from the
 offsets. Two writers on one file would be safe too (the heads are read inside the
 transaction), though one is the deployment.
 
-Synchronous ``sqlite3`` on one connection, run in the writer's own thread, like
-:class:`tables.ledger.LedgerStore`.
+Synchronous ``sqlite3`` on one connection, run in the writer's own thread; the rows are
+summed by SQLite (tables/summary_keys.py), which releases the GIL meanwhile.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from streams.batch_log import BatchEntry, Chain, ChainHead, ChainRecord, Fence
 from tables.schema import open_sync, utc_now_text
-from tables.summary_keys import FOLD_SQL, SummaryKeyIds
+from tables.summary_keys import SumsFolder
 
 __all__ = ["ApplyResult", "BatchApplier", "StoredHead"]
 
@@ -69,7 +71,6 @@ class BatchApplier:
         self.path = path
         self.cache_mib = cache_mib
         self._conn: sqlite3.Connection | None = None
-        self.keys = SummaryKeyIds()
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -161,35 +162,17 @@ class BatchApplier:
         return result, heads
 
     def _fold(self, conn: sqlite3.Connection, entries: Sequence[BatchEntry]) -> tuple[int, int]:
-        """The entries' rows as increments of ``daily_pending`` (summed per key first)."""
-        rows = [row for entry in entries for row in entry.rows]
-        key_ids = self.keys.resolve(conn, rows)
-        dates = sorted({row.usage_date for row in rows})
-        marks = ",".join("?" * len(dates))
-        closed = {
-            day
-            for (day,) in conn.execute(
-                f"SELECT usage_date FROM closed_days WHERE usage_date IN ({marks})", dates
-            )
-        }
-        sums: dict[tuple[str, int], list[int]] = {}
-        requests = late = 0
-        for row in rows:
-            key = (row.usage_date, key_ids[(row.client_org_id, row.user_id, row.model)])
-            total = sums.get(key)
-            if total is None:
-                total = sums[key] = [0, 0, 0, 0, 0, 0]
-            total[0] += row.input_tokens
-            total[1] += row.output_tokens
-            total[2] += row.requests
-            total[3] += row.estimated_requests
-            total[4] += row.raw_cost_nano
-            requests += row.requests
-            if row.usage_date in closed:
-                total[5] += row.requests
-                late += row.requests
-        conn.executemany(FOLD_SQL, [(*key, *total) for key, total in sums.items()])
-        return requests, late
+        """The entries' rows as increments of ``daily_pending`` (tables/summary_keys.py):
+        rows still JSON text (the writer's :func:`~streams.batch_log.decode_rows_raw`)
+        are staged by SQLite itself, decoded ones as values."""
+        folder = SumsFolder(conn)
+        for entry in entries:
+            if isinstance(entry.rows, msgspec.Raw):
+                folder.add_json(entry.rows)
+            else:
+                folder.add(entry.rows)
+        folded = folder.fold()
+        return folded.requests, folded.late
 
 
 _REPLAY_DONE = """

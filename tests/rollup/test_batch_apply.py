@@ -6,7 +6,11 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from streams.batch_log import BatchEntry, ChainHead, Fence, SumRow
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.batch_log import BatchEntry, ChainHead, Fence, SumRow, decode_rows_raw, encode
 from tables.batch_apply import BatchApplier
 from tables.schema import connect
 
@@ -113,3 +117,85 @@ def test_a_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
     assert pending(path) == {} and applier.heads() == {}
     result, _ = applier.apply([(0, 0, entry(-1, 0, 1, [row("u1", 1)]))])
     assert result.applied == 1
+
+
+def as_writer_reads(record: BatchEntry | Fence) -> BatchEntry | Fence:
+    """The record as the summary writer decodes it: rows left as JSON text."""
+    return decode_rows_raw(encode(record))
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=12)
+_AMOUNT = st.integers(min_value=0, max_value=2**40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([DAY, "2026-11-29"]),
+            st.sampled_from(["org", 'o"rg\\', "org\x00", "żółw"]),
+            _TEXT,
+            st.sampled_from(["m", "m\x00x", "m\n\t"]),
+            _AMOUNT,
+            _AMOUNT,
+            st.integers(min_value=1, max_value=1000),
+            _AMOUNT,
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_rows_folded_from_json_text_equal_rows_folded_as_values(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[tuple]
+) -> None:
+    """Same sums whether SQLite reads the rows from the record's JSON text (the writer)
+    or they are bound as decoded values: escapes, NULs, non-ASCII text, big integers."""
+    sums = [
+        SumRow(day, org, user, model, inp, out, requests, requests // 2, cost)
+        for day, org, user, model, inp, out, requests, cost in rows
+    ]
+    log = [(0, 0, entry(-1, 0, 9, sums[: len(sums) // 2])), (0, 1, entry(0, 9, 20, sums))]
+    folded = {}
+    for how in ("values", "json"):
+        path = migrated(tmp_path_factory.mktemp(how))
+        with sqlite3.connect(path) as conn:
+            conn.execute("INSERT INTO closed_days VALUES ('2026-11-29', 'x', 'test')")
+        records = log if how == "values" else [(p, o, as_writer_reads(r)) for p, o, r in log]
+        result, _ = BatchApplier(path).apply(records)
+        with sqlite3.connect(path) as conn:
+            folded[how] = (
+                result.requests,
+                result.late,
+                sorted(
+                    conn.execute(
+                        "SELECT p.usage_date, k.client_org_id, k.user_id, k.model,"
+                        " p.input_tokens, p.output_tokens, p.requests, p.estimated_requests,"
+                        " p.raw_cost_nano, p.late_events FROM daily_pending p"
+                        " JOIN summary_keys k USING (key_id)"
+                    )
+                ),
+            )
+    assert folded["json"] == folded["values"]
+    expected: dict[tuple, list[int]] = {}
+    for row_ in sums[: len(sums) // 2] + sums:
+        total = expected.setdefault(
+            (row_.usage_date, row_.client_org_id, row_.user_id, row_.model), [0, 0, 0, 0, 0]
+        )
+        for i, value in enumerate(
+            (row_.input_tokens, row_.output_tokens, row_.requests, row_.estimated_requests)
+        ):
+            total[i] += value
+        total[4] += row_.raw_cost_nano
+    assert [tuple(r[:9]) for r in folded["json"][2]] == sorted(
+        (*key, *total) for key, total in expected.items()
+    )
+
+
+def test_a_sum_beyond_64_bits_is_an_error_not_a_rounded_value(tmp_path: Path) -> None:
+    path = migrated(tmp_path)
+    applier = BatchApplier(path)
+    huge = [row("u1", 1, cost=2**63 - 10), row("u1", 1, cost=20)]
+    for record in (entry(-1, 0, 1, huge), entry(-1, 0, 1, [row("u1", 1, cost=2**64)])):
+        with pytest.raises((sqlite3.Error, OverflowError)):
+            applier.apply([(0, 0, as_writer_reads(record))])
+    assert pending(path) == {} and applier.heads() == {}
