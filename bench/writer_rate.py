@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/writer_rate.py
 
-The writer's work per record, without Kafka: decode the record (msgspec), then
-:class:`tables.batch_apply.BatchApplier` (chain rule, key ids, the fold into
-``daily_pending``, the stored heads), up to 500 records per transaction as the writer
+The writer's work per record, without Kafka: decode the record as the writer does (msgspec,
+rows left as JSON text), then :class:`tables.batch_apply.BatchApplier` (chain rule, SQLite
+staging the rows with ``json_each``, key ids, the fold into ``daily_pending``, the stored
+heads), up to 500 records per transaction as the writer
 reads them. Records carry R rows (one per (date, key) a batch touched) out of 171k keys,
 the benchmark workload's cardinality. Prints records/s and rows/s per R: the event rate at
 which the writer is the limit is rows/s × events per row of the deployment's batches.
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from streams.batch_log import BatchEntry, SumRow, decode, encode  # noqa: E402
+from streams.batch_log import BatchEntry, SumRow, decode_rows_raw, encode  # noqa: E402
 from tables.batch_apply import BatchApplier  # noqa: E402
 from tables.schema import connect  # noqa: E402
 
@@ -63,7 +64,7 @@ def measure(rows_per_record: int, records: int) -> tuple[float, float]:
     for start in range(0, len(log), 500):
         group = []
         for partition, value in log[start : start + 500]:
-            group.append((partition, offsets[partition], decode(value)))
+            group.append((partition, offsets[partition], decode_rows_raw(value)))
             offsets[partition] += 1
         applier.apply(group)
     seconds = time.perf_counter() - started
