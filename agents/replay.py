@@ -10,7 +10,11 @@
    workers moved to their home partition) is read the same way.
 2. Validate each record like the worker (``parse_events`` per fetch and partition, "now" =
    the wall clock). Invalid ones are counted and reported, **not** re-sent to the
-   dead-letter topic (the worker did that when it first saw them). Event time decides
+   dead-letter topic (the worker did that when it first saw them). A record whose
+   timestamp alone shows it is of another date is not validated (a glance at the
+   timestamp costs an eighth of validating): the invalid count covers the records that
+   could have been events of the date (malformed, without a usable timestamp, too far in
+   the future, or of the date). Event time decides
    membership of the date. Like the live pipeline, a usage event counts where it is at
    home (streams/partitioning.py); a copy read elsewhere counts through its rerouted copy.
 3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins; memory
@@ -287,17 +291,24 @@ class _DayStager:
 
     async def stage(self, rerouted: bool, batch: list[tuple[int, list]]) -> int:
         """One fetch: ``(partition, records)`` pairs; returns the records it held."""
-        from streams.event import InvalidEvent, parse_events
+        from streams.event import MAX_FUTURE_MS, InvalidEvent, event_time_hint, parse_events
         from streams.partitioning import home_partitions
         from tables.ledger import ledger_events
         from tables.watermarks import wall_clock_ms
 
         now_ms = wall_clock_ms()
+        low, high, future = self.low, self.high, now_ms + MAX_FUTURE_MS
         located = []
         count = 0
         invalid = self.report.invalid
-        for partition, records in batch:
-            count += len(records)
+        for partition, all_records in batch:
+            count += len(all_records)
+            # only what may be an event of the date is validated (streams.event's hint)
+            records = [
+                record
+                for record in all_records
+                if (ms := event_time_hint(record.value)) is None or low <= ms < high or ms > future
+            ]
             parsed = parse_events([record.value for record in records], now_ms)
             for record, event in zip(records, parsed, strict=True):
                 if type(event) is InvalidEvent:

@@ -50,6 +50,7 @@ __all__ = [
     "REASONS",
     "InvalidEvent",
     "UsageEvent",
+    "event_time_hint",
     "parse_event",
     "parse_events",
 ]
@@ -334,6 +335,34 @@ def parse_events(values: Sequence[bytes | None], now_ms: int) -> list[UsageEvent
     A plain loop: hoisting lookups out of it or inlining the fast path measured no faster.
     """
     return [parse_event(value, now_ms) for value in values]
+
+
+class _Stamp(msgspec.Struct, gc=False):
+    """Only the ``timestamp`` of an object (every other field skipped)."""
+
+    timestamp: _EpochMs | str
+
+
+_STAMP_DECODER = msgspec.json.Decoder(_Stamp)
+
+
+def event_time_hint(raw: bytes | None) -> int | None:
+    """The event time (epoch ms) the bytes would have if they were a valid event, or None
+    when that takes more than a glance (not JSON, no usable timestamp, too large).
+
+    Not validation: the replay uses it to skip validating records that cannot be events
+    of the date it replays (~8x cheaper than :func:`parse_event`). It agrees with
+    :func:`parse_event` on every event that is valid: the same decoder rules for the
+    field, the same RFC 3339 conversion, and the last of duplicate keys, like both of
+    its parsers.
+    """
+    if raw is None or len(raw) > MAX_EVENT_BYTES:
+        return None
+    try:
+        stamp = _STAMP_DECODER.decode(raw).timestamp
+        return stamp if type(stamp) is int else _rfc3339_ms(stamp)
+    except Exception:
+        return None
 
 
 def _parse_slow_or_invalid(raw: bytes | None, now_ms: int) -> UsageEvent | InvalidEvent:
