@@ -85,7 +85,8 @@ from streams.partitioning import home_partitions
 from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import line
 from streams.sinks.raw_retention import maintain_raw_files
-from tables.ledger import LedgerEvent, ledger_events
+from tables.ledger import bill
+from tables.seen_requests import compact
 
 __all__ = ["HotPath", "hot_path"]
 
@@ -169,7 +170,7 @@ class HomeBatch:
     epoch: int  # the state's epoch when prepared: a resync in between voids it
     usage_next: int = -1  # next offset after the batch's usage records (-1: none read)
     rerouted_next: int = -1
-    ids: set[str] = field(default_factory=set)  # new requests, seen from the commit on
+    ids: set[str | bytes] = field(default_factory=set)  # new requests' compact keys
     sums: dict[tuple[str, str, str, str], list[int]] = field(default_factory=dict)
     newest_event_ms: int = -1
     appended: bool = False  # a retried commit must not append this partition's record again
@@ -524,9 +525,10 @@ class HotPath(mode.Service):
             at_home[i] = home == record.partition
             if not at_home[i]:
                 sends.append(asyncio.ensure_future(self._reroute(record, valid[i][1], home)))
-        # dedupe per home partition (the batch being committed counts as seen)
+        # dedupe per home partition (the batch being committed counts as seen), by the
+        # compact key each id is kept under
         in_flight = self._in_flight
-        candidates: dict[str, tuple[UsageEvent, ConsumerRecord]] = {}
+        candidates: dict[str | bytes, tuple[UsageEvent, ConsumerRecord]] = {}
         for (record, event), home in zip(valid, at_home, strict=True):
             if not home:
                 continue
@@ -534,27 +536,22 @@ class HotPath(mode.Service):
             state = self.states[partition]
             if event.event_ms > self._home(batch, partition).newest_event_ms:
                 batch.homes[partition].newest_event_ms = event.event_ms
-            if event.request_id in candidates:
+            key = compact(event.request_id)
+            if key in candidates:
                 batch.copies += 1
-            elif event.request_id in state.seen or (
+            elif state.seen.has(key) or (
                 in_flight is not None
                 and partition in in_flight.homes
                 # a batch voided by a catch-up will not be appended: its ids are not seen
                 and in_flight.homes[partition].epoch == self.epochs.get(partition)
-                and event.request_id in in_flight.homes[partition].ids
+                and key in in_flight.homes[partition].ids
             ):
                 batch.known += 1
             else:
-                candidates[event.request_id] = (event, record)
-        entries = ledger_events(
-            [(event, record.partition, record.offset) for event, record in candidates.values()],
-            self.prices.current,
-            self.dates,
-        )
-        if entries:
-            await self.sink.write_lines([self._raw_line(entry) for entry in entries])
-        for entry, (_, record) in zip(entries, candidates.values(), strict=True):
-            self._add(batch, entry, record)
+                candidates[key] = (event, record)
+        lines = self._add_new(batch, candidates)
+        if lines:
+            await self.sink.write_lines(lines)
         for record in records:
             if record.partition in self.states:
                 home = self._home(batch, record.partition)
@@ -572,25 +569,45 @@ class HotPath(mode.Service):
             home = batch.homes[partition] = HomeBatch(partition, self.epochs.get(partition, 0))
         return home
 
-    def _add(self, batch: PreparedBatch, entry: LedgerEvent, record: ConsumerRecord) -> None:
-        """One new request into its home partition's ids and sums (unless a replay's
-        fence says the replay counted it)."""
-        home = self._home(batch, record.partition)
-        home.ids.add(entry.request_id)
-        state = self.states[record.partition]
-        if state.fences and state.fenced(
-            entry.usage_date, record.topic == self.rerouted_topic, record.offset
-        ):
-            return
-        key = (entry.usage_date, entry.client_org_id, entry.user_id, entry.model)
-        total = home.sums.get(key)
-        if total is None:
-            total = home.sums[key] = [0, 0, 0, 0, 0]
-        total[0] += entry.input_tokens
-        total[1] += entry.output_tokens
-        total[2] += 1
-        total[3] += entry.cost_estimated
-        total[4] += entry.cost_nano
+    def _add_new(
+        self, batch: PreparedBatch, candidates: dict[str | bytes, tuple[UsageEvent, ConsumerRecord]]
+    ) -> list[str]:
+        """The new requests into their home partitions' ids and sums (unless a replay's
+        fence says the replay counted one); returns their raw points' lines. One loop,
+        no object per event: this is most of the hot path's own time."""
+        prices, dates, markup = self.prices.current, self.dates, self.markup
+        rerouted_topic, states = self.rerouted_topic, self.states
+        lines = []
+        for key, (event, record) in candidates.items():
+            day, cost, estimated = bill(event, prices, dates)
+            lines.append(
+                line(
+                    event.request_id,
+                    event.client_org_id,
+                    event.user_id,
+                    event.model,
+                    event.input_tokens,
+                    event.output_tokens,
+                    cost,
+                    markup(cost),
+                    event.event_ms,
+                )
+            )
+            home = batch.homes[record.partition]  # made by the dedupe loop
+            home.ids.add(key)
+            state = states[record.partition]
+            if state.fences and state.fenced(day, record.topic == rerouted_topic, record.offset):
+                continue
+            sum_key = (day, event.client_org_id, event.user_id, event.model)
+            total = home.sums.get(sum_key)
+            if total is None:
+                total = home.sums[sum_key] = [0, 0, 0, 0, 0]
+            total[0] += event.input_tokens
+            total[1] += event.output_tokens
+            total[2] += 1
+            total[3] += estimated
+            total[4] += cost
+        return lines
 
     async def commit(self, batch: PreparedBatch) -> None:
         """Stage 6: one batch-log record per home partition, then metrics and offsets."""
@@ -658,7 +675,7 @@ class HotPath(mode.Service):
         state.log_end = metadata.offset + 1
         home.appended = True
         state.head = ChainHead(metadata.offset, usage_next, rerouted_next, newest)
-        state.seen.add(home.ids, time.time_ns() // 1_000_000)
+        state.seen.add_keys(home.ids, time.time_ns() // 1_000_000)
         return True
 
     async def _commit_kafka(self, batch: PreparedBatch) -> None:
@@ -730,19 +747,6 @@ class HotPath(mode.Service):
                     headers=headers,
                 )
             )
-
-    def _raw_line(self, entry: LedgerEvent) -> str:
-        return line(
-            entry.request_id,
-            entry.client_org_id,
-            entry.user_id,
-            entry.model,
-            entry.input_tokens,
-            entry.output_tokens,
-            entry.cost_nano,
-            self.markup(entry.cost_nano),
-            entry.event_ms,
-        )
 
     # Timers -----------------------------------------------------------------------------
 

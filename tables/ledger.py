@@ -16,7 +16,7 @@ from streams.business_time import UsageDates
 from streams.event import UsageEvent
 from streams.pricing import Price, estimate_cost_nano
 
-__all__ = ["LedgerEvent", "ledger_events"]
+__all__ = ["LedgerEvent", "bill", "ledger_events"]
 
 
 class LedgerEvent(NamedTuple):
@@ -36,6 +36,23 @@ class LedgerEvent(NamedTuple):
     event_ms: int
     partition: int
     offset: int
+
+
+def bill(event: UsageEvent, prices: Mapping[str, Price], dates: UsageDates) -> tuple[str, int, int]:
+    """``(usage_date, cost_nano, estimated)`` of a valid event: the one place where an
+    event gets its usage date and its cost (``cost_usd`` when present, else estimated
+    from the model's latest stored price; no price → 0, still counted in
+    ``estimated_requests``; ``estimated`` is 0/1). The hot path calls it per new request
+    without building a :class:`LedgerEvent`."""
+    cost = event.cost_nano
+    if cost is not None:
+        return dates(event.event_ms)[0], cost, 0
+    price = prices.get(event.model)
+    return (
+        dates(event.event_ms)[0],
+        estimate_cost_nano(event.input_tokens, event.output_tokens, price),
+        1,
+    )
 
 
 def ledger_events(

@@ -61,8 +61,14 @@ class SeenRequests:
     def __contains__(self, request_id: object) -> bool:
         if not isinstance(request_id, str):
             return False
-        key = compact(request_id)
-        return any(key in ids for ids in self._buckets.values())
+        return self.has(compact(request_id))
+
+    def has(self, key: str | bytes) -> bool:
+        """Whether the id kept under ``key`` (:func:`compact`) was seen."""
+        for ids in self._buckets.values():
+            if key in ids:
+                return True
+        return False
 
     def approx_bytes(self, sample: int = 256) -> int:
         """Memory held: the sets' tables exactly, the ids from a sample of their sizes
@@ -90,6 +96,14 @@ class SeenRequests:
         if ids is None:
             ids = self._buckets[bucket] = set()
         ids.update(map(compact, request_ids))
+
+    def add_keys(self, keys: Iterable[str | bytes], recorded_ms: int) -> None:
+        """:meth:`add` for ids already in their :func:`compact` form."""
+        bucket = recorded_ms - recorded_ms % self.bucket_ms + self.bucket_ms
+        ids = self._buckets.get(bucket)
+        if ids is None:
+            ids = self._buckets[bucket] = set()
+        ids.update(keys)
 
     def prune(self, now_ms: int) -> int:
         """Forget buckets whose every id was recorded at least ``ttl_ms`` ago; returns

@@ -72,3 +72,15 @@ def test_any_uuid_round_trips_through_its_key(value: object, upper: bool) -> Non
     seen.add([text], recorded_ms=0)
     assert text in seen
     assert str(value).swapcase() not in seen or str(value).swapcase() == text
+
+
+@given(st.lists(st.one_of(st.uuids().map(str), st.text(min_size=1, max_size=40)), max_size=20))
+def test_keys_added_in_compact_form_are_the_same_ids(ids: list[str]) -> None:
+    """The hot path compacts each id once and uses has()/add_keys() with the key."""
+    by_id, by_key = SeenRequests(ttl_ms=DAY), SeenRequests(ttl_ms=DAY)
+    half = ids[: len(ids) // 2]
+    by_id.add(half, recorded_ms=0)
+    by_key.add_keys([compact(rid) for rid in half], recorded_ms=0)
+    for rid in ids:
+        assert (rid in by_id) == (rid in by_key) == by_key.has(compact(rid)) == (rid in half)
+    assert len(by_id) == len(by_key)
