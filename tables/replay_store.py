@@ -3,7 +3,9 @@
 1. :class:`ReplayStaging` — the replay's own deduplication, spilled to a temporary SQLite
    file next to the summary DB (memory stays bounded for tens of millions of events): one
    row per ``request_id`` (PRIMARY KEY, ``INSERT OR IGNORE``: the first copy read wins),
-   only for events of the replayed date.
+   only for events of the replayed date. A replay that was killed (SIGKILL, the OOM
+   killer, a lost host) cannot remove its file: the next replay on the same directory
+   does (:func:`sweep_abandoned`).
 2. :func:`replace_day` — in ONE ``BEGIN IMMEDIATE`` transaction on the summary DB:
    every ``usage_daily`` row of the date becomes the staged events' totals
    (:func:`tables.summary_store.write_summaries`, rate from
@@ -27,6 +29,9 @@ the model's latest stored price); the worker and the replay share it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
+import os
 import shutil
 import socket
 import sqlite3
@@ -52,7 +57,10 @@ __all__ = [
     "ReplayStaging",
     "RowChange",
     "replace_day",
+    "sweep_abandoned",
 ]
+
+log = logging.getLogger(__name__)
 
 _CLOSED_BY = f"replay@{socket.gethostname()}"
 #: Page cache of each database during the replace (MiB).
@@ -73,11 +81,15 @@ class ReplayStaging:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self._dir = Path(tempfile.mkdtemp(prefix=".replay-", dir=directory))
+        self._dir = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=directory))
         self.path = self._dir / "staging.db"
         self.read = 0  # events of the date offered to add()
         self.unique = 0  # of which distinct request ids
+        self._owner = -1
         try:
+            self._owner = _hold(self._dir)
+            for gone in sweep_abandoned(directory):
+                log.warning("removed %s, left by a replay that did not finish", gone)
             # used by one thread at a time: the replay's staging thread, then the closer
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode = OFF")
@@ -100,6 +112,8 @@ class ReplayStaging:
             )
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
+            if self._owner >= 0:
+                os.close(self._owner)
             raise
 
     @property
@@ -146,12 +160,57 @@ class ReplayStaging:
             self._conn.close()
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
+            if self._owner >= 0:
+                os.close(self._owner)  # after the removal: never swept while in use
+                self._owner = -1
 
     def __enter__(self) -> ReplayStaging:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_PREFIX = ".replay-"
+_OWNER = "owner.lock"
+
+
+def _hold(staging_dir: Path) -> int:
+    """An exclusive ``flock`` on ``staging_dir/owner.lock``, held until the descriptor is
+    closed, which the kernel does when the process dies however it dies. The lock is
+    taken on a file of another name, then renamed: a sweeper never finds ``owner.lock``
+    unlocked while its replay lives."""
+    pending = staging_dir / f"{_OWNER}.new"
+    fd = os.open(pending, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(pending, staging_dir / _OWNER)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sweep_abandoned(directory: Path) -> list[Path]:
+    """Remove the staging directories under ``directory`` whose replay is gone (its
+    ``owner.lock`` can be locked); leave those of running replays, and any without the
+    lock file (one being created). Returns what was removed."""
+    removed: list[Path] = []
+    for candidate in sorted(directory.glob(f"{_PREFIX}*")):
+        try:
+            fd = os.open(candidate / _OWNER, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:  # no lock file: being created, or not a staging directory
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # its replay holds it: running
+                continue
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+        finally:
+            os.close(fd)
+    return removed
 
 
 # The replace --------------------------------------------------------------------------

@@ -208,6 +208,7 @@ def test_replay_killed_after_fencing_holds_the_writer_until_replayed_again(stack
     assert replay_statuses(stack) == {replay_id: "fencing"}
     assert stack.query("SELECT COUNT(*) FROM batch_runs WHERE kind = 'replay'") == [(0,)]
     assert billed_by_date(stack) == billed_before  # the replace never committed
+    assert len(list(stack.db_path.parent.glob(".replay-*"))) == 1  # its dedupe file stays
 
     # the worker comes back: its summary writer stops at the fences and /ready says why,
     # also after a restart, whatever the dead replay had applied
@@ -251,6 +252,8 @@ def test_replay_killed_after_fencing_holds_the_writer_until_replayed_again(stack
     ]
     # the writer met records the second replay had applied, and skipped them
     assert metric(writer, REDELIVERED) > 0
+    # the second replay removed the dead one's dedupe file, and its own
+    assert list(stack.db_path.parent.glob(".replay-*")) == []
 
     # and it goes on: later events of the replayed date (late now) and of another one
     fourth = make_day(day, 100, "d-d", 7) + make_day(other, 100, "d-e", 8)

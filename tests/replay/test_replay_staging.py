@@ -1,0 +1,61 @@
+"""The replay's dedupe file: removed by its replay, or by the next one when its replay was
+killed, never while its replay runs (tables/replay_store.py)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tables.ledger import LedgerEvent
+from tables.replay_store import ReplayStaging, sweep_abandoned
+from tests.harness import REPO
+
+_KILLED = """
+import os, signal, sys
+from pathlib import Path
+from tables.replay_store import ReplayStaging
+staging = ReplayStaging(Path(sys.argv[1]))
+print(staging.path, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def event(request_id: str) -> LedgerEvent:
+    return LedgerEvent(request_id, "2026-11-26", 740_000, "org", "user", "m", 1, 2, 3, 0, 0, 0, 0)
+
+
+def staging_dirs(directory: Path) -> set[Path]:
+    return set(directory.glob(".replay-*"))
+
+
+def test_a_killed_replays_file_goes_with_the_next_replay_and_a_running_ones_stays(
+    tmp_path: Path,
+) -> None:
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED, str(tmp_path)],
+        capture_output=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    dead = Path(killed.stdout.decode().strip()).parent
+    assert dead.is_dir() and staging_dirs(tmp_path) == {dead}
+    creating = tmp_path / ".replay-being-created"  # no owner lock yet: not judged
+    creating.mkdir()
+
+    running = ReplayStaging(tmp_path)
+    try:
+        assert not dead.exists()  # swept when the next replay started
+        assert creating.is_dir()
+        assert running.add([event("a"), event("b"), event("a")]) == 2
+        # another replay starting now (another date) leaves the running one alone
+        with ReplayStaging(tmp_path) as other:
+            assert staging_dirs(tmp_path) == {running.path.parent, other.path.parent, creating}
+        assert sweep_abandoned(tmp_path) == []
+        assert running.add([event("c")]) == 1
+        assert running.unique == 3
+    finally:
+        running.close()
+    assert staging_dirs(tmp_path) == {creating}
