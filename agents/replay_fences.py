@@ -28,24 +28,67 @@ restarted meanwhile too: it starts reading at the stored position, the fence, an
 again. (Had the replay applied its fences, a replay killed between that transaction and
 the replace left the stored position past them: a restarted writer, or one whose position
 had been refreshed from the database, went on past the fences without waiting, and the
-date's events below them were billed by nobody.)
+date's events below them were billed by nobody.) For the same reason a replay of another
+date is refused until then, before it appends a fence (:class:`UnfinishedReplay`, one
+line): it would apply the batch log past the unfinished fences (step 4 applies every
+record before its own), and a writer restarted after that would start past them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from agents.home_state import follow_chain, read_range
+from agents.home_state import ReplayFence, follow_chain, read_range
 from streams.batch_log import BadChainRecord, ChainHead, ChainRecord, Fence, decode_rows_raw, encode
 from streams.broker import kafka_client_kwargs
+from streams.replay_reader import ReplayReadError
 from streams.settings import Settings
 from tables.batch_apply import ApplyResult, BatchApplier, StoredHead
 
-__all__ = ["PartitionFence", "append_fences", "apply_up_to_fences"]
+__all__ = ["PartitionFence", "UnfinishedReplay", "append_fences", "apply_up_to_fences"]
+
+
+class UnfinishedReplay(ReplayReadError):
+    """A replay of another date fenced the batch log past the summary writer's position
+    and has not completed (it is running, or it died after fencing)."""
+
+
+# replays that registered and did not complete, with no later complete replay of their date
+_UNFINISHED = """
+    SELECT r.usage_date, r.replay_id FROM replay_runs r
+    WHERE r.status != 'complete' AND NOT EXISTS (
+        SELECT 1 FROM replay_runs l
+        WHERE l.usage_date = r.usage_date AND l.status = 'complete'
+            AND l.started_at > r.started_at)
+    ORDER BY r.started_at
+"""
+
+
+def _unfinished_replays(path: Path) -> dict[str, str]:
+    """usage date -> the latest unfinished replay of it (``_UNFINISHED``)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+    try:
+        return dict(conn.execute(_UNFINISHED).fetchall())
+    finally:
+        conn.close()
+
+
+def _refuse_past(met: Mapping[str, ReplayFence], unfinished: Mapping[str, str]) -> None:
+    """Raise :class:`UnfinishedReplay` when a fence met is of an unfinished replay's date."""
+    blocking = sorted(set(met) & set(unfinished))
+    if blocking:
+        usage_date = blocking[0]
+        raise UnfinishedReplay(
+            f"replay {unfinished[usage_date]} of {usage_date} has not finished (it is"
+            f" running, or it stopped after fencing): run `usage-stream replay --date"
+            f" {usage_date}` first; nothing changed"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +107,12 @@ async def append_fences(
     usage_ends: Mapping[int, int],
     rerouted_ends: Mapping[int, int],
 ) -> dict[int, PartitionFence]:
-    """One valid fence per batch-log partition (module docstring, step 1)."""
+    """One valid fence per batch-log partition (module docstring, step 1). Raises
+    :class:`UnfinishedReplay` when the log holds, past the stored positions, a fence of
+    another date whose replay has not completed (module docstring), before appending
+    any fence when that fence was there already."""
+    unfinished = await asyncio.to_thread(_unfinished_replays, settings.summary_db_path)
+    unfinished.pop(day, None)  # this replay completes its own date's
     client = kafka_client_kwargs(settings)
     consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **client)
     producer = AIOKafkaProducer(acks="all", **client)
@@ -72,14 +120,26 @@ async def append_fences(
     await producer.start()
     fences: dict[int, PartitionFence] = {}
     try:
+        if unfinished:  # look before appending anything
+            for partition in sorted(usage_ends):
+                stored = heads.get(partition)
+                _, met, _ = await follow_chain(
+                    consumer,
+                    settings.batch_log_topic,
+                    partition,
+                    stored.head if stored else ChainHead(),
+                    stored.next_offset if stored else 0,
+                )
+                _refuse_past(met, unfinished)
         for partition in sorted(usage_ends):
             stored = heads.get(partition)
             head = stored.head if stored else ChainHead()
             start = stored.next_offset if stored else 0
             while True:
-                head, _, end = await follow_chain(
+                head, met, end = await follow_chain(
                     consumer, settings.batch_log_topic, partition, head, start
                 )
+                _refuse_past(met, unfinished)  # one appended since the look
                 usage_end = max(usage_ends[partition], head.usage_next)
                 rerouted_end = max(rerouted_ends.get(partition, 0), head.rerouted_next)
                 fence = Fence(head.offset, replay_id, day, usage_end, rerouted_end)

@@ -238,18 +238,38 @@ def test_replay_killed_after_fencing_holds_the_writer_until_replayed_again(stack
         assert reason in ready(writer)[1]
         time.sleep(0.25)
 
+    # a replay of another date would apply the log past the fences: refused, one line
+    refused = stack.cli("replay", "--date", other.isoformat(), timeout=120)
+    err = refused.stderr.decode()
+    assert refused.returncode == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (
+        f"usage-stream: replay {replay_id} of {replayed} has not finished (it is running, or"
+        f" it stopped after fencing): run `usage-stream replay --date {replayed}` first;"
+        " nothing changed"
+    )
+    assert sorted(fences_of(batch_log(stack), replay_id)) == list(range(PARTITIONS))
+    assert len([r for r in batch_log(stack) if r[2]["type"] == "fence"]) == PARTITIONS
+    # so the writer still waits, restarted or not
+    assert writer.stop() == 0
+    writer = stack.worker().start()
+    writer.wait_assigned()
+    wait_for(lambda: reason in ready(writer)[1], 60, "/ready to name it after a restart")
+    time.sleep(2)
+    assert billed_by_date(stack) == billed_before
+
     # the operator's answer: replay the date again; the writer goes on, nothing twice
     result = stack.cli("replay", "--date", replayed, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
     everything = first + second + third_events
     wait_billed(stack, ground_truth(everything), timeout=60)
     wait_for(lambda: ready(writer)[0] == 200, 30, "/ready 200 once the date is replayed")
-    statuses = replay_statuses(stack)
-    assert statuses.pop(replay_id) == "fencing"  # the dead one's row stays as it was left
-    assert list(statuses.values()) == ["complete"]
-    assert stack.query("SELECT processing_date, success FROM batch_runs WHERE kind = 'replay'") == [
-        (replayed, 1)
-    ]
+    runs = stack.query("SELECT usage_date, status FROM replay_runs ORDER BY started_at")
+    # the dead one's row stays as it was left; the refused one failed
+    assert runs == [(replayed, "fencing"), (other.isoformat(), "failed"), (replayed, "complete")]
+    assert replay_statuses(stack)[replay_id] == "fencing"
+    assert stack.query(
+        "SELECT processing_date, success FROM batch_runs WHERE kind = 'replay' ORDER BY id"
+    ) == [(other.isoformat(), 0), (replayed, 1)]
     # the writer met records the second replay had applied, and skipped them
     assert metric(writer, REDELIVERED) > 0
     # the second replay removed the dead one's dedupe file, and its own
