@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -273,3 +274,42 @@ async def consume_all(
     finally:
         await consumer.stop()
     return records
+
+
+#: one batch of live traffic: its events, and its records (value, key, partition or None)
+Batch = tuple[list[dict], list[tuple[bytes, bytes | None, int | None]]]
+
+
+def live_traffic(
+    broker: EmbeddedBroker,
+    topic: str,
+    batch: Callable[[int], Batch],
+    stop: threading.Event,
+    published: list[dict],
+) -> threading.Thread:
+    """Producers that keep working: in a thread, ``batch(n)``'s records for n = 0, 1, ...
+    every 50 ms, until ``stop`` is set and at least three batches went out. Each batch's
+    events are added to ``published`` once the broker acknowledged them."""
+
+    async def loop() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{broker.port}", linger_ms=2)
+        await producer.start()
+        try:
+            n = 0
+            while not stop.is_set() or n < 3:
+                events, records = batch(n)
+                futures = [
+                    await producer.send(topic, value, key=key, partition=partition)
+                    for value, key, partition in records
+                ]
+                for future in futures:
+                    await future
+                published.extend(events)
+                n += 1
+                await asyncio.sleep(0.05)
+        finally:
+            await producer.stop()
+
+    thread = threading.Thread(target=lambda: asyncio.run(loop()))
+    thread.start()
+    return thread

@@ -36,7 +36,7 @@ from tables.reference import store_model_prices, store_nbp_rates
 from tables.schema import connect
 from tests.ground_truth import WARSAW, local_midnight_ms, on_day
 from tests.ground_truth import ground_truth as expected_rows
-from tests.harness import REPO, Stack, event_ms, wait_for
+from tests.harness import REPO, Batch, Stack, event_ms, live_traffic, wait_for
 
 DAY = date.today() - timedelta(days=10)  # the replayed date; every test day is in the past
 PRICES = {
@@ -492,28 +492,12 @@ def test_replay_while_the_worker_runs(stack: Stack) -> None:
     published: list[dict] = []
     days = [DAY, DAY, DAY - timedelta(days=1), DAY + timedelta(days=2)]
 
-    async def publish_loop() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{stack.broker.port}", linger_ms=2)
-        await producer.start()
-        try:
-            batch_no = 0
-            while not stop.is_set() or batch_no < 3:
-                fresh = make_events(days[batch_no % 4], 40, f"live{batch_no}", 100 + batch_no)
-                fresh += fresh[:5]  # and copies
-                futures = [
-                    await producer.send(stack.topic, orjson.dumps(e), partition=i % 4)
-                    for i, e in enumerate(fresh)
-                ]
-                for future in futures:
-                    await future
-                published.extend(fresh)
-                batch_no += 1
-                await asyncio.sleep(0.05)
-        finally:
-            await producer.stop()
+    def batch(n: int) -> Batch:
+        fresh = make_events(days[n % 4], 40, f"live{n}", 100 + n)
+        fresh += fresh[:5]  # and copies
+        return fresh, [(orjson.dumps(e), None, i % 4) for i, e in enumerate(fresh)]
 
-    publisher = threading.Thread(target=lambda: asyncio.run(publish_loop()))
-    publisher.start()
+    publisher = live_traffic(stack.broker, stack.topic, batch, stop, published)
     try:
         process = subprocess.run(
             [sys.executable, "-m", "streams", "replay", "--date", DAY.isoformat()],

@@ -20,14 +20,14 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.harness import REPO, Stack, Worker, http_get, wait_for
+from tests.harness import REPO, Batch, Stack, Worker, http_get, live_traffic, wait_for
 from tests.scale.helpers import (
     PARTITIONS,
     Record,
@@ -285,40 +285,6 @@ def test_replay_killed_after_fencing_holds_the_writer_until_replayed_again(stack
 # 2 -------------------------------------------------------------------------------------
 
 
-def live_traffic(
-    stack: Stack, days: list[date], stop: threading.Event, published: list[dict]
-) -> threading.Thread:
-    """Produce batches of new events of ``days`` (in turn) until ``stop``, each with copies
-    of its own and of earlier batches' events on other partitions, some unkeyed."""
-
-    async def loop() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{stack.broker.port}", linger_ms=2)
-        await producer.start()
-        rng = random.Random(31)
-        try:
-            batch_no = 0
-            while not stop.is_set() or batch_no < 3:
-                fresh = make_day(days[batch_no % len(days)], 40, f"live{batch_no}", 300 + batch_no)
-                records, _ = spread(fresh, 0.1, seed=400 + batch_no)
-                for event in rng.sample(published, min(3, len(published))):
-                    records.append((orjson.dumps(event), None, rng.randrange(PARTITIONS)))
-                futures = [
-                    await producer.send(stack.topic, value, key=key, partition=partition)
-                    for value, key, partition in records
-                ]
-                for future in futures:
-                    await future
-                published.extend(fresh)
-                batch_no += 1
-                await asyncio.sleep(0.05)
-        finally:
-            await producer.stop()
-
-    thread = threading.Thread(target=lambda: asyncio.run(loop()))
-    thread.start()
-    return thread
-
-
 def test_replay_while_a_non_writer_host_and_producers_keep_working(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -343,7 +309,18 @@ def test_replay_while_a_non_writer_host_and_producers_keep_working(
     stop = threading.Event()
     published: list[dict] = []
     days = [day, today - timedelta(days=5), day, today - timedelta(days=3)]
-    traffic = live_traffic(stack, days, stop, published)
+    rng = random.Random(31)
+
+    def batch(n: int) -> Batch:
+        """New events of ``days`` in turn, with copies of their own and of earlier
+        batches' events on other partitions, some unkeyed."""
+        fresh = make_day(days[n % len(days)], 40, f"live{n}", 300 + n)
+        records, _ = spread(fresh, 0.1, seed=400 + n)
+        for event in rng.sample(published, min(3, len(published))):
+            records.append((orjson.dumps(event), None, rng.randrange(PARTITIONS)))
+        return fresh, records
+
+    traffic = live_traffic(stack.broker, stack.topic, batch, stop, published)
     try:
         wait_for(lambda: len(published) >= 80, 30, "live traffic")
         before = len(published)
