@@ -271,6 +271,8 @@ class HotPath(mode.Service):
             log.warning("hot path: stopping with a batch in flight; it will be redelivered")
         if self.consumer is not None:
             await self.consumer.stop()
+        if self.rebuilder is not None:
+            await self.rebuilder.stop()
         if self.producer is not None:
             await self.producer.stop()
         await self.sink.close()
