@@ -21,6 +21,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "replay_vs_raw": (">=", 0.5),
     "worker_peak_rss_mb": ("<=", 600.0),
     "dedupe_bytes_per_id": ("<=", 100.0),
+    # with --baseline: this commit's worker against the baseline's in the same run (issue 9's
+    # "no regression for a single worker"; 5 % is this machine's run-to-run noise)
+    "worker_vs_baseline": (">=", 0.95),
 }
 
 
@@ -62,6 +65,11 @@ def _judged_values(run: RunResult, runs: dict[str, RunResult]) -> dict[str, floa
             "worker_vs_noop": vs_noop,
             "worker_peak_rss_mb": run.peak_rss_mb,
             "dedupe_bytes_per_id": float(per_id) if isinstance(per_id, int | float) else None,
+            **(
+                {"worker_vs_baseline": _ratio(run.events_per_s, runs["worker_baseline"])}
+                if run.name == "worker_file" and "worker_baseline" in runs
+                else {}
+            ),
         }
     if run.kind == "replay":
         return {"replay_vs_raw": vs_raw}
@@ -111,6 +119,11 @@ def run_line(run: RunResult, runs: dict[str, RunResult]) -> str:
         parts.append(
             f"dedupe {_number(per_id, ',.1f')} B/id" + verdict("dedupe_bytes_per_id", " B")
         )
+        if "worker_vs_baseline" in judged:
+            parts.append(
+                f"{_number(judged['worker_vs_baseline'], '.2f')}x baseline"
+                + verdict("worker_vs_baseline")
+            )
     return " | ".join(parts)
 
 

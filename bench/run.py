@@ -64,6 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-influx", action="store_true", help="no InfluxDB worker run")
     parser.add_argument("--skip-replay", action="store_true", help="no replay run")
     parser.add_argument(
+        "--baseline",
+        metavar="GIT_REF",
+        default=None,
+        help="also run the worker of this commit (a temporary git worktree) on the same"
+        " topic, file sink: worker_file / worker_baseline shows a regression or none",
+    )
+    parser.add_argument(
         "--keep-work", action="store_true", help="keep the work directory (data dirs, logs)"
     )
     args = parser.parse_args(argv)
@@ -93,6 +100,8 @@ def _worker(
     expected: Expected,
     work: Path,
     extra: dict[str, str] | None = None,
+    cwd: Path = REPO,
+    kind: str = "worker",
 ) -> tuple[RunResult, list[Check], dict[str, str]]:
     """One worker run with its own data dir, consumer group (APP_ID) and port."""
     env = worker_env(
@@ -107,12 +116,43 @@ def _worker(
     (work / name).mkdir(parents=True, exist_ok=True)
     say(f"{label}: starting the worker ({expected.records:,} records to process)")
     timeout = 120 + expected.records / 1000  # at least 1k records/s, the old worker's pace
-    result, checks = run_worker(name, label, env, expected, work / name / "worker.log", timeout)
+    result, checks = run_worker(
+        name, label, env, expected, work / name / "worker.log", timeout, cwd=cwd, kind=kind
+    )
     say(
         f"{label}: done: {result.events_per_s or 0:,.0f} records/s"
         + (f"; ERROR {result.error.splitlines()[0]}" if result.error else "")
     )
     return result, checks, env
+
+
+def _baseline_run(
+    ref: str, broker: EmbeddedBroker, expected: Expected, work: Path
+) -> tuple[RunResult, list[Check]]:
+    """The worker of commit ``ref`` from a temporary git worktree (same interpreter and
+    packages), file sink, on the same topic: the single-worker comparison of one run."""
+    tree = work / "baseline-src"
+    label = f"worker at {ref} (baseline), file sink"
+    added = subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), ref],
+        capture_output=True,
+        text=True,
+    )
+    if added.returncode != 0:
+        result = RunResult("worker_baseline", label, "baseline")
+        result.error = f"git worktree add {ref}: {added.stderr.strip()}"
+        return result, []
+    try:
+        result, checks, _ = _worker(
+            "worker_baseline", label, broker, expected, work, cwd=tree, kind="baseline"
+        )
+        result.details["git_ref"] = ref
+        return result, checks
+    finally:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+            capture_output=True,
+        )
 
 
 def _influx_run(
@@ -187,6 +227,11 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
         if file_run.error is None:
             raw_dir = Path(file_env["DATA_DIR"]) / "raw"
             file_run.details["raw_file_points"] = raw_file_points(raw_dir)
+
+        if args.baseline:
+            baseline, baseline_checks = _baseline_run(args.baseline, broker, expected, work)
+            runs[baseline.name] = baseline
+            checks += baseline_checks
 
         if args.skip_replay:
             runs["replay"] = RunResult(

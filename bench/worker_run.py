@@ -101,14 +101,22 @@ def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
 
 
 def processed_offsets(db: Path, topic: str) -> int:
-    """``SUM(usage_next)`` over the batch log's partitions; 0 while there is none."""
+    """``SUM(usage_next)`` over the batch log's partitions; 0 while there is none. A
+    summary DB of the single-file design (a ``--baseline`` run of an older commit) has
+    ``source_offsets`` instead."""
     if not db.exists():
         return 0
     try:
         with read_only(db) as conn:
-            (done,) = conn.execute(
-                "SELECT COALESCE(SUM(usage_next), 0) FROM batch_log_heads"
-            ).fetchone()
+            if _table_exists(conn, "batch_log_heads"):
+                (done,) = conn.execute(
+                    "SELECT COALESCE(SUM(usage_next), 0) FROM batch_log_heads"
+                ).fetchone()
+            else:
+                (done,) = conn.execute(
+                    "SELECT COALESCE(SUM(next_offset), 0) FROM source_offsets WHERE topic = ?",
+                    (topic,),
+                ).fetchone()
         return int(done)
     except sqlite3.OperationalError:  # no table yet, or the file is still being created
         return 0
@@ -247,16 +255,19 @@ def run_worker(
     log_path: Path,
     timeout: float,
     progress: bool = True,
+    cwd: Path = REPO,
+    kind: str = "worker",
 ) -> tuple[RunResult, list[Check]]:
-    """Run one worker until every record is processed, check its counts, stop it."""
-    result = RunResult(name, label, "worker")
+    """Run one worker until every record is processed, check its counts, stop it.
+    ``cwd``: the checkout whose code runs (``python -m streams`` imports from it)."""
+    result = RunResult(name, label, kind)
     db = Path(env["DATA_DIR"]) / "usage.db"
     topic, port = env["USAGE_TOPIC"], int(env["WEB_PORT"])
     with log_path.open("wb") as log:
         child = Child(
             [sys.executable, "-m", "streams", "worker", "--loglevel", "warn"],
             env=env,
-            cwd=REPO,
+            cwd=cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
