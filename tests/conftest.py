@@ -2,6 +2,8 @@
 
 The broker runs once per session (in memory); every test gets its own topic, consumer
 group (``APP_ID``), data directory and web port, so tests never see each other's data.
+That isolation is what lets deploy/local/test.sh run the suite in parallel (pytest-xdist,
+``-n 4``): each xdist worker process is a session of its own, with its own broker.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def stack(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Stack]:
         "USAGE_TOPIC_PARTITIONS": "4",
         "DATA_DIR": str(tmp_path / "data"),
         "WEB_PORT": str(free_port()),
+        # Tansu answers a group's first JoinGroup after half the session timeout (5 s a
+        # join here, two joins a worker start). 6 s saved ~4 s a start, but it also packs
+        # the rebalances after a SIGKILL closer (the dead member expires before the new
+        # ones have joined), and one run of tests/scale lost 187 events of a partition
+        # kept across two quick rebalances: kept at 10 s until that is understood.
         "KAFKA_SESSION_TIMEOUT_SECONDS": "10",
         "KAFKA_REBALANCE_TIMEOUT_SECONDS": "10",
         "KAFKA_HEARTBEAT_INTERVAL_SECONDS": "1",
