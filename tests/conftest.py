@@ -2,8 +2,9 @@
 
 The broker runs once per session (in memory); every test gets its own topic, consumer
 group (``APP_ID``), data directory and web port, so tests never see each other's data.
-That isolation is what lets deploy/local/test.sh run the suite in parallel (pytest-xdist,
-``-n 4``): each xdist worker process is a session of its own, with its own broker.
+That isolation is what lets the suite run in parallel (pytest-xdist, ``TEST_WORKERS=4 bash
+deploy/local/test.sh``): each xdist worker process is a session of its own, with its own
+broker.
 """
 
 from __future__ import annotations
