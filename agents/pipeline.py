@@ -66,7 +66,7 @@ from aiokafka.structs import OffsetAndMetadata
 from agents.home_state import HomePartition, Rebuilder
 from agents.prices_feed import PricesFeed
 from streams.app import app, settings
-from streams.batch_log import BatchEntry, ChainHead, SumRow, encode
+from streams.batch_log import BatchEntry, ChainHead, encode
 from streams.broker import kafka_client_kwargs
 from streams.business_time import UsageDates
 from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_events
@@ -219,6 +219,8 @@ class HotPath(mode.Service):
         self.epochs: dict[int, int] = {}
         self.committed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
         self._seeks: dict[TopicPartition, int] = {}  # seeks we made, per partition
+        self._next_read: dict[TopicPartition, int] = {}  # where the next record must be
+        self._gaps: dict[TopicPartition, tuple[int, int]] = {}  # last (expected, found)
         self.prices = PricesFeed(settings)
         self._in_flight: PreparedBatch | None = None
         self._committing: asyncio.Future[None] | None = None
@@ -294,15 +296,23 @@ class HotPath(mode.Service):
                 lambda p=partition: self.rebuilder.catch_up(self.states.get(p), p),  # type: ignore[union-attr]
                 None,
             )
+            offsets = await self._head_offsets(state)
+            # from here to the seeks without an await: the loop fetches while this
+            # callback runs, and a record of an owned partition read from anywhere but the
+            # head would be claimed as read from the head on (lost, if this worker died
+            # before reading the stretch in between)
             self.states[partition] = state
             self.owned.add(partition)
             self.epochs[partition] = self.epochs.get(partition, 0) + 1
-            await self._seek_to_head(state)
+            self._move_to_head(state, offsets)
         log.info("hot path: assigned home partitions %s", homes)
 
-    async def _seek_to_head(self, state: HomePartition) -> None:
+    async def _head_offsets(self, state: HomePartition) -> dict[TopicPartition, int]:
+        """Where the partition's usage and rerouted records are read from: the chain
+        head's positions, or each partition's first offset while there is no chain."""
         assert self.consumer is not None
         head = state.head
+        offsets = {}
         for topic, offset in (
             (self.topic, head.usage_next),
             (self.rerouted_topic, head.rerouted_next),
@@ -310,12 +320,25 @@ class HotPath(mode.Service):
             tp = TopicPartition(topic, state.partition)
             if tp not in self.consumer.assignment():
                 continue
-            self._seeks[tp] = self._seeks.get(tp, 0) + 1
             if head.offset < 0:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, offset)
-                self.committed[(topic, state.partition)] = offset
+                offset = (await self.consumer.beginning_offsets([tp]))[tp]
+            offsets[tp] = offset
+        return offsets
+
+    def _move_to_head(self, state: HomePartition, offsets: dict[TopicPartition, int]) -> None:
+        """Seek to :meth:`_head_offsets` (synchronous, see :meth:`partitions_assigned`)."""
+        for tp, offset in offsets.items():
+            if state.head.offset >= 0:
+                self.committed[(tp.topic, tp.partition)] = offset
+            self._seek(tp, offset)
+
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        """Move ``tp`` to ``offset``: what was fetched before is dropped (``_seeks``),
+        and the next records read must start there (``_next_read``)."""
+        assert self.consumer is not None
+        self._seeks[tp] = self._seeks.get(tp, 0) + 1
+        self.consumer.seek(tp, offset)
+        self._next_read[tp] = offset
 
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         """Finish the append in flight (briefly); the states stay for a later return."""
@@ -429,18 +452,46 @@ class HotPath(mode.Service):
                     records.extend(partition_records)
             if not fetched and not records:
                 break
-        # a partition moved back while this batch was collected (to its chain head on a
-        # rebalance or a lost append, or to a fence): what was fetched before that seek
-        # comes again after it
-        stale = [
-            (start, start + count)
-            for tp, seeks, start, count in fetched_at
-            if self._seeks.get(tp, 0) != seeks
-        ]
-        if stale:
-            drop = {i for start, end in stale for i in range(start, end)}
-            records = [record for i, record in enumerate(records) if i not in drop]
-        return records
+        kept: list[ConsumerRecord] = []
+        moved: set[TopicPartition] = set()
+        for tp, seeks, start, count in fetched_at:
+            chunk = records[start : start + count]
+            # a partition moved back while this batch was collected (to its chain head on
+            # a rebalance or a lost append, or to a fence): what was fetched before that
+            # seek comes again after it
+            if tp in moved or self._seeks.get(tp, 0) != seeks:
+                continue
+            if not self._follows_on(tp, chunk[0].offset):
+                moved.add(tp)
+                continue
+            self._next_read[tp] = chunk[-1].offset + 1
+            kept.extend(chunk)
+        return kept
+
+    def _follows_on(self, tp: TopicPartition, first: int) -> bool:
+        """Whether records starting at ``first`` follow what was read (or the seek) of
+        ``tp``. A batch's positions are claimed as read in the batch log, so a skipped
+        stretch would be claimed unread: its events would never be billed, and a worker
+        rebuilding the partition would take their ids as seen. So on a gap the partition
+        is read again from the expected offset; a gap that comes back the same is the
+        log's own (compaction, transaction markers) and is taken."""
+        expected = self._next_read.get(tp)
+        if expected is None:  # (every owned partition was sought; the head decides anyway)
+            head = self.states[tp.partition].head
+            expected = head.usage_next if tp.topic == self.topic else head.rerouted_next
+        if first <= expected or self._gaps.get(tp) == (expected, first):
+            return True
+        log.warning(
+            "hot path: %s %d: fetched from offset %d, expected %d; reading again from %d",
+            tp.topic,
+            tp.partition,
+            first,
+            expected,
+            expected,
+        )
+        self._gaps[tp] = (expected, first)
+        self._seek(tp, expected)
+        return False
 
     def _order_for_fences(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
         """Below a replay's fence, read every copy before any copy above it.
@@ -481,9 +532,7 @@ class HotPath(mode.Service):
                 elif record.topic not in held:
                     held[record.topic] = record.offset
             for topic, offset in held.items():
-                tp = TopicPartition(topic, partition)
-                self.consumer.seek(tp, offset)
-                self._seeks[tp] = self._seeks.get(tp, 0) + 1
+                self._seek(TopicPartition(topic, partition), offset)
         kept += [record for record in records if record.partition not in fenced]
         return kept + later
 
@@ -554,13 +603,13 @@ class HotPath(mode.Service):
         lines = self._add_new(batch, candidates)
         if lines:
             await self.sink.write_lines(lines)
-        for record in records:
-            if record.partition in self.states:
-                home = self._home(batch, record.partition)
-                if record.topic == self.topic:
-                    home.usage_next = max(home.usage_next, record.offset + 1)
+        for (topic, partition), next_offset in batch.offsets.items():
+            if partition in self.states:
+                home = self._home(batch, partition)
+                if topic == self.topic:
+                    home.usage_next = max(home.usage_next, next_offset)
                 else:
-                    home.rerouted_next = max(home.rerouted_next, record.offset + 1)
+                    home.rerouted_next = max(home.rerouted_next, next_offset)
         if sends:
             await asyncio.gather(*sends)
         return batch
@@ -621,8 +670,10 @@ class HotPath(mode.Service):
                 state = self.states[home.partition]
                 self.epochs[home.partition] = self.epochs.get(home.partition, 0) + 1
                 assert self.rebuilder is not None
-                self.states[home.partition] = await self.rebuilder.catch_up(state, home.partition)
-                await self._seek_to_head(self.states[home.partition])
+                state = await self.rebuilder.catch_up(state, home.partition)
+                offsets = await self._head_offsets(state)
+                self.states[home.partition] = state
+                self._move_to_head(state, offsets)
         EVENTS_CONSUMED.inc(batch.records)
         for reason, count in batch.invalid.items():
             EVENTS_INVALID.labels(reason=reason).inc(count)
@@ -649,7 +700,9 @@ class HotPath(mode.Service):
             and (rerouted_next == head.rerouted_next)
         ):
             return True  # nothing new for this partition
-        rows = [SumRow(*key, *total) for key, total in home.sums.items()]
+        # plain tuples encode exactly as SumRow (an array-like struct), without an object
+        # per (date, key)
+        rows = [(*key, *total) for key, total in home.sums.items()]
         newest = max(head.newest_event_ms, home.newest_event_ms)
         entry = BatchEntry(
             head.offset,

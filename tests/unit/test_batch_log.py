@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from streams.batch_log import (
@@ -66,3 +67,10 @@ def test_following_from_a_checkpoint() -> None:
     assert not chain.accept(42, entry(40, 480, 520))
     assert chain.accept(43, BatchEntry(41, 500, 520, 7, 9, 900, [ROW]))
     assert chain.head == ChainHead(43, 520, 9, 1_000)
+
+
+def test_rows_given_as_tuples_encode_as_sum_rows() -> None:
+    """The hot path hands plain tuples to the encoder (no SumRow per (date, key))."""
+    as_tuple = BatchEntry(3, 0, 1, 0, 0, 5, [tuple(msgspec.structs.astuple(ROW))], "w")
+    assert encode(as_tuple) == encode(BatchEntry(3, 0, 1, 0, 0, 5, [ROW], "w"))
+    assert decode(encode(as_tuple)).rows == [ROW]
