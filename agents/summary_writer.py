@@ -97,6 +97,11 @@ class SummaryWriter(mode.Service):
     async def on_stop(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
+
+    async def on_shutdown(self) -> None:
+        """After mode has cancelled ``_apply`` (``on_stop`` runs before that): shutting
+        the executor down in ``on_stop`` made an ``_apply`` still running fail with
+        "cannot schedule new futures after shutdown", and the worker exit 1 on SIGTERM."""
         self._executor.submit(self.applier.close)
         self._executor.shutdown(wait=False)
 
