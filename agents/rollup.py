@@ -109,4 +109,7 @@ async def rollup() -> None:
     try:
         await run_rollup(await summary_db(), day_closer())
     except Exception:  # the next tick retries; pending keys stay pending
+        if app.should_stop:  # the shared connection was closed under the pass
+            log.info("rollup pass cut short by the shutdown; the next start does it again")
+            return
         log.exception("rollup pass failed")
