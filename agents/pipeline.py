@@ -63,6 +63,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import ConsumerStoppedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
+from agents.conditions import ConditionLog, until_done
 from agents.home_state import HomePartition, Rebuilder
 from agents.prices_feed import PricesFeed
 from streams.app import app, settings
@@ -96,70 +97,6 @@ STOP_GRACE_SECONDS = 10.0
 RAW_MAINTENANCE_SECONDS = 300.0
 PRUNE_SECONDS = max(1.0, min(3600.0, settings.DEDUP_TTL_DAYS * 86_400 / 16))
 _WORKER = f"{socket.gethostname()}/{os.getpid()}"
-
-
-def reported(error: BaseException) -> BaseException:
-    """The error worth reporting: on a full disk (SQLITE_FULL) or an I/O error SQLite
-    rolls the transaction back itself, so the ledger's ``ROLLBACK`` then fails with
-    "cannot rollback - no transaction is active", and the real error (``database or disk
-    is full``) is only that exception's ``__context__``."""
-    while "no transaction is active" in str(error) and error.__context__ is not None:
-        error = error.__context__
-    return error
-
-
-class ConditionLog:
-    """One log line when a condition starts, a summary at most every ``repeat_seconds``
-    while it lasts, one line when it ends.
-
-    The hot path retries a failing stage forever (every 1-8 s) and the fetch loop every
-    second; a line per attempt would bury the one that says what is wrong (a full disk, a
-    locked database, a frozen broker) under hundreds of copies. A condition is identified
-    by a name (``"commit"``, ``"fetch"``...); a different error text for the same name is
-    the same condition (the error of the latest attempt is kept for the summary).
-    """
-
-    def __init__(self, logger: logging.Logger, repeat_seconds: float = 60.0) -> None:
-        self.log = logger
-        self.repeat_seconds = repeat_seconds
-        # name -> [first failure (monotonic), last summary (monotonic), attempts, error]
-        self._active: dict[str, list[Any]] = {}
-
-    def failed(self, name: str, message: str, error: object, level: int = logging.ERROR) -> None:
-        """An attempt failed: log it if the condition is new, or summarise once a while."""
-        now = time.monotonic()
-        state = self._active.get(name)
-        if state is None:
-            self._active[name] = [now, now, 1, str(error)]
-            self.log.log(level, "hot path: %s: %s (retrying; reported once)", message, error)
-            return
-        state[2] += 1
-        state[3] = str(error)
-        if now - state[1] >= self.repeat_seconds:
-            state[1] = now
-            self.log.log(
-                level,
-                "hot path: %s: still failing after %d attempts in %.0f s: %s",
-                message,
-                state[2],
-                now - state[0],
-                error,
-            )
-
-    def recovered(self, name: str, message: str) -> None:
-        """An attempt succeeded: close the condition (one line, only if it was open)."""
-        state = self._active.pop(name, None)
-        if state is not None:
-            self.log.warning(
-                "hot path: %s: recovered after %d failed attempts in %.0f s",
-                message,
-                state[2],
-                time.monotonic() - state[0],
-            )
-
-    def active(self) -> dict[str, str]:
-        """Open conditions: name -> the latest error text."""
-        return {name: state[3] for name, state in self._active.items()}
 
 
 @dataclass(slots=True)
@@ -539,18 +476,13 @@ class HotPath(mode.Service):
     async def _until_done(self, stage: str, step: Any, argument: Any) -> Any:
         """Run a stage until it succeeds: a failing sink or broker stalls the batch here
         (nothing is appended), never drops it."""
-        delay = 1.0
-        message = f"{stage} of a batch failed"
-        while True:
-            try:
-                result = await (step(argument) if argument is not None else step())
-            except (sqlite3.Error, OSError, KafkaError, TimeoutError) as error:
-                self.conditions.failed(stage, message, reported(error))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 8.0)
-            else:
-                self.conditions.recovered(stage, message)
-                return result
+        return await until_done(
+            self.conditions,
+            stage,
+            f"{stage} of a batch failed",
+            lambda: step(argument) if argument is not None else step(),
+            (sqlite3.Error, OSError, KafkaError, TimeoutError),
+        )
 
     async def prepare(self, records: Sequence[ConsumerRecord]) -> PreparedBatch:
         """Stages 1-5 (module docstring)."""

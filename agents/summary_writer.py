@@ -26,6 +26,7 @@ import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
+from agents.conditions import ConditionLog, until_done
 from streams.app import app, settings
 from streams.batch_log import (
     BadChainRecord,
@@ -58,7 +59,7 @@ class SummaryWriter(mode.Service):
         self.consumer: AIOKafkaConsumer | None = None
         self.closer = day_closer()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "summary-writer")
-        self.failing: str | None = None
+        self.conditions = ConditionLog(log, "summary writer")
         self.next_offsets: dict[int, int] = {}
         # partition -> the fence it waits at (a replay of that date not complete yet)
         self.blocked: dict[int, Fence] = {}
@@ -113,7 +114,6 @@ class SummaryWriter(mode.Service):
     @mode.Service.task
     async def _apply(self) -> None:
         assert self.consumer is not None
-        delay = 1.0
         while not self.should_stop:
             try:
                 fetched = await self.consumer.getmany(
@@ -149,20 +149,14 @@ class SummaryWriter(mode.Service):
                     records.append((tp.partition, record.offset, decoded))
             if not records:  # "behind" stays as the last records said
                 continue
-            while True:  # never skip a fetched group: retry until the DB takes it
-                try:
-                    result, heads = await self._in_db(self.applier.apply, records)
-                except (sqlite3.Error, OSError) as error:
-                    if self.failing is None:
-                        log.error("summary writer: applying failed (retrying): %s", error)
-                    self.failing = str(error)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 8.0)
-                    continue
-                if self.failing is not None:
-                    log.warning("summary writer: applying recovered")
-                self.failing, delay = None, 1.0
-                break
+            # never skip a fetched group: retry until the DB takes it
+            result, heads = await until_done(
+                self.conditions,
+                "apply",
+                "applying batch-log records failed",
+                lambda records=records: self._in_db(self.applier.apply, records),
+                (sqlite3.Error, OSError),
+            )
             PARTIALS_APPLIED.inc(result.applied)
             if result.redelivered:
                 PARTIALS_SKIPPED.labels(reason="redelivered").inc(result.redelivered)
@@ -199,6 +193,11 @@ class SummaryWriter(mode.Service):
                     partition,
                     fence.replay_id,
                 )
+
+    @property
+    def failing(self) -> str | None:
+        """The error of the apply being retried, for ``/ready`` (None when it works)."""
+        return self.conditions.active().get("apply")
 
     def waiting_reason(self) -> str | None:
         """For /ready: partitions held at the fence of a replay still running (or failed
