@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tables.ledger import LedgerEvent
 from tables.replay_store import ReplayStaging, sweep_abandoned
 from tests.harness import REPO
@@ -59,3 +63,44 @@ def test_a_killed_replays_file_goes_with_the_next_replay_and_a_running_ones_stay
     finally:
         running.close()
     assert staging_dirs(tmp_path) == {creating}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["r1", "r2", 'r"3\\', "r\x004", "żółw-5"]),
+            st.sampled_from(["org", 'o"rg\\', "org\x00", "żółw", "a\nb"]),
+            st.integers(0, 10**12),
+            st.integers(0, 10**15),
+        ),
+        max_size=25,
+    )
+)
+def test_staging_keeps_the_first_copy_of_each_request_exactly(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[tuple[str, str, int, int]]
+) -> None:
+    """Rows go to SQLite as one JSON statement (an escaped NUL falls back to bound values):
+    the same strings and integers come back, and the first copy of a request wins."""
+    entries = [
+        LedgerEvent(rid, "2026-11-26", 740_000, org, "user", "m", tokens, 2, cost, 0, 0, i, i)
+        for i, (rid, org, tokens, cost) in enumerate(rows)
+    ]
+    with ReplayStaging(tmp_path_factory.mktemp("staging")) as staging:
+        half = len(entries) // 2
+        added = staging.add(entries[:half]) + staging.add(entries[half:])
+        stored = {
+            row[0]: row
+            for row in staging._conn.execute(
+                "SELECT request_id, client_org_id, input_tokens, cost_nano, source_offset"
+                " FROM staged"
+            )
+        }
+    first: dict[str, LedgerEvent] = {}
+    for entry in entries:
+        first.setdefault(entry.request_id, entry)
+    assert added == len(first) == staging.unique and staging.read == len(entries)
+    assert stored == {
+        rid: (rid, e.client_org_id, e.input_tokens, e.cost_nano, e.offset)
+        for rid, e in first.items()
+    }
