@@ -103,7 +103,9 @@ def influx_counts(influx: InfluxServer) -> tuple[int, int]:
     if not series:
         return 0, 0
     _, points, distinct = series[0]["values"][0]
-    return int(points), int(distinct)
+    # influxd 1.6 answered a count of null once while points were being written (a
+    # parallel run): no count yet, not a failure
+    return int(points or 0), int(distinct or 0)
 
 
 def lag(worker: Worker) -> float:
