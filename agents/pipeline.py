@@ -562,7 +562,7 @@ class HotPath(mode.Service):
         rerouted_topic, states = self.rerouted_topic, self.states
         lines = []
         for key, (event, record) in candidates.items():
-            day, cost, estimated = bill(event, prices, dates)
+            day, _, cost, estimated = bill(event, prices, dates)
             lines.append(
                 line(
                     event.request_id,

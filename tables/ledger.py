@@ -38,21 +38,20 @@ class LedgerEvent(NamedTuple):
     offset: int
 
 
-def bill(event: UsageEvent, prices: Mapping[str, Price], dates: UsageDates) -> tuple[str, int, int]:
-    """``(usage_date, cost_nano, estimated)`` of a valid event: the one place where an
-    event gets its usage date and its cost (``cost_usd`` when present, else estimated
-    from the model's latest stored price; no price → 0, still counted in
-    ``estimated_requests``; ``estimated`` is 0/1). The hot path calls it per new request
-    without building a :class:`LedgerEvent`."""
+def bill(
+    event: UsageEvent, prices: Mapping[str, Price], dates: UsageDates
+) -> tuple[str, int, int, int]:
+    """``(usage_date, usage_day, cost_nano, estimated)`` of a valid event: the one place
+    where an event gets its usage date (and its ordinal) and its cost (``cost_usd`` when
+    present, else estimated from the model's latest stored price; no price → 0, still
+    counted in ``estimated_requests``; ``estimated`` is 0/1). The hot path calls it per
+    new request without building a :class:`LedgerEvent`; :func:`ledger_events` too."""
+    day, ordinal = dates(event.event_ms)
     cost = event.cost_nano
     if cost is not None:
-        return dates(event.event_ms)[0], cost, 0
+        return day, ordinal, cost, 0
     price = prices.get(event.model)
-    return (
-        dates(event.event_ms)[0],
-        estimate_cost_nano(event.input_tokens, event.output_tokens, price),
-        1,
-    )
+    return day, ordinal, estimate_cost_nano(event.input_tokens, event.output_tokens, price), 1
 
 
 def ledger_events(
@@ -60,19 +59,11 @@ def ledger_events(
     prices: Mapping[str, Price],
     dates: UsageDates,
 ) -> list[LedgerEvent]:
-    """Valid events read at ``(event, partition, offset)`` as ledger rows: the one place
-    where an event gets its usage date and its cost (``cost_usd`` when present, else
-    estimated from the model's latest stored price; no price → 0, still counted in
-    ``estimated_requests``). The worker and the replay share it."""
+    """Valid events read at ``(event, partition, offset)`` as ledger rows (date and cost
+    from :func:`bill`), for the replay's staging."""
     entries = []
     for event, partition, offset in located:
-        cost = event.cost_nano
-        estimated = cost is None
-        if cost is None:
-            cost = estimate_cost_nano(
-                event.input_tokens, event.output_tokens, prices.get(event.model)
-            )
-        day, ordinal = dates(event.event_ms)
+        day, ordinal, cost, estimated = bill(event, prices, dates)
         entries.append(
             LedgerEvent(
                 event.request_id,
@@ -84,7 +75,7 @@ def ledger_events(
                 event.input_tokens,
                 event.output_tokens,
                 cost,
-                1 if estimated else 0,
+                estimated,
                 event.event_ms,
                 partition,
                 offset,
