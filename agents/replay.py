@@ -18,8 +18,9 @@
    membership of the date. Like the live pipeline, a usage event counts where it is at
    home (streams/partitioning.py); a copy read elsewhere counts through its rerouted copy.
 3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins; memory
-   stays bounded) and price events without ``cost_usd`` like the worker
-   (:func:`tables.ledger.ledger_events`).
+   stays bounded), price events without ``cost_usd`` like the worker
+   (:func:`tables.ledger.ledger_events`) and fold the first copies into the date's sums
+   per summary key, in memory.
 4. Take the date over from the live pipeline (agents/replay_fences.py): a fence in every
    home partition's batch log, the records the workers read past the replay's end
    snapshot, every batch-log record up to the fences applied.
@@ -70,9 +71,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date
 from typing import ClassVar, NoReturn, TextIO
 
 from faust.cli import AppCommand, option
@@ -258,129 +258,6 @@ def _change_line(change: object) -> str:
     return f"  {change.kind} {key}: {values}"
 
 
-class _DayStager:
-    """Validates fetched records and stages the events of the date, like the worker:
-    from the usage topic only events at their home partition (a copy read elsewhere is
-    counted through its rerouted copy, as the live pipeline counts it), from the rerouted
-    topic every one. Staging runs on its own thread, one batch at a time and in read order
-    (the first copy read must win), while the next fetch is parsed."""
-
-    def __init__(
-        self,
-        staging: object,
-        report: ReplayReport,
-        prices: Mapping[str, object],
-        settings: Settings,
-        partitions: int,
-    ) -> None:
-        from streams.business_time import UsageDates, local_midnight_ms
-
-        self.staging = staging
-        self.report = report
-        self.prices = prices
-        self.partitions = partitions
-        day, tz = report.day, settings.tz
-        self.day_text = day.isoformat()
-        self.dates = UsageDates(tz)
-        # a cheap prefilter on event time; the usage date of ledger_events decides
-        self.low = local_midnight_ms(day, tz) - 1_000
-        self.high = local_midnight_ms(day + timedelta(days=1), tz) + 1_000
-        self.loop = asyncio.get_running_loop()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="replay-staging")
-        self.staged: asyncio.Future[int] | None = None
-
-    async def stage(self, rerouted: bool, batch: list[tuple[int, list]]) -> int:
-        """One fetch: ``(partition, records)`` pairs; returns the records it held."""
-        from streams.event import MAX_FUTURE_MS, InvalidEvent, event_time_hint, parse_events
-        from streams.partitioning import home_partitions
-        from tables.ledger import ledger_events
-        from tables.watermarks import wall_clock_ms
-
-        now_ms = wall_clock_ms()
-        low, high, future = self.low, self.high, now_ms + MAX_FUTURE_MS
-        located = []
-        count = 0
-        invalid = self.report.invalid
-        for partition, all_records in batch:
-            count += len(all_records)
-            # only what may be an event of the date is validated (streams.event's hint)
-            records = [
-                record
-                for record in all_records
-                if (ms := event_time_hint(record.value)) is None or low <= ms < high or ms > future
-            ]
-            parsed = parse_events([record.value for record in records], now_ms)
-            for record, event in zip(records, parsed, strict=True):
-                if type(event) is InvalidEvent:
-                    if not rerouted:  # a rerouted copy is a valid event's (never invalid)
-                        invalid[event.reason] += 1
-                elif self.low <= event.event_ms < self.high:
-                    located.append((event, partition, record.offset))
-        if not rerouted and located:
-            homes = home_partitions([event.request_id for event, _, _ in located], self.partitions)
-            located = [item for item, home in zip(located, homes, strict=True) if home == item[1]]
-        entries = ledger_events(located, self.prices, self.dates)
-        of_day = [entry for entry in entries if entry.usage_date == self.day_text]
-        await self.settle()
-        self.staged = self.loop.run_in_executor(self.executor, self.staging.add, of_day)
-        if not rerouted:
-            self.report.records_read += count
-        return count
-
-    async def settle(self) -> None:
-        if self.staged is not None:
-            staged, self.staged = self.staged, None
-            await staged
-
-    async def close(self) -> None:
-        try:
-            if self.staged is not None:  # an error or a cancellation: let it finish
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(self.staged)
-        finally:
-            self.executor.shutdown(wait=True)
-        self.report.events_of_day = self.staging.read
-        self.report.unique = self.staging.unique
-
-
-async def _read_slice(reader: object, stager: _DayStager, rerouted: bool, stream: object) -> None:
-    progress = Progress(reader.total, f"replay {stager.report.day}", stream)
-    try:
-        async for batch in reader.batches():
-            progress.update(await stager.stage(rerouted, batch))
-        await stager.settle()
-    finally:
-        progress.close()
-
-
-async def _read_range(
-    settings: Settings, stager: _DayStager, topic: str, rerouted: bool, ranges: dict
-) -> None:
-    """The records of ``[start, end)`` per partition (the stretch between the replay's end
-    snapshot and its fence), staged like the rest."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from agents.home_state import read_range
-    from streams.broker import kafka_client_kwargs
-
-    if not any(end > start for start, end in ranges.values()):
-        return
-    consumer = AIOKafkaConsumer(
-        group_id=None, enable_auto_commit=False, **kafka_client_kwargs(settings)
-    )
-    await consumer.start()
-    try:
-        for partition, (start, end) in sorted(ranges.items()):
-            if end <= start:
-                continue
-            tp = TopicPartition(topic, partition)
-            async for records in read_range(consumer, tp, start, end):
-                await stager.stage(rerouted, [(partition, records)])
-        await stager.settle()
-    finally:
-        await consumer.stop()
-
-
 async def run_replay(
     settings: Settings,
     day: date,
@@ -395,15 +272,17 @@ async def run_replay(
     import uuid
 
     from agents.replay_fences import append_fences, apply_up_to_fences
-    from streams.replay_reader import ReplayReader, TopicNotFound
+    from agents.replay_read import ReaderProcesses, reader_groups
+    from streams.replay_reader import topic_partitions
     from tables.batch_apply import BatchApplier
     from tables.reference import latest_model_prices, record_batch_run
-    from tables.replay_store import ReplayStaging, replace_day
+    from tables.replay_store import replace_day
     from tables.schema import connect, utc_now_text
 
     started_at = utc_now_text()
     begin = time.monotonic()
     report = ReplayReport(day, settings.USAGE_TOPIC, dry_run)
+    out = stream or sys.stderr
     conn = await connect(settings.summary_db_path)
     replay_id: str | None = None
     try:
@@ -412,79 +291,70 @@ async def run_replay(
         await conn.execute("ROLLBACK")
         prices = await latest_model_prices(conn)
         try:
-            with ReplayStaging(settings.summary_db_path.parent) as staging:
-                read_started = time.monotonic()
-                async with ReplayReader(settings, day, from_offsets) as reader:
-                    report.ranges = list(reader.ranges.values())
-                    print(report.plan_line(), file=stream or sys.stderr, flush=True)
-                    stager = _DayStager(staging, report, prices, settings, len(reader.ranges))
+            read_started = time.monotonic()
+            partitions = await topic_partitions(settings, settings.USAGE_TOPIC)
+            groups = reader_groups(partitions, settings.replay_readers)
+            async with ReaderProcesses(
+                day, groups, len(partitions), from_offsets, prices
+            ) as readers:
+                report.ranges = list((await readers.ranges()).values())
+                print(report.plan_line(), file=out, flush=True)
+                progress = Progress(sum(r.size for r in report.ranges), f"replay {day}", stream)
+                try:
+                    read = await readers.read(progress.update)
+                finally:
+                    progress.close()
+                _take_counts(report, read.counts)
+                if read.counts.unique == 0:
+                    invalid = sum(report.invalid.values())
+                    raise NoEventsForDate(
+                        f"no events of {day} in {settings.USAGE_TOPIC}"
+                        f" ({report.records_read} records read, {invalid} invalid);"
+                        " nothing changed"
+                    )
+                extra: dict[int, dict[str, tuple[int, int]]] = {}
+                if not dry_run:
+                    replay_id = f"{day}-{uuid.uuid4().hex[:12]}"
+                    await _register(conn, replay_id, day.isoformat(), started_at)
+                    applier = BatchApplier(settings.summary_db_path)
                     try:
-                        await _read_slice(reader, stager, False, stream)
-                        rerouted_ends: dict[int, int] = {}
-                        try:
-                            async with ReplayReader(
-                                settings, day, None, topic=settings.rerouted_topic
-                            ) as again:
-                                await _read_slice(again, stager, True, None)
-                                rerouted_ends = {p: r.end for p, r in again.ranges.items()}
-                        except TopicNotFound:
-                            pass  # no worker of this version ran yet: nothing was rerouted
-                        usage_ends = {p: r.end for p, r in reader.ranges.items()}
-                        if stager.staging.unique == 0:
-                            invalid = sum(report.invalid.values())
-                            raise NoEventsForDate(
-                                f"no events of {day} in {settings.USAGE_TOPIC}"
-                                f" ({report.records_read} records read, {invalid} invalid);"
-                                " nothing changed"
-                            )
-                        if not dry_run:
-                            replay_id = f"{day}-{uuid.uuid4().hex[:12]}"
-                            await _register(conn, replay_id, day.isoformat(), started_at)
-                            applier = BatchApplier(settings.summary_db_path)
-                            try:
-                                heads = await asyncio.to_thread(applier.heads)
-                                fences = await append_fences(
-                                    settings,
-                                    replay_id,
-                                    day.isoformat(),
-                                    heads,
-                                    usage_ends,
-                                    rerouted_ends,
-                                )
-                                # what the workers had read past the replay's end snapshot
-                                await _read_range(
-                                    settings,
-                                    stager,
-                                    settings.USAGE_TOPIC,
-                                    False,
-                                    {p: (usage_ends[p], f.usage_end) for p, f in fences.items()},
-                                )
-                                await _read_range(
-                                    settings,
-                                    stager,
-                                    settings.rerouted_topic,
-                                    True,
-                                    {
-                                        p: (rerouted_ends.get(p, 0), f.rerouted_end)
-                                        for p, f in fences.items()
-                                    },
-                                )
-                                await apply_up_to_fences(settings, applier, fences)
-                            finally:
-                                applier.close()
+                        heads = await asyncio.to_thread(applier.heads)
+                        fences = await append_fences(
+                            settings,
+                            replay_id,
+                            day.isoformat(),
+                            heads,
+                            read.usage_ends,
+                            read.rerouted_ends,
+                        )
+                        await apply_up_to_fences(settings, applier, fences)
                     finally:
-                        await stager.close()
-                report.read_seconds = time.monotonic() - read_started
-                report.outcome = await replace_day(
-                    conn,
-                    staging,
-                    day.isoformat(),
-                    settings.USAGE_MARKUP_MULTIPLIER,
-                    dry_run=dry_run,
-                    started_at=started_at,
-                    records_processed=report.records_read,
-                    replay_id=replay_id,
-                )
+                        applier.close()
+                    print(f"replay {day}: fenced and applied up to the fences", file=out)
+                    # what the workers had read past the replay's end snapshot
+                    extra = {
+                        p: {
+                            settings.USAGE_TOPIC: (read.usage_ends[p], f.usage_end),
+                            settings.rerouted_topic: (
+                                read.rerouted_ends.get(p, 0),
+                                f.rerouted_end,
+                            ),
+                        }
+                        for p, f in fences.items()
+                    }
+                totals, counts = await readers.finish(extra)
+                _take_counts(report, counts)
+            report.read_seconds = time.monotonic() - read_started
+            report.outcome = await replace_day(
+                conn,
+                totals.rows(day.isoformat()),
+                day.isoformat(),
+                settings.USAGE_MARKUP_MULTIPLIER,
+                dry_run=dry_run,
+                started_at=started_at,
+                records_processed=report.records_read,
+                replay_id=replay_id,
+            )
         except Exception as error:
             if not dry_run:
                 try:
@@ -511,6 +381,13 @@ async def run_replay(
         await conn.close()
     report.seconds = time.monotonic() - begin
     return report
+
+
+def _take_counts(report: ReplayReport, counts: object) -> None:
+    report.records_read = counts.records_read
+    report.invalid = Counter(counts.invalid)
+    report.events_of_day = counts.events_of_day
+    report.unique = counts.unique
 
 
 async def _register(conn: object, replay_id: str, day: str, started_at: str) -> None:

@@ -42,7 +42,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -61,6 +61,7 @@ __all__ = [
     "choose_start",
     "parse_from_offsets",
     "replay_start_ms",
+    "topic_partitions",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,42 @@ def choose_start(
     return max(found_offset, beginning), "timestamp"
 
 
+async def topic_partitions(
+    settings: Settings, topic: str, connect_timeout: float = 30.0
+) -> list[int]:
+    """The partitions of ``topic`` (the replay splits its read between processes by
+    them); BrokerUnreachable / TopicNotFound with a one-line reason."""
+    consumer = AIOKafkaConsumer(
+        group_id=None,
+        enable_auto_commit=False,
+        request_timeout_ms=int(connect_timeout * 1000),
+        **kafka_client_kwargs(settings),
+    )
+    try:
+        return await _start_and_list(consumer, settings, topic, connect_timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
+async def _start_and_list(
+    consumer: AIOKafkaConsumer, settings: Settings, topic: str, connect_timeout: float
+) -> list[int]:
+    servers = ",".join(settings.broker_bootstrap())
+    try:
+        await asyncio.wait_for(consumer.start(), connect_timeout)
+        # every topic's metadata: asking for the topic by name could auto-create it
+        cluster = await consumer._client.fetch_all_metadata()
+    except (KafkaError, OSError, TimeoutError) as error:
+        raise BrokerUnreachable(
+            f"Kafka broker unreachable at {servers}: {type(error).__name__}"
+        ) from None
+    partitions = sorted(cluster.partitions_for_topic(topic) or ())
+    if topic not in cluster.topics() or not partitions:
+        raise TopicNotFound(f"topic {topic} does not exist at {servers}")
+    return partitions
+
+
 class ReplayReader:
     """``async with ReplayReader(settings, day) as reader: async for batch in reader...``.
 
@@ -156,9 +193,13 @@ class ReplayReader:
         *,
         connect_timeout: float = 30.0,
         topic: str | None = None,
+        partitions: Sequence[int] | None = None,
     ) -> None:
         self.settings = settings
         self.topic = topic or settings.USAGE_TOPIC
+        #: read only these partitions of the topic (None: all); ``--from-offsets`` of
+        #: others are checked against the topic, then left to whoever reads them
+        self.only = None if partitions is None else set(partitions)
         self.day = day
         self.from_offsets = dict(from_offsets or {})
         self.connect_timeout = connect_timeout
@@ -203,25 +244,20 @@ class ReplayReader:
             **kafka_client_kwargs(self.settings),
         )
         self._consumer = consumer
-        servers = ",".join(self.settings.broker_bootstrap())
-        try:
-            await asyncio.wait_for(consumer.start(), self.connect_timeout)
-            # every topic's metadata: asking for the topic by name could auto-create it
-            cluster = await consumer._client.fetch_all_metadata()
-        except (KafkaError, OSError, TimeoutError) as error:
-            raise BrokerUnreachable(
-                f"Kafka broker unreachable at {servers}: {type(error).__name__}"
-            ) from None
-        partitions = sorted(cluster.partitions_for_topic(self.topic) or ())
-        if self.topic not in cluster.topics() or not partitions:
-            raise TopicNotFound(f"topic {self.topic} does not exist at {servers}")
+        partitions = await _start_and_list(
+            consumer, self.settings, self.topic, self.connect_timeout
+        )
         unknown = sorted(set(self.from_offsets) - set(partitions))
         if unknown:
             raise ReplayReadError(
                 f"--from-offsets: topic {self.topic} has no partition "
                 f"{', '.join(map(str, unknown))} (partitions 0-{partitions[-1]})"
             )
+        if self.only is not None:
+            partitions = [p for p in partitions if p in self.only]
         tps = [TopicPartition(self.topic, p) for p in partitions]
+        if not tps:
+            return
         try:
             beginning = await consumer.beginning_offsets(tps)
             lookup = [tp for tp in tps if tp.partition not in self.from_offsets]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import math
+import os
 import re
 import ssl
 from decimal import Decimal, InvalidOperation
@@ -152,6 +153,9 @@ class Settings(BaseSettings):
 
     # Replay: how far before local midnight of the date a replay starts reading.
     REPLAY_MARGIN_HOURS: int = Field(24, ge=0)
+    # Replay: reader processes, each reading a group of home partitions (0: one per CPU;
+    # never more than the usage topic has partitions).
+    REPLAY_READERS: int = Field(0, ge=0, le=64)
 
     # HTTP
     WEB_PORT: int = Field(6066, ge=1, le=65535)
@@ -477,6 +481,12 @@ class Settings(BaseSettings):
     @property
     def dlq_topic(self) -> str:
         return f"{self.USAGE_TOPIC}-dlq"
+
+    @property
+    def replay_readers(self) -> int:
+        """Reader processes a replay may start (``REPLAY_READERS``, 0: the CPUs this
+        process may run on)."""
+        return self.REPLAY_READERS or len(os.sched_getaffinity(0)) or 1
 
     @property
     def rerouted_topic(self) -> str:

@@ -1,14 +1,14 @@
 """The SQLite side of ``usage-stream replay``: staging and the atomic replace of one date.
 
 1. :class:`ReplayStaging` — the replay's own deduplication, spilled to a temporary SQLite
-   file next to the summary DB (memory stays bounded for tens of millions of events): one
-   row per ``request_id`` (PRIMARY KEY, ``INSERT OR IGNORE``: the first copy read wins),
-   only for events of the replayed date. A replay that was killed (SIGKILL, the OOM
-   killer, a lost host) cannot remove its file: the next replay on the same directory
-   does (:func:`sweep_abandoned`).
+   file next to the summary DB (memory stays bounded for tens of millions of events): the
+   request ids of the date read so far (PRIMARY KEY; the first copy read wins). The sums
+   of the first copies are folded in memory, per summary key (:class:`DayTotals`). A
+   replay that was killed (SIGKILL, the OOM killer, a lost host) cannot remove its file:
+   the next replay on the same directory does (:func:`sweep_abandoned`).
 2. :func:`replace_day` — in ONE ``BEGIN IMMEDIATE`` transaction on the summary DB:
-   every ``usage_daily`` row of the date becomes the staged events' totals
-   (:func:`tables.summary_store.write_summaries`, rate from
+   every ``usage_daily`` row of the date becomes the replay's totals
+   (:func:`tables.summary_store.upsert_summary_values`, rate from
    :func:`tables.reference.rate_for_date` looked up inside the transaction; rows whose key
    has no staged event are deleted); the date's pending increments and provisional rows
    are dropped (they came from batches before the replay's fences, which the replay read
@@ -16,7 +16,7 @@
    row (kind ``replay``) is appended and the replay is marked complete in
    ``replay_runs``, which lets the summary writer go on past its fences.
 
-   Only rows whose values differ are handed to ``write_summaries``: unchanged rows keep
+   Only rows whose values differ are upserted: unchanged rows keep
    their ``revision`` and ``updated_at``, so replaying twice changes nothing. With
    ``dry_run`` the same work is done and then rolled back: only the differences are
    returned.
@@ -28,7 +28,6 @@ the model's latest stored price); the worker and the replay share it.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -50,11 +49,17 @@ import orjson
 from tables.ledger import LedgerEvent
 from tables.reference import rate_for_date, record_batch_run
 from tables.schema import utc_now_text, write_transaction
-from tables.summary_store import Rate, SummaryRow, _summary_values, write_summaries
+from tables.summary_store import (
+    Rate,
+    SummaryRow,
+    _summary_values,
+    upsert_summary_values,
+)
 
 __all__ = [
     "DailyRow",
     "ReplayOutcome",
+    "DayTotals",
     "ReplayStaging",
     "RowChange",
     "replace_day",
@@ -64,32 +69,32 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _CLOSED_BY = f"replay@{socket.gethostname()}"
-#: Page cache of each database during the replace (MiB).
-REPLACE_CACHE_MIB = 256
+
+Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
 
 
 # Staging --------------------------------------------------------------------------------
 
-# A fetch's rows in ONE statement, in order (the first copy of a request_id wins): the
-# staging thread runs beside the thread that reads and validates, and an executemany
-# binds each row in Python, taking the GIL once per row; against a busy thread that cost
-# 0.62 s -> 58 s for 40k rows here (tables/summary_store.py measured the same).
-_STAGE_JSON = """
-    INSERT OR IGNORE INTO staged
-    SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
-        value->>7, value->>8, value->>9, value->>10
-    FROM json_each(?)
-"""
+# A fetch's ids in two statements with the GIL released (the staging thread runs beside
+# the thread that reads and validates; an executemany would take the GIL once per row,
+# and against a busy thread 40k rows went 0.62 s -> 58 s here). A flat JSON array of
+# strings costs json_each little; an array of rows read back with ``value->>N`` costs a
+# re-parse of the row per column, which made staging whole rows ~4x dearer.
+_KNOWN_JSON = "SELECT value FROM json_each(?) WHERE value IN (SELECT request_id FROM seen)"
+_SEEN_JSON = "INSERT OR IGNORE INTO seen SELECT value FROM json_each(?)"
 _ESCAPED_NUL = b"\\u0000"
 
 
 class ReplayStaging:
-    """The replay's unique events of the date, in a temporary SQLite file.
+    """The replay's deduplication: the request ids of the date read so far, in a
+    temporary SQLite file (memory stays bounded for tens of millions of events).
 
-    Synchronous sqlite3 on purpose: one ``executemany`` per fetched batch, no thread hop
-    per row (the replay calls :meth:`add` on a thread of its own, one call at a time).
-    The file lives in a private temporary directory under ``directory`` (the summary DB's,
-    so it is on a disk sized for the data) and is removed by :meth:`close`.
+    :meth:`add` keeps the first copy of each request id and returns those first copies;
+    their sums are folded in memory (:class:`DayTotals`), so the file holds ids only.
+    Synchronous sqlite3 on purpose: the replay calls :meth:`add` on a thread of its own,
+    one call at a time, in read order. The file lives in a private temporary directory
+    under ``directory`` (the summary DB's, so it is on a disk sized for the data) and is
+    removed by :meth:`close`.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -108,21 +113,7 @@ class ReplayStaging:
             self._conn.execute("PRAGMA journal_mode = OFF")
             self._conn.execute("PRAGMA synchronous = OFF")
             self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB, then it spills
-            self._conn.execute(
-                """CREATE TABLE staged (
-                    request_id TEXT PRIMARY KEY,
-                    usage_day INTEGER NOT NULL,
-                    client_org_id TEXT NOT NULL,
-                    user_id TEXT NOT NULL,
-                    model TEXT NOT NULL,
-                    input_tokens INTEGER NOT NULL,
-                    output_tokens INTEGER NOT NULL,
-                    cost_nano INTEGER NOT NULL,
-                    cost_estimated INTEGER NOT NULL,
-                    source_partition INTEGER NOT NULL,
-                    source_offset INTEGER NOT NULL
-                ) WITHOUT ROWID"""
-            )
+            self._conn.execute("CREATE TABLE seen (request_id TEXT PRIMARY KEY) WITHOUT ROWID")
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
             if self._owner >= 0:
@@ -133,44 +124,45 @@ class ReplayStaging:
     def duplicates(self) -> int:
         return self.read - self.unique
 
-    def add(self, entries: Sequence[LedgerEvent]) -> int:
-        """Stage entries (first copy of a request_id wins); returns how many were new."""
+    def add(self, entries: Sequence[LedgerEvent]) -> list[LedgerEvent]:
+        """The entries whose request id no earlier entry had (the first copy wins, also
+        within ``entries``), in order; their ids are recorded as seen."""
         if not entries:
-            return 0
-        rows = [
-            (
-                e.request_id,
-                e.usage_day,
-                e.client_org_id,
-                e.user_id,
-                e.model,
-                e.input_tokens,
-                e.output_tokens,
-                e.cost_nano,
-                int(e.cost_estimated),
-                e.partition,
-                e.offset,
-            )
-            for e in entries
-        ]
-        payload = orjson.dumps(rows)
-        before = self._conn.total_changes
+            return []
+        first: dict[str, LedgerEvent] = {}
+        for entry in entries:
+            first.setdefault(entry.request_id, entry)
+        ids = list(first)
+        payload = orjson.dumps(ids)
         self._conn.execute("BEGIN")
         try:
             if _ESCAPED_NUL in payload:  # SQLite's JSON functions would cut such text
+                known = {
+                    rid
+                    for rid in ids
+                    if self._conn.execute(
+                        "SELECT 1 FROM seen WHERE request_id = ?", (rid,)
+                    ).fetchone()
+                }
                 self._conn.executemany(
-                    "INSERT OR IGNORE INTO staged VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows
+                    "INSERT OR IGNORE INTO seen VALUES (?)", [(rid,) for rid in ids]
                 )
             else:
-                self._conn.execute(_STAGE_JSON, (payload.decode(),))
+                text = payload.decode()
+                known = {row[0] for row in self._conn.execute(_KNOWN_JSON, (text,))}
+                self._conn.execute(_SEEN_JSON, (text,))
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
-        added = self._conn.total_changes - before
+        new = (
+            [entry for rid, entry in first.items() if rid not in known]
+            if known
+            else list(first.values())
+        )
         self.read += len(entries)
-        self.unique += added
-        return added
+        self.unique += len(new)
+        return new
 
     def close(self) -> None:
         try:
@@ -186,6 +178,51 @@ class ReplayStaging:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DayTotals:
+    """The date's exact totals per (client, user, model), folded from first copies.
+
+    In memory: a date has as many of these as summary keys (tens of thousands), not
+    events, and folding in Python costs less than grouping the events again in SQL."""
+
+    def __init__(self) -> None:
+        # key -> [input_tokens, output_tokens, requests, estimated_requests, cost_nano]
+        self._sums: dict[Key, list[int]] = {}
+
+    def add(self, entries: Iterable[LedgerEvent]) -> None:
+        sums = self._sums
+        for e in entries:
+            key = (e.client_org_id, e.user_id, e.model)
+            row = sums.get(key)
+            if row is None:
+                sums[key] = [e.input_tokens, e.output_tokens, 1, e.cost_estimated, e.cost_nano]
+            else:
+                row[0] += e.input_tokens
+                row[1] += e.output_tokens
+                row[2] += 1
+                row[3] += e.cost_estimated
+                row[4] += e.cost_nano
+
+    def add_sums(self, rows: Iterable[Sequence]) -> None:
+        """Add another fold's :meth:`sums` (a group of partitions read elsewhere)."""
+        sums = self._sums
+        for org, user, model, *values in rows:
+            key = (org, user, model)
+            row = sums.get(key)
+            if row is None:
+                sums[key] = list(values)
+            else:
+                for i, value in enumerate(values):
+                    row[i] += value
+
+    def sums(self) -> list[list]:
+        """``[client, user, model, input_tokens, output_tokens, requests,
+        estimated_requests, cost_nano]`` per key (JSON-friendly, for :meth:`add_sums`)."""
+        return [[*key, *sums] for key, sums in self._sums.items()]
+
+    def rows(self, day: str) -> list[SummaryRow]:
+        return [SummaryRow(*key, day, *sums) for key, sums in self._sums.items()]
 
 
 _PREFIX = ".replay-"
@@ -232,8 +269,6 @@ def sweep_abandoned(directory: Path) -> list[Path]:
 
 # The replace --------------------------------------------------------------------------
 
-
-Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
 
 _DAILY_COLUMNS = (
     "input_tokens",
@@ -374,7 +409,7 @@ class _Lap:
 
 async def replace_day(
     conn: aiosqlite.Connection,
-    staging: ReplayStaging,
+    totals: Sequence[SummaryRow],
     day: str,
     markup: Decimal,
     *,
@@ -383,37 +418,24 @@ async def replace_day(
     records_processed: int,
     replay_id: str | None = None,
 ) -> ReplayOutcome:
-    """Replace date ``day`` with the staged events' totals, atomically (module docstring).
+    """Replace date ``day`` with ``totals`` (the staged events' sums, one row per key),
+    atomically (module docstring).
 
     ``conn`` must be in autocommit mode (as :func:`tables.schema.connect` opens it) with no
     transaction open. With ``dry_run`` nothing is written, not even ``batch_runs``.
     """
-    await conn.execute("ATTACH DATABASE ? AS replay_staging", (str(staging.path),))
-    await conn.execute(f"PRAGMA replay_staging.cache_size = -{REPLACE_CACHE_MIB * 1024}")
-    try:
-        async with write_transaction(conn, rollback=dry_run):
-            outcome = await _replace(
-                conn, day, markup, dry_run, started_at, records_processed, replay_id
-            )
-            lap = _Lap(outcome.timings)
-        lap("commit" if not dry_run else "rollback")
-    finally:
-        with contextlib.suppress(sqlite3.Error):
-            await conn.execute("DETACH DATABASE replay_staging")
+    async with write_transaction(conn, rollback=dry_run):
+        outcome = await _replace(
+            conn, totals, day, markup, dry_run, started_at, records_processed, replay_id
+        )
+        lap = _Lap(outcome.timings)
+    lap("commit" if not dry_run else "rollback")
     return outcome
-
-
-# the date's totals per key, from the staged events (one per request)
-_TOTALS = """
-    SELECT client_org_id, user_id, model, ?, SUM(input_tokens), SUM(output_tokens),
-           COUNT(*), SUM(cost_estimated), SUM(cost_nano)
-    FROM replay_staging.staged WHERE usage_day = ?
-    GROUP BY client_org_id, user_id, model
-"""
 
 
 async def _replace(
     conn: aiosqlite.Connection,
+    totals: Sequence[SummaryRow],
     day: str,
     markup: Decimal,
     dry_run: bool,
@@ -423,24 +445,26 @@ async def _replace(
 ) -> ReplayOutcome:
     timings: dict[str, float] = {}
     lap = _Lap(timings)
-    ordinal = date.fromisoformat(day).toordinal()
     rate = await rate_for_date(conn, date.fromisoformat(day))
     before = await _daily_rows(conn, day)
     lap("usage_daily before")
-    async with conn.execute(_TOTALS, (day, ordinal)) as cursor:
-        rows = [SummaryRow(*row) for row in await cursor.fetchall()]
-    lap("totals")
     now = utc_now_text()
-    differing = []
-    for row in rows:
-        old = before.get((row.client_org_id, row.user_id, row.model))
-        # the values write_summaries would store, by the same function
-        if old is None or old[:_CONTENT] != _summary_values(row, markup, rate, now)[4:-1]:
-            differing.append(row)
+    after = dict(before)
+    differing = []  # usage_daily values (_summary_values) of the rows that change
+    for row in totals:
+        values = _summary_values(row, markup, rate, now)
+        key = (row.client_org_id, row.user_id, row.model)
+        old = before.get(key)
+        content = values[4:-1]
+        if old is None or old[:_CONTENT] != content:
+            differing.append(values)
+            # what the upsert stores: a new row, or the old one re-written (revision + 1)
+            after[key] = (*content, 1 if old is None else old[_CONTENT] + 1, now)
     lap("compare")
-    written = await write_summaries(conn, differing, markup, rate)
+    # no other thread of the replay is busy now: binding row by row is the faster way
+    written = await upsert_summary_values(conn, differing, row_by_row=True)
     lap("write_summaries")
-    kept_keys = {(row.client_org_id, row.user_id, row.model) for row in rows}
+    kept_keys = {(row.client_org_id, row.user_id, row.model) for row in totals}
     gone = [key for key in before if key not in kept_keys]
     mark = conn.total_changes
     await conn.executemany(
@@ -448,7 +472,20 @@ async def _replace(
         " AND usage_date = ?",
         [(*key, day) for key in gone],
     )
-    written += conn.total_changes - mark
+    deleted = conn.total_changes - mark
+    for key in gone:
+        del after[key]
+    if written != len(differing) or deleted != len(gone):  # not expected: read them back
+        log.warning(
+            "replace of %s: %d of %d rows upserted, %d of %d deleted; reading the date back",
+            day,
+            written,
+            len(differing),
+            deleted,
+            len(gone),
+        )
+        after = await _daily_rows(conn, day)
+    written += deleted
 
     # the date is settled: nothing pending, closed (later events of it count as late)
     await conn.execute("DELETE FROM daily_pending WHERE usage_date = ?", (day,))
@@ -456,11 +493,9 @@ async def _replace(
     await conn.execute(
         "INSERT OR IGNORE INTO closed_days VALUES (?, ?, ?)", (day, utc_now_text(), _CLOSED_BY)
     )
-
-    after = await _daily_rows(conn, day) if written else before
-    # only rows handed to write_summaries or deleted can differ from before
-    candidates = {(r.client_org_id, r.user_id, r.model) for r in differing}.union(gone)
-    changes = _diff(before, after, candidates) if written else []
+    # only rows handed to the upsert or deleted can differ from before
+    candidates = {tuple(values[:3]) for values in differing}.union(gone)
+    changes = _diff(before, after, candidates)
     lap("settle and diff")
     clients = len({key[0] for key in after})
     run_id = None

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tables.ledger import LedgerEvent
-from tables.replay_store import ReplayStaging, sweep_abandoned
+from tables.replay_store import DayTotals, ReplayStaging, sweep_abandoned
+from tables.summary_store import SummaryRow
 from tests.harness import REPO
 
 _KILLED = """
@@ -53,12 +54,12 @@ def test_a_killed_replays_file_goes_with_the_next_replay_and_a_running_ones_stay
     try:
         assert not dead.exists()  # swept when the next replay started
         assert creating.is_dir()
-        assert running.add([event("a"), event("b"), event("a")]) == 2
+        assert len(running.add([event("a"), event("b"), event("a")])) == 2
         # another replay starting now (another date) leaves the running one alone
         with ReplayStaging(tmp_path) as other:
             assert staging_dirs(tmp_path) == {running.path.parent, other.path.parent, creating}
         assert sweep_abandoned(tmp_path) == []
-        assert running.add([event("c")]) == 1
+        assert len(running.add([event("c"), event("b")])) == 1
         assert running.unique == 3
     finally:
         running.close()
@@ -80,27 +81,35 @@ def test_a_killed_replays_file_goes_with_the_next_replay_and_a_running_ones_stay
 def test_staging_keeps_the_first_copy_of_each_request_exactly(
     tmp_path_factory: pytest.TempPathFactory, rows: list[tuple[str, str, int, int]]
 ) -> None:
-    """Rows go to SQLite as one JSON statement (an escaped NUL falls back to bound values):
-    the same strings and integers come back, and the first copy of a request wins."""
+    """Ids go to SQLite as JSON (an escaped NUL falls back to bound values): the first
+    copy of each request wins, within a call and across calls, the ids stored are the
+    same strings, and the fold of the first copies is their exact sums per key."""
     entries = [
-        LedgerEvent(rid, "2026-11-26", 740_000, org, "user", "m", tokens, 2, cost, 0, 0, i, i)
+        LedgerEvent(rid, "2026-11-26", 740_000, org, "user", "m", tokens, 2, cost, i % 2, 0, i, i)
         for i, (rid, org, tokens, cost) in enumerate(rows)
     ]
+    totals = DayTotals()
     with ReplayStaging(tmp_path_factory.mktemp("staging")) as staging:
-        half = len(entries) // 2
-        added = staging.add(entries[:half]) + staging.add(entries[half:])
-        stored = {
-            row[0]: row
-            for row in staging._conn.execute(
-                "SELECT request_id, client_org_id, input_tokens, cost_nano, source_offset"
-                " FROM staged"
-            )
-        }
+        cut = len(entries) // 3
+        new = []
+        for part in (entries[:cut], entries[cut : 2 * cut], entries[2 * cut :]):
+            added = staging.add(part)
+            totals.add(added)
+            new += added
+        stored = {row[0] for row in staging._conn.execute("SELECT request_id FROM seen")}
     first: dict[str, LedgerEvent] = {}
     for entry in entries:
         first.setdefault(entry.request_id, entry)
-    assert added == len(first) == staging.unique and staging.read == len(entries)
-    assert stored == {
-        rid: (rid, e.client_org_id, e.input_tokens, e.cost_nano, e.offset)
-        for rid, e in first.items()
-    }
+    assert new == list(first.values())  # the first copies, in read order
+    assert len(new) == staging.unique and staging.read == len(entries)
+    assert stored == set(first)
+    expected: dict[tuple[str, str, str], list[int]] = {}
+    for e in first.values():
+        sums = expected.setdefault((e.client_org_id, e.user_id, e.model), [0, 0, 0, 0, 0])
+        for i, value in enumerate(
+            (e.input_tokens, e.output_tokens, 1, e.cost_estimated, e.cost_nano)
+        ):
+            sums[i] += value
+    assert sorted(totals.rows("2026-11-26")) == sorted(
+        SummaryRow(*key, "2026-11-26", *sums) for key, sums in expected.items()
+    )

@@ -12,6 +12,7 @@ producers keep working. Totals are checked row by row against tests/ground_truth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -112,26 +113,29 @@ def replay_statuses(stack: Stack) -> dict[str, str]:
     return dict(stack.query("SELECT replay_id, status FROM replay_runs"))
 
 
-def open_paths(pid: int) -> list[str]:
-    paths = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
+def reader_processes(pid: int) -> list[int]:
+    """The replay's reader processes (agents/replay_read.py): its children."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            paths.append(os.readlink(fd))
-        except OSError:  # closed meanwhile
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
             continue
-    return paths
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
 
 
-def kill_replay_after_fencing(stack: Stack, day: str) -> str:
-    """Run ``usage-stream replay --date day`` and SIGKILL it in the middle of its replace,
-    after it appended its fences and applied the batch log up to them; return its id.
+def kill_replay_after_fencing(stack: Stack, day: str) -> tuple[str, int]:
+    """Run ``usage-stream replay --date day`` and SIGKILL it after it appended its fences
+    and applied the batch log up to them, before its replace; return its id and how many
+    reader processes it had (each leaves its dedupe file).
 
     How it is held there: as soon as the replay registers (``replay_runs`` row, status
-    'fencing': it has read the topic, its dedupe file is complete and it appends the
-    fences next), this test takes an exclusive lock on that dedupe file (another process
-    holding a lock, as any could). The replay then appends its fences and applies the
-    batch log without touching the file, attaches it for the replace and waits for the
-    lock: a second descriptor of the file in /proc/PID/fd shows it got there."""
+    'fencing': its readers have read the topic and wait for the stretch up to the
+    fences), this test stops the readers (SIGSTOP). The replay then appends its fences,
+    applies the batch log and says so on stderr, and waits for its readers, which are
+    stopped: it is killed there, and its readers with it."""
     process = subprocess.Popen(
         [sys.executable, "-m", "streams", "replay", "--date", day],
         env=stack.env,
@@ -140,7 +144,7 @@ def kill_replay_after_fencing(stack: Stack, day: str) -> str:
         cwd=REPO,
     )
     watcher = sqlite3.connect(f"file:{stack.db_path}?mode=ro", uri=True, timeout=5)
-    lock: sqlite3.Connection | None = None
+    readers: list[int] = []
     try:
 
         def registered() -> str | None:
@@ -154,28 +158,31 @@ def kill_replay_after_fencing(stack: Stack, day: str) -> str:
             return row[0] if row else None
 
         replay_id = wait_for(registered, 60, "the replay to register", step=0.002)
-        (staging,) = stack.db_path.parent.glob(".replay-*/staging.db")
-        lock = sqlite3.connect(staging, isolation_level=None, timeout=5)
-        lock.execute("BEGIN EXCLUSIVE")
+        readers = reader_processes(process.pid)
+        assert readers, "the replay has no reader processes"
+        for pid in readers:
+            os.kill(pid, signal.SIGSTOP)
         assert replay_statuses(stack)[replay_id] == "fencing", "the replay was too quick"
-
-        def in_replace() -> bool:
-            assert process.poll() is None, process.communicate()
-            return open_paths(process.pid).count(str(staging)) >= 2
-
-        wait_for(in_replace, 60, "the replay to attach its dedupe file for the replace")
+        said: list[str] = []
+        assert process.stderr is not None
+        for line in iter(process.stderr.readline, b""):
+            said.append(line.decode())
+            if "fenced and applied up to the fences" in said[-1]:
+                break
+        else:
+            raise AssertionError(f"the replay ended without fencing: {''.join(said)}")
         process.send_signal(signal.SIGKILL)
         process.wait(10)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-        if lock is not None:
-            lock.execute("ROLLBACK")
-            lock.close()
+        for pid in readers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         watcher.close()
     assert process.returncode == -signal.SIGKILL
-    return replay_id
+    return replay_id, len(readers)
 
 
 # 1 -------------------------------------------------------------------------------------
@@ -201,14 +208,15 @@ def test_replay_killed_after_fencing_holds_the_writer_until_replayed_again(stack
     second_records = spread(second, 0.1, seed=12)[0]
     publish(stack, second_records)
 
-    replay_id = kill_replay_after_fencing(stack, replayed)
+    replay_id, readers = kill_replay_after_fencing(stack, replayed)
     log = batch_log(stack)
     fences = fences_of(log, replay_id)
     assert sorted(fences) == list(range(PARTITIONS))  # it died after fencing every partition
     assert replay_statuses(stack) == {replay_id: "fencing"}
     assert stack.query("SELECT COUNT(*) FROM batch_runs WHERE kind = 'replay'") == [(0,)]
     assert billed_by_date(stack) == billed_before  # the replace never committed
-    assert len(list(stack.db_path.parent.glob(".replay-*"))) == 1  # its dedupe file stays
+    # each reader's dedupe file stays
+    assert len(list(stack.db_path.parent.glob(".replay-*"))) == readers
 
     # the worker comes back: its summary writer stops at the fences and /ready says why,
     # also after a restart, whatever the dead replay had applied
