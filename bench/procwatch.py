@@ -5,6 +5,8 @@ current address space) read from /proc while the child runs, sampled every 50 ms
 wait for it: the kernel's ``ru_maxrss`` at exit is useless here, because it also counts
 the address space before ``exec`` — a copy of this process, which holds the whole
 workload (hundreds of MB) — so every child would report at least our own size.
+A child that starts processes of its own (the replay's readers) is also measured as the
+sum of its and their sampled RSS, and the higher of the two peaks is reported.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Child:
         self.returncode: int | None = None
         self.ended: float | None = None
         self.peak_vm_hwm_bytes = 0  # highest VmHWM read from /proc while it ran
+        self.peak_tree_rss_bytes = 0  # highest VmRSS of it plus its children, sampled
 
     def _reap(self, flags: int) -> bool:
         if self.returncode is not None:
@@ -83,15 +86,21 @@ class Child:
         return None
 
     def sample(self) -> int | None:
-        """Current RSS in bytes (None once gone); keeps the highest VmHWM seen."""
+        """Current RSS in bytes (None once gone); keeps the highest VmHWM seen, and the
+        highest RSS of the child with its own children (the replay's reader processes)."""
         hwm = self.status_bytes("VmHWM")
         if hwm:
             self.peak_vm_hwm_bytes = max(self.peak_vm_hwm_bytes, hwm)
-        return self.status_bytes("VmRSS")
+        rss = self.status_bytes("VmRSS")
+        if rss is not None:
+            tree = rss + sum(_rss_bytes(pid) for pid in _children(self.pid))
+            self.peak_tree_rss_bytes = max(self.peak_tree_rss_bytes, tree)
+        return rss
 
     def peak_rss_bytes(self) -> int:
-        """The highest VmHWM seen (to within the last sample before the exit)."""
-        return self.peak_vm_hwm_bytes
+        """The highest VmHWM seen (to within the last sample before the exit), or the
+        highest sampled RSS of the child and its children, whichever is higher."""
+        return max(self.peak_vm_hwm_bytes, self.peak_tree_rss_bytes)
 
     def seconds(self) -> float:
         return (self.ended or time.monotonic()) - self.started
@@ -113,3 +122,27 @@ class Child:
         if not self.exited():
             os.kill(self.pid, signal.SIGKILL)
             self.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
