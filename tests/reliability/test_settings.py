@@ -160,6 +160,8 @@ CASES = [
     Case("OPENROUTER_API_URL", {"OPENROUTER_API_URL": "ftp://openrouter.ai"}),
     Case("HTTP_TIMEOUT_SECONDS", {"HTTP_TIMEOUT_SECONDS": "nan"}),
     Case("REPLAY_MARGIN_HOURS", {"REPLAY_MARGIN_HOURS": "-1"}),
+    Case("REPLAY_READERS", {"REPLAY_READERS": "-1"}),
+    Case("REPLAY_READERS", {"REPLAY_READERS": "two"}),
     Case("WEB_PORT", {"WEB_PORT": "70000"}),
     Case("WEB_PORT", {"WEB_PORT": "http"}),
     Case("WEB_HOST", {"WEB_HOST": "not a host"}, cli=True),
