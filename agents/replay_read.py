@@ -7,7 +7,7 @@ rate of a bare aiokafka+orjson loop, and a second core would sit idle. Home part
 deduplicate independently: every copy of a request is counted at its home partition,
 read there from the usage topic or as a rerouted copy from the same partition of the
 rerouted topic (streams/partitioning.py). So each group of partitions is read,
-validated, deduplicated (its own :class:`tables.replay_store.ReplayStaging` file) and
+validated, deduplicated (its own :class:`tables.replay_staging.ReplayStaging` file) and
 folded into per-key sums by its own process, and the replay adds the groups' sums up:
 exactly the sums one process would have found.
 
@@ -50,7 +50,7 @@ import orjson
 from streams.broker import BrokerUnreachable
 from streams.replay_reader import PartitionRange, ReplayReader, ReplayReadError, TopicNotFound
 from streams.settings import Settings
-from tables.replay_store import DayTotals, ReplayStaging
+from tables.replay_staging import DayTotals, ReplayStaging
 
 __all__ = ["ReadCounts", "ReaderProcesses", "reader_groups"]
 
@@ -248,7 +248,7 @@ async def _next_line(stdin: asyncio.StreamReader) -> dict:
 
 
 async def _read_group(settings: Settings) -> None:
-    from streams.clients.openrouter import ModelPrice
+    from streams.pricing import ModelPrice
 
     loop = asyncio.get_running_loop()
     # the replay ends a reader it no longer needs with SIGTERM: unwind, so the dedupe

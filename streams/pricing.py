@@ -8,12 +8,25 @@ its request, and is counted in ``estimated_requests`` so the gap is visible.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
 from streams.money import to_nano
 
-__all__ = ["Price", "estimate_cost_nano"]
+__all__ = ["ModelPrice", "Price", "estimate_cost_nano"]
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """A model's OpenRouter prices as we bill by them, exact; compare with ``==`` to
+    detect a price change. Here, not beside the OpenRouter client, so what prices events
+    (the replay's reader processes) needs no HTTP client."""
+
+    model_id: str
+    prompt_usd_per_token: Decimal
+    completion_usd_per_token: Decimal
+    request_usd: Decimal
 
 
 class Price(Protocol):

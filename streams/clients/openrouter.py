@@ -9,11 +9,11 @@ rather than stored with a meaningless price.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from streams.clients.http import ApiClient, MalformedResponse
+from streams.pricing import ModelPrice
 
 __all__ = ["ModelPrice", "OpenRouterClient", "parse_models"]
 
@@ -24,16 +24,6 @@ _PRICE_KEYS = {
     "completion_usd_per_token": "completion",
     "request_usd": "request",
 }
-
-
-@dataclass(frozen=True)
-class ModelPrice:
-    """The prices we bill by, exact; compare with ``==`` to detect a price change."""
-
-    model_id: str
-    prompt_usd_per_token: Decimal
-    completion_usd_per_token: Decimal
-    request_usd: Decimal
 
 
 class OpenRouterClient(ApiClient):
