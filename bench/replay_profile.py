@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.floors import raw_reader  # noqa: E402
+from bench.run import compile_sources  # noqa: E402
 from bench.worker_run import worker_env  # noqa: E402
 from bench.workload import PARTITIONS, build, create_topics, produce  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
@@ -110,6 +111,7 @@ def main() -> None:
         result = raw_reader(state["bootstrap"], TOPIC, PARTITIONS, state["records"], args.dir, 120)
         print(f"raw reader: {result.events_per_s or 0:,.0f} records/s {result.error or ''}")
         return
+    compile_sources(REPO)  # as bench/run.py does
     for _ in range(args.times):
         extra = ["--dry-run"] if args.dry_run else []
         seconds = _replay(state["env"], state["day"], extra, args.py_spy)
