@@ -10,8 +10,10 @@ and the replay must restore exactly that day and touch nothing else.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -36,7 +38,7 @@ from tables.reference import store_model_prices, store_nbp_rates
 from tables.schema import connect
 from tests.ground_truth import WARSAW, local_midnight_ms, on_day
 from tests.ground_truth import ground_truth as expected_rows
-from tests.harness import REPO, Batch, Stack, event_ms, live_traffic, wait_for
+from tests.harness import REPO, Batch, Stack, child_processes, event_ms, live_traffic, wait_for
 
 DAY = date.today() - timedelta(days=10)  # the replayed date; every test day is in the past
 PRICES = {
@@ -406,6 +408,12 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
     # and a full replay puts it back
     assert replay(stack, "--date", day).returncode == 0
     assert actual(stack) == truth
+    # however the partitions are dealt to reader processes, the totals are the same
+    for readers in ("1", "3"):
+        again = replay(stack, "--date", day, REPLAY_READERS=readers)
+        assert again.returncode == 0, again.stderr.decode()
+        assert f"replay {day}: 0 usage_daily rows written" in again.stdout.decode()
+        assert actual(stack) == truth
     # every fence of these replays was passed: nothing waits
     assert stack.query("SELECT DISTINCT status FROM replay_runs") == [("complete",)]
 
@@ -471,6 +479,52 @@ def test_replay_errors_without_a_worker(stack: Stack, tmp_path: Path) -> None:
     assert "would change" in result.stdout.decode()
     assert stack.query("SELECT COUNT(*) FROM usage_daily") == [(0,)]
     assert stack.query("SELECT COUNT(*) FROM batch_runs WHERE success = 1") == [(0,)]
+
+
+def test_an_interrupted_replay_stops_its_readers_and_leaves_nothing(stack: Stack) -> None:
+    """SIGTERM (or Ctrl-C) while the readers read: exit 130 with one line, the reader
+    processes end, their dedupe files are removed, nothing is written."""
+    settings = load_settings(KAFKA_BROKER=stack.env["KAFKA_BROKER"], USAGE_TOPIC=stack.topic)
+    asyncio.run(ensure_topics(settings))
+    send(stack, [rec(e, i % 4) for i, e in enumerate(make_events(DAY, 400, "i", 11))])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streams", "replay", "--date", DAY.isoformat()],
+        env=stack.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    readers: list[int] = []
+    try:
+        assert process.stderr is not None
+        said = []
+        for line in iter(process.stderr.readline, b""):  # the plan: the readers read
+            said.append(line.decode())
+            if said[-1].startswith(f"replay {DAY} from {stack.topic}:"):
+                break
+        else:
+            raise AssertionError(f"no plan line: {''.join(said)}")
+        # held mid-read: stopped until the replay has been told to stop
+        readers = child_processes(process.pid)
+        assert readers
+        for pid in readers:
+            os.kill(pid, signal.SIGSTOP)
+        process.send_signal(signal.SIGTERM)
+        for pid in readers:
+            os.kill(pid, signal.SIGCONT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130
+    lines = [*said, *err.decode().splitlines(keepends=True)]
+    assert lines[-1].startswith("usage-stream: interrupted; nothing changed"), lines
+    assert "Traceback" not in "".join(lines)
+    for pid in readers:  # ended, and reaped by the replay
+        assert not Path(f"/proc/{pid}").exists()
+    assert not list(stack.db_path.parent.glob(".replay-*"))
+    assert stack.query("SELECT COUNT(*) FROM usage_daily") == [(0,)]
 
 
 def test_replay_while_the_worker_runs(stack: Stack) -> None:

@@ -28,7 +28,16 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.harness import REPO, Batch, Stack, Worker, http_get, live_traffic, wait_for
+from tests.harness import (
+    REPO,
+    Batch,
+    Stack,
+    Worker,
+    child_processes,
+    http_get,
+    live_traffic,
+    wait_for,
+)
 from tests.scale.helpers import (
     PARTITIONS,
     Record,
@@ -113,19 +122,6 @@ def replay_statuses(stack: Stack) -> dict[str, str]:
     return dict(stack.query("SELECT replay_id, status FROM replay_runs"))
 
 
-def reader_processes(pid: int) -> list[int]:
-    """The replay's reader processes (agents/replay_read.py): its children."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
 def kill_replay_after_fencing(stack: Stack, day: str) -> tuple[str, int]:
     """Run ``usage-stream replay --date day`` and SIGKILL it after it appended its fences
     and applied the batch log up to them, before its replace; return its id and how many
@@ -158,7 +154,7 @@ def kill_replay_after_fencing(stack: Stack, day: str) -> tuple[str, int]:
             return row[0] if row else None
 
         replay_id = wait_for(registered, 60, "the replay to register", step=0.002)
-        readers = reader_processes(process.pid)
+        readers = child_processes(process.pid)
         assert readers, "the replay has no reader processes"
         for pid in readers:
             os.kill(pid, signal.SIGSTOP)
