@@ -73,6 +73,7 @@ from streams.business_time import UsageDates
 from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_events
 from streams.gc_tuning import tune_for_batches
 from streams.log_throttle import throttle_kafka_client_logs
+from streams.malloc_tuning import pin_mmap_threshold
 from streams.metrics import (
     CONSUMER_LAG,
     DEDUPE_BYTES,
@@ -170,6 +171,7 @@ class HotPath(mode.Service):
     async def on_start(self) -> None:
         throttle_kafka_client_logs()
         tune_for_batches()
+        pin_mmap_threshold()  # ~10 MB buffers per batch: unmapped when freed
         client = kafka_client_kwargs(settings)
         self.producer = AIOKafkaProducer(
             **client,
