@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streams.batch_log import BadChainRecord, Chain, ChainHead, Fence, decode_rows_raw
-from streams.broker import kafka_client_kwargs
+from streams.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
 from streams.event import UsageEvent, parse_events
 from streams.partitioning import home_partitions
 from streams.settings import Settings
@@ -114,7 +114,7 @@ class Rebuilder:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_partition_fetch_bytes=8 * 1024 * 1024,
-                fetch_max_wait_ms=50,
+                fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
                 **kafka_client_kwargs(self.settings),
             )
             await consumer.start()
@@ -256,7 +256,9 @@ async def read_range(
         if target is not None and position >= target:
             return
         try:
-            fetched = await consumer.getmany(tp, timeout_ms=500)
+            # short: at the end of a log, getmany would sit out its whole timeout after
+            # the Fetch that told the high watermark (0.5 s per partition per look)
+            fetched = await consumer.getmany(tp, timeout_ms=2 * BOUNDED_READ_WAIT_MS)
         except KafkaError as error:
             if time.monotonic() - moved > STALL_SECONDS:
                 raise

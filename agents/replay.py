@@ -174,6 +174,8 @@ class ReplayReport:
     outcome: object = None  # tables.replay_store.ReplayOutcome
     seconds: float = 0.0
     read_seconds: float = 0.0  # opening the slice, reading, validating and staging it
+    #: the read's steps: readers started, slices read, fenced (not in a dry run), finished
+    read_timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def duplicates(self) -> int:
@@ -211,8 +213,9 @@ class ReplayReport:
         """Where the time went (stderr): the read, then each step of the replace."""
         steps = ", ".join(f"{step} {seconds:.2f}" for step, seconds in self.outcome.timings.items())
         replace = sum(self.outcome.timings.values())
+        reads = ", ".join(f"{step} {seconds:.2f}" for step, seconds in self.read_timings.items())
         return (
-            f"replay {self.day} timings: read {self.read_seconds:.2f} s,"
+            f"replay {self.day} timings: read {self.read_seconds:.2f} s ({reads}),"
             f" replace {replace:.2f} s ({steps})"
         )
 
@@ -276,7 +279,7 @@ async def run_replay(
     from streams.replay_reader import topic_partitions
     from tables.batch_apply import BatchApplier
     from tables.reference import latest_model_prices, record_batch_run
-    from tables.replay_store import replace_day
+    from tables.replay_store import Lap, replace_day
     from tables.schema import connect, utc_now_text
 
     started_at = utc_now_text()
@@ -292,18 +295,21 @@ async def run_replay(
         prices = await latest_model_prices(conn)
         try:
             read_started = time.monotonic()
+            lap = Lap(report.read_timings)
             partitions = await topic_partitions(settings, settings.USAGE_TOPIC)
             groups = reader_groups(partitions, settings.replay_readers)
             async with ReaderProcesses(
                 day, groups, len(partitions), from_offsets, prices
             ) as readers:
                 report.ranges = list((await readers.ranges()).values())
+                lap("start")
                 print(report.plan_line(), file=out, flush=True)
                 progress = Progress(sum(r.size for r in report.ranges), f"replay {day}", stream)
                 try:
                     read = await readers.read(progress.update)
                 finally:
                     progress.close()
+                lap("slices")
                 _take_counts(report, read.counts)
                 if read.counts.unique == 0:
                     invalid = sum(report.invalid.values())
@@ -331,6 +337,7 @@ async def run_replay(
                     finally:
                         applier.close()
                     print(f"replay {day}: fenced and applied up to the fences", file=out)
+                    lap("fences")
                     # what the workers had read past the replay's end snapshot
                     extra = {
                         p: {
@@ -344,6 +351,7 @@ async def run_replay(
                     }
                 totals, counts = await readers.finish(extra)
                 _take_counts(report, counts)
+                lap("finish")
             report.read_seconds = time.monotonic() - read_started
             report.outcome = await replace_day(
                 conn,

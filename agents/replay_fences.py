@@ -46,7 +46,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agents.home_state import ReplayFence, follow_chain, read_range
 from streams.batch_log import BadChainRecord, ChainHead, ChainRecord, Fence, decode_rows_raw, encode
-from streams.broker import kafka_client_kwargs
+from streams.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
 from streams.replay_reader import ReplayReadError
 from streams.settings import Settings
 from tables.batch_apply import ApplyResult, BatchApplier, StoredHead
@@ -114,7 +114,9 @@ async def append_fences(
     unfinished = await asyncio.to_thread(_unfinished_replays, settings.summary_db_path)
     unfinished.pop(day, None)  # this replay completes its own date's
     client = kafka_client_kwargs(settings)
-    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **client)
+    consumer = AIOKafkaConsumer(
+        group_id=None, enable_auto_commit=False, fetch_max_wait_ms=BOUNDED_READ_WAIT_MS, **client
+    )
     producer = AIOKafkaProducer(acks="all", **client)
     await consumer.start()
     await producer.start()
@@ -175,7 +177,10 @@ async def apply_up_to_fences(
         # 0.14 raises CancelledError from stop() when nothing was awaited since start().)
         return ApplyResult()
     consumer = AIOKafkaConsumer(
-        group_id=None, enable_auto_commit=False, **kafka_client_kwargs(settings)
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
+        **kafka_client_kwargs(settings),
     )
     await consumer.start()
     records: list[tuple[int, int, ChainRecord | None]] = []

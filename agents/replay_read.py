@@ -215,12 +215,15 @@ async def _read_range(
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from agents.home_state import read_range
-    from streams.broker import kafka_client_kwargs
+    from streams.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
 
     if not any(end > start for start, end in ranges.values()):
         return
     consumer = AIOKafkaConsumer(
-        group_id=None, enable_auto_commit=False, **kafka_client_kwargs(settings)
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
+        **kafka_client_kwargs(settings),
     )
     await consumer.start()
     try:

@@ -79,7 +79,12 @@ def run_replay(
     result.samples.append([wall, float(records), None])
     read = int(summary.group(1)) if summary else None
     unique = int(summary.group(2)) if summary else None
-    result.details.update({"records_read": read, "unique_of_day": unique})
+    # where the time went, as the command reports it, and when each stderr line came
+    timings = next((line.strip() for _, line in lines if " timings: " in line), None)
+    said = [[round(moment - child.started, 2), line.rstrip()] for moment, line in lines]
+    result.details.update(
+        {"records_read": read, "unique_of_day": unique, "timings": timings, "stderr": said}
+    )
     return result, [
         Check("replay", "records read == records produced", records, read),
         Check("replay", f"unique events of {day} == produced", unique_of_day, unique),

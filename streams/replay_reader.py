@@ -49,7 +49,7 @@ from datetime import date
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
-from streams.broker import BrokerUnreachable, kafka_client_kwargs
+from streams.broker import BOUNDED_READ_WAIT_MS, BrokerUnreachable, kafka_client_kwargs
 from streams.business_time import local_midnight_ms
 from streams.settings import Settings
 
@@ -235,7 +235,7 @@ class ReplayReader:
             group_id=None,  # no group: no commits, no rebalance of the live workers
             enable_auto_commit=False,
             auto_offset_reset="none",  # never jump silently to another offset
-            fetch_max_wait_ms=200,
+            fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
             # big fetches: fewer round trips while the records of one are being parsed
             # (the replay reads a bounded slice; a few MiB per partition in memory)
             max_partition_fetch_bytes=FETCH_PARTITION_BYTES,

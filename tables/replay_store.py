@@ -45,6 +45,7 @@ from tables.summary_store import (
 
 __all__ = [
     "DailyRow",
+    "Lap",
     "ReplayOutcome",
     "RowChange",
     "replace_day",
@@ -184,8 +185,9 @@ def _diff(
     return changes
 
 
-class _Lap:
-    """Records the seconds since the previous call under a step's name."""
+class Lap:
+    """Records the seconds since the previous call under a step's name (the replay's
+    timing line: its read and its replace)."""
 
     def __init__(self, timings: dict[str, float]) -> None:
         self.timings = timings
@@ -218,7 +220,7 @@ async def replace_day(
         outcome = await _replace(
             conn, totals, day, markup, dry_run, started_at, records_processed, replay_id
         )
-        lap = _Lap(outcome.timings)
+        lap = Lap(outcome.timings)
     lap("commit" if not dry_run else "rollback")
     return outcome
 
@@ -234,7 +236,7 @@ async def _replace(
     replay_id: str | None,
 ) -> ReplayOutcome:
     timings: dict[str, float] = {}
-    lap = _Lap(timings)
+    lap = Lap(timings)
     rate = await rate_for_date(conn, date.fromisoformat(day))
     before = await _daily_rows(conn, day)
     lap("usage_daily before")
