@@ -286,21 +286,21 @@ async def run_replay(
     begin = time.monotonic()
     report = ReplayReport(day, settings.USAGE_TOPIC, dry_run)
     out = stream or sys.stderr
-    conn = await connect(settings.summary_db_path)
-    replay_id: str | None = None
-    try:
-        # fail before reading anything when the DB cannot take the write lock
-        await conn.execute("BEGIN IMMEDIATE")
-        await conn.execute("ROLLBACK")
-        prices = await latest_model_prices(conn)
+    # the readers start first: their start-up overlaps the checks and lookups below
+    async with ReaderProcesses(settings.replay_readers) as readers:
+        conn = await connect(settings.summary_db_path)
+        replay_id: str | None = None
         try:
-            read_started = time.monotonic()
-            lap = Lap(report.read_timings)
-            partitions = await topic_partitions(settings, settings.USAGE_TOPIC)
-            groups = reader_groups(partitions, settings.replay_readers)
-            async with ReaderProcesses(
-                day, groups, len(partitions), from_offsets, prices
-            ) as readers:
+            # fail before reading anything when the DB cannot take the write lock
+            await conn.execute("BEGIN IMMEDIATE")
+            await conn.execute("ROLLBACK")
+            prices = await latest_model_prices(conn)
+            try:
+                read_started = time.monotonic()
+                lap = Lap(report.read_timings)
+                partitions = await topic_partitions(settings, settings.USAGE_TOPIC)
+                groups = reader_groups(partitions, readers.count)
+                await readers.start(day, groups, len(partitions), from_offsets, prices)
                 report.ranges = list((await readers.ranges()).values())
                 lap("start")
                 print(report.plan_line(), file=out, flush=True)
@@ -352,41 +352,41 @@ async def run_replay(
                 totals, counts = await readers.finish(extra)
                 _take_counts(report, counts)
                 lap("finish")
-            report.read_seconds = time.monotonic() - read_started
-            report.outcome = await replace_day(
-                conn,
-                totals.rows(day.isoformat()),
-                day.isoformat(),
-                settings.USAGE_MARKUP_MULTIPLIER,
-                dry_run=dry_run,
-                started_at=started_at,
-                records_processed=report.records_read,
-                replay_id=replay_id,
-            )
-        except Exception as error:
-            if not dry_run:
-                try:
-                    await record_batch_run(
-                        conn,
-                        "replay",
-                        day,
-                        started_at,
-                        utc_now_text(),
-                        False,
-                        error=_one_line(error),
-                        records_processed=report.records_read,
-                    )
-                    if replay_id is not None:
-                        await conn.execute(
-                            "UPDATE replay_runs SET status = 'failed', finished_at = ?,"
-                            " error = ? WHERE replay_id = ?",
-                            (utc_now_text(), _one_line(error), replay_id),
+                report.read_seconds = time.monotonic() - read_started
+                report.outcome = await replace_day(
+                    conn,
+                    totals.rows(day.isoformat()),
+                    day.isoformat(),
+                    settings.USAGE_MARKUP_MULTIPLIER,
+                    dry_run=dry_run,
+                    started_at=started_at,
+                    records_processed=report.records_read,
+                    replay_id=replay_id,
+                )
+            except Exception as error:
+                if not dry_run:
+                    try:
+                        await record_batch_run(
+                            conn,
+                            "replay",
+                            day,
+                            started_at,
+                            utc_now_text(),
+                            False,
+                            error=_one_line(error),
+                            records_processed=report.records_read,
                         )
-                except (sqlite3.Error, OSError) as also:
-                    log.warning("could not record the failed replay: %s", also)
-            raise
-    finally:
-        await conn.close()
+                        if replay_id is not None:
+                            await conn.execute(
+                                "UPDATE replay_runs SET status = 'failed', finished_at = ?,"
+                                " error = ? WHERE replay_id = ?",
+                                (utc_now_text(), _one_line(error), replay_id),
+                            )
+                    except (sqlite3.Error, OSError) as also:
+                        log.warning("could not record the failed replay: %s", also)
+                raise
+        finally:
+            await conn.close()
     report.seconds = time.monotonic() - begin
     return report
 

@@ -384,35 +384,19 @@ class GroupsRead:
 
 
 class ReaderProcesses:
-    """``async with ReaderProcesses(...) as readers``: one reader process per group of
-    partitions, driven through the protocol of the module docstring. Leaving the block
-    kills the readers still running (an error, a cancellation)."""
+    """``async with ReaderProcesses(count) as readers``: reader processes, started at once
+    (their start-up overlaps the replay's own), then given their groups of partitions by
+    :meth:`start` and driven through the protocol of the module docstring. Leaving the
+    block ends the readers still running (an error, a cancellation)."""
 
-    def __init__(
-        self,
-        day: date,
-        groups: list[list[int]],
-        partition_count: int,
-        from_offsets: Mapping[int, int] | None,
-        prices: Mapping[str, object],
-    ) -> None:
-        self.job = {
-            "day": day.isoformat(),
-            "partition_count": partition_count,
-            "from_offsets": dict(from_offsets or {}),
-            "prices": [  # exact: Decimal's str() reads back as the same Decimal
-                [model, *map(str, (p.prompt_usd_per_token, p.completion_usd_per_token))]
-                + [str(p.request_usd)]
-                for model, p in prices.items()
-            ],
-        }
-        self.groups = groups
+    def __init__(self, count: int) -> None:
+        self.count = max(1, count)
         self.readers: list[_Reader] = []
         self._streams: list[AsyncIterator[dict]] = []
 
     async def __aenter__(self) -> ReaderProcesses:
         try:
-            for group in self.groups:
+            for _ in range(self.count):
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
@@ -422,14 +406,49 @@ class ReaderProcesses:
                     env=_child_env(),
                     limit=64 * 1024 * 1024,  # a totals line: TOTALS_PER_LINE keys
                 )
-                reader = _Reader(group, process)
-                reader.send(**self.job, partitions=group)
-                self.readers.append(reader)
-                self._streams.append(reader.messages())
+                self.readers.append(_Reader([], process))
         except BaseException:
             await self.close()
             raise
         return self
+
+    async def start(
+        self,
+        day: date,
+        groups: list[list[int]],
+        partition_count: int,
+        from_offsets: Mapping[int, int] | None,
+        prices: Mapping[str, object],
+    ) -> None:
+        """Give each of the first ``len(groups)`` readers its group (at most ``count``);
+        the others, not needed (fewer partitions than readers), find their stdin closed
+        and exit."""
+        job = {
+            "day": day.isoformat(),
+            "partition_count": partition_count,
+            "from_offsets": dict(from_offsets or {}),
+            "prices": [  # exact: Decimal's str() reads back as the same Decimal
+                [model, *map(str, (p.prompt_usd_per_token, p.completion_usd_per_token))]
+                + [str(p.request_usd)]
+                for model, p in prices.items()
+            ],
+        }
+        assert 0 < len(groups) <= len(self.readers), "reader_groups(partitions, count)"
+        spare = self.readers[len(groups) :]
+        self.readers = self.readers[: len(groups)]
+        for reader, group in zip(self.readers, groups, strict=True):
+            reader.group = group
+            reader.send(**job, partitions=group)
+            self._streams.append(reader.messages())
+        for reader in spare:
+            assert reader.process.stdin is not None
+            reader.process.stdin.close()
+            try:
+                await asyncio.wait_for(reader.process.wait(), EXIT_SECONDS)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    reader.process.kill()
+                await reader.process.wait()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
