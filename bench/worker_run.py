@@ -360,6 +360,9 @@ def _measure(
             and billed == expected.unique
             # the InfluxDB sinks ship from a spool: wait until it is empty
             and not (metrics or {}).get(_PREFIX + "raw_spool_points")
+            # the dedupe gauges follow on a 5 s timer: a small run can end before it ticks
+            # (a worker without them, the baseline's single-file design, is not waited for)
+            and (metrics or {}).get(_PREFIX + "dedupe_ids", 1)
         ) or time.monotonic() - settle_started > SETTLE_SECONDS:
             break
         time.sleep(SAMPLE_SECONDS)
