@@ -24,9 +24,11 @@ stderr. In order:
    the rest (the first copy read still wins) and answers with ``totals`` lines (the
    group's sums per key, in chunks) and ``done`` (final counts), then exits.
 
-A reader that fails answers ``error`` (its exception's class and one line) and exits 1;
-one that finds its stdin closed (the replay died) exits 1 at once, and one killed
-outright leaves its dedupe file to the next replay's sweep.
+A reader that fails answers ``error`` (its exception's class and one line) and exits 1.
+One whose replay died exits 1 when it next waits for the replay (its stdin is closed) or
+writes to it (a broken pipe); SIGTERM from the replay unwinds it and removes its dedupe
+file; one killed outright leaves that file to the next replay's sweep. A reader spawned
+but not needed (fewer partitions than readers) finds its stdin closed before any job.
 """
 
 from __future__ import annotations
