@@ -74,16 +74,7 @@ class Child:
 
     def status_bytes(self, field: str) -> int | None:
         """A ``kB`` field of /proc/PID/status (``VmRSS``, ``VmHWM``) in bytes."""
-        if self.returncode is not None:
-            return None
-        try:
-            text = Path(f"/proc/{self.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in text.splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        return None
+        return None if self.returncode is not None else status_bytes(self.pid, field)
 
     def sample(self) -> int | None:
         """Current RSS in bytes (None once gone); keeps the highest VmHWM seen, and the
@@ -93,7 +84,7 @@ class Child:
             self.peak_vm_hwm_bytes = max(self.peak_vm_hwm_bytes, hwm)
         rss = self.status_bytes("VmRSS")
         if rss is not None:
-            tree = rss + sum(_rss_bytes(pid) for pid in _children(self.pid))
+            tree = rss + sum(status_bytes(pid, "VmRSS") or 0 for pid in child_processes(self.pid))
             self.peak_tree_rss_bytes = max(self.peak_tree_rss_bytes, tree)
         return rss
 
@@ -124,8 +115,8 @@ class Child:
             self.wait()
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid``."""
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the replay's reader processes)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -137,12 +128,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _rss_bytes(pid: int) -> int:
+def status_bytes(pid: int, field: str) -> int | None:
+    """A ``kB`` field of /proc/PID/status (``VmRSS``, ``VmHWM``) in bytes; None when the
+    process is gone."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return 0
+        return None
     for line in text.splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    return 0
+    return None

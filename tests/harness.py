@@ -40,19 +40,6 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, step: f
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
-def child_processes(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (the replay's reader processes)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
 def event_ms(event: dict) -> int:
     """A test event's time in epoch ms, from either timestamp form the contract allows."""
     stamp = event["timestamp"]

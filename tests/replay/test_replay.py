@@ -28,6 +28,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from bench.procwatch import child_processes
 from streams.broker import EmbeddedBroker, ensure_topics, free_port
 from streams.clients.nbp import NbpRate
 from streams.clients.openrouter import ModelPrice
@@ -38,7 +39,7 @@ from tables.reference import store_model_prices, store_nbp_rates
 from tables.schema import connect
 from tests.ground_truth import WARSAW, local_midnight_ms, on_day
 from tests.ground_truth import ground_truth as expected_rows
-from tests.harness import REPO, Batch, Stack, child_processes, event_ms, live_traffic, wait_for
+from tests.harness import REPO, Batch, Stack, event_ms, live_traffic, wait_for
 
 DAY = date.today() - timedelta(days=10)  # the replayed date; every test day is in the past
 PRICES = {

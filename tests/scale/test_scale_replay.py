@@ -28,12 +28,12 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.procwatch import child_processes
 from tests.harness import (
     REPO,
     Batch,
     Stack,
     Worker,
-    child_processes,
     http_get,
     live_traffic,
     wait_for,
