@@ -77,6 +77,7 @@ from typing import ClassVar, NoReturn, TextIO
 
 from faust.cli import AppCommand, option
 
+from agents.replay_read import ReadCounts, one_line
 from streams.app import app, settings
 from streams.cli import fail
 from streams.settings import Settings
@@ -167,19 +168,33 @@ class ReplayReport:
     topic: str
     dry_run: bool
     ranges: list = field(default_factory=list)  # streams.replay_reader.PartitionRange
-    records_read: int = 0
-    events_of_day: int = 0  # valid events of the date read, copies included
-    unique: int = 0
-    invalid: Counter = field(default_factory=Counter)
+    #: what the readers read, added up (records, invalid by reason, events, unique ids)
+    counts: ReadCounts = field(default_factory=ReadCounts)
     outcome: object = None  # tables.replay_store.ReplayOutcome
     seconds: float = 0.0
-    read_seconds: float = 0.0  # opening the slice, reading, validating and staging it
     #: the read's steps: readers started, slices read, fenced (not in a dry run), finished
     read_timings: dict[str, float] = field(default_factory=dict)
 
     @property
+    def records_read(self) -> int:
+        return self.counts.records_read
+
+    @property
+    def invalid(self) -> Counter:
+        return self.counts.invalid
+
+    @property
+    def unique(self) -> int:
+        return self.counts.unique
+
+    @property
     def duplicates(self) -> int:
-        return self.events_of_day - self.unique
+        return self.counts.events_of_day - self.counts.unique
+
+    @property
+    def read_seconds(self) -> float:
+        """Opening the slices, reading, validating, deduplicating, fencing."""
+        return sum(self.read_timings.values())
 
     def plan_line(self) -> str:
         parts = ", ".join(
@@ -296,7 +311,6 @@ async def run_replay(
             await conn.execute("ROLLBACK")
             prices = await latest_model_prices(conn)
             try:
-                read_started = time.monotonic()
                 lap = Lap(report.read_timings)
                 partitions = await topic_partitions(settings, settings.USAGE_TOPIC)
                 groups = reader_groups(partitions, readers.count)
@@ -310,7 +324,7 @@ async def run_replay(
                 finally:
                     progress.close()
                 lap("slices")
-                _take_counts(report, read.counts)
+                report.counts = read.counts
                 if read.counts.unique == 0:
                     invalid = sum(report.invalid.values())
                     raise NoEventsForDate(
@@ -350,9 +364,8 @@ async def run_replay(
                         for p, f in fences.items()
                     }
                 totals, counts = await readers.finish(extra)
-                _take_counts(report, counts)
+                report.counts = counts
                 lap("finish")
-                report.read_seconds = time.monotonic() - read_started
                 report.outcome = await replace_day(
                     conn,
                     totals.rows(day.isoformat()),
@@ -373,14 +386,14 @@ async def run_replay(
                             started_at,
                             utc_now_text(),
                             False,
-                            error=_one_line(error),
+                            error=one_line(error),
                             records_processed=report.records_read,
                         )
                         if replay_id is not None:
                             await conn.execute(
                                 "UPDATE replay_runs SET status = 'failed', finished_at = ?,"
                                 " error = ? WHERE replay_id = ?",
-                                (utc_now_text(), _one_line(error), replay_id),
+                                (utc_now_text(), one_line(error), replay_id),
                             )
                     except (sqlite3.Error, OSError) as also:
                         log.warning("could not record the failed replay: %s", also)
@@ -391,13 +404,6 @@ async def run_replay(
     return report
 
 
-def _take_counts(report: ReplayReport, counts: object) -> None:
-    report.records_read = counts.records_read
-    report.invalid = Counter(counts.invalid)
-    report.events_of_day = counts.events_of_day
-    report.unique = counts.unique
-
-
 async def _register(conn: object, replay_id: str, day: str, started_at: str) -> None:
     """The replay's row, before any fence exists: the writer waits for it to complete."""
     await conn.execute(
@@ -405,11 +411,6 @@ async def _register(conn: object, replay_id: str, day: str, started_at: str) -> 
         " VALUES (?, ?, 'fencing', ?)",
         (replay_id, day, started_at),
     )
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 class _DirectCommand(AppCommand):
@@ -478,9 +479,9 @@ async def replay(self: object, day: str | None, from_offsets: str | None, dry_ru
     try:
         report = await run_replay(settings, usage_day, starts, dry_run)
     except (BrokerUnreachable, ReplayReadError, NoEventsForDate) as error:
-        fail(_one_line(error))
+        fail(one_line(error))
     except (sqlite3.Error, OSError) as error:
-        fail(f"summary DB {settings.summary_db_path}: {_one_line(error)}")
+        fail(f"summary DB {settings.summary_db_path}: {one_line(error)}")
     print(report.summary_line())
     print(report.timing_line(), file=sys.stderr)
     for line in report.change_lines(None if dry_run else LIST_CHANGES):

@@ -54,7 +54,7 @@ from streams.replay_reader import PartitionRange, ReplayReader, ReplayReadError,
 from streams.settings import Settings
 from tables.replay_staging import DayTotals, ReplayStaging
 
-__all__ = ["ReadCounts", "ReaderProcesses", "reader_groups"]
+__all__ = ["ReadCounts", "ReaderProcesses", "one_line", "reader_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -321,18 +321,19 @@ def main() -> None:
     try:
         asyncio.run(_read_group(get_settings()))
     except tuple(_ERRORS.values()) as error:
-        _say(error={"kind": type(error).__name__, "message": _one_line(error)})
+        _say(error={"kind": type(error).__name__, "message": one_line(error)})
         raise SystemExit(1) from None
     except (KeyboardInterrupt, SystemExit, BrokenPipeError, asyncio.CancelledError):
         raise SystemExit(1) from None
     except Exception as error:
         log.exception("replay reader failed")
         with contextlib.suppress(OSError):
-            _say(error={"kind": type(error).__name__, "message": _one_line(error)})
+            _say(error={"kind": type(error).__name__, "message": one_line(error)})
         raise SystemExit(1) from None
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An error as the one line the operator sees (the replay's and its readers')."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 

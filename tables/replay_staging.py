@@ -25,6 +25,7 @@ from pathlib import Path
 import orjson
 
 from tables.ledger import LedgerEvent
+from tables.schema import json_for_sqlite
 from tables.summary_store import SummaryRow
 
 __all__ = ["DayTotals", "ReplayStaging", "sweep_abandoned"]
@@ -43,7 +44,6 @@ Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
 # re-parse of the row per column, which made staging whole rows ~4x dearer.
 _KNOWN_JSON = "SELECT value FROM json_each(?) WHERE value IN (SELECT request_id FROM seen)"
 _SEEN_JSON = "INSERT OR IGNORE INTO seen SELECT value FROM json_each(?)"
-_ESCAPED_NUL = b"\\u0000"
 
 
 class ReplayStaging:
@@ -94,10 +94,10 @@ class ReplayStaging:
         for entry in entries:
             first.setdefault(entry.request_id, entry)
         ids = list(first)
-        payload = orjson.dumps(ids)
+        text = json_for_sqlite(orjson.dumps(ids))
         self._conn.execute("BEGIN")
         try:
-            if _ESCAPED_NUL in payload:  # SQLite's JSON functions would cut such text
+            if text is None:
                 known = {
                     rid
                     for rid in ids
@@ -109,7 +109,6 @@ class ReplayStaging:
                     "INSERT OR IGNORE INTO seen VALUES (?)", [(rid,) for rid in ids]
                 )
             else:
-                text = payload.decode()
                 known = {row[0] for row in self._conn.execute(_KNOWN_JSON, (text,))}
                 self._conn.execute(_SEEN_JSON, (text,))
             self._conn.execute("COMMIT")

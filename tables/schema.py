@@ -28,6 +28,7 @@ import aiosqlite
 __all__ = [
     "MIGRATIONS",
     "connect",
+    "json_for_sqlite",
     "migrate",
     "open_sync",
     "utc_now_text",
@@ -386,6 +387,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         ],
     ),
 ]
+
+
+def json_for_sqlite(payload: bytes) -> str | None:
+    """JSON text for SQLite's JSON functions (``json_each``, ``->>``), or None when they
+    would cut it short: an escaped NUL (``\\u0000``) ends their strings. Callers bind
+    such rows as values instead (one rule for every one-statement insert)."""
+    return None if b"\\u0000" in payload else payload.decode()
 
 
 def utc_now_text() -> str:

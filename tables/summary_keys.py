@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import msgspec
 
 from streams.batch_log import SumRow
+from tables.schema import json_for_sqlite
 
 __all__ = ["FoldedSums", "SumsFolder"]
 
@@ -80,7 +81,6 @@ _FOLD = """
         raw_cost_nano = raw_cost_nano + excluded.raw_cost_nano,
         late_events = late_events + excluded.late_events
 """
-_ESCAPED_NUL = b"\\u0000"
 _ROWS = msgspec.json.Decoder(list[SumRow])
 
 
@@ -102,10 +102,11 @@ class SumsFolder:
     def add_json(self, rows: bytes | memoryview) -> None:
         """A batch-log entry's ``rows`` as their JSON text (``msgspec.Raw``)."""
         raw = bytes(rows)
-        if _ESCAPED_NUL in raw:
+        text = json_for_sqlite(raw)
+        if text is None:
             self.add(_ROWS.decode(raw))
         else:
-            self.conn.execute(_STAGE_JSON, (raw.decode(),))
+            self.conn.execute(_STAGE_JSON, (text,))
 
     def add(self, rows: Iterable[SumRow]) -> None:
         self.conn.executemany(_STAGE_VALUES, [msgspec.structs.astuple(row) for row in rows])

@@ -27,7 +27,7 @@ import aiosqlite
 import orjson
 
 from streams.money import NanoScaler, nano_to_float
-from tables.schema import utc_now_text, write_transaction
+from tables.schema import json_for_sqlite, utc_now_text, write_transaction
 
 __all__ = [
     "DAILY_COLUMNS",
@@ -179,6 +179,16 @@ WHERE {" OR ".join(f"usage_daily.{c} IS NOT excluded.{c}" for c in VALUE_COLUMNS
 """
 
 
+def _json_rows(revision: int) -> str:
+    """``usage_daily`` columns in table order from :func:`_as_json`'s rows, the REAL ones
+    derived from the nano ones as :func:`streams.money.nano_to_float` does."""
+    return f"""SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
+    value->>6, value->>7, value->>8, value->>9, value->>10, value->>11,
+    (value->>9) / 1e9, (value->>10) / 1e9, (value->>11) / 1e9,
+    value->>12, value->>13, {revision}, value->>14
+FROM json_each(?)"""
+
+
 #: The same upsert for a whole group of rows in ONE statement (rows as JSON, REAL columns
 #: derived from the nano ones as :func:`streams.money.nano_to_float` does). Why: an
 #: ``executemany`` binds each row in Python, taking the GIL once per row, and the rollup
@@ -190,11 +200,7 @@ _UPSERT_JSON = f"""
 INSERT INTO usage_daily (
     client_org_id, user_id, model, usage_date, {", ".join(VALUE_COLUMNS)}, revision, updated_at
 )
-SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
-    value->>7, value->>8, value->>9, value->>10, value->>11,
-    (value->>9) / 1e9, (value->>10) / 1e9, (value->>11) / 1e9,
-    value->>12, value->>13, 1, value->>14
-FROM json_each(?) WHERE true
+{_json_rows(revision=1)} WHERE true
 ON CONFLICT (client_org_id, user_id, model, usage_date) DO UPDATE SET
     {", ".join(f"{c} = excluded.{c}" for c in VALUE_COLUMNS)},
     revision = usage_daily.revision + 1,
@@ -209,11 +215,7 @@ _OPEN_UPSERT = (
 )
 _OPEN_UPSERT_JSON = f"""
 INSERT OR REPLACE INTO usage_daily_open ({_OPEN_COLUMNS}, revision, updated_at)
-SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
-    value->>7, value->>8, value->>9, value->>10, value->>11,
-    (value->>9) / 1e9, (value->>10) / 1e9, (value->>11) / 1e9,
-    value->>12, value->>13, 0, value->>14
-FROM json_each(?)
+{_json_rows(revision=0)}
 """
 
 
@@ -307,8 +309,7 @@ def _as_json(values: Sequence[tuple[object, ...]]) -> str | None:
         if any(n is not None and not -_EXACT_IN_DOUBLE < n < _EXACT_IN_DOUBLE for n in nanos):
             return None
         rows.append(row[:12] + row[15:])
-    payload = orjson.dumps(rows)
-    return None if b"\\u0000" in payload else payload.decode()
+    return json_for_sqlite(orjson.dumps(rows))
 
 
 RateLookup = Callable[[aiosqlite.Connection, date], Awaitable[Rate | None]]
