@@ -482,12 +482,9 @@ def test_replay_errors_without_a_worker(stack: Stack, tmp_path: Path) -> None:
     assert stack.query("SELECT COUNT(*) FROM batch_runs WHERE success = 1") == [(0,)]
 
 
-def test_an_interrupted_replay_stops_its_readers_and_leaves_nothing(stack: Stack) -> None:
-    """SIGTERM (or Ctrl-C) while the readers read: exit 130 with one line, the reader
-    processes end, their dedupe files are removed, nothing is written."""
-    settings = load_settings(KAFKA_BROKER=stack.env["KAFKA_BROKER"], USAGE_TOPIC=stack.topic)
-    asyncio.run(ensure_topics(settings))
-    send(stack, [rec(e, i % 4) for i, e in enumerate(make_events(DAY, 400, "i", 11))])
+def _replay_until_its_plan(stack: Stack) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """``usage-stream replay`` of DAY, started and followed until it prints its plan: its
+    readers have fixed their slices and read."""
     process = subprocess.Popen(
         [sys.executable, "-m", "streams", "replay", "--date", DAY.isoformat()],
         env=stack.env,
@@ -495,16 +492,34 @@ def test_an_interrupted_replay_stops_its_readers_and_leaves_nothing(stack: Stack
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    assert process.stderr is not None
+    said: list[str] = []
+    for line in iter(process.stderr.readline, b""):
+        said.append(line.decode())
+        if said[-1].startswith(f"replay {DAY} from {stack.topic}:"):
+            return process, said
+    process.wait()
+    raise AssertionError(f"no plan line: {''.join(said)}")
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody reaped yet (an orphan's)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_an_interrupted_replay_stops_its_readers_and_leaves_nothing(stack: Stack) -> None:
+    """SIGTERM (or Ctrl-C) while the readers read: exit 130 with one line, the reader
+    processes end, their dedupe files are removed, nothing is written. A replay killed
+    outright (SIGKILL): its readers end on their own and remove their files too."""
+    settings = load_settings(KAFKA_BROKER=stack.env["KAFKA_BROKER"], USAGE_TOPIC=stack.topic)
+    asyncio.run(ensure_topics(settings))
+    send(stack, [rec(e, i % 4) for i, e in enumerate(make_events(DAY, 400, "i", 11))])
+    process, said = _replay_until_its_plan(stack)
     readers: list[int] = []
     try:
-        assert process.stderr is not None
-        said = []
-        for line in iter(process.stderr.readline, b""):  # the plan: the readers read
-            said.append(line.decode())
-            if said[-1].startswith(f"replay {DAY} from {stack.topic}:"):
-                break
-        else:
-            raise AssertionError(f"no plan line: {''.join(said)}")
         # held mid-read: stopped until the replay has been told to stop
         readers = child_processes(process.pid)
         assert readers
@@ -525,6 +540,25 @@ def test_an_interrupted_replay_stops_its_readers_and_leaves_nothing(stack: Stack
     for pid in readers:  # ended, and reaped by the replay
         assert not Path(f"/proc/{pid}").exists()
     assert not list(stack.db_path.parent.glob(".replay-*"))
+    assert stack.query("SELECT COUNT(*) FROM usage_daily") == [(0,)]
+
+    # SIGKILL: nobody tells the readers; they end when they next write to the dead
+    # replay or wait for it, and unwind
+    process, _ = _replay_until_its_plan(stack)
+    readers = child_processes(process.pid)
+    assert readers
+    for pid in readers:  # alive when the replay dies
+        os.kill(pid, signal.SIGSTOP)
+    process.kill()
+    process.wait()
+    for pid in readers:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: all(_gone(pid) for pid in readers), 60, "the orphaned readers to end")
+    wait_for(
+        lambda: not list(stack.db_path.parent.glob(".replay-*")),
+        10,
+        "the orphaned readers' dedupe files to go",
+    )
     assert stack.query("SELECT COUNT(*) FROM usage_daily") == [(0,)]
 
 
