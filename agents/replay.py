@@ -62,10 +62,8 @@ worker used when it first recorded an event without ``cost_usd``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
-import signal
 import sqlite3
 import sys
 import time
@@ -77,7 +75,7 @@ from typing import ClassVar, NoReturn, TextIO
 
 from faust.cli import AppCommand, option
 
-from agents.replay_read import ReadCounts, one_line
+from agents.replay_read import ReadCounts, one_line, sigterm_cancels_this_task
 from streams.app import app, settings
 from streams.cli import fail
 from streams.settings import Settings
@@ -432,12 +430,8 @@ class _DirectCommand(AppCommand):
         kwargs = {**self.kwargs, **kwargs}
 
         async def main() -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signal.SIGTERM, task.cancel)
-            await self.execute(*args, **kwargs)
+            with sigterm_cancels_this_task():
+                await self.execute(*args, **kwargs)
 
         try:
             asyncio.run(main())

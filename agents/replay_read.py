@@ -40,7 +40,7 @@ import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -252,15 +252,40 @@ async def _next_line(stdin: asyncio.StreamReader) -> dict:
     return orjson.loads(line)
 
 
+@contextlib.contextmanager
+def sigterm_cancels_this_task() -> Iterator[None]:
+    """SIGTERM cancels the running task, so it unwinds (files removed, connections
+    closed) as on Ctrl-C; the handler is removed when the block ends.
+
+    Why removed here and not by the loop's ``close()``: that closes the loop's wakeup
+    socket *before* it removes the handlers, and a SIGTERM in between (the replay ending
+    its readers) made Python print "Exception ignored when trying to write to the
+    signal wakeup fd" with a traceback on stderr."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    try:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 async def _read_group(settings: Settings) -> None:
+    # the replay ends a reader it no longer needs with SIGTERM: unwind, so the dedupe
+    # file is removed (SIGKILL leaves it to the next replay's sweep)
+    with sigterm_cancels_this_task():
+        await _read_group_until_done(settings)
+
+
+async def _read_group_until_done(settings: Settings) -> None:
     from streams.pricing import ModelPrice
 
     loop = asyncio.get_running_loop()
-    # the replay ends a reader it no longer needs with SIGTERM: unwind, so the dedupe
-    # file is removed (SIGKILL leaves it to the next replay's sweep)
-    task = asyncio.current_task()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     job = await _next_line(stdin)
