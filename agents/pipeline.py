@@ -19,13 +19,14 @@ Per batch, in OpenMeter's sink order:
 2. **route**: valid events read away from home go to the rerouted topic;
 3. **dedupe**: per home partition, copies inside the batch and ids seen before (or in
    the batch still being committed) are dropped;
-4. **raw sink**: the new requests' raw points (retried with backoff and a circuit
-   breaker until stored);
-5. **aggregate**: per home partition, the batch's exact sums per (usage date, key);
-6. **commit**: the dead letters and reroutes are awaited, then one record per home
-   partition is appended to the batch log (:mod:`streams.batch_log`): the positions read
-   up to, the sums, the watermark, and ``prev``, the chain head it extends. That append
-   is the commit point. The summary writer adds the sums once each
+4. **aggregate**: per home partition, the batch's exact sums per (usage date, key), and
+   the new requests' raw points;
+5. **raw sink**: the raw points are stored (retried with backoff and a circuit breaker
+   until stored; with InfluxDB, appended to the local spool);
+6. **commit**: once the dead letters, the reroutes and the raw points are stored, one
+   record per home partition is appended to the batch log (:mod:`streams.batch_log`):
+   the positions read up to, the sums, the watermark, and ``prev``, the chain head it
+   extends. That append is the commit point. The summary writer adds the sums once each
    (:mod:`agents.summary_writer`); a worker that gets the partition later starts from the
    chain head. The Kafka offset commit is informational.
 
@@ -35,8 +36,9 @@ partition's state is caught up from the log (:class:`agents.home_state.Rebuilder
 consumer goes back to the head's positions, and what this worker had prepared on top of
 the old head is dropped (its raw points may be written twice: the same points).
 
-Stages 1-5 of the next batch overlap with stage 6 of the previous one; the dedupe of the
-next batch counts the one being committed as seen.
+Stages 1-4 of the next batch (the main thread's CPU) overlap with stages 5-6 of the
+previous one (file writes, ``fsync`` and broker round trips, which need no Python time);
+the dedupe of the next batch counts the one being committed as seen.
 
 Failures are reported once per condition (:class:`ConditionLog`), and while a stage is
 failing :meth:`HotPath.not_ready_reason` names it for ``/ready`` (:mod:`agents.health`).
@@ -51,7 +53,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -115,6 +117,19 @@ class HomeBatch:
 
 
 @dataclass(slots=True)
+class _Send:
+    """A produce started in ``prepare`` and awaited by ``commit``; ``make`` sends it again
+    when it failed (a commit is retried until it succeeds)."""
+
+    make: Callable[[], Coroutine[Any, Any, None]]
+    future: asyncio.Future[None]
+
+    @classmethod
+    def start(cls, make: Callable[[], Coroutine[Any, Any, None]]) -> _Send:
+        return cls(make, asyncio.ensure_future(make()))
+
+
+@dataclass(slots=True)
 class PreparedBatch:
     """A batch after validation, routing, dedupe, the raw sink and aggregation."""
 
@@ -125,6 +140,8 @@ class PreparedBatch:
     copies: int = 0  # copies inside the batch
     known: int = 0  # copies seen before
     full: bool = False
+    lines: list[str] = field(default_factory=list)  # raw points still to store
+    sends: list[_Send] = field(default_factory=list)  # dead letters and reroutes, started
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -210,6 +227,8 @@ class HotPath(mode.Service):
         unappended, and read again by whoever owns the partition next."""
         if not await self._settle(STOP_GRACE_SECONDS):
             log.warning("hot path: stopping with a batch in flight; it will be redelivered")
+            if self._committing is not None:
+                self._committing.cancel()
         if self.consumer is not None:
             await self.consumer.stop()
         if self.rebuilder is not None:
@@ -487,11 +506,12 @@ class HotPath(mode.Service):
         )
 
     async def prepare(self, records: Sequence[ConsumerRecord]) -> PreparedBatch:
-        """Stages 1-5 (module docstring)."""
+        """Stages 1-4 (module docstring): CPU only, the sends are started, not awaited."""
         now_ms = time.time_ns() // 1_000_000
         parsed = parse_events([record.value for record in records], now_ms)
+        await _let_the_loop_run()
         batch = PreparedBatch(sum(1 for record in records if record.topic == self.topic))
-        sends: list[asyncio.Future[Any]] = []
+        sends = batch.sends
         valid: list[tuple[ConsumerRecord, UsageEvent]] = []
         for record, event in zip(records, parsed, strict=True):
             key = (record.topic, record.partition)
@@ -499,7 +519,7 @@ class HotPath(mode.Service):
                 batch.offsets[key] = record.offset + 1
             if isinstance(event, InvalidEvent):
                 batch.invalid[event.reason] = batch.invalid.get(event.reason, 0) + 1
-                sends.append(asyncio.ensure_future(self._send_dead_letter(record, event)))
+                sends.append(_Send.start(lambda r=record, e=event: self._send_dead_letter(r, e)))
             else:
                 valid.append((record, event))
         at_home = [record.topic == self.rerouted_topic for record, _ in valid]
@@ -509,9 +529,12 @@ class HotPath(mode.Service):
             record = valid[i][0]
             at_home[i] = home == record.partition
             if not at_home[i]:
-                sends.append(asyncio.ensure_future(self._reroute(record, valid[i][1], home)))
+                sends.append(
+                    _Send.start(lambda r=record, e=valid[i][1], h=home: self._reroute(r, e, h))
+                )
         # dedupe per home partition (the batch being committed counts as seen), by the
         # compact key each id is kept under
+        await _let_the_loop_run()
         in_flight = self._in_flight
         candidates: dict[str | bytes, tuple[UsageEvent, ConsumerRecord]] = {}
         for (record, event), home in zip(valid, at_home, strict=True):
@@ -534,9 +557,8 @@ class HotPath(mode.Service):
                 batch.known += 1
             else:
                 candidates[key] = (event, record)
-        lines = self._add_new(batch, candidates)
-        if lines:
-            await self.sink.write_lines(lines)
+        await _let_the_loop_run()
+        batch.lines = self._add_new(batch, candidates)
         for (topic, partition), next_offset in batch.offsets.items():
             if partition in self.states:
                 home = self._home(batch, partition)
@@ -544,8 +566,6 @@ class HotPath(mode.Service):
                     home.usage_next = max(home.usage_next, next_offset)
                 else:
                     home.rerouted_next = max(home.rerouted_next, next_offset)
-        if sends:
-            await asyncio.gather(*sends)
         return batch
 
     def _home(self, batch: PreparedBatch, partition: int) -> HomeBatch:
@@ -595,7 +615,14 @@ class HotPath(mode.Service):
         return lines
 
     async def commit(self, batch: PreparedBatch) -> None:
-        """Stage 6: one batch-log record per home partition, then metrics and offsets."""
+        """Stages 5-6: the raw points and the sends stored, then one batch-log record per
+        home partition, then metrics and offsets. Retried whole until it succeeds, so
+        what is done is marked done."""
+        if batch.lines:
+            await self.sink.write_lines(batch.lines)
+            batch.lines = []
+        if batch.sends:
+            await self._sent(batch)
         results = await asyncio.gather(
             *(self._append(home, batch.full) for home in batch.homes.values())
         )
@@ -613,6 +640,21 @@ class HotPath(mode.Service):
             EVENTS_INVALID.labels(reason=reason).inc(count)
         EVENTS_DUPLICATE.inc(batch.copies + batch.known)
         await self._commit_kafka(batch)
+
+    @staticmethod
+    async def _sent(batch: PreparedBatch) -> None:
+        """Wait for the batch's dead letters and reroutes; the failed ones are started
+        again (those that landed are not sent twice) and the first error is raised."""
+        await asyncio.wait([send.future for send in batch.sends])
+        first: BaseException | None = None
+        for send in batch.sends:
+            error = asyncio.CancelledError() if send.future.cancelled() else send.future.exception()
+            if error is not None:
+                first = first or error
+                send.future = asyncio.ensure_future(send.make())
+        if first is not None:
+            raise first
+        batch.sends = []
 
     async def _append(self, home: HomeBatch, full: bool) -> bool | None:
         """Append the partition's record; True when it extends the head, False when
@@ -771,6 +813,14 @@ class HotPath(mode.Service):
         now_ms = time.time_ns() // 1_000_000
         for state in self.states.values():
             state.seen.prune(now_ms)
+
+
+async def _let_the_loop_run() -> None:
+    """Between the CPU-bound steps of ``prepare`` (each ~0.1-0.4 s for a full batch): the
+    previous batch's commit, the fetcher and the producer move on only when the event
+    loop runs, and each of their steps (a thread's write done, a response read) would
+    otherwise wait for the whole of ``prepare``."""
+    await asyncio.sleep(0)
 
 
 _instance: HotPath | None = None
