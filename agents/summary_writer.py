@@ -36,7 +36,7 @@ from streams.batch_log import (
     decode_rows_raw,
     encode,
 )
-from streams.broker import kafka_client_kwargs
+from streams.broker import FOLLOW_WAIT_MS, kafka_client_kwargs
 from streams.cli import AFTER_TOPICS
 from streams.metrics import EVENTS_LATE, PARTIALS_APPLIED, PARTIALS_SKIPPED
 from streams.settings import Settings
@@ -75,6 +75,7 @@ class SummaryWriter(mode.Service):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=16 * 1024 * 1024,
+            fetch_max_wait_ms=FOLLOW_WAIT_MS,
             **kafka_client_kwargs(settings),
         )
         await self.consumer.start()
