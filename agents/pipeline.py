@@ -535,28 +535,33 @@ class HotPath(mode.Service):
         # dedupe per home partition (the batch being committed counts as seen), by the
         # compact key each id is kept under
         await _let_the_loop_run()
-        in_flight = self._in_flight
         candidates: dict[str | bytes, tuple[UsageEvent, ConsumerRecord]] = {}
+        seen_in: dict[int, list[set[str | bytes]]] = {}  # partition -> the sets to look in
+        newest: dict[int, int] = {}
+        copies = known = 0
         for (record, event), home in zip(valid, at_home, strict=True):
             if not home:
                 continue
             partition = record.partition
-            state = self.states[partition]
-            if event.event_ms > self._home(batch, partition).newest_event_ms:
-                batch.homes[partition].newest_event_ms = event.event_ms
+            sets = seen_in.get(partition)
+            if sets is None:
+                sets = seen_in[partition] = self._seen_sets(partition)
+                newest[partition] = self._home(batch, partition).newest_event_ms
+            if event.event_ms > newest[partition]:
+                newest[partition] = event.event_ms
             key = compact(event.request_id)
             if key in candidates:
-                batch.copies += 1
-            elif state.seen.has(key) or (
-                in_flight is not None
-                and partition in in_flight.homes
-                # a batch voided by a catch-up will not be appended: its ids are not seen
-                and in_flight.homes[partition].epoch == self.epochs.get(partition)
-                and key in in_flight.homes[partition].ids
-            ):
-                batch.known += 1
+                copies += 1
+                continue
+            for ids in sets:
+                if key in ids:
+                    known += 1
+                    break
             else:
                 candidates[key] = (event, record)
+        for partition, event_ms in newest.items():
+            batch.homes[partition].newest_event_ms = event_ms
+        batch.copies, batch.known = copies, known
         await _let_the_loop_run()
         batch.lines = self._add_new(batch, candidates)
         for (topic, partition), next_offset in batch.offsets.items():
@@ -567,6 +572,18 @@ class HotPath(mode.Service):
                 else:
                     home.rerouted_next = max(home.rerouted_next, next_offset)
         return batch
+
+    def _seen_sets(self, partition: int) -> list[set[str | bytes]]:
+        """Where the ids a home partition has seen are: its dedupe state's sets, and the
+        new ids of the batch being committed (unless a catch-up voided that batch: it
+        will not be appended, so its ids are not seen)."""
+        sets = self.states[partition].seen.sets()
+        in_flight = self._in_flight
+        if in_flight is not None:
+            pending = in_flight.homes.get(partition)
+            if pending is not None and pending.epoch == self.epochs.get(partition):
+                sets.append(pending.ids)
+        return sets
 
     def _home(self, batch: PreparedBatch, partition: int) -> HomeBatch:
         home = batch.homes.get(partition)

@@ -16,6 +16,7 @@ canonical UUID maps to those 16 bytes, and bytes never equal a ``str``.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from itertools import islice
@@ -23,25 +24,17 @@ from itertools import islice
 __all__ = ["SeenRequests", "compact"]
 
 
+#: A request id in the canonical UUID form: lowercase ASCII hex, dashes at 8/13/18/23.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def compact(request_id: str) -> str | bytes:
-    """The key an id is kept under (module docstring): 16 bytes for a canonical UUID."""
-    if len(request_id) == 36 and (
-        request_id[8] == request_id[13] == request_id[18] == request_id[23] == "-"
-    ):
-        digits = (
-            request_id[:8]
-            + request_id[9:13]
-            + request_id[14:18]
-            + request_id[19:23]
-            + request_id[24:]
-        )
-        if digits == digits.lower():
-            try:
-                raw = bytes.fromhex(digits)
-            except ValueError:
-                return request_id
-            if len(raw) == 16:  # fromhex skips whitespace: "ab cd..." is not canonical
-                return raw
+    """The key an id is kept under (module docstring): 16 bytes for a canonical UUID.
+
+    One compiled match and one ``fromhex``: this runs once per event on the hot path
+    (slicing and re-joining the id's five groups cost about twice as much)."""
+    if len(request_id) == 36 and _CANONICAL_UUID.fullmatch(request_id):
+        return bytes.fromhex(request_id.replace("-", ""))
     return request_id
 
 
@@ -69,6 +62,11 @@ class SeenRequests:
             if key in ids:
                 return True
         return False
+
+    def sets(self) -> list[set[str | bytes]]:
+        """The sets :meth:`has` looks in (a caller checking many keys at once looks in
+        them itself, without a call per key)."""
+        return list(self._buckets.values())
 
     def approx_bytes(self, sample: int = 256) -> int:
         """Memory held: the sets' tables exactly, the ids from a sample of their sizes
