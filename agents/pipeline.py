@@ -131,7 +131,8 @@ class _Send:
 
 @dataclass(slots=True)
 class PreparedBatch:
-    """A batch after validation, routing, dedupe, the raw sink and aggregation."""
+    """A batch after validation, routing, dedupe and aggregation: its raw points and
+    sends still to be stored by ``commit``."""
 
     records: int  # of the usage topic (rerouted copies were counted where they were read)
     homes: dict[int, HomeBatch] = field(default_factory=dict)
