@@ -237,3 +237,27 @@ def test_dedupe_lasts_the_ttl_and_an_expired_id_counts_as_new(stack: Stack) -> N
     wait_for(lambda: stack.records_committed() == 3, 30, "the third record committed")
     wait_for(lambda: stack.billed_requests() == 2, 30, "the request billed again")
     assert worker.metrics()["usage_stream_events_duplicate_total"] == 1
+
+
+def test_a_batch_waits_to_fill_unless_it_reaches_the_end_of_a_backlog(stack: Stack) -> None:
+    """RAW_BATCH_SECONDS is the longest a batch waits for more records: a light load
+    waits it out, but a batch that already fills a raw-sink request (RAW_BATCH_SIZE) and
+    has read every owned partition to its end is closed at once."""
+    worker = stack.worker(RAW_BATCH_SECONDS="40", RAW_BATCH_SIZE="200").start()
+    worker.wait_assigned()
+
+    def publish(ids: list[str]) -> None:  # keyed by request id, as producers are told
+        stack.publish([usage(i, n) for n, i in enumerate(ids)], keys=[i.encode() for i in ids])
+
+    publish([f"light-{i}" for i in range(50)])
+    time.sleep(6)
+    assert stack.records_committed() == 0, "a batch of 50 (< RAW_BATCH_SIZE) waits to fill"
+    published = time.monotonic()
+    publish([f"backlog-{i}" for i in range(450)])
+    # the same batch now holds 500 records, every partition read to its end: without the
+    # early close it would wait until ~40 s after it began
+    wait_for(lambda: stack.records_committed() == 500, 25, "500 records committed")
+    assert time.monotonic() - published < 25
+    assert len(raw_lines(stack)) == 500
+    assert worker.metrics()["usage_stream_events_duplicate_total"] == 0
+    assert worker.stop() == 0
