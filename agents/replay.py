@@ -68,17 +68,16 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
-from typing import ClassVar, NoReturn, TextIO
+from typing import NoReturn, TextIO
 
-from faust.cli import AppCommand, option
+import click
 
 from agents.replay_read import ReadCounts, one_line, sigterm_cancels_this_task
-from streams.app import app, settings
 from streams.cli import fail
-from streams.settings import Settings
+from streams.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -411,8 +410,37 @@ async def _register(conn: object, replay_id: str, day: str, started_at: str) -> 
     )
 
 
-class _DirectCommand(AppCommand):
-    """Runs the command's coroutine with ``asyncio.run`` instead of inside a mode Worker.
+HELP = "Re-aggregate one usage date from the topic and replace its rows atomically."
+
+#: The command's options, shared by the standalone entry below and Faust's CLI
+#: (agents/replay_command.py, so ``usage-stream --help`` lists the command).
+OPTIONS = (
+    click.option(
+        "--date",
+        "day",
+        default=None,
+        show_default=True,
+        help="usage date YYYY-MM-DD (BUSINESS_TIMEZONE)",
+    ),
+    click.option(
+        "--from-offsets",
+        "from_offsets",
+        default=None,
+        show_default=True,
+        help="start offsets P:O[,P:O...] for the named partitions (others: by timestamp)",
+    ),
+    click.option(
+        "--dry-run/--no-dry-run",
+        "dry_run",
+        default=False,
+        show_default=True,
+        help="print what would change, write nothing",
+    ),
+)
+
+
+def run_direct(command: Callable[[], Awaitable[None]]) -> NoReturn:
+    """Run the command's coroutine with ``asyncio.run``, not inside a mode Worker.
 
     Why: a replay is a short batch command timed as a whole, and the Worker's shutdown
     alone costs more than a second however little the command did (mode's
@@ -423,41 +451,33 @@ class _DirectCommand(AppCommand):
     as they were under the Worker; ``fail()``'s ``SystemExit`` sets the exit status.
     """
 
-    abstract: ClassVar[bool] = True
+    async def main() -> None:
+        with sigterm_cancels_this_task():
+            await command()
 
-    def run_using_worker(self, *args: object, **kwargs: object) -> NoReturn:
-        args = self.args + args
-        kwargs = {**self.kwargs, **kwargs}
-
-        async def main() -> None:
-            with sigterm_cancels_this_task():
-                await self.execute(*args, **kwargs)
-
-        try:
-            asyncio.run(main())
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            fail("interrupted; nothing changed unless the replace had committed", 130)
-        raise SystemExit(0)
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        fail("interrupted; nothing changed unless the replace had committed", 130)
+    raise SystemExit(0)
 
 
-@app.command(
-    option("--date", "day", default=None, help="usage date YYYY-MM-DD (BUSINESS_TIMEZONE)"),
-    option(
-        "--from-offsets",
-        "from_offsets",
-        default=None,
-        help="start offsets P:O[,P:O...] for the named partitions (others: by timestamp)",
-    ),
-    option(
-        "--dry-run/--no-dry-run",
-        "dry_run",
-        default=False,
-        help="print what would change, write nothing",
-    ),
-    base=_DirectCommand,
-)
-async def replay(self: object, day: str | None, from_offsets: str | None, dry_run: bool) -> None:
-    """Re-aggregate one usage date from the topic and replace its rows atomically."""
+def _with_options(command: Callable[..., object]) -> Callable[..., object]:
+    for decorate in reversed(OPTIONS):
+        command = decorate(command)
+    return command
+
+
+@click.command(name="replay", help=HELP)
+@_with_options
+def standalone(day: str | None, from_offsets: str | None, dry_run: bool) -> NoReturn:
+    """``usage-stream replay`` without Faust's CLI (streams/cli.py runs it): importing
+    Faust and its CLI took ~0.6 s of the command's ~10 s, for nothing the replay uses."""
+    run_direct(lambda: command(day, from_offsets, dry_run))
+
+
+async def command(day: str | None, from_offsets: str | None, dry_run: bool) -> None:
+    """The command (:data:`HELP`): parse the options, run, print the report."""
     from streams.broker import BrokerUnreachable
     from streams.gc_tuning import tune_for_batches
     from streams.replay_reader import ReplayReadError, parse_from_offsets
@@ -470,6 +490,7 @@ async def replay(self: object, day: str | None, from_offsets: str | None, dry_ru
     # aiokafka logs every failed connection attempt; the one line below is the answer
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     tune_for_batches()
+    settings = get_settings()
     try:
         report = await run_replay(settings, usage_day, starts, dry_run)
     except (BrokerUnreachable, ReplayReadError, NoEventsForDate) as error:

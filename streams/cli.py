@@ -70,17 +70,18 @@ def main() -> None:
         get_settings()
     except SettingsError as error:
         fail(str(error), 2)
-    from streams.app import app
-
     command = sys.argv[1] if len(sys.argv) > 1 else None
     if command in STANDALONE_COMMANDS:
-        # one module, no autodiscovery scan: the command's start-up is part of its time
+        # its own module's click command, without the Faust app: the command's start-up
+        # is part of its time
         import importlib
 
-        importlib.import_module(STANDALONE_COMMANDS[command])
-        app.conf.autodiscover = False
-    else:
-        _import_components()
+        standalone = importlib.import_module(STANDALONE_COMMANDS[command]).standalone
+        standalone.main(args=sys.argv[2:], prog_name=f"usage-stream {command}")
+        return
+    from streams.app import app
+
+    _import_components()
     if command == "worker":
         from streams.broker import BrokerUnreachable, TopicMismatch
 
@@ -92,9 +93,11 @@ def main() -> None:
     app.main()
 
 
-#: Commands that need their own module only. ``replay`` is a batch command timed as a
-#: whole: importing every agent (the InfluxDB client, the web views...) and Faust's
-#: autodiscovery scan cost it ~1-2 s of start-up, for nothing it uses.
+#: Commands run by their own module's click command (``standalone``), without the Faust
+#: app. ``replay`` is a batch command timed as a whole: importing every agent (the
+#: InfluxDB client, the web views...), Faust's autodiscovery scan and then Faust and its
+#: CLI themselves cost it ~2 s of start-up, for nothing it uses. (Faust's CLI lists it
+#: too, agents/replay_command.py.)
 STANDALONE_COMMANDS = {"replay": "agents.replay"}
 
 

@@ -482,6 +482,23 @@ def test_replay_errors_without_a_worker(stack: Stack, tmp_path: Path) -> None:
     assert stack.query("SELECT COUNT(*) FROM batch_runs WHERE success = 1") == [(0,)]
 
 
+def test_replay_runs_alike_through_faust_cli(stack: Stack) -> None:
+    """``usage-stream replay`` runs without Faust (its start-up is part of its time);
+    Faust's CLI still lists it and runs it when global options come first."""
+    day = DAY.isoformat()
+    plain = one_line_error(replay(stack, "--date", day))
+    through_faust = one_line_error(stack.cli("--loglevel", "warn", "replay", "--date", day))
+    assert plain == through_faust and f"topic {stack.topic} does not exist" in plain
+    assert one_line_error(replay(stack, "--date", "2026-02-30")).endswith(
+        "'2026-02-30' is not a valid calendar date"
+    )
+    listed = stack.cli("--help")
+    assert listed.returncode == 0 and b"replay" in listed.stdout
+    usage = replay(stack, "--help")
+    assert usage.returncode == 0, usage.stderr.decode()
+    assert b"usage-stream replay" in usage.stdout and b"--from-offsets" in usage.stdout
+
+
 def _replay_until_its_plan(stack: Stack) -> tuple[subprocess.Popen[bytes], list[str]]:
     """``usage-stream replay`` of DAY, started and followed until it prints its plan: its
     readers have fixed their slices and read."""
