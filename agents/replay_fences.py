@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -58,6 +59,8 @@ class UnfinishedReplay(ReplayReadError):
     """A replay of another date fenced the batch log past the summary writer's position
     and has not completed (it is running, or it died after fencing)."""
 
+
+T = TypeVar("T")
 
 # replays that registered and did not complete, with no later complete replay of their date
 _UNFINISHED = """
@@ -110,20 +113,34 @@ async def append_fences(
     """One valid fence per batch-log partition (module docstring, step 1). Raises
     :class:`UnfinishedReplay` when the log holds, past the stored positions, a fence of
     another date whose replay has not completed (module docstring), before appending
-    any fence when that fence was there already."""
+    any fence when that fence was there already.
+
+    The partitions are fenced concurrently, each with its own consumer: a partition's
+    chain is its own, and one after another each look at a log's end waited out a
+    bounded Fetch (0.4-0.6 s of the replay for 4 partitions)."""
     unfinished = await asyncio.to_thread(_unfinished_replays, settings.summary_db_path)
     unfinished.pop(day, None)  # this replay completes its own date's
     client = kafka_client_kwargs(settings)
-    consumer = AIOKafkaConsumer(
-        group_id=None, enable_auto_commit=False, fetch_max_wait_ms=BOUNDED_READ_WAIT_MS, **client
-    )
+    partitions = sorted(usage_ends)
+    consumers = [
+        AIOKafkaConsumer(
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
+            **client,
+        )
+        for _ in partitions
+    ]
     producer = AIOKafkaProducer(acks="all", **client)
-    await consumer.start()
-    await producer.start()
-    fences: dict[int, PartitionFence] = {}
+    started: list[AIOKafkaConsumer] = []
     try:
+        for consumer in consumers:
+            await consumer.start()
+            started.append(consumer)
+        await producer.start()
         if unfinished:  # look before appending anything
-            for partition in sorted(usage_ends):
+
+            async def look(consumer: AIOKafkaConsumer, partition: int) -> None:
                 stored = heads.get(partition)
                 _, met, _ = await follow_chain(
                     consumer,
@@ -133,7 +150,10 @@ async def append_fences(
                     stored.next_offset if stored else 0,
                 )
                 _refuse_past(met, unfinished)
-        for partition in sorted(usage_ends):
+
+            await _all(map(look, consumers, partitions))
+
+        async def fence(consumer: AIOKafkaConsumer, partition: int) -> PartitionFence:
             stored = heads.get(partition)
             head = stored.head if stored else ChainHead()
             start = stored.next_offset if stored else 0
@@ -144,20 +164,33 @@ async def append_fences(
                 _refuse_past(met, unfinished)  # one appended since the look
                 usage_end = max(usage_ends[partition], head.usage_next)
                 rerouted_end = max(rerouted_ends.get(partition, 0), head.rerouted_next)
-                fence = Fence(head.offset, replay_id, day, usage_end, rerouted_end)
+                record = Fence(head.offset, replay_id, day, usage_end, rerouted_end)
                 sent = await producer.send_and_wait(
-                    settings.batch_log_topic, encode(fence), partition=partition
+                    settings.batch_log_topic, encode(record), partition=partition
                 )
                 if sent.offset == end:  # nothing came between the head and the fence
-                    fences[partition] = PartitionFence(
-                        partition, sent.offset, usage_end, rerouted_end
-                    )
-                    break
+                    return PartitionFence(partition, sent.offset, usage_end, rerouted_end)
                 start = end  # a worker appended first: follow on from there
+
+        fenced = await _all(map(fence, consumers, partitions))
     finally:
         await producer.stop()
-        await consumer.stop()
-    return fences
+        for consumer in started:
+            await consumer.stop()
+    return {f.partition: f for f in fenced}
+
+
+async def _all(steps: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``steps`` concurrently; on the first error the others are cancelled (and
+    awaited: nothing keeps using the consumers being stopped) and the error is raised."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def apply_up_to_fences(

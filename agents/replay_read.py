@@ -18,11 +18,14 @@ stderr. In order:
 1. replay → reader: the job: ``day``, ``partitions`` (the group), ``partition_count``,
    ``from_offsets``, ``prices`` (the replay's snapshot, so every group prices alike).
 2. reader → replay: ``ranges`` (its usage-topic slice, fixed), then ``progress`` per
-   fetch, then ``read``: the ends of both slices and the counts so far.
+   fetch, then ``totals`` lines (the slices' sums per key, in chunks: added up while the
+   other readers read and the replay fences) and ``read``: the ends of both slices and
+   the counts so far.
 3. replay → reader: ``extra``: per partition the stretch of each topic between the
    replay's end snapshot and its fence (empty for a dry run). The reader stages it like
-   the rest (the first copy read still wins) and answers with ``totals`` lines (the
-   group's sums per key, in chunks) and ``done`` (final counts), then exits.
+   the rest (the first copy read still wins) and answers with ``totals`` lines (that
+   stretch's sums) and ``done`` (final counts), then cleans up and exits while the
+   replay goes on (the replay waits for that exit when it ends).
 
 A reader that fails answers ``error`` (its exception's class and one line) and exits 1.
 One whose replay died exits 1 when it next waits for the replay (its stdin is closed) or
@@ -316,6 +319,10 @@ async def _read_group_until_done(settings: Settings) -> None:
                     pass  # no worker of this version ran yet: nothing was rerouted
                 usage_ends = {p: r.end for p, r in reader.ranges.items()}
                 ends = {"usage_ends": usage_ends, "rerouted_ends": rerouted_ends}
+                # the slices' sums now, while the replay waits for the other readers and
+                # fences; the stretch up to the fences is summed apart
+                _say_totals(totals)
+                totals = stager.totals = DayTotals()
                 _say(read=ends, counts=counts.as_json())
                 extra = (await _next_line(stdin))["extra"]
                 for topic, rerouted in (
@@ -326,10 +333,16 @@ async def _read_group_until_done(settings: Settings) -> None:
                     await _read_range(settings, stager, topic, rerouted, ranges)
             finally:
                 await stager.close()
+            # the answer before the clean-up (the consumer's stop, the dedupe file's
+            # removal), which the replay's replace need not wait for
+            _say_totals(totals)
+            _say(done=counts.as_json())
+
+
+def _say_totals(totals: DayTotals) -> None:
     rows = totals.sums()
     for start in range(0, len(rows), TOTALS_PER_LINE):
         _say(totals=rows[start : start + TOTALS_PER_LINE])
-    _say(done=counts.as_json())
 
 
 def main() -> None:
@@ -370,6 +383,7 @@ def one_line(error: BaseException) -> str:
 class _Reader:
     group: list[int]
     process: asyncio.subprocess.Process
+    done: bool = False  # said "done": it only has to exit
 
     def send(self, **message: object) -> None:
         assert self.process.stdin is not None
@@ -420,6 +434,7 @@ class ReaderProcesses:
     def __init__(self, count: int) -> None:
         self.count = max(1, count)
         self.readers: list[_Reader] = []
+        self.totals = DayTotals()  # the readers' sums, added up as they arrive
         self._streams: list[AsyncIterator[dict]] = []
 
     async def __aenter__(self) -> ReaderProcesses:
@@ -482,12 +497,14 @@ class ReaderProcesses:
         await self.close()
 
     async def close(self) -> None:
-        """End the readers still running (SIGTERM: they remove their dedupe files), and
-        SIGKILL those that do not end within ``EXIT_SECONDS``."""
+        """End the readers still running (SIGTERM: they remove their dedupe files; one
+        that said "done" is exiting on its own), and SIGKILL those that do not end
+        within ``EXIT_SECONDS``."""
         running = [r.process for r in self.readers if r.process.returncode is None]
-        for process in running:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
+        for reader in self.readers:
+            if reader.process.returncode is None and not reader.done:
+                with contextlib.suppress(ProcessLookupError):
+                    reader.process.terminate()
         for process in running:
             try:
                 await asyncio.wait_for(asyncio.shield(process.wait()), EXIT_SECONDS)
@@ -529,6 +546,9 @@ class ReaderProcesses:
             if "progress" in message:
                 progress(message["progress"])
                 return False
+            if "totals" in message:
+                self.totals.add_sums(message["totals"])
+                return False
             read = message.get("read")
             if read is None:
                 return False
@@ -545,24 +565,23 @@ class ReaderProcesses:
     ) -> tuple[DayTotals, ReadCounts]:
         """Hand each reader its partitions' stretches up to the fences (``{partition:
         {topic: (start, end)}}``, empty for none) and add up what they found."""
-        totals = DayTotals()
+        totals = self.totals
         parts: list[dict] = []
         for reader in self.readers:
             reader.send(extra={p: extra[p] for p in reader.group if p in extra})
 
-        def take(_: int, message: dict) -> bool:
+        def take(index: int, message: dict) -> bool:
             if "totals" in message:
                 totals.add_sums(message["totals"])
                 return False
             if "done" in message:
                 parts.append(message["done"])
+                self.readers[index].done = True
                 return True
             return False
 
         await self._each(take)
-        for reader in self.readers:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(reader.process.wait(), EXIT_SECONDS)
+        # (their exits are awaited in close(): the replace goes on meanwhile)
         return totals, ReadCounts.total(parts)
 
 

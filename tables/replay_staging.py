@@ -167,14 +167,17 @@ class DayTotals:
     def add_sums(self, rows: Iterable[Sequence]) -> None:
         """Add another fold's :meth:`sums` (a group of partitions read elsewhere)."""
         sums = self._sums
-        for org, user, model, *values in rows:
+        for org, user, model, inp, out, requests, estimated, cost in rows:
             key = (org, user, model)
             row = sums.get(key)
             if row is None:
-                sums[key] = list(values)
+                sums[key] = [inp, out, requests, estimated, cost]
             else:
-                for i, value in enumerate(values):
-                    row[i] += value
+                row[0] += inp
+                row[1] += out
+                row[2] += requests
+                row[3] += estimated
+                row[4] += cost
 
     def sums(self) -> list[list]:
         """``[client, user, model, input_tokens, output_tokens, requests,
