@@ -1,8 +1,8 @@
 """Operator commands (``@app.command``): publish and the local ``dev`` stack.
 
 Each command that belongs to an agent lives beside it (``refresh`` in agents/refresh.py,
-``replay`` in agents/replay.py, ``report``, ``raw-resend``), so no agent module imports
-another."""
+``replay`` in agents/replay.py with its Faust registration in agents/replay_command.py,
+``report``, ``raw-resend``), so this module imports no agent."""
 
 from __future__ import annotations
 
