@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 
 CATCH_UP_MERGE_SECONDS = 60.0
-_last_merge: dict[str, float] = {}  # usage date -> monotonic time of its last merge
+#: usage date -> monotonic time of its last merge (or of its first sight during a
+#: catch-up, which defers its first merge alike)
+_last_merge: dict[str, float] = {}
 
 
 def _deferred(day: str, closer: DayCloser) -> bool:

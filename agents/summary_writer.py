@@ -137,7 +137,7 @@ class SummaryWriter(mode.Service):
                 continue
             await self._unblock()
             records: list[tuple[int, int, ChainRecord | None]] = []
-            behind = False
+            full = False  # a full batch among them: its worker is catching up
             for tp, batch in fetched.items():
                 if tp.partition in self.blocked:
                     continue
@@ -148,7 +148,7 @@ class SummaryWriter(mode.Service):
                         log.warning("summary writer: %s %d: not a chain record", tp, record.offset)
                         decoded = None
                     if isinstance(decoded, BatchEntry) and decoded.behind:
-                        behind = True
+                        full = True
                     if (
                         isinstance(decoded, Fence)
                         and record.offset >= self.next_offsets.get(tp.partition, 0)
@@ -175,7 +175,7 @@ class SummaryWriter(mode.Service):
                 PARTIALS_SKIPPED.labels(reason="not_in_chain").inc(result.not_in_chain)
             EVENTS_LATE.inc(result.late)
             self.next_offsets = {p: stored.next_offset for p, stored in heads.items()}
-            if behind:
+            if full:
                 self._last_full = time.monotonic()
             self.closer.behind = self._behind()
             self._observe(heads)
