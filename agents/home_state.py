@@ -37,7 +37,7 @@ from aiokafka.errors import KafkaError
 
 from streams.batch_log import BadChainRecord, Chain, ChainHead, Fence, decode_rows_raw
 from streams.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
-from streams.event import UsageEvent, parse_events
+from streams.event import UsageEvent, parse_records
 from streams.partitioning import home_partitions
 from streams.settings import Settings
 from tables.seen_requests import SeenRequests
@@ -154,7 +154,7 @@ class Rebuilder:
                 async for records in read_range(
                     consumer, TopicPartition(topic, partition), start, end
                 ):
-                    found = self._home_ids(records, partition, rerouted, now_ms)
+                    found = self._home_ids(records, partition, rerouted)
                     state.seen.add(found, now_ms)
                     ids += len(found)
             state.head = head
@@ -204,14 +204,8 @@ class Rebuilder:
             starts.append(max(answer.offset, beginning[tp]) if answer else beginning[tp])
         return starts[0], starts[1]
 
-    def _home_ids(
-        self, records: list[ConsumerRecord], partition: int, rerouted: bool, now_ms: int
-    ) -> list[str]:
-        events = [
-            event
-            for event in parse_events([record.value for record in records], now_ms)
-            if type(event) is UsageEvent
-        ]
+    def _home_ids(self, records: list[ConsumerRecord], partition: int, rerouted: bool) -> list[str]:
+        events = [event for event in parse_records(records) if type(event) is UsageEvent]
         if rerouted:
             return [event.request_id for event in events]
         homes = home_partitions([event.request_id for event in events], self.partitions)

@@ -14,8 +14,8 @@ topic, partition home, and counted there.
 
 Per batch, in OpenMeter's sink order:
 
-1. **validate** every record (``parse_events``); invalid ones go to the dead-letter
-   topic with the reason and their origin;
+1. **validate** every record (``parse_records``: the same verdict at every read); invalid
+   ones go to the dead-letter topic with the reason and their origin;
 2. **route**: valid events read away from home go to the rerouted topic;
 3. **dedupe**: per home partition, copies inside the batch and ids seen before (or in
    the batch still being committed) are dropped;
@@ -72,7 +72,7 @@ from streams.app import app, settings
 from streams.batch_log import BatchEntry, ChainHead, encode
 from streams.broker import kafka_client_kwargs
 from streams.business_time import UsageDates
-from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_events
+from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
 from streams.gc_tuning import tune_for_batches
 from streams.log_throttle import throttle_kafka_client_logs
 from streams.malloc_tuning import pin_mmap_threshold
@@ -532,8 +532,7 @@ class HotPath(mode.Service):
 
     async def prepare(self, records: Sequence[ConsumerRecord]) -> PreparedBatch:
         """Stages 1-4 (module docstring): CPU only, the sends are started, not awaited."""
-        now_ms = time.time_ns() // 1_000_000
-        parsed = parse_events([record.value for record in records], now_ms)
+        parsed = parse_records(records)
         await _let_the_loop_run()
         batch = PreparedBatch(sum(1 for record in records if record.topic == self.topic))
         sends = batch.sends

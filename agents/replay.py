@@ -8,8 +8,9 @@
    committed to (streams/replay_reader.py). ``--from-offsets`` overrides the start of the
    partitions it names; the others keep the default. The rerouted topic (copies the
    workers moved to their home partition) is read the same way.
-2. Validate each record like the worker (``parse_events`` per fetch and partition, "now" =
-   the wall clock). Invalid ones are counted and reported, **not** re-sent to the
+2. Validate each record like the worker (``parse_records`` per fetch and partition: the
+   future is bounded by each record's own timestamp, so every reader gives a record the
+   same verdict). Invalid ones are counted and reported, **not** re-sent to the
    dead-letter topic (the worker did that when it first saw them). A record whose
    timestamp alone shows it is of another date is not validated (a glance at the
    timestamp costs an eighth of validating): the invalid count covers the records that

@@ -147,25 +147,26 @@ class _DayStager:
 
     async def stage(self, rerouted: bool, batch: list[tuple[int, list]]) -> int:
         """One fetch: ``(partition, records)`` pairs; returns the records it held."""
-        from streams.event import MAX_FUTURE_MS, InvalidEvent, event_time_hint, parse_events
+        from streams.event import MAX_FUTURE_MS, InvalidEvent, event_time_hint, parse_records
         from streams.partitioning import home_partitions
         from tables.ledger import ledger_events
-        from tables.watermarks import wall_clock_ms
 
-        now_ms = wall_clock_ms()
-        low, high, future = self.low, self.high, now_ms + MAX_FUTURE_MS
+        low, high = self.low, self.high
         located = []
         count = 0
         invalid = self.counts.invalid
         for partition, all_records in batch:
             count += len(all_records)
-            # only what may be an event of the date is validated (streams.event's hint)
+            # only what may be an event of the date is validated (streams.event's hint);
+            # the future is bounded by each record's timestamp, as the worker bounds it
             records = [
                 record
                 for record in all_records
-                if (ms := event_time_hint(record.value)) is None or low <= ms < high or ms > future
+                if (ms := event_time_hint(record.value)) is None
+                or low <= ms < high
+                or ms > record.timestamp + MAX_FUTURE_MS
             ]
-            parsed = parse_events([record.value for record in records], now_ms)
+            parsed = parse_records(records)
             for record, event in zip(records, parsed, strict=True):
                 if type(event) is InvalidEvent:
                     if not rerouted:  # a rerouted copy is a valid event's (never invalid)

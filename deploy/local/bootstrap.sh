@@ -2,7 +2,7 @@
 # Install what usage-stream needs on a fresh Debian machine (run as root), idempotently:
 #   bootstrap.sh run    python3 + venv + the package (enough for `usage-stream dev`)
 #   bootstrap.sh test   also the real servers the tests use (InfluxDB 1.x, VictoriaMetrics,
-#                       Prometheus, kcat) and the test extras
+#                       Prometheus, kcat, libfaketime) and the test extras
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mode="${1:-run}"
@@ -19,6 +19,8 @@ if [ "$mode" = test ]; then
   need prometheus prometheus
   need promtool prometheus
   need kcat kcat
+  # libfaketime: a worker whose clock runs hours ahead (tests/reliability/test_verdicts.py)
+  [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || apt_packages+=(libfaketime)
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "bootstrap: apt-get install ${apt_packages[*]}"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import NamedTuple
+
 import orjson
 import pytest
 
@@ -10,7 +13,8 @@ from streams.event import (
     InvalidEvent,
     UsageEvent,
     parse_event,
-    parse_events,
+    parse_records,
+    received_ms,
 )
 
 NOW = 1_795_169_472_123  # 2026-11-20T10:11:12.123Z
@@ -219,10 +223,16 @@ def test_duplicate_keys_the_last_one_counts() -> None:
     assert isinstance(parsed, InvalidEvent) and parsed.reason == "bad_value"
 
 
-def test_parse_events_is_parse_event_in_order() -> None:
+class Rec(NamedTuple):
+    value: bytes | None
+    timestamp: int
+
+
+def test_parse_records_is_parse_event_in_order() -> None:
     values = [event(), None, b"[]", event(request_id="gen-2", extra={"a": [1, 2.5]})]
-    assert parse_events(values, NOW) == [parse_event(value, NOW) for value in values]
-    assert [type(result).__name__ for result in parse_events(values, NOW)] == [
+    records = [Rec(value, NOW) for value in values]
+    assert parse_records(records) == [parse_event(value, NOW) for value in values]
+    assert [type(result).__name__ for result in parse_records(records)] == [
         "UsageEvent",
         "InvalidEvent",
         "InvalidEvent",
@@ -238,3 +248,22 @@ def test_usage_event_is_immutable_hashable_and_compared_by_value() -> None:
     assert first.total_tokens == 3
     with pytest.raises(AttributeError):
         first.input_tokens = 5  # type: ignore[misc]
+
+
+def test_the_future_is_bounded_by_the_records_own_timestamp_not_the_readers_clock() -> None:
+    """A record's verdict is the same at every read (a rebuild hours later, another host,
+    the replay): an event a day and a minute ahead of its record stays invalid for ever,
+    and the same bytes in a record written a minute later are valid."""
+    ahead = NOW + 24 * 3600 * 1000 + 60_000
+    raw = event(timestamp=ahead)
+    (early,) = parse_records([Rec(raw, NOW)])
+    assert isinstance(early, InvalidEvent) and early.reason == "future_timestamp"
+    (later,) = parse_records([Rec(raw, NOW + 60_000)])
+    assert isinstance(later, UsageEvent) and later.event_ms == ahead
+    # whatever the reader's clock says now (years after NOW), the first record stays invalid
+    assert parse_records([Rec(raw, NOW)]) == [early]
+
+
+def test_a_record_without_a_timestamp_is_bounded_by_the_clock() -> None:
+    assert received_ms(NOW) == NOW
+    assert abs(received_ms(-1) - time.time() * 1000) < 60_000

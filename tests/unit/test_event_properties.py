@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date as Date
 from fractions import Fraction
+from typing import NamedTuple
 
 import msgspec
 import orjson
@@ -29,8 +30,16 @@ from streams.event import (
     UsageEvent,
     event_time_hint,
     parse_event,
-    parse_events,
+    parse_records,
 )
+
+
+class Rec(NamedTuple):
+    """A consumed record as parse_records sees it: its value and Kafka timestamp."""
+
+    value: bytes | None
+    timestamp: int
+
 
 NOW = 1_795_169_472_123  # 2026-11-20T10:11:12.123Z
 KNOWN = (
@@ -308,7 +317,7 @@ def test_valid_events_fast_equals_reference_equals_expected(case: ValidCase) -> 
     if case.plain:
         assert event_time_hint(case.raw) == case.expected.event_ms
     assert parsed.total_tokens == case.expected.input_tokens + case.expected.output_tokens
-    assert parse_events([case.raw, None, case.raw], NOW) == [
+    assert parse_records([Rec(case.raw, NOW), Rec(None, NOW), Rec(case.raw, NOW)]) == [
         case.expected,
         InvalidEvent("not_json", "empty message value"),
         case.expected,
@@ -527,7 +536,7 @@ def check_same_as_reference(raw: bytes | None, now_ms: int = NOW) -> None:
     parsed = parse_event(raw, now_ms)  # must not raise
     expected = reference(raw, now_ms)  # must not raise anything but its own rejection
     assert parsed == expected
-    assert parse_events([raw], now_ms) == [expected]
+    assert parse_records([Rec(raw, now_ms)]) == [expected]
     if raw is not None:
         check_literal_scan(raw)
     # the replay skips validating records whose hint lies outside the date: the hint of a
