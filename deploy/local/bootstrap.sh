@@ -20,7 +20,7 @@ if [ "$mode" = test ]; then
   need promtool prometheus
   need kcat kcat
   # libfaketime: a worker whose clock runs hours ahead (tests/reliability/test_verdicts.py)
-  [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || apt_packages+=(libfaketime)
+  compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || apt_packages+=(libfaketime)
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "bootstrap: apt-get install ${apt_packages[*]}"
