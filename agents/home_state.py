@@ -26,28 +26,40 @@ the target offset, or the high watermark carried by Fetch responses.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 
-from streams.batch_log import BadChainRecord, Chain, ChainHead, Fence, decode_rows_raw
+from streams.batch_log import (
+    BadChainRecord,
+    Chain,
+    ChainHead,
+    Fence,
+    decode_rows_raw,
+    record_mark,
+    starting_prev,
+)
 from streams.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
 from streams.event import UsageEvent, parse_records
+from streams.log_reads import partition_bounds, read_range, record_at
 from streams.partitioning import home_partitions
 from streams.settings import Settings
 from tables.seen_requests import SeenRequests
 
-__all__ = ["HomePartition", "Rebuilder", "ReplayFence", "follow_chain", "read_range"]
+__all__ = [
+    "ChainBroken",
+    "HomePartition",
+    "LogReplaced",
+    "Rebuilder",
+    "ReplayFence",
+    "follow_chain",
+    "read_range",
+]
+# (read_range is streams.log_reads's; importable from here for the replay's readers)
 
 log = logging.getLogger(__name__)
-
-#: A read that does not move for this long fails (and is retried by the caller).
-STALL_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +142,9 @@ class Rebuilder:
         return HomePartition(partition, SeenRequests(self.ttl_ms))
 
     async def catch_up(self, state: HomePartition | None, partition: int) -> HomePartition:
-        """``state`` brought up to the end of the chain (a new state when None)."""
+        """``state`` brought up to the end of the chain (a new state when None, or when
+        the log is not the one ``state`` was read from). Raises :class:`ChainBroken` when
+        the partition must be held."""
         started = time.monotonic()
         consumer = await self._reader()
         try:
@@ -138,8 +152,15 @@ class Rebuilder:
             if state is None:
                 state = self.empty(partition)
             before = state.head
-            head, fences = await self._follow(consumer, partition, state)
+            try:
+                head, fences = await self._follow(consumer, partition, state)
+            except LogReplaced as replaced:
+                log.warning("home partition %d: %s; rebuilding its state", partition, replaced)
+                fresh, state = True, self.empty(partition)
+                before = state.head
+                head, fences = await self._follow(consumer, partition, state)
             if fresh:
+                await self._check_positions(consumer, partition, head)
                 usage_from, rerouted_from = await self._ttl_starts(consumer, partition)
             else:
                 usage_from, rerouted_from = before.usage_next, before.rerouted_next
@@ -188,6 +209,35 @@ class Rebuilder:
         state.log_end = end
         return head, fences
 
+    async def _check_positions(
+        self, consumer: AIOKafkaConsumer, partition: int, head: ChainHead
+    ) -> None:
+        """The chain head's positions must be positions in *these* usage and rerouted
+        topics: the record before each must be the one the chain read there (its mark).
+        A recreated topic (or a new cluster under a kept batch log) holds another record
+        or none, and reading it from the head would skip what it holds below the head."""
+        for topic, position, mark in (
+            (self.settings.USAGE_TOPIC, head.usage_next, head.usage_mark),
+            (self.settings.rerouted_topic, head.rerouted_next, head.rerouted_mark),
+        ):
+            if not position or not mark:
+                continue
+            tp = TopicPartition(topic, partition)
+            bounds = await partition_bounds(consumer, tp)
+            if bounds[0] > position - 1:
+                continue  # the record is gone (retention), and so is everything before it
+            record = await record_at(consumer, tp, position - 1, bounds)
+            if record is None or record_mark(record) != mark:
+                raise ChainBroken(
+                    f"{topic} partition {partition} is not the topic the batch log's chain"
+                    f" read: its record at offset {position - 1} is "
+                    + ("missing" if record is None else "another one")
+                    + " (a recreated topic, or a new cluster under the old batch log);"
+                    " the partition is held. Delete the batch-log topic and restart the"
+                    " summary writer first: it starts the new chain"
+                    " (docs/operations.md, 'A recreated topic')"
+                )
+
     async def _ttl_starts(self, consumer: AIOKafkaConsumer, partition: int) -> tuple[int, int]:
         """Offsets of usage p and rerouted p at ``DEDUP_TTL_DAYS`` ago (their beginning
         when the lookup has no answer; the test broker answers 0, which only costs time)."""
@@ -212,15 +262,41 @@ class Rebuilder:
         return [e.request_id for e, home in zip(events, homes, strict=True) if home == partition]
 
 
+class ChainBroken(RuntimeError):
+    """A batch-log partition that cannot be followed (its chain's start or a stretch the
+    reader needs was deleted, or it is not the log the reader knew): the partition is
+    held, never given a new chain on top of the old one. The message says what to do."""
+
+
+class LogReplaced(RuntimeError):
+    """The batch log ends before where this worker last read it: another log (a new
+    broker at the same address). The state is rebuilt from the new log."""
+
+
 async def follow_chain(
     consumer: AIOKafkaConsumer, topic: str, partition: int, head: ChainHead, start: int = -1
 ) -> tuple[ChainHead, dict[str, ReplayFence], int]:
     """Follow a batch-log partition from ``start`` (default: after ``head``) to its end.
-    Returns the chain's head, the valid fences met, and the next offset after the end."""
+    Returns the chain's head, the valid fences met, and the next offset after the end.
+
+    Raises :class:`ChainBroken` when the chain cannot be followed: followed from nothing,
+    its first link must start a chain; followed from a head, the records after it must
+    still be there. Raises :class:`LogReplaced` when the log ends before ``start``."""
     chain = Chain(head)
     fences: dict[str, ReplayFence] = {}
     tp = TopicPartition(topic, partition)
     position = max(start, head.offset + 1)
+    beginning = (await consumer.beginning_offsets([tp]))[tp]
+    if position < beginning:
+        if head.offset >= 0:
+            raise ChainBroken(
+                f"batch log {topic} partition {partition} begins at offset {beginning}:"
+                f" records {position}..{beginning - 1} after the chain head this worker"
+                " knows were deleted. Keep the batch log forever (retention.ms=-1);"
+                " docs/operations.md, 'A truncated batch log'"
+            )
+        position = beginning
+    first = head.offset < 0  # the first link must start a chain
     async for records in read_range(consumer, tp, position, None):
         for record in records:
             position = record.offset + 1
@@ -229,47 +305,28 @@ async def follow_chain(
             except BadChainRecord:
                 log.warning("batch log %s: offset %d is not a chain record", tp, record.offset)
                 continue
+            if first:
+                prev = starting_prev(record.offset, decoded)
+                if prev is None:
+                    continue
+                first = False
+                if prev != -1:
+                    raise ChainBroken(
+                        f"batch log {topic} partition {partition} begins at offset"
+                        f" {record.offset} with a record that extends offset {prev}: the"
+                        " start of its chain was deleted (a truncated or copied log), so"
+                        " this worker cannot tell which requests were seen; the partition"
+                        " is held. Restore the topic, or recreate it empty and restart the"
+                        " summary writer first (docs/operations.md, 'A truncated batch log')"
+                    )
             if chain.accept(record.offset, decoded) and isinstance(decoded, Fence):
                 fences[decoded.usage_date] = ReplayFence(
                     decoded.usage_date, decoded.usage_end, decoded.rerouted_end
                 )
+    highwater = consumer.highwater(tp)
+    if highwater is not None and highwater < position:
+        raise LogReplaced(
+            f"batch log {topic} partition {partition} ends at offset {highwater}, before"
+            f" offset {position} this worker read: another log"
+        )
     return chain.head, fences, position
-
-
-async def read_range(
-    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int | None
-) -> AsyncIterator[list[ConsumerRecord]]:
-    """Records of ``tp`` from ``start`` up to ``end`` (exclusive), or to the high watermark
-    seen in Fetch responses when ``end`` is None."""
-    consumer.assign([tp])
-    consumer.seek(tp, start)
-    position, moved = start, time.monotonic()
-    while True:
-        highwater = consumer.highwater(tp)
-        target = end if end is not None else highwater
-        if target is not None and position >= target:
-            return
-        try:
-            # short: at the end of a log, getmany would sit out its whole timeout after
-            # the Fetch that told the high watermark (0.5 s per partition per look)
-            fetched = await consumer.getmany(tp, timeout_ms=2 * BOUNDED_READ_WAIT_MS)
-        except KafkaError as error:
-            if time.monotonic() - moved > STALL_SECONDS:
-                raise
-            log.warning("reading %s failed, retrying: %s", tp, error)
-            await asyncio.sleep(1)
-            continue
-        records = fetched.get(tp, [])
-        if end is not None:
-            records = [record for record in records if record.offset < end]
-        if records:
-            position = records[-1].offset + 1
-            moved = time.monotonic()
-            yield records
-        else:
-            position = max(position, await consumer.position(tp))
-            if end is None and consumer.highwater(tp) is not None:
-                if position >= consumer.highwater(tp):
-                    return
-            if time.monotonic() - moved > STALL_SECONDS:
-                raise TimeoutError(f"{tp} stopped at offset {position} before {target}")

@@ -66,10 +66,10 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError, MessageSizeTooLarg
 from aiokafka.structs import OffsetAndMetadata
 
 from agents.conditions import ConditionLog, until_done
-from agents.home_state import HomePartition, Rebuilder
+from agents.home_state import ChainBroken, HomePartition, Rebuilder
 from agents.prices_feed import PricesFeed
 from streams.app import app, settings
-from streams.batch_log import BatchEntry, ChainHead, encode
+from streams.batch_log import BatchEntry, ChainHead, encode, record_mark
 from streams.broker import kafka_client_kwargs
 from streams.business_time import UsageDates
 from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
@@ -113,6 +113,8 @@ class HomeBatch:
     ids: set[str | bytes] = field(default_factory=set)  # new requests' compact keys
     sums: dict[tuple[str, str, str, str], list[int]] = field(default_factory=dict)
     newest_event_ms: int = -1
+    usage_mark: str = ""  # record_mark of the last usage / rerouted record read
+    rerouted_mark: str = ""
     appended: bool = False  # a retried commit must not append this partition's record again
 
 
@@ -137,6 +139,7 @@ class PreparedBatch:
     records: int  # of the usage topic (rerouted copies were counted where they were read)
     homes: dict[int, HomeBatch] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    last: dict[tuple[str, int], ConsumerRecord] = field(default_factory=dict)  # at offsets - 1
     invalid: dict[str, int] = field(default_factory=dict)
     copies: int = 0  # copies inside the batch
     known: int = 0  # copies seen before
@@ -172,6 +175,8 @@ class HotPath(mode.Service):
         self.rebuilder: Rebuilder | None = None
         self.states: dict[int, HomePartition] = {}  # kept after a revoke: caught up on reuse
         self.owned: set[int] = set()
+        #: home partitions assigned but held: their batch log cannot be followed (why)
+        self.held: dict[int, str] = {}
         self.epochs: dict[int, int] = {}
         self.committed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
         self._seeks: dict[TopicPartition, int] = {}  # seeks we made, per partition
@@ -250,11 +255,15 @@ class HotPath(mode.Service):
             self.rebuilder = Rebuilder(settings, self.partitions)
         homes = sorted({tp.partition for tp in assigned if tp.topic == self.topic})
         for partition in homes:
-            state = await self._until_done(
-                "rebuild",
-                lambda p=partition: self.rebuilder.catch_up(self.states.get(p), p),  # type: ignore[union-attr]
-                None,
-            )
+            try:
+                state = await self._until_done(
+                    "rebuild",
+                    lambda p=partition: self.rebuilder.catch_up(self.states.get(p), p),  # type: ignore[union-attr]
+                    None,
+                )
+            except ChainBroken as broken:
+                self._hold(partition, str(broken))
+                continue
             offsets = await self._head_offsets(state)
             # from here to the seeks without an await: the loop fetches while this
             # callback runs, and a record of an owned partition read from anywhere but the
@@ -299,12 +308,31 @@ class HotPath(mode.Service):
         self.consumer.seek(tp, offset)
         self._next_read[tp] = offset
 
+    def _hold(self, partition: int, reason: str) -> None:
+        """Stop reading a home partition whose batch log cannot be followed: it is never
+        given a new chain on top of the old one (``/ready`` names it until it is fixed
+        and the worker restarted, or the partition moves away)."""
+        assert self.consumer is not None
+        self.held[partition] = reason
+        self.owned.discard(partition)
+        self.epochs[partition] = self.epochs.get(partition, 0) + 1
+        self.states.pop(partition, None)
+        log.error("hot path: home partition %d held: %s", partition, reason)
+        self.consumer.pause(
+            *(
+                tp
+                for tp in self.consumer.assignment()
+                if tp.partition == partition and tp.topic in (self.topic, self.rerouted_topic)
+            )
+        )
+
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         """Finish the append in flight (briefly); the states stay for a later return."""
         await self._settle(STOP_GRACE_SECONDS)
         for tp in revoked:
             if tp.topic == self.topic:
                 self.owned.discard(tp.partition)
+                self.held.pop(tp.partition, None)
                 self.epochs[tp.partition] = self.epochs.get(tp.partition, 0) + 1
                 with contextlib.suppress(KeyError):
                     CONSUMER_LAG.remove(self.topic, str(tp.partition))
@@ -330,6 +358,7 @@ class HotPath(mode.Service):
             for name, error in self.conditions.active().items()
             if name != "kafka-commit"  # informational: the batch log holds the positions
         ]
+        reasons += [f"home partition {p} held: {why}" for p, why in sorted(self.held.items())]
         if settings.raw_sink_kind == "file" and self.sink.consecutive_failures:
             reasons.append(
                 f"raw files under {settings.raw_dir} not writable "
@@ -541,6 +570,7 @@ class HotPath(mode.Service):
             key = (record.topic, record.partition)
             if record.offset + 1 > batch.offsets.get(key, -1):
                 batch.offsets[key] = record.offset + 1
+                batch.last[key] = record
             if isinstance(event, InvalidEvent):
                 batch.invalid[event.reason] = batch.invalid.get(event.reason, 0) + 1
                 sends.append(_Send.start(lambda r=record, e=event: self._send_dead_letter(r, e)))
@@ -591,10 +621,11 @@ class HotPath(mode.Service):
         for (topic, partition), next_offset in batch.offsets.items():
             if partition in self.states:
                 home = self._home(batch, partition)
+                mark = record_mark(batch.last[(topic, partition)])
                 if topic == self.topic:
-                    home.usage_next = max(home.usage_next, next_offset)
+                    home.usage_next, home.usage_mark = next_offset, mark
                 else:
-                    home.rerouted_next = max(home.rerouted_next, next_offset)
+                    home.rerouted_next, home.rerouted_mark = next_offset, mark
         return batch
 
     def _seen_sets(self, partition: int) -> list[set[str | bytes]]:
@@ -672,7 +703,11 @@ class HotPath(mode.Service):
                 state = self.states[home.partition]
                 self.epochs[home.partition] = self.epochs.get(home.partition, 0) + 1
                 assert self.rebuilder is not None
-                state = await self.rebuilder.catch_up(state, home.partition)
+                try:
+                    state = await self.rebuilder.catch_up(state, home.partition)
+                except ChainBroken as broken:
+                    self._hold(home.partition, str(broken))
+                    continue
                 offsets = await self._head_offsets(state)
                 self.states[home.partition] = state
                 self._move_to_head(state, offsets)
@@ -708,8 +743,12 @@ class HotPath(mode.Service):
             return None
         state = self.states[partition]
         head = state.head
-        usage_next = max(head.usage_next, home.usage_next)
-        rerouted_next = max(head.rerouted_next, home.rerouted_next)
+        usage_next, usage_mark = max(
+            (head.usage_next, head.usage_mark), (home.usage_next, home.usage_mark)
+        )
+        rerouted_next, rerouted_mark = max(
+            (head.rerouted_next, head.rerouted_mark), (home.rerouted_next, home.rerouted_mark)
+        )
         if (
             head.offset >= 0
             and not home.ids
@@ -731,6 +770,8 @@ class HotPath(mode.Service):
             rows,
             _WORKER,
             full,
+            usage_mark,
+            rerouted_mark,
         )
         metadata = await (
             await self.producer.send(self.batch_log_topic, encode(entry), partition=partition)
@@ -746,7 +787,9 @@ class HotPath(mode.Service):
             return False
         state.log_end = metadata.offset + 1
         home.appended = True
-        state.head = ChainHead(metadata.offset, usage_next, rerouted_next, newest)
+        state.head = ChainHead(
+            metadata.offset, usage_next, rerouted_next, newest, usage_mark, rerouted_mark
+        )
         state.seen.add_keys(home.ids, time.time_ns() // 1_000_000)
         return True
 

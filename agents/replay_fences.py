@@ -46,7 +46,15 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agents.home_state import ReplayFence, follow_chain, read_range
-from streams.batch_log import BadChainRecord, ChainHead, ChainRecord, Fence, decode_rows_raw, encode
+from streams.batch_log import (
+    BadChainRecord,
+    ChainHead,
+    ChainRecord,
+    Fence,
+    decode_rows_raw,
+    encode,
+    record_mark,
+)
 from streams.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
 from streams.replay_reader import ReplayReadError
 from streams.settings import Settings
@@ -217,6 +225,7 @@ async def apply_up_to_fences(
     )
     await consumer.start()
     records: list[tuple[int, int, ChainRecord | None]] = []
+    marks: dict[int, tuple[int, str]] = {}
     try:
         for partition, (start, end) in sorted(ranges.items()):
             tp = TopicPartition(settings.batch_log_topic, partition)
@@ -227,7 +236,8 @@ async def apply_up_to_fences(
                     except BadChainRecord:
                         decoded = None
                     records.append((partition, record.offset, decoded))
+                    marks[partition] = (record.offset, record_mark(record))
     finally:
         await consumer.stop()
-    result, _ = await asyncio.to_thread(applier.apply, records)
+    result, _ = await asyncio.to_thread(applier.apply, records, marks)
     return result

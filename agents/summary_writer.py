@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from agents.conditions import ConditionLog, until_done
+from agents.log_guard import BatchLogGuard, guard_batch_log
 from streams.app import app, settings
 from streams.batch_log import (
     BadChainRecord,
@@ -36,6 +37,7 @@ from streams.batch_log import (
     Fence,
     decode_rows_raw,
     encode,
+    record_mark,
 )
 from streams.broker import FOLLOW_WAIT_MS, kafka_client_kwargs
 from streams.cli import AFTER_TOPICS
@@ -72,6 +74,9 @@ class SummaryWriter(mode.Service):
         self._last_full = float("-inf")  # monotonic time of the last full batch applied
         # partition -> the fence it waits at (a replay of that date not complete yet)
         self.blocked: dict[int, Fence] = {}
+        # partition -> why its batch log is not followed (agents/log_guard.py refused it)
+        self.refused: dict[int, str] = {}
+        self.guard = BatchLogGuard(settings, self.applier, self._in_db)
         global _instance
         _instance = self
 
@@ -136,10 +141,12 @@ class SummaryWriter(mode.Service):
                 await asyncio.sleep(1)
                 continue
             await self._unblock()
+            await self._guard(self._shrunk())
             records: list[tuple[int, int, ChainRecord | None]] = []
+            marks: dict[int, tuple[int, str]] = {}  # partition -> the last record's mark
             full = False  # a full batch among them: its worker is catching up
             for tp, batch in fetched.items():
-                if tp.partition in self.blocked:
+                if tp.partition in self.blocked or tp.partition in self.refused:
                     continue
                 for record in batch:
                     try:
@@ -157,6 +164,7 @@ class SummaryWriter(mode.Service):
                         self._block(tp, record.offset, decoded)
                         break
                     records.append((tp.partition, record.offset, decoded))
+                    marks[tp.partition] = (record.offset, record_mark(record))
             if not records:
                 self.closer.behind = self._behind()
                 continue
@@ -165,7 +173,9 @@ class SummaryWriter(mode.Service):
                 self.conditions,
                 "apply",
                 "applying batch-log records failed",
-                lambda records=records: self._in_db(self.applier.apply, records),
+                lambda records=records, marks=marks: self._in_db(
+                    self.applier.apply, records, marks
+                ),
                 (sqlite3.Error, OSError),
             )
             PARTIALS_APPLIED.inc(result.applied)
@@ -173,12 +183,49 @@ class SummaryWriter(mode.Service):
                 PARTIALS_SKIPPED.labels(reason="redelivered").inc(result.redelivered)
             if result.not_in_chain:
                 PARTIALS_SKIPPED.labels(reason="not_in_chain").inc(result.not_in_chain)
+                # a record off the chain: a zombie's, or a log that is not the one followed
+                await self._guard({partition for partition, _, _ in records})
             EVENTS_LATE.inc(result.late)
             self.next_offsets = {p: stored.next_offset for p, stored in heads.items()}
             if full:
                 self._last_full = time.monotonic()
             self.closer.behind = self._behind()
             self._observe(heads)
+
+    def _shrunk(self) -> set[int]:
+        """Partitions whose log now ends before the stored position: not the log followed
+        (a new broker at the same address). The test broker answers a Fetch past the end
+        with nothing at all, not an error, so this is looked for, not waited for."""
+        assert self.consumer is not None
+        shrunk = set()
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None and highwater < self.next_offsets.get(tp.partition, 0):
+                shrunk.add(tp.partition)
+        return shrunk
+
+    async def _guard(self, partitions: set[int]) -> None:
+        """Check ``partitions``' logs (agents/log_guard.py) and follow its decisions: a
+        new log is read from its start; a refused one is held, and named by ``/ready``."""
+        assert self.consumer is not None
+        partitions -= self.refused.keys()
+        if not partitions:
+            return
+        try:
+            decisions = await self.guard.check(partitions)
+        except (KafkaError, TimeoutError, OSError) as error:
+            log.warning("summary writer: checking the batch log failed, next time: %s", error)
+            return
+        for partition, decision in decisions.items():
+            tp = TopicPartition(self.topic, partition)
+            if decision.action == "refuse":
+                self.refused[partition] = decision.reason
+                self.consumer.pause(tp)
+            elif decision.action in ("adopt", "carry_over"):
+                self.next_offsets[partition] = 0
+                self.blocked.pop(partition, None)
+                self.consumer.resume(tp)
+                await self.consumer.seek_to_beginning(tp)
 
     def _behind(self) -> bool:
         """Catching up: a full batch applied moments ago, or records still to apply
@@ -226,12 +273,16 @@ class SummaryWriter(mode.Service):
         return self.conditions.active().get("apply")
 
     def waiting_reason(self) -> str | None:
-        """For /ready: partitions held at the fence of a replay still running (or failed
-        after fencing: then run the replay of that date again)."""
-        if not self.blocked:
-            return None
-        fences = sorted({(f.usage_date, f.replay_id) for f in self.blocked.values()})
-        return "summary writer waits for replay " + ", ".join(f"{r} ({d})" for d, r in fences)
+        """For /ready: batch-log partitions the guard refused, and partitions held at the
+        fence of a replay still running (or failed after fencing: then run the replay of
+        that date again)."""
+        reasons = [self.refused[p] for p in sorted(self.refused)]
+        if self.blocked:
+            fences = sorted({(f.usage_date, f.replay_id) for f in self.blocked.values()})
+            reasons.append(
+                "summary writer waits for replay " + ", ".join(f"{r} ({d})" for d, r in fences)
+            )
+        return "; ".join(reasons) or None
 
 
 async def carry_over_offsets(settings: Settings) -> None:
@@ -276,7 +327,7 @@ async def carry_over_offsets(settings: Settings) -> None:
         await producer.stop()
 
 
-AFTER_TOPICS.append(carry_over_offsets)
+AFTER_TOPICS.extend([carry_over_offsets, guard_batch_log])
 
 
 _instance: SummaryWriter | None = None

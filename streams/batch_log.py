@@ -24,10 +24,13 @@ Records are msgspec structs encoded as JSON (tagged union), small and self-descr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 import msgspec
+
+from streams.event import KafkaRecord
 
 __all__ = [
     "BadChainRecord",
@@ -40,6 +43,8 @@ __all__ = [
     "decode",
     "decode_rows_raw",
     "encode",
+    "record_mark",
+    "starting_prev",
 ]
 
 
@@ -78,6 +83,11 @@ class BatchEntry(msgspec.Struct, Generic[Rows], tag="batch", frozen=True):
     rows: Rows
     worker: str = ""  # who appended it (host/pid), for operators
     behind: bool = False  # the batch was full: the worker is catching up on a backlog
+    #: :func:`record_mark` of the last record read in the usage / rerouted partition (at
+    #: ``usage_next - 1`` / ``rerouted_next - 1``): ties the positions to the topic they
+    #: were read in, so a recreated topic is never mistaken for the one read ("" unknown)
+    usage_mark: str = ""
+    rerouted_mark: str = ""
 
 
 class Fence(msgspec.Struct, tag="fence", frozen=True):
@@ -131,6 +141,28 @@ class ChainHead:
     usage_next: int = 0
     rerouted_next: int = 0
     newest_event_ms: int = -1
+    usage_mark: str = ""  # record_mark() at usage_next - 1 ("" unknown)
+    rerouted_mark: str = ""
+
+
+def record_mark(record: KafkaRecord) -> str:
+    """A fingerprint of one Kafka record: its timestamp and the CRC-32 of its value.
+
+    A Kafka record never changes at its offset, so the mark of the record just before a
+    stored position tells whether a topic is still the one that position was read in:
+    a recreated topic (a new broker, a deleted and re-made topic) holds another record
+    there, or none. Positions are checked this way wherever they are trusted again
+    (the summary writer's place in the batch log, a chain head's usage positions)."""
+    return f"{record.timestamp}:{zlib.crc32(record.value or b''):08x}"
+
+
+def starting_prev(offset: int, record: ChainRecord) -> int | None:
+    """For the first chain record met when a partition is read from its beginning: the
+    offset it extends (-1 for a chain's start: anything else means the start was deleted),
+    or None when the record cannot be a link of any chain (``prev`` at or past its own
+    offset: appended by a worker that still knew another log, e.g. before a new broker
+    took the old one's address) and the next record decides."""
+    return record.prev if record.prev < offset else None
 
 
 class Chain:
@@ -149,12 +181,9 @@ class Chain:
                 record.usage_next,
                 record.rerouted_next,
                 max(self.head.newest_event_ms, record.newest_event_ms),
+                record.usage_mark,
+                record.rerouted_mark,
             )
         else:  # a fence moves the head, not the positions
-            self.head = ChainHead(
-                offset,
-                self.head.usage_next,
-                self.head.rerouted_next,
-                self.head.newest_event_ms,
-            )
+            self.head = replace(self.head, offset=offset)
         return True

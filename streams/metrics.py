@@ -82,6 +82,15 @@ PARTIALS_SKIPPED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+BATCH_LOG_GUARD = Counter(
+    f"{_P}batch_log_guard",
+    "Batch-log partitions the summary writer found not to be the log its DB followed, by"
+    " what it did: adopt (a new cluster's log, followed from its start), carry_over (a new"
+    " empty log started at the billed positions), refuse (going on would lose or"
+    " double-count)",
+    ["action"],
+    registry=REGISTRY,
+)
 RAW_POINTS_WRITTEN = Counter(
     _P + "raw_points_written", "Raw points acknowledged by the raw sink", registry=REGISTRY
 )

@@ -23,7 +23,7 @@ summed by SQLite (tables/summary_keys.py), which releases the GIL meanwhile.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ class StoredHead:
     partition: int
     next_offset: int
     head: ChainHead
+    log_mark: str = ""  # record_mark of the batch-log record at next_offset - 1 ("" unknown)
 
 
 @dataclass(slots=True)
@@ -56,11 +57,15 @@ class ApplyResult:
 
 
 _SAVE_HEAD = """
-    INSERT INTO batch_log_heads VALUES (?,?,?,?,?,?,?)
+    INSERT INTO batch_log_heads (partition, next_offset, head_offset, usage_next,
+        rerouted_next, newest_event_ms, updated_at, log_mark, usage_mark, rerouted_mark)
+    VALUES (?,?,?,?,?,?,?,?,?,?)
     ON CONFLICT (partition) DO UPDATE SET
         next_offset = excluded.next_offset, head_offset = excluded.head_offset,
         usage_next = excluded.usage_next, rerouted_next = excluded.rerouted_next,
-        newest_event_ms = excluded.newest_event_ms, updated_at = excluded.updated_at
+        newest_event_ms = excluded.newest_event_ms, updated_at = excluded.updated_at,
+        log_mark = excluded.log_mark, usage_mark = excluded.usage_mark,
+        rerouted_mark = excluded.rerouted_mark
 """
 
 
@@ -86,6 +91,11 @@ class BatchApplier:
     def heads(self) -> dict[int, StoredHead]:
         return _heads(self.conn)
 
+    def forget_position(self, partition: int) -> None:
+        """Drop a partition's stored position and chain head: the batch log there is a new
+        one (agents/log_guard.py), to be followed from its start. The bills stay."""
+        self.conn.execute("DELETE FROM batch_log_heads WHERE partition = ?", (partition,))
+
     def replay_done(self, fence: Fence) -> bool:
         """True once the fence's replay, or a later replay of the same date, completed."""
         found = self.conn.execute(
@@ -94,14 +104,19 @@ class BatchApplier:
         return found is not None
 
     def apply(
-        self, records: Sequence[tuple[int, int, ChainRecord | None]]
+        self,
+        records: Sequence[tuple[int, int, ChainRecord | None]],
+        marks: Mapping[int, tuple[int, str]] | None = None,
     ) -> tuple[ApplyResult, dict[int, StoredHead]]:
         """Apply ``(partition, offset, record)`` in log order per partition (``None``:
-        bytes that are not a chain record). Returns what happened and the new heads."""
+        bytes that are not a chain record). ``marks`` gives per partition the offset and
+        :func:`~streams.batch_log.record_mark` of the last record read, stored with the
+        position when it is the record just before it. Returns what happened and the new
+        heads."""
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            result, heads = self._apply(conn, records)
+            result, heads = self._apply(conn, records, marks or {})
             conn.execute("COMMIT")
         except BaseException:
             # on SQLITE_FULL or an I/O error SQLite rolled back already: a ROLLBACK would
@@ -112,7 +127,10 @@ class BatchApplier:
         return result, heads
 
     def _apply(
-        self, conn: sqlite3.Connection, records: Sequence[tuple[int, int, ChainRecord | None]]
+        self,
+        conn: sqlite3.Connection,
+        records: Sequence[tuple[int, int, ChainRecord | None]],
+        marks: Mapping[int, tuple[int, str]],
     ) -> tuple[ApplyResult, dict[int, StoredHead]]:
         result = ApplyResult()
         heads = _heads(conn)
@@ -146,6 +164,12 @@ class BatchApplier:
             if chain is None:
                 continue
             head = chain.head
+            stored = heads.get(partition)
+            last = marks.get(partition)
+            if last is not None and last[0] == nxt - 1:
+                log_mark = last[1]
+            else:
+                log_mark = stored.log_mark if stored and stored.next_offset == nxt else ""
             saved.append(
                 (
                     partition,
@@ -155,9 +179,12 @@ class BatchApplier:
                     head.rerouted_next,
                     head.newest_event_ms,
                     updated_at,
+                    log_mark,
+                    head.usage_mark,
+                    head.rerouted_mark,
                 )
             )
-            heads[partition] = StoredHead(partition, nxt, head)
+            heads[partition] = StoredHead(partition, nxt, head, log_mark)
         conn.executemany(_SAVE_HEAD, saved)
         return result, heads
 
@@ -186,9 +213,24 @@ _REPLAY_DONE = """
 
 def _heads(conn: sqlite3.Connection) -> dict[int, StoredHead]:
     return {
-        partition: StoredHead(partition, nxt, ChainHead(head, usage_next, rerouted_next, newest))
-        for partition, nxt, head, usage_next, rerouted_next, newest in conn.execute(
+        partition: StoredHead(
+            partition,
+            nxt,
+            ChainHead(head, usage_next, rerouted_next, newest, usage_mark, rerouted_mark),
+            log_mark,
+        )
+        for (
+            partition,
+            nxt,
+            head,
+            usage_next,
+            rerouted_next,
+            newest,
+            log_mark,
+            usage_mark,
+            rerouted_mark,
+        ) in conn.execute(
             "SELECT partition, next_offset, head_offset, usage_next, rerouted_next,"
-            " newest_event_ms FROM batch_log_heads"
+            " newest_event_ms, log_mark, usage_mark, rerouted_mark FROM batch_log_heads"
         )
     }

@@ -386,6 +386,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "DROP TABLE ledger_buckets",
         ],
     ),
+    (
+        7,
+        [
+            # Log identity (issue 19): a stored position is tied to the log it was read in.
+            # log_mark is the record_mark (streams/batch_log.py) of the batch-log record at
+            # next_offset - 1; usage_mark / rerouted_mark those of the usage and rerouted
+            # records at the chain head's positions - 1. A new broker, a recreated or
+            # truncated topic holds other records there (or none), and is never mistaken
+            # for the log the summary DB followed (agents/log_guard.py). '' = not known
+            # yet (a database from before this migration: recorded at the next apply).
+            "ALTER TABLE batch_log_heads ADD COLUMN log_mark TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE batch_log_heads ADD COLUMN usage_mark TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE batch_log_heads ADD COLUMN rerouted_mark TEXT NOT NULL DEFAULT ''",
+        ],
+    ),
 ]
 
 
