@@ -39,7 +39,6 @@ from streams.batch_log import (
     Fence,
     decode_rows_raw,
     record_mark,
-    starting_prev,
 )
 from streams.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
 from streams.event import UsageEvent, parse_records
@@ -306,10 +305,7 @@ async def follow_chain(
                 log.warning("batch log %s: offset %d is not a chain record", tp, record.offset)
                 continue
             if first:
-                prev = starting_prev(record.offset, decoded)
-                if prev is None:
-                    continue
-                first = False
+                first, prev = False, decoded.prev
                 if prev != -1:
                     raise ChainBroken(
                         f"batch log {topic} partition {partition} begins at offset"

@@ -44,7 +44,6 @@ __all__ = [
     "decode_rows_raw",
     "encode",
     "record_mark",
-    "starting_prev",
 ]
 
 
@@ -154,15 +153,6 @@ def record_mark(record: KafkaRecord) -> str:
     there, or none. Positions are checked this way wherever they are trusted again
     (the summary writer's place in the batch log, a chain head's usage positions)."""
     return f"{record.timestamp}:{zlib.crc32(record.value or b''):08x}"
-
-
-def starting_prev(offset: int, record: ChainRecord) -> int | None:
-    """For the first chain record met when a partition is read from its beginning: the
-    offset it extends (-1 for a chain's start: anything else means the start was deleted),
-    or None when the record cannot be a link of any chain (``prev`` at or past its own
-    offset: appended by a worker that still knew another log, e.g. before a new broker
-    took the old one's address) and the next record decides."""
-    return record.prev if record.prev < offset else None
 
 
 class Chain:
