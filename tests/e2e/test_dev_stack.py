@@ -210,3 +210,68 @@ def test_dev_demo_shows_a_bill_within_a_minute_and_stops_in_order(tmp_path: Path
     assert past >= 2  # three backfilled days; yesterday may wait for its grace hour
     code, _ = http_get(f"http://127.0.0.1:{port}/health")
     assert code == 0  # the worker's port is closed: nothing left running
+
+
+def billed(db: Path) -> dict[tuple[str, str, str, str], int]:
+    """Requests billed per (date, client, user, model): closed rows and pending sums."""
+    if not db.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        totals: dict[tuple[str, str, str, str], int] = {}
+        for *key, requests in conn.execute(
+            "SELECT usage_date, client_org_id, user_id, model, requests FROM usage_daily"
+            " UNION ALL SELECT p.usage_date, k.client_org_id, k.user_id, k.model, p.requests"
+            " FROM daily_pending p JOIN summary_keys k USING (key_id)"
+        ):
+            totals[tuple(key)] = totals.get(tuple(key), 0) + requests  # type: ignore[index]
+        return totals
+    except sqlite3.Error:
+        return {}
+    finally:
+        conn.close()
+
+
+def test_dev_run_twice_in_one_folder_keeps_the_first_bills_and_bills_the_second_run(
+    tmp_path: Path,
+) -> None:
+    """A second ``usage-stream dev`` starts a new, empty broker under the DATA_DIR of the
+    first: its offsets start at 0 again. The summary writer adopts the new log (its
+    positions belong to the old one) instead of skipping the new events below them."""
+    data = tmp_path / "data"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("INFLUXDB_", "KAFKA_"))},
+        "DATA_DIR": str(data),
+        "WEB_PORT": str(free_port()),
+        "NBP_API_URL": "http://127.0.0.1:9/api",
+        "OPENROUTER_API_URL": "http://127.0.0.1:9/api/v1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    db = data / "usage.db"
+    runs: list[dict[tuple[str, str, str, str], int]] = []
+    for run in range(2):
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "streams", "dev", "--demo", "--rate", "200"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            before = sum(runs[-1].values()) if runs else 0
+            # the backfill alone is 3 x 300 events (a few of them copies or broken)
+            wait_for(
+                lambda before=before: sum(billed(db).values()) >= before + 1500,
+                120,
+                f"run {run}'s events billed",
+            )
+        finally:
+            os.killpg(dev.pid, signal.SIGINT)
+            assert dev.wait(timeout=60) == 0
+        runs.append(billed(db))
+    first, second = runs
+    assert all(second.get(key, 0) >= requests for key, requests in first.items())
+    log = (data / "worker.log").read_text()
+    assert "following the new log from its start" in log
+    assert "refus" not in log.lower()
