@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from streams.batch_log import (
     BadChainRecord,
+    BatchPart,
     Chain,
     ChainHead,
     Fence,
@@ -304,6 +305,8 @@ async def follow_chain(
             except BadChainRecord:
                 log.warning("batch log %s: offset %d is not a chain record", tp, record.offset)
                 continue
+            if isinstance(decoded, BatchPart):
+                continue  # rows of a batch: not a link
             if first:
                 first, prev = False, decoded.prev
                 if prev != -1:

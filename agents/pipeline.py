@@ -59,6 +59,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import mode
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -69,7 +70,14 @@ from agents.conditions import ConditionLog, until_done
 from agents.home_state import ChainBroken, HomePartition, Rebuilder
 from agents.prices_feed import PricesFeed
 from streams.app import app, settings
-from streams.batch_log import BatchEntry, ChainHead, encode, record_mark
+from streams.batch_log import (
+    MAX_RECORD_BYTES,
+    BatchEntry,
+    ChainHead,
+    encode,
+    encode_parts,
+    record_mark,
+)
 from streams.broker import kafka_client_kwargs
 from streams.business_time import UsageDates
 from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
@@ -97,6 +105,10 @@ __all__ = ["HotPath", "hot_path"]
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 10.0
+#: the largest record (with its headers) the hot path's producer sends: under Apache
+#: Kafka's default max.message.bytes, 1,048,588 B, which also counts the record batch's
+#: ~70 B of overhead
+MAX_PRODUCED_BYTES = 1_048_576 - 1024
 RAW_MAINTENANCE_SECONDS = 300.0
 PRUNE_SECONDS = max(1.0, min(3600.0, settings.DEDUP_TTL_DAYS * 86_400 / 16))
 _WORKER = f"{socket.gethostname()}/{os.getpid()}"
@@ -201,12 +213,15 @@ class HotPath(mode.Service):
             linger_ms=5,
             enable_idempotence=settings.KAFKA_PRODUCER_IDEMPOTENCE,
             acks="all",
-            # dead letters and rerouted events carry the original bytes; a batch-log
-            # record carries one row per (date, key) of a batch
-            max_request_size=16 * 1024 * 1024,
+            # nothing this worker produces may exceed Apache Kafka's default
+            # max.message.bytes (1,048,588 B with the batch's overhead): batch-log records
+            # are split below MAX_RECORD_BYTES, and a dead letter too large for this is
+            # sent truncated (_send_dead_letter)
+            max_request_size=MAX_PRODUCED_BYTES,
             # reroutes are sent thousands at a time: with aiokafka's 16 KB batches they
-            # queued past the request timeout (KafkaTimeoutError, the batch retried)
-            max_batch_size=1024 * 1024,
+            # queued past the request timeout (KafkaTimeoutError, the batch retried);
+            # a record batch stays under the broker's limit too
+            max_batch_size=MAX_RECORD_BYTES,
         )
         await self.producer.start()
         await self.sink.start()
@@ -773,8 +788,16 @@ class HotPath(mode.Service):
             usage_mark,
             rerouted_mark,
         )
+        record = encode(entry)
+        if len(record) > MAX_RECORD_BYTES:  # rows in parts first, then the entry naming them
+            parts = [
+                await self.producer.send(self.batch_log_topic, part, partition=partition)
+                for part in encode_parts(rows, _WORKER)
+            ]
+            offsets = [(await sent).offset for sent in parts]
+            record = encode(msgspec.structs.replace(entry, rows=[], parts=offsets))
         metadata = await (
-            await self.producer.send(self.batch_log_topic, encode(entry), partition=partition)
+            await self.producer.send(self.batch_log_topic, record, partition=partition)
         )
         if metadata.offset != state.log_end:
             log.warning(

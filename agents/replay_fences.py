@@ -49,8 +49,8 @@ from agents.home_state import ReplayFence, follow_chain, read_range
 from streams.batch_log import (
     BadChainRecord,
     ChainHead,
-    ChainRecord,
     Fence,
+    LogRecord,
     decode_rows_raw,
     encode,
     record_mark,
@@ -224,7 +224,7 @@ async def apply_up_to_fences(
         **kafka_client_kwargs(settings),
     )
     await consumer.start()
-    records: list[tuple[int, int, ChainRecord | None]] = []
+    records: list[tuple[int, int, LogRecord | None]] = []
     marks: dict[int, tuple[int, str]] = {}
     try:
         for partition, (start, end) in sorted(ranges.items()):
@@ -232,7 +232,7 @@ async def apply_up_to_fences(
             async for batch in read_range(consumer, tp, start, end):
                 for record in batch:
                     try:
-                        decoded: ChainRecord | None = decode_rows_raw(record.value)
+                        decoded: LogRecord | None = decode_rows_raw(record.value)
                     except BadChainRecord:
                         decoded = None
                     records.append((partition, record.offset, decoded))

@@ -33,17 +33,23 @@ from streams.app import app, settings
 from streams.batch_log import (
     BadChainRecord,
     BatchEntry,
-    ChainRecord,
     Fence,
+    LogRecord,
     decode_rows_raw,
     encode,
     record_mark,
 )
 from streams.broker import FOLLOW_WAIT_MS, kafka_client_kwargs
 from streams.cli import AFTER_TOPICS
-from streams.metrics import EVENTS_LATE, PARTIALS_APPLIED, PARTIALS_SKIPPED
+from streams.metrics import (
+    BATCH_LOG_RECORDS_REJECTED,
+    EVENTS_LATE,
+    PARTIALS_APPLIED,
+    PARTIALS_SKIPPED,
+    SUMMARY_WRITER_LAG,
+)
 from streams.settings import Settings
-from tables.batch_apply import BatchApplier, StoredHead
+from tables.batch_apply import ApplyResult, BatchApplier, StoredHead
 from tables.watermarks import day_closer
 
 __all__ = ["SummaryWriter"]
@@ -142,7 +148,8 @@ class SummaryWriter(mode.Service):
                 continue
             await self._unblock()
             await self._guard(self._shrunk())
-            records: list[tuple[int, int, ChainRecord | None]] = []
+            self._update_lag()
+            records: list[tuple[int, int, LogRecord | None]] = []
             marks: dict[int, tuple[int, str]] = {}  # partition -> the last record's mark
             full = False  # a full batch among them: its worker is catching up
             for tp, batch in fetched.items():
@@ -150,7 +157,7 @@ class SummaryWriter(mode.Service):
                     continue
                 for record in batch:
                     try:
-                        decoded: ChainRecord | None = decode_rows_raw(record.value)
+                        decoded: LogRecord | None = decode_rows_raw(record.value)
                     except BadChainRecord:
                         log.warning("summary writer: %s %d: not a chain record", tp, record.offset)
                         decoded = None
@@ -181,8 +188,8 @@ class SummaryWriter(mode.Service):
             PARTIALS_APPLIED.inc(result.applied)
             if result.redelivered:
                 PARTIALS_SKIPPED.labels(reason="redelivered").inc(result.redelivered)
+            self._count_rejected(result)
             if result.not_in_chain:
-                PARTIALS_SKIPPED.labels(reason="not_in_chain").inc(result.not_in_chain)
                 # a record off the chain: a zombie's, or a log that is not the one followed
                 await self._guard({partition for partition, _, _ in records})
             EVENTS_LATE.inc(result.late)
@@ -191,6 +198,32 @@ class SummaryWriter(mode.Service):
                 self._last_full = time.monotonic()
             self.closer.behind = self._behind()
             self._observe(heads)
+
+    @staticmethod
+    def _count_rejected(result: ApplyResult) -> None:
+        for reason, count in (
+            ("not_in_chain", result.not_in_chain),
+            ("not_a_record", result.not_a_record),
+            ("missing_part", result.missing_parts),
+        ):
+            if count:
+                BATCH_LOG_RECORDS_REJECTED.labels(reason=reason).inc(count)
+        if result.not_a_record or result.missing_parts:
+            log.error(
+                "summary writer: %d batch-log records are no records, %d parts named by"
+                " valid entries were never read (their rows are not billed)",
+                result.not_a_record,
+                result.missing_parts,
+            )
+
+    def _update_lag(self) -> None:
+        assert self.consumer is not None
+        lag = 0
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                lag += max(0, highwater - self.next_offsets.get(tp.partition, 0))
+        SUMMARY_WRITER_LAG.set(lag)
 
     def _shrunk(self) -> set[int]:
         """Partitions whose log now ends before the stored position: not the log followed

@@ -19,12 +19,22 @@ so everyone agrees on the chain without transactions or locks:
 * the appending worker checks the offset its record got: anything but ``prev + 1`` means
   another record came first, so it must follow the chain again before going on.
 
+**Records fit Apache Kafka's defaults.** A record may not exceed :data:`MAX_RECORD_BYTES`
+(Apache Kafka refuses records over ``max.message.bytes``, 1,048,588 B by default, and the
+test broker would take them silently). A batch whose sums do not fit (a backlog with
+hundreds of thousands of keys) is appended as :class:`BatchPart` records holding its rows
+(:func:`encode_parts`), then the entry naming their offsets in ``parts``. Parts are not
+links of the chain: they count only through the entry that names them, so a split batch
+is applied whole or not at all (a worker that dies between its parts and its entry leaves
+parts nobody names, which the writer drops once a later entry is valid).
+
 Records are msgspec structs encoded as JSON (tagged union), small and self-describing.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
@@ -33,16 +43,20 @@ import msgspec
 from streams.event import KafkaRecord
 
 __all__ = [
+    "MAX_RECORD_BYTES",
     "BadChainRecord",
     "BatchEntry",
+    "BatchPart",
     "Chain",
     "ChainHead",
     "ChainRecord",
     "Fence",
+    "LogRecord",
     "SumRow",
     "decode",
     "decode_rows_raw",
     "encode",
+    "encode_parts",
     "record_mark",
 ]
 
@@ -87,6 +101,17 @@ class BatchEntry(msgspec.Struct, Generic[Rows], tag="batch", frozen=True):
     #: were read in, so a recreated topic is never mistaken for the one read ("" unknown)
     usage_mark: str = ""
     rerouted_mark: str = ""
+    #: offsets (in this partition, between ``prev`` and the entry) of the
+    #: :class:`BatchPart` records holding the rest of its rows
+    parts: list[int] = msgspec.field(default_factory=list)
+
+
+class BatchPart(msgspec.Struct, Generic[Rows], tag="part", frozen=True):
+    """Rows of a batch too large for one record: they count when the :class:`BatchEntry`
+    that names this record's offset in ``parts`` is valid, and never otherwise."""
+
+    rows: Rows
+    worker: str = ""
 
 
 class Fence(msgspec.Struct, tag="fence", frozen=True):
@@ -100,29 +125,57 @@ class Fence(msgspec.Struct, tag="fence", frozen=True):
     rerouted_end: int
 
 
-ChainRecord = BatchEntry | Fence
+ChainRecord = BatchEntry | Fence  # the links of a chain
+LogRecord = BatchEntry | Fence | BatchPart  # anything the batch log holds
+
+#: The largest record the pipeline appends to the batch log: under Apache Kafka's default
+#: ``max.message.bytes`` (1,048,588 B, which also covers the record batch's own ~70 B of
+#: overhead), with room to spare.
+MAX_RECORD_BYTES = 1_000_000
 
 _ENCODER = msgspec.json.Encoder()
-_DECODER = msgspec.json.Decoder(BatchEntry[list[SumRow]] | Fence)
-_RAW_ROWS_DECODER = msgspec.json.Decoder(BatchEntry[msgspec.Raw] | Fence)
+_DECODER = msgspec.json.Decoder(BatchEntry[list[SumRow]] | Fence | BatchPart[list[SumRow]])
+_RAW_ROWS_DECODER = msgspec.json.Decoder(BatchEntry[msgspec.Raw] | Fence | BatchPart[msgspec.Raw])
 
 
 class BadChainRecord(ValueError):
     """Bytes in the batch log that are not a chain record (never written by this code)."""
 
 
-def encode(record: ChainRecord) -> bytes:
+def encode(record: LogRecord) -> bytes:
     return _ENCODER.encode(record)
 
 
-def decode(value: bytes | None) -> ChainRecord:
+def encode_parts(rows: Sequence[object], worker: str, limit: int = MAX_RECORD_BYTES) -> list[bytes]:
+    """``rows`` as encoded :class:`BatchPart` records of at most ``limit`` bytes each,
+    in order. Rows are split evenly by count first (one encoding of the whole to size
+    it), and a part that still does not fit is halved again."""
+    whole = len(_ENCODER.encode(rows))
+    pieces = max(1, -(-whole // (limit * 9 // 10)))
+    size = -(-len(rows) // pieces)
+    encoded: list[bytes] = []
+    pending = [rows[start : start + size] for start in range(0, len(rows), size)]
+    while pending:
+        chunk = pending.pop(0)
+        record = _ENCODER.encode(BatchPart(list(chunk), worker))
+        if len(record) <= limit:
+            encoded.append(record)
+        elif len(chunk) > 1:
+            half = len(chunk) // 2
+            pending[:0] = [chunk[:half], chunk[half:]]
+        else:
+            raise ValueError(f"one batch-log row is {len(record)} bytes, over {limit}")
+    return encoded
+
+
+def decode(value: bytes | None) -> LogRecord:
     try:
         return _DECODER.decode(value or b"")
     except msgspec.DecodeError as error:
         raise BadChainRecord(str(error)) from None
 
 
-def decode_rows_raw(value: bytes | None) -> ChainRecord:
+def decode_rows_raw(value: bytes | None) -> LogRecord:
     """Like :func:`decode`, but an entry's ``rows`` stay JSON text (``msgspec.Raw``): the
     summary writer hands them to SQLite as they are, so no Python object is built per
     row (tables/summary_keys.py). The rows are checked there, not here."""
@@ -161,8 +214,11 @@ class Chain:
     def __init__(self, head: ChainHead | None = None) -> None:
         self.head = head or ChainHead()
 
-    def accept(self, offset: int, record: ChainRecord) -> bool:
-        """True (and the head moves) when the record at ``offset`` is valid."""
+    def accept(self, offset: int, record: LogRecord) -> bool:
+        """True (and the head moves) when the record at ``offset`` is a valid link (a
+        :class:`BatchPart` never is one)."""
+        if isinstance(record, BatchPart):
+            return False
         if record.prev != self.head.offset or offset <= self.head.offset:
             return False
         if isinstance(record, BatchEntry):

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streams.batch_log import BadChainRecord, decode_rows_raw
+from streams.batch_log import BadChainRecord, BatchPart, decode_rows_raw
 from streams.broker import BOUNDED_READ_WAIT_MS
 
 __all__ = ["STALL_SECONDS", "first_chain_prev", "partition_bounds", "read_range", "record_at"]
@@ -74,7 +74,8 @@ async def first_chain_prev(
                 decoded = decode_rows_raw(record.value)
             except BadChainRecord:
                 continue
-            return decoded.prev
+            if not isinstance(decoded, BatchPart):
+                return decoded.prev
     return None
 
 

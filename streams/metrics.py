@@ -78,8 +78,24 @@ PARTIALS_APPLIED = Counter(
 )
 PARTIALS_SKIPPED = Counter(
     f"{_P}partials_skipped",
-    "Batch-log records the summary writer did not add: redelivered, or not in the chain",
+    "Batch-log records the summary writer read again and skipped (reason=redelivered)",
     ["reason"],
+    registry=REGISTRY,
+)
+BATCH_LOG_RECORDS_REJECTED = Counter(
+    f"{_P}batch_log_records_rejected",
+    "Batch-log records the summary writer did not add: not_in_chain (a zombie's record,"
+    " or one that lost a race: expected now and then), not_a_record (bytes no worker"
+    " writes), missing_part (a part named by a valid entry but never read: rows lost)",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in ("not_in_chain", "not_a_record", "missing_part"):
+    BATCH_LOG_RECORDS_REJECTED.labels(reason=_reason)
+SUMMARY_WRITER_LAG = Gauge(
+    f"{_P}summary_writer_lag_records",
+    "Batch-log records on the broker the summary writer has not applied yet (all"
+    " partitions, including those held at a replay's fence or refused)",
     registry=REGISTRY,
 )
 BATCH_LOG_GUARD = Counter(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import msgspec
 
-from streams.batch_log import BatchEntry, Chain, ChainHead, ChainRecord, Fence
+from streams.batch_log import BatchEntry, BatchPart, Chain, ChainHead, Fence, LogRecord
 from tables.schema import open_sync, utc_now_text
 from tables.summary_keys import SumsFolder
 
@@ -51,9 +51,12 @@ class ApplyResult:
     applied: int = 0  # valid entries whose sums were added
     fences: int = 0  # valid fences
     redelivered: int = 0  # below next_offset: judged before
-    not_in_chain: int = 0  # rejected by the chain rule (or not a chain record at all)
+    not_in_chain: int = 0  # rejected by the chain rule
+    not_a_record: int = 0  # bytes that are no batch-log record
     requests: int = 0  # requests added
     late: int = 0  # of which for dates already closed
+    parts: int = 0  # BatchPart records kept for the entry that names them
+    missing_parts: int = 0  # named by a valid entry but never read: those rows are lost
 
 
 _SAVE_HEAD = """
@@ -105,7 +108,7 @@ class BatchApplier:
 
     def apply(
         self,
-        records: Sequence[tuple[int, int, ChainRecord | None]],
+        records: Sequence[tuple[int, int, LogRecord | None]],
         marks: Mapping[int, tuple[int, str]] | None = None,
     ) -> tuple[ApplyResult, dict[int, StoredHead]]:
         """Apply ``(partition, offset, record)`` in log order per partition (``None``:
@@ -129,14 +132,15 @@ class BatchApplier:
     def _apply(
         self,
         conn: sqlite3.Connection,
-        records: Sequence[tuple[int, int, ChainRecord | None]],
+        records: Sequence[tuple[int, int, LogRecord | None]],
         marks: Mapping[int, tuple[int, str]],
     ) -> tuple[ApplyResult, dict[int, StoredHead]]:
         result = ApplyResult()
+        orphans: list[tuple[int, int]] = []  # (partition, offset of a valid link)
         heads = _heads(conn)
         chains: dict[int, Chain] = {}
         next_offsets = {p: stored.next_offset for p, stored in heads.items()}
-        entries: list[BatchEntry] = []
+        entries: list[tuple[int, BatchEntry]] = []
         for partition, offset, record in records:
             if offset < next_offsets.get(partition, 0):
                 result.redelivered += 1
@@ -146,17 +150,27 @@ class BatchApplier:
             if chain is None:
                 stored = heads.get(partition)
                 chain = chains[partition] = Chain(stored.head if stored else None)
-            if record is None or not chain.accept(offset, record):
+            if isinstance(record, BatchPart):
+                # kept until the entry that names it is read (maybe in a later
+                # transaction); a valid link drops the parts before it nobody named
+                conn.execute(_STAGE_PART, (partition, offset, _rows_blob(record.rows)))
+                result.parts += 1
+            elif record is None:
+                result.not_a_record += 1
+            elif not chain.accept(offset, record):
                 result.not_in_chain += 1
-            elif isinstance(record, BatchEntry):
-                result.applied += 1
-                entries.append(record)
             else:
-                result.fences += 1
+                if isinstance(record, BatchEntry):
+                    result.applied += 1
+                    entries.append((partition, record))
+                else:
+                    result.fences += 1
+                orphans.append((partition, offset))
         if entries:
-            requests, late = self._fold(conn, entries)
+            requests, late = self._fold(conn, entries, result)
             result.requests += requests
             result.late += late
+        conn.executemany(_DROP_PARTS_BEFORE, orphans)
         updated_at = utc_now_text()
         saved = []
         for partition, nxt in next_offsets.items():
@@ -188,18 +202,54 @@ class BatchApplier:
         conn.executemany(_SAVE_HEAD, saved)
         return result, heads
 
-    def _fold(self, conn: sqlite3.Connection, entries: Sequence[BatchEntry]) -> tuple[int, int]:
-        """The entries' rows as increments of ``daily_pending`` (tables/summary_keys.py):
-        rows still JSON text (the writer's :func:`~streams.batch_log.decode_rows_raw`)
-        are staged by SQLite itself, decoded ones as values."""
+    def _fold(
+        self,
+        conn: sqlite3.Connection,
+        entries: Sequence[tuple[int, BatchEntry]],
+        result: ApplyResult,
+    ) -> tuple[int, int]:
+        """The entries' rows, and their parts' rows, as increments of ``daily_pending``
+        (tables/summary_keys.py): rows still JSON text (the writer's
+        :func:`~streams.batch_log.decode_rows_raw`) are staged by SQLite itself, decoded
+        ones as values."""
         folder = SumsFolder(conn)
-        for entry in entries:
-            if isinstance(entry.rows, msgspec.Raw):
-                folder.add_json(entry.rows)
-            else:
-                folder.add(entry.rows)
+        for partition, entry in entries:
+            _add_rows(folder, entry.rows)
+            if not entry.parts:
+                continue
+            staged = dict(
+                conn.execute(
+                    "SELECT offset, rows FROM batch_log_parts WHERE partition = ?"
+                    f" AND offset IN ({','.join('?' * len(entry.parts))})",
+                    (partition, *entry.parts),
+                ).fetchall()
+            )
+            missing = [offset for offset in entry.parts if offset not in staged]
+            if missing:  # never written so by the pipeline: counted, logged by the writer
+                result.missing_parts += len(missing)
+            for offset in entry.parts:
+                if offset in staged:
+                    folder.add_json(staged[offset])
         folded = folder.fold()
         return folded.requests, folded.late
+
+
+_STAGE_PART = "INSERT OR REPLACE INTO batch_log_parts VALUES (?, ?, ?)"
+_DROP_PARTS_BEFORE = "DELETE FROM batch_log_parts WHERE partition = ? AND offset < ?"
+
+
+def _rows_blob(rows: object) -> bytes:
+    """A part's rows as the JSON text the fold reads back."""
+    if isinstance(rows, msgspec.Raw):
+        return bytes(rows)
+    return msgspec.json.encode(rows)
+
+
+def _add_rows(folder: SumsFolder, rows: object) -> None:
+    if isinstance(rows, msgspec.Raw):
+        folder.add_json(rows)
+    else:
+        folder.add(rows)  # type: ignore[arg-type]
 
 
 _REPLAY_DONE = """

@@ -401,6 +401,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE batch_log_heads ADD COLUMN rerouted_mark TEXT NOT NULL DEFAULT ''",
         ],
     ),
+    (
+        8,
+        [
+            # Batch-log records fit Apache Kafka's 1 MiB default (streams/batch_log.py): a
+            # batch too large for one record comes as BatchPart records and then the
+            # entry naming them. A part's rows wait here (JSON text) until that entry is
+            # read, maybe in a later transaction; a valid link drops the parts before it.
+            """CREATE TABLE batch_log_parts (
+                partition INTEGER NOT NULL,
+                offset INTEGER NOT NULL,
+                rows BLOB NOT NULL,
+                PRIMARY KEY (partition, offset)
+            ) WITHOUT ROWID""",
+        ],
+    ),
 ]
 
 

@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.batch_log import BatchEntry, ChainHead, Fence, SumRow, decode_rows_raw, encode
+from streams.batch_log import (
+    BatchEntry,
+    BatchPart,
+    ChainHead,
+    Fence,
+    SumRow,
+    decode_rows_raw,
+    encode,
+    encode_parts,
+)
 from tables.batch_apply import BatchApplier
 from tables.schema import connect
 
@@ -57,7 +66,8 @@ def test_each_record_counts_once_and_only_along_the_chain(tmp_path: Path) -> Non
         (0, 3, None),  # not a chain record
     ]
     result, heads = applier.apply(log0)
-    assert (result.applied, result.not_in_chain, result.redelivered) == (2, 2, 0)
+    assert (result.applied, result.not_in_chain, result.redelivered) == (2, 1, 0)
+    assert result.not_a_record == 1
     assert result.requests == 4 and result.late == 0
     assert heads[0].next_offset == 4
     assert heads[0].head == ChainHead(1, 20, 0, 300)
@@ -199,3 +209,51 @@ def test_a_sum_beyond_64_bits_is_an_error_not_a_rounded_value(tmp_path: Path) ->
         with pytest.raises((sqlite3.Error, OverflowError)):
             applier.apply([(0, 0, as_writer_reads(record))])
     assert pending(path) == {} and applier.heads() == {}
+
+
+def parts_of(rows: list[SumRow]) -> list[BatchPart]:
+    return [decode_rows_raw(part) for part in encode_parts(rows, "w", limit=300)]  # type: ignore[misc]
+
+
+def test_a_split_batch_counts_whole_through_its_entry_even_across_transactions(
+    tmp_path: Path,
+) -> None:
+    path = migrated(tmp_path)
+    applier = BatchApplier(path)
+    many = [row(f"u{i}", i + 1) for i in range(12)]
+    parts = parts_of(many)
+    assert len(parts) >= 3
+    # the parts in one transaction, the entry naming them in the next one
+    first, _ = applier.apply([(0, offset, part) for offset, part in enumerate(parts)])
+    assert first.parts == len(parts) and pending(path) == {}
+    named = BatchEntry(-1, 0, 10, 0, 0, 100, [], "w", parts=list(range(len(parts))))
+    second, _ = applier.apply([(0, len(parts), decode_rows_raw(encode(named)))])
+    assert second.applied == 1 and second.requests == 12 and second.missing_parts == 0
+    assert pending(path) == {(DAY, f"u{i}"): (i + 1, 2 * (i + 1), 1, 1_000, 0) for i in range(12)}
+    with sqlite3.connect(path) as conn:  # the parts are gone once their entry counted
+        assert conn.execute("SELECT COUNT(*) FROM batch_log_parts").fetchone() == (0,)
+
+
+def test_parts_nobody_names_never_count_and_are_dropped(tmp_path: Path) -> None:
+    path = migrated(tmp_path)
+    applier = BatchApplier(path)
+    orphan = parts_of([row("zombie", 1000)])
+    # a worker died after its part; the next owner's entry extends the chain
+    records = [(0, 0, orphan[0]), (0, 1, entry(-1, 0, 5, [row("u1", 1)]))]
+    # a zombie's split batch: its part, then its entry that is not in the chain
+    zombie_part = parts_of([row("zombie", 2000)])[0]
+    zombie = BatchEntry(-1, 0, 5, 0, 0, 100, [], "z", parts=[2])
+    records += [(0, 2, zombie_part), (0, 3, zombie), (0, 4, entry(1, 5, 9, [row("u1", 1)]))]
+    result, _ = applier.apply(records)
+    assert (result.applied, result.not_in_chain, result.parts) == (2, 1, 2)
+    assert pending(path) == {(DAY, "u1"): (2, 4, 2, 2_000, 0)}
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM batch_log_parts").fetchone() == (0,)
+
+
+def test_a_part_named_but_never_read_is_counted(tmp_path: Path) -> None:
+    path = migrated(tmp_path)
+    named = BatchEntry(-1, 0, 10, 0, 0, 100, [row("u1", 1)], "w", parts=[7])
+    result, _ = BatchApplier(path).apply([(0, 8, named)])
+    assert result.applied == 1 and result.missing_parts == 1
+    assert pending(path) == {(DAY, "u1"): (1, 2, 1, 1_000, 0)}

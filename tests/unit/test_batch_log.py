@@ -6,14 +6,18 @@ import msgspec
 import pytest
 
 from streams.batch_log import (
+    MAX_RECORD_BYTES,
     BadChainRecord,
     BatchEntry,
+    BatchPart,
     Chain,
     ChainHead,
     Fence,
     SumRow,
     decode,
     encode,
+    encode_parts,
+    record_mark,
 )
 
 ROW = SumRow("2026-11-28", "org\x00a", "user", "model", 10, 20, 1, 0, 123_456_789_012)
@@ -74,3 +78,44 @@ def test_rows_given_as_tuples_encode_as_sum_rows() -> None:
     as_tuple = BatchEntry(3, 0, 1, 0, 0, 5, [tuple(msgspec.structs.astuple(ROW))], "w")
     assert encode(as_tuple) == encode(BatchEntry(3, 0, 1, 0, 0, 5, [ROW], "w"))
     assert decode(encode(as_tuple)).rows == [ROW]
+
+
+def rows(count: int, width: int = 40) -> list[SumRow]:
+    return [
+        SumRow("2026-11-28", f"org-{i % 50}", f"user-{i:0{width}d}", "model", i, 2 * i, 1, 0, i)
+        for i in range(count)
+    ]
+
+
+def test_parts_hold_every_row_in_order_and_none_is_over_the_limit() -> None:
+    many = rows(30_000)
+    whole = encode(BatchEntry(-1, 0, 1, 0, 0, 5, many, "w"))
+    assert len(whole) > 2 * MAX_RECORD_BYTES  # the case: Apache Kafka would refuse it
+    parts = encode_parts(many, "w")
+    assert len(parts) >= 3 and all(len(part) <= MAX_RECORD_BYTES for part in parts)
+    decoded = [decode(part) for part in parts]
+    assert all(isinstance(part, BatchPart) for part in decoded)
+    assert [row for part in decoded for row in part.rows] == many  # type: ignore[union-attr]
+    # uneven rows: a part that does not fit after the even split is halved again
+    uneven = rows(200, width=5) + rows(40, width=9_000)
+    parts = encode_parts(uneven, "w", limit=60_000)
+    assert all(len(part) <= 60_000 for part in parts)
+    assert [row for p in parts for row in decode(p).rows] == uneven  # type: ignore[union-attr]
+
+
+def test_an_entry_names_its_parts_and_a_part_is_never_a_link() -> None:
+    named = BatchEntry(-1, 0, 10, 0, 0, 5, [], "w", parts=[0, 1])
+    assert decode(encode(named)) == named
+    chain = Chain()
+    assert not chain.accept(0, BatchPart([ROW], "w"))
+    assert chain.accept(2, named) and chain.head.offset == 2
+
+
+def test_a_record_mark_changes_with_the_value_or_the_timestamp() -> None:
+    class Record:
+        def __init__(self, value: bytes, timestamp: int) -> None:
+            self.value, self.timestamp = value, timestamp
+
+    mark = record_mark(Record(b"a", 1))
+    assert mark == record_mark(Record(b"a", 1))
+    assert mark != record_mark(Record(b"b", 1)) and mark != record_mark(Record(b"a", 2))

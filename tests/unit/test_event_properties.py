@@ -536,7 +536,8 @@ def check_same_as_reference(raw: bytes | None, now_ms: int = NOW) -> None:
     parsed = parse_event(raw, now_ms)  # must not raise
     expected = reference(raw, now_ms)  # must not raise anything but its own rejection
     assert parsed == expected
-    assert parse_records([Rec(raw, now_ms)]) == [expected]
+    if now_ms >= 0:  # (a record without a timestamp, -1, is bounded by the clock)
+        assert parse_records([Rec(raw, now_ms)]) == [expected]
     if raw is not None:
         check_literal_scan(raw)
     # the replay skips validating records whose hint lies outside the date: the hint of a
