@@ -18,7 +18,7 @@ from streams.cli import fail
 @app.command(argument("source", default="-", required=False))
 async def publish(self: object, source: str) -> None:
     """Publish JSON-lines events from FILE (or - for stdin), keyed by request_id."""
-    from streams.broker import BrokerUnreachable, ensure_topics
+    from streams.broker import BrokerUnreachable, TopicMismatch, ensure_topics
     from streams.producer import publish_lines
 
     try:
@@ -31,7 +31,7 @@ async def publish(self: object, source: str) -> None:
                 fail(f"no such file: {source}")
             with path.open("rb") as lines:
                 sent = await publish_lines(settings, lines)
-    except BrokerUnreachable as error:
+    except (BrokerUnreachable, TopicMismatch) as error:
         fail(str(error))
     print(f"sent {sent} events to {settings.USAGE_TOPIC}")
 

@@ -21,10 +21,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
+from streams.metrics import TOPIC_CONFIG_PROBLEMS
 from streams.settings import Settings
+from streams.topic_guards import check_topic_configs, topic_configs
 
 __all__ = [
     "BOUNDED_READ_WAIT_MS",
@@ -109,9 +112,15 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, 
         ) from None
     try:
         wanted = [settings.USAGE_TOPIC, settings.dlq_topic]
+        configs = topic_configs(settings)
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name, settings.USAGE_TOPIC_PARTITIONS, settings.KAFKA_REPLICATION_FACTOR)
+            NewTopic(
+                name,
+                settings.USAGE_TOPIC_PARTITIONS,
+                settings.KAFKA_REPLICATION_FACTOR,
+                topic_configs=configs[name],
+            )
             for name in wanted
             if name not in existing
         ]
@@ -122,34 +131,56 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, 
         described = await admin.describe_topics(wanted)
         counts = {item["topic"]: len(item["partitions"]) for item in described}
         counts.update(await _ensure_internal_topics(admin, settings, counts[settings.USAGE_TOPIC]))
+        await _guard_configs(admin, settings)
         return counts
     finally:
         await admin.close()
+
+
+async def _guard_configs(admin: AIOKafkaAdminClient, settings: Settings) -> None:
+    """streams/topic_guards.py's checks on what the broker reports: a fatal problem stops
+    the worker (:class:`TopicMismatch`, one line); the others are logged once each and
+    shown as ``usage_stream_topic_config_problems{topic,check}``."""
+    topics = [settings.USAGE_TOPIC, settings.rerouted_topic, settings.batch_log_topic]
+    answers = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
+    )
+    reported: dict[str, dict[str, str]] = {}
+    for answer in answers:
+        for _code, _message, _type, name, entries in answer.resources:
+            reported[name] = {entry[0]: entry[1] for entry in entries if entry[1] is not None}
+    problems = check_topic_configs(settings, reported)
+    for topic in topics:
+        for check in ("retention_ms", "retention_bytes", "cleanup_policy"):
+            TOPIC_CONFIG_PROBLEMS.labels(topic=topic, check=check).set(0)
+    for problem in problems:
+        TOPIC_CONFIG_PROBLEMS.labels(topic=problem.topic, check=problem.check).set(1)
+        log.log(logging.ERROR if problem.fatal else logging.WARNING, "%s", problem.message)
+    fatal = [problem for problem in problems if problem.fatal]
+    if fatal:
+        raise TopicMismatch(fatal[0].message)
 
 
 async def _ensure_internal_topics(
     admin: AIOKafkaAdminClient, settings: Settings, partitions: int
 ) -> dict[str, int]:
     """The pipeline's own topics, partitioned like the usage topic (partition p of each
-    belongs to home partition p). The batch log is kept for ever for now: a worker that
-    gets a partition follows its chain from the start (aggregates only, one record per
-    batch); the prices topic is compacted (the latest record is what counts)."""
+    belongs to home partition p), with the configs of :func:`topic_configs`: the batch log
+    is kept for ever (a new summary DB and a rebuild follow its chain from the start:
+    aggregates only, one record per batch); the prices topic is compacted (the latest
+    record is what counts).
+
+    The batch log also records the usage topic's partition count of the first start: a
+    usage topic with another count later (a request's home partition would move, so its
+    copies would be counted on two partitions) is refused."""
+    configs = topic_configs(settings)
     internal = {
-        settings.rerouted_topic: NewTopic(
-            settings.rerouted_topic, partitions, settings.KAFKA_REPLICATION_FACTOR
-        ),
-        settings.batch_log_topic: NewTopic(
-            settings.batch_log_topic,
-            partitions,
-            settings.KAFKA_REPLICATION_FACTOR,
-            topic_configs={"retention.ms": "-1"},
-        ),
-        settings.prices_topic: NewTopic(
-            settings.prices_topic,
-            1,
-            settings.KAFKA_REPLICATION_FACTOR,
-            topic_configs={"cleanup.policy": "compact"},
-        ),
+        name: NewTopic(name, count, settings.KAFKA_REPLICATION_FACTOR, topic_configs=configs[name])
+        for name, count in (
+            (settings.rerouted_topic, partitions),
+            (settings.batch_log_topic, partitions),
+            (settings.prices_topic, 1),
+        )
     }
     existing = set(await admin.list_topics())
     missing = [topic for name, topic in internal.items() if name not in existing]
@@ -162,8 +193,11 @@ async def _ensure_internal_topics(
     for name in (settings.rerouted_topic, settings.batch_log_topic):
         if counts.get(name) != partitions:
             raise TopicMismatch(
-                f"topic {name} has {counts.get(name)} partitions, {settings.USAGE_TOPIC} has "
-                f"{partitions}: they must match (home partitions)"
+                f"topic {name} has {counts.get(name)} partitions, {settings.USAGE_TOPIC} has"
+                f" {partitions}: they must match (every request's home partition is"
+                " murmur2(request_id) % partitions; changing the usage topic's count would"
+                " count copies on two partitions): give the usage topic its first count"
+                " back, or start a new pipeline (another APP_ID) and replay into it"
             )
     return counts
 

@@ -107,6 +107,13 @@ BATCH_LOG_GUARD = Counter(
     ["action"],
     registry=REGISTRY,
 )
+TOPIC_CONFIG_PROBLEMS = Gauge(
+    f"{_P}topic_config_problems",
+    "1 while a pipeline topic's config weakens a guarantee (streams/topic_guards.py):"
+    " checks retention_ms, retention_bytes, cleanup_policy",
+    ["topic", "check"],
+    registry=REGISTRY,
+)
 RAW_POINTS_WRITTEN = Counter(
     _P + "raw_points_written", "Raw points acknowledged by the raw sink", registry=REGISTRY
 )
