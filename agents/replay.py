@@ -69,10 +69,10 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import click
 
@@ -80,11 +80,18 @@ from agents.replay_read import ReadCounts, one_line, sigterm_cancels_this_task
 from streams.cli import fail
 from streams.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from tables.summary_store import SummaryRow
+
 log = logging.getLogger(__name__)
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 #: In a real (not dry) run, at most this many changed rows are listed; a dry run lists all.
 LIST_CHANGES = 20
+
+
+class PartialRange(RuntimeError):
+    """Retention deleted part of the range of the date; nothing was written."""
 
 
 class NoEventsForDate(RuntimeError):
@@ -280,6 +287,7 @@ async def run_replay(
     from_offsets: Mapping[int, int] | None = None,
     dry_run: bool = False,
     stream: TextIO | None = None,
+    allow_partial: bool = False,
 ) -> ReplayReport:
     """Read, deduplicate and replace ``day``. Raises the one-line errors the command maps:
     ``sqlite3.Error``/``OSError`` (summary DB), ``BrokerUnreachable``, ``ReplayReadError``,
@@ -314,6 +322,21 @@ async def run_replay(
                 groups = reader_groups(partitions, readers.count)
                 await readers.start(day, groups, len(partitions), from_offsets, prices)
                 report.ranges = list((await readers.ranges()).values())
+                cut = [r.partition for r in report.ranges if r.cut]
+                if cut and not allow_partial:
+                    raise PartialRange(
+                        f"replay of {day}: retention already deleted part of"
+                        f" {settings.USAGE_TOPIC} partition"
+                        f"{'s' if len(cut) > 1 else ''} {', '.join(map(str, cut))} where"
+                        " the date's events may be: its bill would be partial; nothing"
+                        " changed (--allow-partial replaces it with what remains)"
+                    )
+                if cut:
+                    print(
+                        f"replay {day}: partitions {', '.join(map(str, cut))} were cut by"
+                        " retention: replacing the date with what remains (--allow-partial)",
+                        file=out,
+                    )
                 lap("start")
                 print(report.plan_line(), file=out, flush=True)
                 progress = Progress(sum(r.size for r in report.ranges), f"replay {day}", stream)
@@ -364,9 +387,21 @@ async def run_replay(
                 totals, counts = await readers.finish(extra)
                 report.counts = counts
                 lap("finish")
+                rows = totals.rows(day.isoformat())
+                if replay_id is not None:
+                    await publish_replay_result(
+                        settings,
+                        replay_id,
+                        day.isoformat(),
+                        {p: f.offset for p, f in fences.items()},
+                        rows,
+                        report.records_read,
+                        started_at,
+                    )
+                    lap("result")
                 report.outcome = await replace_day(
                     conn,
-                    totals.rows(day.isoformat()),
+                    rows,
                     day.isoformat(),
                     settings.USAGE_MARKUP_MULTIPLIER,
                     dry_run=dry_run,
@@ -400,6 +435,41 @@ async def run_replay(
             await conn.close()
     report.seconds = time.monotonic() - begin
     return report
+
+
+async def publish_replay_result(
+    settings: Settings,
+    replay_id: str,
+    day: str,
+    fences: Mapping[int, int],
+    rows: Sequence[SummaryRow],
+    records_processed: int,
+    started_at: str,
+) -> None:
+    """The replay's result to the replays topic before the replace (streams/
+    replay_results.py): a summary DB restored from a backup, or rebuilt, completes the
+    replay from it when it meets the fences."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.batch_log import SumRow
+    from streams.broker import kafka_client_kwargs
+    from streams.replay_results import publish_result
+
+    producer = AIOKafkaProducer(acks="all", **kafka_client_kwargs(settings))
+    await producer.start()
+    try:
+        await publish_result(
+            producer,
+            settings.replays_topic,
+            replay_id,
+            day,
+            fences,
+            [SumRow(r.usage_date, r.client_org_id, r.user_id, r.model, *r[4:]) for r in rows],
+            records_processed,
+            started_at,
+        )
+    finally:
+        await producer.stop()
 
 
 async def _register(conn: object, replay_id: str, day: str, started_at: str) -> None:
@@ -437,6 +507,13 @@ OPTIONS = (
         show_default=True,
         help="print what would change, write nothing",
     ),
+    click.option(
+        "--allow-partial",
+        "allow_partial",
+        is_flag=True,
+        default=False,
+        help="replace the date even when retention already deleted part of its range",
+    ),
 )
 
 
@@ -471,13 +548,17 @@ def _with_options(command: Callable[..., object]) -> Callable[..., object]:
 
 @click.command(name="replay", help=HELP)
 @_with_options
-def standalone(day: str | None, from_offsets: str | None, dry_run: bool) -> NoReturn:
+def standalone(
+    day: str | None, from_offsets: str | None, dry_run: bool, allow_partial: bool
+) -> NoReturn:
     """``usage-stream replay`` without Faust's CLI (streams/cli.py runs it): importing
     Faust and its CLI took ~0.6 s of the command's ~10 s, for nothing the replay uses."""
-    run_direct(lambda: command(day, from_offsets, dry_run))
+    run_direct(lambda: command(day, from_offsets, dry_run, allow_partial))
 
 
-async def command(day: str | None, from_offsets: str | None, dry_run: bool) -> None:
+async def command(
+    day: str | None, from_offsets: str | None, dry_run: bool, allow_partial: bool = False
+) -> None:
     """The command (:data:`HELP`): parse the options, run, print the report."""
     from streams.broker import BrokerUnreachable
     from streams.gc_tuning import tune_for_batches
@@ -493,8 +574,8 @@ async def command(day: str | None, from_offsets: str | None, dry_run: bool) -> N
     tune_for_batches()
     settings = get_settings()
     try:
-        report = await run_replay(settings, usage_day, starts, dry_run)
-    except (BrokerUnreachable, ReplayReadError, NoEventsForDate) as error:
+        report = await run_replay(settings, usage_day, starts, dry_run, allow_partial=allow_partial)
+    except (BrokerUnreachable, ReplayReadError, NoEventsForDate, PartialRange) as error:
         fail(one_line(error))
     except (sqlite3.Error, OSError) as error:
         fail(f"summary DB {settings.summary_db_path}: {one_line(error)}")

@@ -29,6 +29,8 @@ class _DirectCommand(AppCommand):
 
 
 @app.command(*OPTIONS, base=_DirectCommand)
-async def replay(self: object, day: str | None, from_offsets: str | None, dry_run: bool) -> None:
+async def replay(
+    self: object, day: str | None, from_offsets: str | None, dry_run: bool, allow_partial: bool
+) -> None:
     """Re-aggregate one usage date from the topic and replace its rows atomically."""
-    await command(day, from_offsets, dry_run)
+    await command(day, from_offsets, dry_run, allow_partial)

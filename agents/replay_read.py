@@ -303,7 +303,11 @@ async def _read_group_until_done(settings: Settings) -> None:
     counts, totals = ReadCounts(), DayTotals()
     with ReplayStaging(settings.summary_db_path.parent) as staging:
         async with ReplayReader(settings, day, from_offsets, partitions=group) as reader:
-            _say(ranges=[[r.partition, r.start, r.end, r.origin] for r in reader.ranges.values()])
+            _say(
+                ranges=[
+                    [r.partition, r.start, r.end, r.origin, r.cut] for r in reader.ranges.values()
+                ]
+            )
             stager = _DayStager(
                 staging, totals, counts, day, prices, settings, job["partition_count"]
             )
@@ -530,8 +534,8 @@ class ReaderProcesses:
         ranges: dict[int, PartitionRange] = {}
 
         def take(_: int, message: dict) -> bool:
-            for partition, start, end, origin in message.get("ranges", ()):
-                ranges[partition] = PartitionRange(partition, start, end, origin)
+            for partition, start, end, origin, cut in message.get("ranges", ()):
+                ranges[partition] = PartitionRange(partition, start, end, origin, cut)
             return "ranges" in message
 
         await self._each(take)

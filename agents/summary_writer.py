@@ -26,6 +26,7 @@ from typing import Any
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
+from msgspec.structs import astuple
 
 from agents.conditions import ConditionLog, until_done
 from agents.log_guard import BatchLogGuard, guard_batch_log
@@ -39,7 +40,7 @@ from streams.batch_log import (
     encode,
     record_mark,
 )
-from streams.broker import FOLLOW_WAIT_MS, kafka_client_kwargs
+from streams.broker import BOUNDED_READ_WAIT_MS, FOLLOW_WAIT_MS, kafka_client_kwargs
 from streams.cli import AFTER_TOPICS
 from streams.metrics import (
     BATCH_LOG_RECORDS_REJECTED,
@@ -48,8 +49,12 @@ from streams.metrics import (
     PARTIALS_SKIPPED,
     SUMMARY_WRITER_LAG,
 )
+from streams.replay_results import FoundResult, find_result
 from streams.settings import Settings
 from tables.batch_apply import ApplyResult, BatchApplier, StoredHead
+from tables.replay_store import replace_day
+from tables.schema import connect
+from tables.summary_store import SummaryRow
 from tables.watermarks import day_closer
 
 __all__ = ["SummaryWriter"]
@@ -64,6 +69,11 @@ MAX_RECORDS_PER_TRANSACTION = 500
 #: date at once: 12-17 s passes (bench/worker_profile.py, three closed dates of ~80k
 #: keys each) holding the write lock, the writer's applies standing still behind them.
 BEHIND_HOLD_SECONDS = 10.0
+#: How often a writer held at every fence of one replay looks for that replay's result.
+RESULT_LOOK_SECONDS = 5.0
+#: How old a replay's result must be before the writer completes the replay itself: a
+#: running replay publishes its result moments before its own replace.
+RESULT_TAKEOVER_SECONDS = 30.0
 
 
 class SummaryWriter(mode.Service):
@@ -80,6 +90,8 @@ class SummaryWriter(mode.Service):
         self._last_full = float("-inf")  # monotonic time of the last full batch applied
         # partition -> the fence it waits at (a replay of that date not complete yet)
         self.blocked: dict[int, Fence] = {}
+        self.blocked_at: dict[int, int] = {}  # partition -> the offset of that fence
+        self._next_result_look = 0.0  # monotonic time of the next look for a result
         # partition -> why its batch log is not followed (agents/log_guard.py refused it)
         self.refused: dict[int, str] = {}
         self.guard = BatchLogGuard(settings, self.applier, self._in_db)
@@ -279,6 +291,7 @@ class SummaryWriter(mode.Service):
         agents/replay.py)."""
         assert self.consumer is not None
         self.blocked[tp.partition] = fence
+        self.blocked_at[tp.partition] = offset
         self.consumer.seek(tp, offset)
         self.consumer.pause(tp)
         log.info(
@@ -290,15 +303,51 @@ class SummaryWriter(mode.Service):
 
     async def _unblock(self) -> None:
         assert self.consumer is not None
+        await self._complete_from_result()
         for partition, fence in list(self.blocked.items()):
             if await self._in_db(self.applier.replay_done, fence):
                 del self.blocked[partition]
+                self.blocked_at.pop(partition, None)
                 self.consumer.resume(TopicPartition(self.topic, partition))
                 log.info(
                     "summary writer: batch log %d goes on past replay %s",
                     partition,
                     fence.replay_id,
                 )
+
+    async def _complete_from_result(self) -> None:
+        """Complete a replay this summary DB does not know as complete, from the result
+        it published (streams/replay_results.py), once every partition waits at that
+        replay's fences: everything below them is applied then, as the replay itself
+        applies it before its replace. That is a summary DB restored from a backup taken
+        before the replay, or rebuilt from the log; a replay that is still running has
+        ``RESULT_TAKEOVER_SECONDS`` to replace the date itself first."""
+        assert self.consumer is not None
+        now = time.monotonic()
+        if not self.blocked or now < self._next_result_look:
+            return
+        replays = {fence.replay_id for fence in self.blocked.values()}
+        partitions = {tp.partition for tp in self.consumer.assignment()}
+        if len(replays) != 1 or set(self.blocked) != partitions:
+            return
+        self._next_result_look = now + RESULT_LOOK_SECONDS
+        (replay_id,) = replays
+        try:
+            found = await find_replay_result(settings, replay_id)
+        except (KafkaError, TimeoutError, OSError) as error:
+            log.warning("summary writer: looking for replay %s's result: %s", replay_id, error)
+            return
+        if found is None or found.result.fences != self.blocked_at:
+            return
+        if time.time() * 1000 - found.appended_ms < RESULT_TAKEOVER_SECONDS * 1000:
+            return
+        await complete_replay(settings, found)
+        log.warning(
+            "summary writer: completed replay %s of %s from its published result (this"
+            " summary DB did not know it as complete: restored or rebuilt)",
+            replay_id,
+            found.result.usage_date,
+        )
 
     @property
     def failing(self) -> str | None:
@@ -361,6 +410,44 @@ async def carry_over_offsets(settings: Settings) -> None:
 
 
 AFTER_TOPICS.extend([carry_over_offsets, guard_batch_log])
+
+
+async def find_replay_result(settings: Settings, replay_id: str) -> FoundResult | None:
+    consumer = AIOKafkaConsumer(
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        **kafka_client_kwargs(settings),
+    )
+    await consumer.start()
+    try:
+        return await find_result(consumer, settings.replays_topic, replay_id)
+    finally:
+        await consumer.stop()
+
+
+async def complete_replay(settings: Settings, found: FoundResult) -> None:
+    """The replace the replay would have made (tables/replay_store.py), from its result."""
+    result = found.result
+    rows = [
+        SummaryRow(r.client_org_id, r.user_id, r.model, r.usage_date, *astuple(r)[4:])
+        for r in found.rows
+    ]
+    conn = await connect(settings.summary_db_path)
+    try:
+        await replace_day(
+            conn,
+            rows,
+            result.usage_date,
+            settings.USAGE_MARKUP_MULTIPLIER,
+            dry_run=False,
+            started_at=result.started_at,
+            records_processed=result.records_processed,
+            replay_id=result.replay_id,
+        )
+    finally:
+        await conn.close()
 
 
 _instance: SummaryWriter | None = None

@@ -179,6 +179,7 @@ async def _ensure_internal_topics(
         for name, count in (
             (settings.rerouted_topic, partitions),
             (settings.batch_log_topic, partitions),
+            (settings.replays_topic, 1),
             (settings.prices_topic, 1),
         )
     }

@@ -98,7 +98,7 @@ def main() -> None:
 #: InfluxDB client, the web views...), Faust's autodiscovery scan and then Faust and its
 #: CLI themselves cost it ~2 s of start-up, for nothing it uses. (Faust's CLI lists it
 #: too, agents/replay_command.py.)
-STANDALONE_COMMANDS = {"replay": "agents.replay"}
+STANDALONE_COMMANDS = {"replay": "agents.replay", "backup": "agents.backup"}
 
 
 def _import_components() -> None:

@@ -98,6 +98,9 @@ class PartitionRange:
     #: where ``start`` came from: ``timestamp``, ``from-offsets`` or ``end`` (no record
     #: at or after the replay's start time)
     origin: str
+    #: records the range should hold were deleted (retention): the partition begins
+    #: after the wanted start (:func:`range_cut`)
+    cut: bool = False
 
     @property
     def size(self) -> int:
@@ -140,6 +143,21 @@ def choose_start(
     if found_offset is None:
         return None, "end"
     return max(found_offset, beginning), "timestamp"
+
+
+def range_cut(found_offset: int | None, beginning: int, override: int | None) -> bool:
+    """Whether retention cut into the range a partition should be read from.
+
+    Nothing was ever deleted from a partition that begins at offset 0. Otherwise: an
+    explicit start before the beginning was cut; and when the first record still there is
+    already at or after the replay's start time (the time lookup answers the beginning
+    itself), the deleted records before it may have been of the date too. When older
+    records remain before the answer, what retention deleted was older still."""
+    if beginning == 0:
+        return False
+    if override is not None:
+        return override < beginning
+    return found_offset == beginning
 
 
 async def topic_partitions(
@@ -273,13 +291,14 @@ class ReplayReader:
                 f"cannot list offsets of {self.topic}: {type(error).__name__}: {error}"
             ) from None
         starts: dict[int, tuple[int | None, str]] = {}
+        cut: set[int] = set()
         for tp in tps:
             answer = found.get(tp)
-            starts[tp.partition] = choose_start(
-                answer.offset if answer is not None else None,
-                beginning[tp],
-                self.from_offsets.get(tp.partition),
-            )
+            offset = answer.offset if answer is not None else None
+            override = self.from_offsets.get(tp.partition)
+            starts[tp.partition] = choose_start(offset, beginning[tp], override)
+            if range_cut(offset, beginning[tp], override):
+                cut.add(tp.partition)
         consumer.assign(tps)
         for tp in tps:
             start, _ = starts[tp.partition]
@@ -298,7 +317,9 @@ class ReplayReader:
                         f"{tp.partition} (offsets {beginning[tp]}..{end})"
                     )
                 start = end
-            self.ranges[tp.partition] = PartitionRange(tp.partition, start, end, origin)
+            self.ranges[tp.partition] = PartitionRange(
+                tp.partition, start, end, origin, tp.partition in cut
+            )
         log.info(
             "replay %s: %s",
             self.day,

@@ -499,6 +499,12 @@ class Settings(BaseSettings):
         return f"{self.APP_ID}-batch-log"
 
     @property
+    def replays_topic(self) -> str:
+        """Every replay's result, so a summary writer on a restored or new summary DB
+        completes a replay whose fences it meets (streams/replay_results.py)."""
+        return f"{self.APP_ID}-replays"
+
+    @property
     def prices_topic(self) -> str:
         """The latest model prices, published by the summary writer for every worker."""
         return f"{self.APP_ID}-prices"

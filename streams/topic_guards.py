@@ -69,6 +69,7 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
             "retention.bytes": "-1",
             "max.message.bytes": str(BATCH_LOG_MAX_MESSAGE_BYTES),
         },
+        settings.replays_topic: {"cleanup.policy": "delete", "retention.ms": "-1"},
         settings.prices_topic: {"cleanup.policy": "compact"},
     }
 

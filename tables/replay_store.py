@@ -225,6 +225,13 @@ async def replace_day(
     return outcome
 
 
+async def _complete(conn: aiosqlite.Connection, replay_id: str) -> bool:
+    cursor = await conn.execute(
+        "SELECT 1 FROM replay_runs WHERE replay_id = ? AND status = 'complete'", (replay_id,)
+    )
+    return await cursor.fetchone() is not None
+
+
 async def _replace(
     conn: aiosqlite.Connection,
     totals: Sequence[SummaryRow],
@@ -237,6 +244,10 @@ async def _replace(
 ) -> ReplayOutcome:
     timings: dict[str, float] = {}
     lap = Lap(timings)
+    if replay_id is not None and await _complete(conn, replay_id):
+        # completed already (by the summary writer from the replay's published result,
+        # or by this replay on an earlier try): replacing again would change nothing
+        return ReplayOutcome(day, [], 0, 0, 0, None, False, None, timings)
     rate = await rate_for_date(conn, date.fromisoformat(day))
     before = await _daily_rows(conn, day)
     lap("usage_daily before")
@@ -306,9 +317,13 @@ async def _replace(
             late_events=0,
         )
         if replay_id is not None:
+            # an upsert: a summary DB restored from a backup taken before the replay
+            # started has no row of it (the writer completes it from its result then)
             await conn.execute(
-                "UPDATE replay_runs SET status = 'complete', finished_at = ? WHERE replay_id = ?",
-                (utc_now_text(), replay_id),
+                "INSERT INTO replay_runs (replay_id, usage_date, status, started_at,"
+                " finished_at) VALUES (?, ?, 'complete', ?, ?) ON CONFLICT (replay_id)"
+                " DO UPDATE SET status = 'complete', finished_at = excluded.finished_at",
+                (replay_id, day, started_at, utc_now_text()),
             )
     return ReplayOutcome(
         usage_date=day,
