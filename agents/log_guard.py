@@ -24,6 +24,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from agents.writer_claim import release_summary_writer
 from streams.batch_log import BatchEntry, ChainHead, encode, record_mark
 from streams.broker import BOUNDED_READ_WAIT_MS, TopicMismatch, kafka_client_kwargs
 from streams.log_identity import Decision, LogFacts, PartitionFacts, TopicFacts, decide
@@ -195,5 +196,6 @@ async def guard_batch_log(settings: Settings) -> None:
         applier.close()
     refused = [d.reason for d in decisions.values() if d.action == "refuse"]
     if refused:
+        await release_summary_writer(settings)  # claimed just before: another may go
         more = f" (and {len(refused) - 1} more partitions)" if len(refused) > 1 else ""
         raise LogMismatch(refused[0] + more)

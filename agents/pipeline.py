@@ -91,6 +91,7 @@ from streams.metrics import (
     EVENTS_CONSUMED,
     EVENTS_DUPLICATE,
     EVENTS_INVALID,
+    HOME_PARTITIONS_HELD,
 )
 from streams.money import NanoScaler
 from streams.partitioning import home_partitions
@@ -329,6 +330,7 @@ class HotPath(mode.Service):
         and the worker restarted, or the partition moves away)."""
         assert self.consumer is not None
         self.held[partition] = reason
+        HOME_PARTITIONS_HELD.set(len(self.held))
         self.owned.discard(partition)
         self.epochs[partition] = self.epochs.get(partition, 0) + 1
         self.states.pop(partition, None)
@@ -348,6 +350,7 @@ class HotPath(mode.Service):
             if tp.topic == self.topic:
                 self.owned.discard(tp.partition)
                 self.held.pop(tp.partition, None)
+                HOME_PARTITIONS_HELD.set(len(self.held))
                 self.epochs[tp.partition] = self.epochs.get(tp.partition, 0) + 1
                 with contextlib.suppress(KeyError):
                     CONSUMER_LAG.remove(self.topic, str(tp.partition))

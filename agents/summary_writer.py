@@ -30,6 +30,7 @@ from msgspec.structs import astuple
 
 from agents.conditions import ConditionLog, until_done
 from agents.log_guard import BatchLogGuard, guard_batch_log
+from agents.writer_claim import ClaimKeeper, claim_summary_writer, claimant_of
 from streams.app import app, settings
 from streams.batch_log import (
     BadChainRecord,
@@ -47,10 +48,12 @@ from streams.metrics import (
     EVENTS_LATE,
     PARTIALS_APPLIED,
     PARTIALS_SKIPPED,
+    SUMMARY_WRITER_HELD,
     SUMMARY_WRITER_LAG,
 )
 from streams.replay_results import FoundResult, find_result
 from streams.settings import Settings
+from streams.writer_claim import HEARTBEAT_SECONDS
 from tables.batch_apply import ApplyResult, BatchApplier, StoredHead
 from tables.replay_store import replace_day
 from tables.schema import connect
@@ -95,6 +98,8 @@ class SummaryWriter(mode.Service):
         # partition -> why its batch log is not followed (agents/log_guard.py refused it)
         self.refused: dict[int, str] = {}
         self.guard = BatchLogGuard(settings, self.applier, self._in_db)
+        self.claim: ClaimKeeper | None = None
+        self.stepped_down: str | None = None  # another writer owns the log (who)
         global _instance
         _instance = self
 
@@ -126,11 +131,40 @@ class SummaryWriter(mode.Service):
             else:
                 self.consumer.seek(tp, stored.next_offset)
         self._observe(heads)
+        self.claim = ClaimKeeper(settings, await asyncio.to_thread(claimant_of, settings))
+        await self.claim.start()
         log.info("summary writer: applying %s partitions %s", self.topic, partitions)
 
     async def on_stop(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
+        if self.claim is not None:
+            try:
+                if self.stepped_down is None:
+                    await asyncio.wait_for(self.claim.release(), 5)
+            except (KafkaError, OSError, TimeoutError) as error:
+                log.warning("summary writer: could not release its claim: %s", error)
+            await self.claim.stop()
+
+    @mode.Service.timer(HEARTBEAT_SECONDS)
+    async def _heartbeat(self) -> None:
+        """Keep the claim on the batch log, and step down (stop applying, ``/ready``
+        503) when another writer owns it: this one was frozen past the claim's expiry
+        and another took over (streams/writer_claim.py)."""
+        if self.claim is None:
+            return
+        try:
+            other = await self.claim.say("heartbeat")
+        except (KafkaError, OSError, TimeoutError) as error:
+            log.warning("summary writer: heartbeat failed: %s", error)
+            return
+        if other == "no live owner":
+            return
+        if other is not None and self.stepped_down is None:
+            log.error("summary writer: stepping down: %s", other)
+        elif other is None and self.stepped_down is not None:
+            log.warning("summary writer: owns the batch log again; applying")
+        self.stepped_down = other
 
     async def on_shutdown(self) -> None:
         """After mode has cancelled ``_apply`` (``on_stop`` runs before that): shutting
@@ -157,6 +191,10 @@ class SummaryWriter(mode.Service):
             except KafkaError as error:
                 log.warning("summary writer: fetch failed: %s", error)
                 await asyncio.sleep(1)
+                continue
+            if self.stepped_down is not None:
+                self._update_lag()
+                await self._hold_all()
                 continue
             await self._unblock()
             await self._guard(self._shrunk())
@@ -211,6 +249,19 @@ class SummaryWriter(mode.Service):
             self.closer.behind = self._behind()
             self._observe(heads)
 
+    async def _hold_all(self) -> None:
+        """Apply nothing while another writer owns the log: read again from the stored
+        positions once this one owns it again."""
+        assert self.consumer is not None
+        heads: dict[int, StoredHead] = await self._in_db(self.applier.heads)
+        for tp in self.consumer.assignment():
+            stored = heads.get(tp.partition)
+            if stored is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, stored.next_offset)
+        await asyncio.sleep(1)
+
     @staticmethod
     def _count_rejected(result: ApplyResult) -> None:
         for reason, count in (
@@ -236,6 +287,12 @@ class SummaryWriter(mode.Service):
             if highwater is not None:
                 lag += max(0, highwater - self.next_offsets.get(tp.partition, 0))
         SUMMARY_WRITER_LAG.set(lag)
+        assigned = len(self.consumer.assignment())
+        SUMMARY_WRITER_HELD.labels(reason="replay_fence").set(len(self.blocked))
+        SUMMARY_WRITER_HELD.labels(reason="log_refused").set(len(self.refused))
+        SUMMARY_WRITER_HELD.labels(reason="stepped_down").set(
+            assigned if self.stepped_down is not None else 0
+        )
 
     def _shrunk(self) -> set[int]:
         """Partitions whose log now ends before the stored position: not the log followed
@@ -359,6 +416,8 @@ class SummaryWriter(mode.Service):
         fence of a replay still running (or failed after fencing: then run the replay of
         that date again)."""
         reasons = [self.refused[p] for p in sorted(self.refused)]
+        if self.stepped_down is not None:
+            reasons.insert(0, f"summary writer stepped down: {self.stepped_down}")
         if self.blocked:
             fences = sorted({(f.usage_date, f.replay_id) for f in self.blocked.values()})
             reasons.append(
@@ -409,7 +468,7 @@ async def carry_over_offsets(settings: Settings) -> None:
         await producer.stop()
 
 
-AFTER_TOPICS.extend([carry_over_offsets, guard_batch_log])
+AFTER_TOPICS.extend([claim_summary_writer, carry_over_offsets, guard_batch_log])
 
 
 async def find_replay_result(settings: Settings, replay_id: str) -> FoundResult | None:

@@ -180,6 +180,7 @@ async def _ensure_internal_topics(
             (settings.rerouted_topic, partitions),
             (settings.batch_log_topic, partitions),
             (settings.replays_topic, 1),
+            (settings.writer_topic, 1),
             (settings.prices_topic, 1),
         )
     }

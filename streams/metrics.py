@@ -107,6 +107,22 @@ BATCH_LOG_GUARD = Counter(
     ["action"],
     registry=REGISTRY,
 )
+SUMMARY_WRITER_HELD = Gauge(
+    f"{_P}summary_writer_held_partitions",
+    "Batch-log partitions the summary writer does not apply, by why: replay_fence (a"
+    " replay of a date not complete yet), log_refused (not the log its DB followed),"
+    " stepped_down (another writer owns the batch log)",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in ("replay_fence", "log_refused", "stepped_down"):
+    SUMMARY_WRITER_HELD.labels(reason=_reason)
+HOME_PARTITIONS_HELD = Gauge(
+    f"{_P}home_partitions_held",
+    "Home partitions this worker owns but does not read: their batch log cannot be"
+    " followed (a deleted chain start, a recreated usage topic; /ready says which)",
+    registry=REGISTRY,
+)
 TOPIC_CONFIG_PROBLEMS = Gauge(
     f"{_P}topic_config_problems",
     "1 while a pipeline topic's config weakens a guarantee (streams/topic_guards.py):"

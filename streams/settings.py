@@ -16,6 +16,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import ssl
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -50,6 +51,7 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # Kafka's legal topic characters
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _BROKER_SCHEMES = ("kafka", "aiokafka")  # Faust's aiokafka transport
 _KAFKA_MAX_SECONDS = 2_147_483  # Kafka carries these timeouts as int32 milliseconds
 _MAX_DAYS = 36_500  # a century: more is a typo; date arithmetic stays in range
@@ -87,6 +89,9 @@ class Settings(BaseSettings):
 
     # Kafka
     APP_ID: str = Field("usage-stream", min_length=1)  # consumer group and internal topic prefix
+    #: a stable name per worker (default the host name): its static group membership
+    #: where the broker supports it, and who holds the summary writer's claim
+    WORKER_ID: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
     KAFKA_BROKER: str = "kafka://localhost:9092"
     USAGE_TOPIC: str = "usage-events"
     USAGE_TOPIC_PARTITIONS: int = Field(4, ge=1, le=10_000)
@@ -339,6 +344,15 @@ class Settings(BaseSettings):
             raise ValueError("must not contain ':' (HTTP basic auth)")
         return value
 
+    @field_validator("WORKER_ID")
+    @classmethod
+    def _worker_id(cls, value: str) -> str:
+        if not _WORKER_ID.fullmatch(value):
+            raise ValueError(
+                f"must be 1-128 of the characters A-Z a-z 0-9 . _ - (a host name), got {value!r}"
+            )
+        return value
+
     @field_validator("KAFKA_SASL_PASSWORD", "INFLUXDB_PASSWORD", "INFLUXDB_TOKEN")
     @classmethod
     def _secret(cls, value: SecretStr | None) -> SecretStr | None:
@@ -497,6 +511,12 @@ class Settings(BaseSettings):
     def batch_log_topic(self) -> str:
         """Per home partition, the chain of batches and their sums (streams/batch_log.py)."""
         return f"{self.APP_ID}-batch-log"
+
+    @property
+    def writer_topic(self) -> str:
+        """The summary writer's claim and heartbeats: one writer per batch log
+        (streams/writer_claim.py)."""
+        return f"{self.APP_ID}-writer"
 
     @property
     def replays_topic(self) -> str:

@@ -70,6 +70,9 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
             "max.message.bytes": str(BATCH_LOG_MAX_MESSAGE_BYTES),
         },
         settings.replays_topic: {"cleanup.policy": "delete", "retention.ms": "-1"},
+        # claims and heartbeats every few seconds: a day is plenty (a writer's state is
+        # its last records; a heartbeat with no owner claims)
+        settings.writer_topic: {"cleanup.policy": "delete", "retention.ms": str(DAY_MS)},
         settings.prices_topic: {"cleanup.policy": "compact"},
     }
 

@@ -416,6 +416,20 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             ) WITHOUT ROWID""",
         ],
     ),
+    (
+        9,
+        [
+            # Who this summary DB is (streams/writer_claim.py): a restart, or a backup of
+            # it restored, is the same writer and takes its claim back at once; another
+            # DB on the same batch log is a second writer and is refused.
+            """CREATE TABLE summary_db (
+                id TEXT NOT NULL PRIMARY KEY,
+                created_at TEXT NOT NULL
+            )""",
+            "INSERT INTO summary_db VALUES (lower(hex(randomblob(16))),"
+            " strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+        ],
+    ),
 ]
 
 

@@ -56,6 +56,7 @@ CONTRACT_SETTINGS = {
     "OPENROUTER_API_URL",
     "WEB_PORT",
     "LEDGER_RETENTION_DAYS",
+    "WORKER_ID",
     "RAW_RETENTION_DAYS",
     "SUMMARY_WRITER",
     "KAFKA_SECURITY_PROTOCOL",
@@ -85,6 +86,8 @@ class Case:
 
 
 CASES = [
+    Case("WORKER_ID", {"WORKER_ID": "host one"}),
+    Case("WORKER_ID", {"WORKER_ID": ""}, cli=True),
     Case("APP_ID", {"APP_ID": ""}),
     Case("APP_ID", {"APP_ID": "usage stream"}, cli=True),
     Case("KAFKA_BROKER", {"KAFKA_BROKER": "http://broker:9092"}, cli=True),
