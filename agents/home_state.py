@@ -26,6 +26,7 @@ the target offset, or the high watermark carried by Fetch responses.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ class Rebuilder:
         self.partitions = partitions
         self.ttl_ms = int(settings.ledger_retention_days * 86_400_000)
         self._consumer: AIOKafkaConsumer | None = None
+        self._lock = asyncio.Lock()
 
     async def _reader(self) -> AIOKafkaConsumer:
         """One group-less consumer for every catch-up, kept open: starting and stopping
@@ -144,7 +146,12 @@ class Rebuilder:
     async def catch_up(self, state: HomePartition | None, partition: int) -> HomePartition:
         """``state`` brought up to the end of the chain (a new state when None, or when
         the log is not the one ``state`` was read from). Raises :class:`ChainBroken` when
-        the partition must be held."""
+        the partition must be held. One at a time: they share one reader consumer (a
+        rebalance callback and a lost append may both catch up at once)."""
+        async with self._lock:
+            return await self._catch_up(state, partition)
+
+    async def _catch_up(self, state: HomePartition | None, partition: int) -> HomePartition:
         started = time.monotonic()
         consumer = await self._reader()
         try:
@@ -286,6 +293,7 @@ async def follow_chain(
     fences: dict[str, ReplayFence] = {}
     tp = TopicPartition(topic, partition)
     position = max(start, head.offset + 1)
+    consumer.assign([tp])
     beginning = (await consumer.beginning_offsets([tp]))[tp]
     if position < beginning:
         if head.offset >= 0:

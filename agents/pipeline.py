@@ -792,6 +792,7 @@ class HotPath(mode.Service):
             rerouted_mark,
         )
         record = encode(entry)
+        offsets: list[int] = []
         if len(record) > MAX_RECORD_BYTES:  # rows in parts first, then the entry naming them
             parts = [
                 await self.producer.send(self.batch_log_topic, part, partition=partition)
@@ -802,13 +803,15 @@ class HotPath(mode.Service):
         metadata = await (
             await self.producer.send(self.batch_log_topic, record, partition=partition)
         )
-        if metadata.offset != state.log_end:
+        # nothing but this batch's own parts may lie between the head and the entry
+        expected = list(range(state.log_end, state.log_end + len(offsets)))
+        if offsets != expected or metadata.offset != state.log_end + len(offsets):
             log.warning(
                 "hot path: batch log %d: appended at %d, expected %d: another record came"
                 " first; catching up",
                 partition,
                 metadata.offset,
-                state.log_end,
+                state.log_end + len(offsets),
             )
             return False
         state.log_end = metadata.offset + 1
