@@ -1,14 +1,14 @@
 """Profile ``usage-stream replay`` without the whole benchmark: one broker kept up while
 the replay is run (and changed) again and again.
 
-    .venv/bin/python bench/replay_profile.py serve DIR [--events N]   # until Ctrl-C
+    .venv/bin/python bench/replay_profile.py serve DIR [--events N] [--workload W]  # until ^C
     .venv/bin/python bench/replay_profile.py run DIR [--times K] [--py-spy OUT] [--dry-run]
     .venv/bin/python bench/replay_profile.py raw DIR                   # the raw-reader floor
 
 ``serve`` starts Tansu, produces bench/workload.py's events (same shape as bench/run.py),
 fills the summary DB by replaying every day of the workload once (so the ledger holds
-all three days, as after the worker), and writes ``DIR/env.json``. ``run`` times
-``python -m streams replay --date D`` (D = the workload's second day, as bench/run.py)
+every day, as after the worker), and writes ``DIR/env.json``. ``run`` times
+``python -m streams replay --date D`` (D = the workload's middle day, as bench/run.py)
 as a whole command, optionally under ``py-spy record --gil -f raw``. Why a separate
 script: bench/run.py spends two minutes on floors and workers before the replay, and the
 replay's profile is what matters here.
@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
 from bench.floors import raw_reader  # noqa: E402
 from bench.run import compile_sources  # noqa: E402
 from bench.worker_run import worker_env  # noqa: E402
-from bench.workload import PARTITIONS, build, create_topics, produce  # noqa: E402
+from bench.workload import PARTITIONS, WORKLOADS, build, create_topics, produce  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 
 TOPIC = "bench-usage"
@@ -56,9 +56,9 @@ def _replay(env: dict[str, str], day: str, extra: list[str], py_spy: Path | None
     return seconds
 
 
-def serve(directory: Path, events: int) -> None:
+def serve(directory: Path, events: int, workload_name: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    workload = build(events, TIMEZONE)
+    workload = build(events, TIMEZONE, workload=workload_name)
     expected = workload.expected
     assert expected is not None
     days = sorted(expected.unique_by_day)
@@ -79,8 +79,8 @@ def serve(directory: Path, events: int) -> None:
             "env": env,
             "bootstrap": bootstrap,
             "records": expected.records,
-            "day": days[1],
-            "unique_of_day": expected.unique_by_day[days[1]],
+            "day": expected.replay_date,
+            "unique_of_day": expected.unique_by_day[expected.replay_date],
             "days": days,
         }
         for day in days:  # the ledger of all days, as the worker leaves it
@@ -99,12 +99,13 @@ def main() -> None:
     parser.add_argument("mode", choices=("serve", "run", "raw"))
     parser.add_argument("dir", type=Path)
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--workload", choices=WORKLOADS, default="default")
     parser.add_argument("--times", type=int, default=1)
     parser.add_argument("--py-spy", type=Path, default=None)
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     if args.mode == "serve":
-        serve(args.dir, args.events)
+        serve(args.dir, args.events, args.workload)
         return
     state = orjson.loads((args.dir / "env.json").read_bytes())
     if args.mode == "raw":
