@@ -18,9 +18,10 @@ stderr. In order:
 1. replay → reader: the job: ``day``, ``partitions`` (the group), ``partition_count``,
    ``from_offsets``, ``prices`` (the replay's snapshot, so every group prices alike).
 2. reader → replay: ``ranges`` (its usage-topic slice, fixed), then ``progress`` per
-   fetch, then ``totals`` lines (the slices' sums per key, in chunks: added up while the
-   other readers read and the replay fences) and ``read``: the ends of both slices and
-   the counts so far.
+   fetch, then ``totals`` lines (the usage slice's sums per key, in chunks: added up
+   while the reader reads its rerouted slice and the other readers read), ``totals``
+   lines of the rerouted slice, and ``read``: the ends of both slices and the counts so
+   far.
 3. replay → reader: ``extra``: per partition the stretch of each topic between the
    replay's end snapshot and its fence (empty for a dry run). The reader stages it like
    the rest (the first copy read still wins) and answers with ``totals`` lines (that
@@ -55,7 +56,7 @@ import orjson
 from streams.broker import BrokerUnreachable
 from streams.replay_reader import PartitionRange, ReplayReader, ReplayReadError, TopicNotFound
 from streams.settings import Settings
-from tables.replay_staging import DayTotals, ReplayStaging
+from tables.replay_staging import MEMORY_IDS, DayTotals, ReplayStaging
 
 __all__ = ["ReadCounts", "ReaderProcesses", "one_line", "reader_groups"]
 
@@ -110,13 +111,26 @@ class ReadCounts:
 # The reader process ----------------------------------------------------------------------
 
 
+#: Above this share of a fetch's records being events of the date, the next fetch is
+#: validated whole instead of glancing at each record's timestamp first (the glance costs
+#: ~0.3 µs, validation ~2.3: it pays only while more than ~13 % of the records are of
+#: other dates, e.g. bench/run.py's default workload, not its many-keys one).
+_VALIDATE_ALL_ABOVE = 0.85
+
+
 class _DayStager:
     """Validates fetched records and stages the events of the date, like the worker:
     from the usage topic only events at their home partition (a copy read elsewhere is
     counted through its rerouted copy, as the live pipeline counts it), from the rerouted
-    topic every one. Staging (deduplication, then the fold of the first copies into
-    ``totals``) runs on its own thread, one batch at a time and in read order (the first
-    copy read must win), while the next fetch is parsed."""
+    topic every one. Then deduplicates them (the first copy read wins, so in read order)
+    and folds the first copies into ``totals``: in this thread while the ids fit in
+    memory, on a thread of its own (one batch at a time, awaited before the next) once
+    they spilled to the staging file, whose SQL releases the GIL.
+
+    Which records are validated: those whose timestamp may be of the date at a glance
+    (:func:`streams.event.event_time_hint`), or all of them while nearly every record is
+    of the date (``_VALIDATE_ALL_ABOVE``). Both count the same records as invalid: an
+    invalid record counts when the glance cannot rule the date out."""
 
     def __init__(
         self,
@@ -138,69 +152,86 @@ class _DayStager:
         tz = settings.tz
         self.day_text = day.isoformat()
         self.dates = UsageDates(tz)
-        # a cheap prefilter on event time; the usage date of ledger_events decides
+        # a cheap prefilter on event time; the usage date of tables.ledger.bill decides
         self.low = local_midnight_ms(day, tz) - 1_000
         self.high = local_midnight_ms(day + timedelta(days=1), tz) + 1_000
+        self.validate_all = False
         self.loop = asyncio.get_running_loop()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="replay-staging")
-        self.staged: asyncio.Future[None] | None = None
 
     async def stage(self, rerouted: bool, batch: list[tuple[int, list]]) -> int:
         """One fetch: ``(partition, records)`` pairs; returns the records it held."""
-        from streams.event import MAX_FUTURE_MS, InvalidEvent, event_time_hint, parse_records
+        from streams.event import (
+            MAX_FUTURE_MS,
+            InvalidEvent,
+            KafkaRecord,
+            event_time_hint,
+            parse_records,
+        )
         from streams.partitioning import home_partitions
-        from tables.ledger import ledger_events
+        from tables.ledger import bill
 
         low, high = self.low, self.high
-        located = []
+        located = []  # valid events whose time is about the date
+        read_at: list[int] = []  # the partition each was read from
         count = 0
         invalid = self.counts.invalid
-        for partition, all_records in batch:
-            count += len(all_records)
-            # only what may be an event of the date is validated (streams.event's hint);
-            # the future is bounded by each record's timestamp, as the worker bounds it
-            records = [
-                record
-                for record in all_records
-                if (ms := event_time_hint(record.value)) is None
-                or low <= ms < high
-                or ms > record.timestamp + MAX_FUTURE_MS
-            ]
-            parsed = parse_records(records)
-            for record, event in zip(records, parsed, strict=True):
+        validate_all = self.validate_all
+
+        def maybe_of_the_day(record: KafkaRecord) -> bool:
+            # the future is bounded by each record's own timestamp, as the worker bounds it
+            ms = event_time_hint(record.value)
+            return ms is None or low <= ms < high or ms > record.timestamp + MAX_FUTURE_MS
+
+        for partition, records in batch:
+            count += len(records)
+            if not validate_all:  # only what may be an event of the date
+                records = [record for record in records if maybe_of_the_day(record)]
+            for record, event in zip(records, parse_records(records), strict=True):
                 if type(event) is InvalidEvent:
-                    if not rerouted:  # a rerouted copy is a valid event's (never invalid)
+                    # a rerouted copy is a valid event's (never invalid)
+                    if not rerouted and (not validate_all or maybe_of_the_day(record)):
                         invalid[event.reason] += 1
-                elif self.low <= event.event_ms < self.high:
-                    located.append((event, partition, record.offset))
+                elif low <= event.event_ms < high:
+                    located.append(event)
+                    read_at.append(partition)
+        self.validate_all = bool(count) and len(located) > _VALIDATE_ALL_ABOVE * count
         if not rerouted and located:
-            homes = home_partitions([event.request_id for event, _, _ in located], self.partitions)
-            located = [item for item, home in zip(located, homes, strict=True) if home == item[1]]
-        entries = ledger_events(located, self.prices, self.dates)
-        of_day = [entry for entry in entries if entry.usage_date == self.day_text]
-        await self.settle()
-        self.staged = self.loop.run_in_executor(self.executor, self._stage, of_day)
+            homes = home_partitions([event.request_id for event in located], self.partitions)
+            located = [
+                event
+                for event, partition, home in zip(located, read_at, homes, strict=True)
+                if home == partition
+            ]
+        of_day = []
+        costs = []
+        estimated = []
+        prices, dates, day_text = self.prices, self.dates, self.day_text
+        for event in located:
+            day, _, cost, guess = bill(event, prices, dates)
+            if day == day_text:
+                of_day.append(event)
+                costs.append(cost)
+                estimated.append(guess)
+        if of_day:
+            if self.staging.spilled:
+                await self.loop.run_in_executor(
+                    self.executor, self._stage, of_day, costs, estimated
+                )
+            else:
+                self._stage(of_day, costs, estimated)
+        self.counts.events_of_day = self.staging.read
+        self.counts.unique = self.staging.unique
         if not rerouted:
             self.counts.records_read += count
         return count
 
-    def _stage(self, entries: list) -> None:
-        self.totals.add(self.staging.add(entries))
-
-    async def settle(self) -> None:
-        if self.staged is not None:
-            staged, self.staged = self.staged, None
-            await staged
-        self.counts.events_of_day = self.staging.read
-        self.counts.unique = self.staging.unique
+    def _stage(self, events: list, costs: list[int], estimated: list[int]) -> None:
+        fresh = self.staging.first_copies([event.request_id for event in events])
+        self.totals.add_events(events, costs, estimated, fresh)
 
     async def close(self) -> None:
-        try:
-            if self.staged is not None:  # an error or a cancellation: let it finish
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(self.staged)
-        finally:
-            self.executor.shutdown(wait=True)
+        self.executor.shutdown(wait=True)
 
 
 async def _read_slice(
@@ -210,7 +241,6 @@ async def _read_slice(
         count = await stager.stage(rerouted, batch)
         if not rerouted:
             say(progress=count)
-    await stager.settle()
 
 
 async def _read_range(
@@ -239,7 +269,6 @@ async def _read_range(
             tp = TopicPartition(topic, partition)
             async for records in read_range(consumer, tp, start, end):
                 await stager.stage(rerouted, [(partition, records)])
-        await stager.settle()
     finally:
         await consumer.stop()
 
@@ -301,7 +330,7 @@ async def _read_group_until_done(settings: Settings) -> None:
         for model, prompt, completion, request in job["prices"]
     }
     counts, totals = ReadCounts(), DayTotals()
-    with ReplayStaging(settings.summary_db_path.parent) as staging:
+    with ReplayStaging(settings.summary_db_path.parent, MEMORY_IDS) as staging:
         async with ReplayReader(settings, day, from_offsets, partitions=group) as reader:
             _say(
                 ranges=[
@@ -313,6 +342,11 @@ async def _read_group_until_done(settings: Settings) -> None:
             )
             try:
                 await _read_slice(reader, stager, False, _say)
+                # the usage slice's sums now: the replay adds them up while this reader
+                # reads its rerouted slice (~0.6 s of adding for 2 x 289k keys that came
+                # after the last record, bench/run.py --workload many-keys)
+                _say_totals(totals)
+                totals = stager.totals = DayTotals()
                 rerouted_ends: dict[int, int] = {}
                 try:
                     async with ReplayReader(
@@ -324,8 +358,8 @@ async def _read_group_until_done(settings: Settings) -> None:
                     pass  # no worker of this version ran yet: nothing was rerouted
                 usage_ends = {p: r.end for p, r in reader.ranges.items()}
                 ends = {"usage_ends": usage_ends, "rerouted_ends": rerouted_ends}
-                # the slices' sums now, while the replay waits for the other readers and
-                # fences; the stretch up to the fences is summed apart
+                # the rerouted slice's sums now, while the replay waits for the other
+                # readers and fences; the stretch up to the fences is summed apart
                 _say_totals(totals)
                 totals = stager.totals = DayTotals()
                 _say(read=ends, counts=counts.as_json())

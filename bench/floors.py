@@ -85,9 +85,12 @@ def faust_noop(
         "BENCH_DATADIR": str(workdir / "noop"),
     }
     with log_path.open("wb") as log:
-        # -l info, below WARN: no spinner, so Faust keeps the root logger at INFO
+        # -l info, below WARN: no spinner, so Faust keeps the root logger at INFO;
+        # --without-web: the app's web_enabled=False still left Faust's worker binding
+        # 0.0.0.0:6066, so two benchmarks at once (the suite's smoke runs) collided
         child = Child(
-            [sys.executable, str(BENCH / "noop_faust.py"), "worker", "-l", "info"],
+            [sys.executable, str(BENCH / "noop_faust.py"), "worker", "-l", "info"]
+            + ["--without-web"],
             env=env,
             cwd=workdir,
             stdout=log,

@@ -1,15 +1,22 @@
 """Profile ``usage-stream replay`` without the whole benchmark: one broker kept up while
 the replay is run (and changed) again and again.
 
-    .venv/bin/python bench/replay_profile.py serve DIR [--events N]   # until Ctrl-C
-    .venv/bin/python bench/replay_profile.py run DIR [--times K] [--py-spy OUT] [--dry-run]
+    .venv/bin/python bench/replay_profile.py serve DIR [--events N] [--workload W]
+                                              [--fill replay|worker]  # until Ctrl-C
+    .venv/bin/python bench/replay_profile.py run DIR [--times K] [--py-spy OUT]
+                                              [--subprocesses] [--dry-run]
     .venv/bin/python bench/replay_profile.py raw DIR                   # the raw-reader floor
 
 ``serve`` starts Tansu, produces bench/workload.py's events (same shape as bench/run.py),
-fills the summary DB by replaying every day of the workload once (so the ledger holds
-all three days, as after the worker), and writes ``DIR/env.json``. ``run`` times
-``python -m streams replay --date D`` (D = the workload's second day, as bench/run.py)
-as a whole command, optionally under ``py-spy record --gil -f raw``. Why a separate
+fills the summary DB by replaying every day of the workload once (``--fill replay``: the
+date's rows are then in ``usage_daily`` and a replay changes none of them) or by running
+the worker with the file sink over the whole topic (``--fill worker``: the state
+bench/run.py replays, the date's sums still pending; then use ``run --dry-run``, which
+does the same replace work and rolls it back, so every run starts from that state), and
+writes ``DIR/env.json``. ``run`` times ``python -m streams replay --date D`` (D = the
+workload's middle day, as bench/run.py) as a whole command, optionally under ``py-spy
+record -f raw`` (``--subprocesses``: the reader processes too, ``--nonblocking`` as the
+README says). Why a separate
 script: bench/run.py spends two minutes on floors and workers before the replay, and the
 replay's profile is what matters here.
 """
@@ -32,20 +39,34 @@ if str(REPO) not in sys.path:
 
 from bench.floors import raw_reader  # noqa: E402
 from bench.run import compile_sources  # noqa: E402
-from bench.worker_run import worker_env  # noqa: E402
-from bench.workload import PARTITIONS, build, create_topics, produce  # noqa: E402
+from bench.worker_run import run_worker, worker_env  # noqa: E402
+from bench.workload import (  # noqa: E402
+    PARTITIONS,
+    WORKLOADS,
+    Expected,
+    build,
+    create_topics,
+    produce,
+)
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 
 TOPIC = "bench-usage"
 TIMEZONE = "Europe/Warsaw"
 
 
-def _replay(env: dict[str, str], day: str, extra: list[str], py_spy: Path | None) -> float:
+def _replay(
+    env: dict[str, str],
+    day: str,
+    extra: list[str],
+    py_spy: Path | None,
+    subprocesses: bool = False,
+) -> float:
     command = [sys.executable, "-m", "streams", "replay", "--date", day, *extra]
     if py_spy is not None:
         spy = str(Path(sys.executable).parent / "py-spy")
-        command = [spy, "record", "-o", str(py_spy), "-f", "raw", "-r", "250", "--"]
-        command += [sys.executable, "-m", "streams", "replay", "--date", day, *extra]
+        command = [spy, "record", "-o", str(py_spy), "-f", "raw", "-r", "250"]
+        command += ["--subprocesses", "--nonblocking", "--threads"] if subprocesses else []
+        command += ["--", sys.executable, "-m", "streams", "replay", "--date", day, *extra]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -56,9 +77,20 @@ def _replay(env: dict[str, str], day: str, extra: list[str], py_spy: Path | None
     return seconds
 
 
-def serve(directory: Path, events: int) -> None:
+def _fill_by_worker(env: dict[str, str], expected: Expected, directory: Path) -> None:
+    """The worker (file sink) over the whole topic, as bench/run.py runs it."""
+    result, checks = run_worker(
+        "fill", "fill", env, expected, directory / "worker.log", 1200, progress=False
+    )
+    wrong = [check for check in checks if not check.ok]
+    if result.error or wrong:
+        raise SystemExit(f"worker fill failed: {result.error or wrong}")
+    print(f"filled by the worker: {result.events_per_s or 0:,.0f} records/s", file=sys.stderr)
+
+
+def serve(directory: Path, events: int, workload_name: str, fill: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    workload = build(events, TIMEZONE)
+    workload = build(events, TIMEZONE, workload=workload_name)
     expected = workload.expected
     assert expected is not None
     days = sorted(expected.unique_by_day)
@@ -79,12 +111,15 @@ def serve(directory: Path, events: int) -> None:
             "env": env,
             "bootstrap": bootstrap,
             "records": expected.records,
-            "day": days[1],
-            "unique_of_day": expected.unique_by_day[days[1]],
+            "day": expected.replay_date,
+            "unique_of_day": expected.unique_by_day[expected.replay_date],
             "days": days,
         }
-        for day in days:  # the ledger of all days, as the worker leaves it
-            print(f"filling {day}: {_replay(env, day, [], None):.2f} s", file=sys.stderr)
+        if fill == "worker":
+            _fill_by_worker(env, expected, directory)
+        else:
+            for day in days:  # every day's rows, as the worker leaves them once merged
+                print(f"filling {day}: {_replay(env, day, [], None):.2f} s", file=sys.stderr)
         (directory / "env.json").write_bytes(orjson.dumps(state))
         print(f"ready: {directory / 'env.json'}", file=sys.stderr, flush=True)
         try:
@@ -99,12 +134,15 @@ def main() -> None:
     parser.add_argument("mode", choices=("serve", "run", "raw"))
     parser.add_argument("dir", type=Path)
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--workload", choices=WORKLOADS, default="default")
     parser.add_argument("--times", type=int, default=1)
+    parser.add_argument("--fill", choices=("replay", "worker"), default="replay")
     parser.add_argument("--py-spy", type=Path, default=None)
+    parser.add_argument("--subprocesses", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     if args.mode == "serve":
-        serve(args.dir, args.events)
+        serve(args.dir, args.events, args.workload, args.fill)
         return
     state = orjson.loads((args.dir / "env.json").read_bytes())
     if args.mode == "raw":
@@ -114,7 +152,7 @@ def main() -> None:
     compile_sources(REPO)  # as bench/run.py does
     for _ in range(args.times):
         extra = ["--dry-run"] if args.dry_run else []
-        seconds = _replay(state["env"], state["day"], extra, args.py_spy)
+        seconds = _replay(state["env"], state["day"], extra, args.py_spy, args.subprocesses)
         print(f"replay: {seconds:.2f} s, {state['records'] / seconds:,.0f} records/s")
 
 

@@ -4,7 +4,8 @@ On Tansu a timestamp lookup returns offset 0, so the replay reads the whole topi
 the date: events/s is the topic's record count over the command's wall time (start-up,
 the read, the temporary dedupe file and the replace transaction all included). The
 replay's own progress lines (stderr, every ~10 % or 5 s) give the over-time samples; its
-summary line gives the records read and unique events of the date, checked exactly.
+summary line gives the records read, the unique events of the date and the date's rows
+after the replay (one per distinct key), checked exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from bench.results import Check, RunResult
 REPO = Path(__file__).resolve().parents[1]
 _PROGRESS = re.compile(r"(\d+)/(\d+) records")
 _SUMMARY = re.compile(r"(\d+) records read, (\d+) unique events of (\S+),")
+_ROWS_NOW = re.compile(r"(\d+) rows now\)")
 
 
 def run_replay(
@@ -31,7 +33,10 @@ def run_replay(
     unique_of_day: int,
     workdir: Path,
     timeout: float,
+    keys_of_day: int | None = None,
 ) -> tuple[RunResult, list[Check]]:
+    """Run the replay of ``day`` once; ``keys_of_day`` (distinct keys of the date's
+    events), when given, is checked against the date's rows after the replay."""
     result = RunResult("replay", f"usage-stream replay --date {day}", "replay")
     out_path, log_path = workdir / "replay.out", workdir / "replay.log"
     lines: list[tuple[float, str]] = []
@@ -82,10 +87,23 @@ def run_replay(
     # where the time went, as the command reports it, and when each stderr line came
     timings = next((line.strip() for _, line in lines if " timings: " in line), None)
     said = [[round(moment - child.started, 2), line.rstrip()] for moment, line in lines]
+    rows_now = _ROWS_NOW.search(output)
+    rows = int(rows_now.group(1)) if rows_now else None
     result.details.update(
-        {"records_read": read, "unique_of_day": unique, "timings": timings, "stderr": said}
+        {
+            "records_read": read,
+            "unique_of_day": unique,
+            "rows_of_day": rows,
+            "timings": timings,
+            "stderr": said,
+        }
     )
-    return result, [
+    checks = [
         Check("replay", "records read == records produced", records, read),
         Check("replay", f"unique events of {day} == produced", unique_of_day, unique),
     ]
+    if keys_of_day is not None:
+        checks.append(
+            Check("replay", f"rows of {day} == distinct keys produced", keys_of_day, rows)
+        )
+    return result, checks

@@ -119,6 +119,14 @@ def run_line(run: RunResult, runs: dict[str, RunResult]) -> str:
         parts.append(
             f"dedupe {_number(per_id, ',.1f')} B/id" + verdict("dedupe_bytes_per_id", " B")
         )
+        log = run.details.get("batch_log")
+        if isinstance(log, dict):
+            largest = log.get("largest_record_bytes")
+            parts.append(
+                f"batch log {_number(log.get('bytes_per_event'), ',.1f')} B/event, largest"
+                f" record {_number(largest / 1e6 if isinstance(largest, int) else None, ',.2f')}"
+                f" MB ({_number(log.get('largest_record_rows'), ',')} rows)"
+            )
         if "worker_vs_baseline" in judged:
             parts.append(
                 f"{_number(judged['worker_vs_baseline'], '.2f')}x baseline"

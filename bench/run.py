@@ -1,20 +1,24 @@
 """The whole benchmark in one command (``make bench``), on one Tansu broker and one topic
 of 4 partitions, so every number is comparable with the floors measured next to it:
 
-1. produce N unique events + 10 % duplicates + 1 % invalid messages (bench/workload.py),
-   with the exact counts a correct pipeline must reproduce;
+1. produce N unique events + 10 % duplicates + 1 % invalid messages (bench/workload.py,
+   ``--workload default`` or ``many-keys``: ~0.29 (client, user, model) keys per event,
+   every event in one date), with the exact counts a correct pipeline must reproduce;
 2. the floors: a raw aiokafka+orjson reader and a do-nothing Faust agent (bench/floors.py);
 3. the worker with the file raw sink from the start of the topic (bench/worker_run.py):
    events/s over time, peak RSS, summary-DB bytes per unique event, dedupe bytes per id,
-   and the counts from /metrics and the summary DB — a wrong count FAILs the run;
+   the batch log's bytes per event and largest record (bench/batch_log_stats.py), and the
+   counts from /metrics and the summary DB — a wrong count FAILs the run;
 4. the same with InfluxDB 1.x as the raw sink (when ``influxd`` is installed);
 5. ``usage-stream replay --date D`` on the first worker's data (bench/replay_run.py).
 
-    .venv/bin/python bench/run.py [--events N] [--out DIR] [--skip-influx] [--skip-replay]
+    .venv/bin/python bench/run.py [--workload default|many-keys] [--events N] [--out DIR]
+                                  [--skip-influx] [--skip-replay] [--baseline GIT_REF]
 
 Results: one line per run on stdout, progress on stderr, ``DIR/latest.json`` and
-``DIR/latest.png`` (default DIR: bench/results). Exit 1 when a count is wrong or a run
-failed; targets (speed, memory, bytes) are printed beside the numbers, never enforced.
+``DIR/latest.png`` (``latest-many-keys.*`` for that workload; default DIR: bench/results).
+Exit 1 when a count is wrong or a run failed; targets (speed, memory, bytes) are printed
+beside the numbers, never enforced.
 """
 
 from __future__ import annotations
@@ -37,12 +41,20 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `bench` and `streams` importable
     sys.path.insert(0, str(REPO))
 
+from bench.batch_log_stats import batch_log_stats  # noqa: E402
 from bench.floors import faust_noop, raw_reader  # noqa: E402
 from bench.replay_run import run_replay  # noqa: E402
 from bench.report import TARGETS, draw, failures, run_line, summary, write_json  # noqa: E402
 from bench.results import Check, RunResult  # noqa: E402
 from bench.worker_run import raw_file_points, run_worker, worker_env  # noqa: E402
-from bench.workload import PARTITIONS, Expected, build, create_topics, produce  # noqa: E402
+from bench.workload import (  # noqa: E402
+    PARTITIONS,
+    WORKLOADS,
+    Expected,
+    build,
+    create_topics,
+    produce,
+)
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 
 TOPIC = "bench-usage"
@@ -59,6 +71,13 @@ def say(message: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="unique events (1,000,000)")
+    parser.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="default",
+        help="default: ~57k keys a day over three days; many-keys: ~0.29 keys per event,"
+        " every event in one date (bench/workload.py)",
+    )
     parser.add_argument(
         "--out", type=Path, default=REPO / "bench" / "results", help="directory for latest.*"
     )
@@ -120,6 +139,14 @@ def _worker(
     result, checks = run_worker(
         name, label, env, expected, work / name / "worker.log", timeout, cwd=cwd, kind=kind
     )
+    if result.error is None:
+        try:
+            stats = batch_log_stats(
+                f"127.0.0.1:{broker.port}", env["APP_ID"], expected.records, expected.unique
+            )
+            result.details["batch_log"] = stats.as_dict()
+        except Exception as error:  # information only: never fails the run
+            say(f"{label}: could not read the batch log: {type(error).__name__}: {error}")
     say(
         f"{label}: done: {result.events_per_s or 0:,.0f} records/s"
         + (f"; ERROR {result.error.splitlines()[0]}" if result.error else "")
@@ -195,8 +222,11 @@ def _influx_run(
 def bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
     """Every step on one broker; returns the JSON document."""
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    say(f"generating {args.events:,} events + 10 % duplicates + 1 % invalid")
-    workload = build(args.events, TIMEZONE)
+    say(
+        f"generating {args.events:,} events + 10 % duplicates + 1 % invalid"
+        f" ({args.workload} workload)"
+    )
+    workload = build(args.events, TIMEZONE, workload=args.workload)
     expected = workload.expected
     assert expected is not None
     runs: dict[str, RunResult] = {}
@@ -254,7 +284,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 "replay", "usage-stream replay", "replay", skipped="the file-sink worker run failed"
             )
         else:
-            day = sorted(expected.unique_by_day)[1]
+            day = expected.replay_date
             say(f"replay --date {day} on the file-sink worker's data")
             replay, replay_checks = run_replay(
                 file_env,
@@ -263,6 +293,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 expected.unique_by_day[day],
                 work / "worker_file",
                 120 + expected.records / 1000,
+                keys_of_day=expected.keys_by_day.get(day),
             )
             runs[replay.name] = replay
             checks += replay_checks
@@ -295,6 +326,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
             "sqlite": sqlite3.sqlite_version,
         },
         "events": args.events,
+        "workload": args.workload,
         "notes": {
             "events_per_s": "records on the topic (unique + duplicates + invalid) per second,"
             " the same basis for every run",
@@ -303,6 +335,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
             " SUM(batch_log_heads.usage_next) reached the records produced",
             "replay": "wall time of the whole command; reads the whole topic on Tansu",
             "peak_rss_mb": "highest VmHWM/VmRSS read from /proc/PID/status while it ran",
+            "batch_log": "each worker's <APP_ID>-batch-log read back after its run (values"
+            " only); bytes_per_event over the records on the usage topic",
         },
         "topic": {"name": TOPIC, "partitions": PARTITIONS},
         "expected": expected.as_dict(),
@@ -329,15 +363,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         document = bench(args, work)
         runs: dict[str, RunResult] = document.pop("_runs")  # type: ignore[assignment]
-        json_path, png_path = out / "latest.json", out / "latest.png"
+        stem = "latest" if args.workload == "default" else f"latest-{args.workload}"
+        json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
         document["png"] = str(png_path)
         write_json(json_path, document)
         draw(
             png_path,
             runs,
-            f"usage-stream bench: {args.events:,} events ({document['code_version']})",
+            f"usage-stream bench, {args.workload}: {args.events:,} events"
+            f" ({document['code_version']})",
         )
-        print(f"{args.events:,} unique events, {document['expected']['records']:,} records")  # type: ignore[index]
+        expected: dict = document["expected"]  # type: ignore[assignment]
+        keys = ", ".join(f"{day} {count:,}" for day, count in expected["keys_by_day"].items())
+        print(
+            f"{args.workload} workload: {args.events:,} unique events,"
+            f" {expected['records']:,} records; keys by day: {keys}"
+        )
         for run in runs.values():
             print(run_line(run, runs))
         fails: list[str] = document["failures"]  # type: ignore[assignment]

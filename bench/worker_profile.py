@@ -1,7 +1,7 @@
 """Profile ``usage-stream worker`` without the whole benchmark: one broker kept up while
 the worker is run (and changed) again and again, with where the machine's CPU went.
 
-    .venv/bin/python bench/worker_profile.py serve DIR [--events N]   # until Ctrl-C
+    .venv/bin/python bench/worker_profile.py serve DIR [--events N] [--workload W]  # until ^C
     .venv/bin/python bench/worker_profile.py run DIR [--influx] [--py-spy OUT] [--times K]
                                               [--tree CHECKOUT]
 
@@ -15,7 +15,8 @@ seconds each process used (/proc/PID/stat), over the whole run and over the time
 (first to last record processed), with the worker split into its main thread and the
 rest: on 2 cores shared with the broker (and influxd), what the worker's main thread
 can gain depends on what the others leave it, and a main thread below one core is
-waiting, not computing.
+waiting, not computing. It also prints what the run wrote to its batch log
+(bench/batch_log_stats.py).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.batch_log_stats import batch_log_stats  # noqa: E402
 from bench.procwatch import child_processes  # noqa: E402
 from bench.run import INFLUX_DATABASE, compile_sources  # noqa: E402
 from bench.worker_run import processed_offsets, run_worker, worker_env  # noqa: E402
-from bench.workload import Expected, build, create_topics, produce  # noqa: E402
+from bench.workload import WORKLOADS, Expected, build, create_topics, produce  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 
 TOPIC = "bench-usage"
@@ -165,9 +167,9 @@ def cpu_report(
     return "\n".join(lines)
 
 
-def serve(directory: Path, events: int) -> None:
+def serve(directory: Path, events: int, workload_name: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    workload = build(events, TIMEZONE)
+    workload = build(events, TIMEZONE, workload=workload_name)
     expected = workload.expected
     assert expected is not None
     with EmbeddedBroker(log_path=directory / "tansu.log") as broker:
@@ -175,7 +177,11 @@ def serve(directory: Path, events: int) -> None:
         asyncio.run(create_topics(bootstrap, [TOPIC, f"{TOPIC}-dlq"]))
         seconds = asyncio.run(produce(bootstrap, TOPIC, workload))
         print(f"produced {expected.records:,} records in {seconds:.1f} s", file=sys.stderr)
-        state = {"broker_url": broker.url, "expected": expected.as_dict()}
+        state = {
+            "broker_url": broker.url,
+            "bootstrap": bootstrap,
+            "expected": expected.as_dict(),
+        }
         (directory / "env.json").write_bytes(orjson.dumps(state))
         print(f"ready: {directory / 'env.json'}", file=sys.stderr, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
@@ -245,6 +251,16 @@ def run(directory: Path, influx: bool, py_spy: Path | None, index: int, tree: Pa
         )
         print(watch.report())
         print(window.report())
+        if result.error is None and "bootstrap" in state:
+            log = batch_log_stats(
+                state["bootstrap"], env["APP_ID"], expected.records, expected.unique
+            )
+            print(
+                f"batch log: {log.entries:,} entries, {log.rows:,} rows"
+                f" ({log.rows_per_unique_event or 0:.2f} per unique event),"
+                f" {log.bytes_per_event or 0:.1f} B per record,"
+                f" largest {log.largest_record_bytes:,} B ({log.largest_record_rows:,} rows)"
+            )
     wrong = [check for check in checks if not check.ok]
     print(
         f"{tree.name} {'influx' if influx else 'file'}: {result.events_per_s or 0:,.0f} records/s, "
@@ -259,13 +275,14 @@ def main() -> None:
     parser.add_argument("mode", choices=("serve", "run"))
     parser.add_argument("dir", type=Path)
     parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--workload", choices=WORKLOADS, default="default")
     parser.add_argument("--times", type=int, default=1)
     parser.add_argument("--influx", action="store_true")
     parser.add_argument("--py-spy", type=Path, default=None)
     parser.add_argument("--tree", type=Path, default=REPO, help="the checkout whose worker runs")
     args = parser.parse_args()
     if args.mode == "serve":
-        serve(args.dir, args.events)
+        serve(args.dir, args.events, args.workload)
         return
     compile_sources(args.tree)  # as bench/run.py does
     for index in range(args.times):

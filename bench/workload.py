@@ -17,6 +17,17 @@ Why these shapes:
 * 1 % invalid messages (not JSON, negative tokens, a missing field), which must reach
   the dead-letter topic and the invalid counter.
 
+Two workloads (``WORKLOADS``) differ only in the events' keys and dates:
+
+* ``default``: 40 organisations × 400 users × 5 models (≤ 80k (client, user, model)
+  keys, ~57k of them used per day at 1M events) over three days;
+* ``many-keys``: an LLM gateway whose ``user_id`` is the end user. Every event falls in
+  ONE day (so a replay of that date validates, deduplicates and bills all of them), and
+  the key is drawn uniformly from ``MANY_KEYS_SPACE_PER_EVENT`` × N keys (each end user
+  belongs to one of 40 organisations and uses the 5 models): ~0.29 distinct keys per
+  unique event, ~289k keys at 1M events. Keys per event, not their absolute number, set
+  the per-key costs, so a smaller N measures the same costs per event.
+
 Records go to the partition aiokafka's ``DefaultPartitioner`` would pick for their key
 (murmur2, like the Java client; computed here with numpy, see ``murmur2_partitions``) and
 are sent with ``send_batch``: per-message ``send()`` tops out at ~33k records/s here,
@@ -43,6 +54,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from streams.partitioning import murmur2_partitions as _murmur2_partitions
 
 PARTITIONS = 4
+WORKLOADS = ("default", "many-keys")
+#: many-keys: the key space per unique event; distinct keys ≈ space × (1 - e^(-1/0.3))
+MANY_KEYS_SPACE_PER_EVENT = 0.3
+ORGS = 40
+USERS_PER_ORG_DEFAULT = 400  # default: users drawn from 0..399, whatever the org
 MODELS = (
     "openai/gpt-4o-mini",
     "openai/gpt-4o",
@@ -69,6 +85,16 @@ class Expected:
     unique_by_day: dict[str, int]  # local usage date -> unique events
     without_cost: int
     business_timezone: str
+    workload: str = "default"
+    #: local usage date -> distinct (client_org_id, user_id, model) keys of its events
+    keys_by_day: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def replay_date(self) -> str:
+        """The date the benchmark replays: the middle one (the second of three days, the
+        only day of many-keys)."""
+        days = sorted(self.unique_by_day)
+        return days[len(days) // 2]
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -113,35 +139,68 @@ def murmur2_partitions(keys: list[bytes]) -> list[int]:
     return _murmur2_partitions(keys, PARTITIONS)
 
 
-def build(events: int, timezone: str = "Europe/Warsaw", seed: int = 7) -> Workload:
-    """``events`` unique valid events plus 10 % duplicates and 1 % invalid messages.
+def build(
+    events: int, timezone: str = "Europe/Warsaw", seed: int = 7, workload: str = "default"
+) -> Workload:
+    """``events`` unique valid events plus 10 % duplicates and 1 % invalid messages, keyed
+    and dated as ``workload`` says (module docstring).
 
     Random draws come from numpy arrays made up front (a per-event ``random.randrange``
     costs more than the JSON encoding); the result is the same for the same seed."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
     frozen = gc.isenabled()
     gc.disable()  # millions of new containers: gen-2 collections made this quadratic
     try:
-        return _build(events, timezone, seed)
+        return _build(events, timezone, seed, workload)
     finally:
         if frozen:
             gc.enable()
 
 
-def _build(events: int, timezone: str, seed: int) -> Workload:
+def _keys(
+    gen: np.random.Generator, events: int, workload: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(organisation, user, model) indices per event (draws in the default workload's
+    original order, so its events are the same as before many-keys existed)."""
+    if workload == "many-keys":
+        space = max(1, round(events * MANY_KEYS_SPACE_PER_EVENT))
+        key = gen.integers(0, space, events)
+        users = key // len(MODELS)  # an end user of one organisation
+        return users % ORGS, users, key % len(MODELS)
+    orgs = gen.integers(0, ORGS, events)
+    users = gen.integers(0, USERS_PER_ORG_DEFAULT, events)
+    return orgs, users, gen.integers(0, len(MODELS), events)
+
+
+def _keys_by_day(
+    days: list[date], day_index: np.ndarray, keys: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> dict[str, int]:
+    """Distinct (organisation, user, model) per day, counted exactly with numpy."""
+    orgs, users, models = (part.astype(np.int64) for part in keys)
+    combined = ((day_index.astype(np.int64) * ORGS + orgs) * 2**32 + users) * 8 + models
+    distinct = np.unique(combined) >> 3 >> 32  # day * ORGS + org
+    per_day = np.bincount(distinct // ORGS, minlength=len(days))
+    return {day.isoformat(): int(per_day[i]) for i, day in enumerate(days) if per_day[i]}
+
+
+def _build(events: int, timezone: str, seed: int, workload: str) -> Workload:
     tz = ZoneInfo(timezone)
     gen = np.random.default_rng(seed)
     days = usage_days(tz)
+    if workload == "many-keys":
+        days = [days[1]]
     bounds = [_day_bounds_ms(day, tz) for day in days]
-    day_index = gen.integers(0, 3, events)
+    day_index = gen.integers(0, len(days), events)
     starts = np.array([start for start, _ in bounds], dtype=np.int64)
     lengths = np.array([end - start for start, end in bounds], dtype=np.int64)
     stamps = (
         starts[day_index] + (gen.random(events) * lengths[day_index]).astype(np.int64)
     ).tolist()
     id_bytes = gen.bytes(16 * events).hex()
-    orgs = gen.integers(0, 40, events).tolist()
-    users = gen.integers(0, 400, events).tolist()
-    models = gen.integers(0, len(MODELS), events).tolist()
+    key_arrays = _keys(gen, events, workload)
+    keys_by_day = _keys_by_day(days, day_index, key_arrays)
+    orgs, users, models = (part.tolist() for part in key_arrays)
     inputs = gen.integers(0, 8000, events).tolist()
     outputs = gen.integers(0, 2000, events).tolist()
     nanos = gen.integers(0, 10**9, events).tolist()
@@ -245,7 +304,7 @@ def _build(events: int, timezone: str, seed: int) -> Workload:
         )
 
     rows.sort(key=lambda row: row[0])
-    workload = Workload()
+    workload_name, workload = workload, Workload()
     by_partition = [0] * PARTITIONS
     for _, key, value, partition in rows:
         workload.keys.append(key)
@@ -264,6 +323,8 @@ def _build(events: int, timezone: str, seed: int) -> Workload:
         unique_by_day=dict(sorted(unique_by_day.items())),
         without_cost=without_cost,
         business_timezone=timezone,
+        workload=workload_name,
+        keys_by_day=keys_by_day,
     )
     return workload
 

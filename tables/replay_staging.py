@@ -1,11 +1,18 @@
 """The replay's deduplication and fold (``usage-stream replay``, one per reader process).
 
-:class:`ReplayStaging` — the request ids of the date read so far, spilled to a temporary
-SQLite file next to the summary DB (memory stays bounded for tens of millions of events;
-PRIMARY KEY: the first copy read wins). The sums of the first copies are folded in
-memory, per summary key (:class:`DayTotals`): a date has as many of those as summary
-rows. A replay that was killed (SIGKILL, the OOM killer, a lost host) cannot remove its
-files: the next replay on the same directory does (:func:`sweep_abandoned`).
+:class:`ReplayStaging` — the request ids of the date read so far: in a set in memory up
+to ``memory_ids`` of them, then spilled to a temporary SQLite file next to the summary DB
+(memory stays bounded for tens of millions of events; PRIMARY KEY: the first copy read
+wins). The sums of the first copies are folded in memory, per summary key
+(:class:`DayTotals`): a date has as many of those as summary rows. A replay that was
+killed (SIGKILL, the OOM killer, a lost host) cannot remove its files: the next replay on
+the same directory does (:func:`sweep_abandoned`).
+
+Why a set first: on a date of 1M events (``bench/run.py --workload many-keys``) the two
+SQLite statements per fetch cost a reader ~3 µs per id, ~1.7 s of CPU per reader, where
+a set costs ~0.3 µs (``bench/replay_profile.py``, docs/performance.md). A reader's set of
+``MEMORY_IDS`` ids is ~130 MB (a 36-character id ~93 B, its slot ~34 B); a larger date
+spills to the file, which then does the deduplication alone.
 
 A module of its own: the reader processes import it, and nothing that writes the summary
 DB (tables/replay_store.py holds the replace).
@@ -21,6 +28,7 @@ import sqlite3
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -28,48 +36,61 @@ from tables.ledger import LedgerEvent
 from tables.schema import json_for_sqlite
 from tables.summary_store import SummaryRow
 
-__all__ = ["DayTotals", "ReplayStaging", "sweep_abandoned"]
+if TYPE_CHECKING:
+    from streams.event import UsageEvent
+
+__all__ = ["MEMORY_IDS", "DayTotals", "ReplayStaging", "sweep_abandoned"]
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
 
+#: Request ids a reader keeps in memory before it spills them to its file (see above).
+MEMORY_IDS = 1_000_000
+
 
 # Staging --------------------------------------------------------------------------------
 
-# A fetch's ids in two statements with the GIL released (the staging thread runs beside
-# the thread that reads and validates; an executemany would take the GIL once per row,
-# and against a busy thread 40k rows went 0.62 s -> 58 s here). A flat JSON array of
-# strings costs json_each little; an array of rows read back with ``value->>N`` costs a
-# re-parse of the row per column, which made staging whole rows ~4x dearer.
+# A fetch's ids in two statements with the GIL released (the reader runs them on a thread
+# of its own once spilled; an executemany would take the GIL once per row, and against a
+# busy thread 40k rows went 0.62 s -> 58 s here). A flat JSON array of strings costs
+# json_each little; an array of rows read back with ``value->>N`` costs a re-parse of the
+# row per column, which made staging whole rows ~4x dearer.
 _KNOWN_JSON = "SELECT value FROM json_each(?) WHERE value IN (SELECT request_id FROM seen)"
 _SEEN_JSON = "INSERT OR IGNORE INTO seen SELECT value FROM json_each(?)"
+#: Ids per statement when the set spills into the file.
+_SPILL_CHUNK = 50_000
 
 
 class ReplayStaging:
-    """The replay's deduplication: the request ids of the date read so far, in a
-    temporary SQLite file (memory stays bounded for tens of millions of events).
+    """The replay's deduplication: the request ids of the date read so far, in memory up
+    to ``memory_ids`` of them, then in a temporary SQLite file (memory stays bounded for
+    tens of millions of events). ``memory_ids=0`` keeps them in the file from the start.
 
-    :meth:`add` keeps the first copy of each request id and returns those first copies;
-    their sums are folded in memory (:class:`DayTotals`), so the file holds ids only.
-    Synchronous sqlite3 on purpose: the replay calls :meth:`add` on a thread of its own,
-    one call at a time, in read order. The file lives in a private temporary directory
-    under ``directory`` (the summary DB's, so it is on a disk sized for the data) and is
-    removed by :meth:`close`.
+    :meth:`first_copies` tells which ids no earlier call (nor an earlier id of the same
+    call) had: the first copy wins. :meth:`add` does the same for ledger entries. Their
+    sums are folded by the caller (:class:`DayTotals`), so the file holds ids only.
+    Synchronous on purpose: the reader calls it one batch at a time, in read order (on a
+    thread of its own once :attr:`spilled`, since SQLite then releases the GIL). The file
+    lives in a private temporary directory under ``directory`` (the summary DB's, so it
+    is on a disk sized for the data) and is removed by :meth:`close`.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, memory_ids: int = 0) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._dir = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=directory))
         self.path = self._dir / "staging.db"
-        self.read = 0  # events of the date offered to add()
+        self.read = 0  # events of the date offered
         self.unique = 0  # of which distinct request ids
+        self.memory_ids = memory_ids
+        #: the ids seen while fewer than ``memory_ids``; None once they are in the file
+        self._seen: set[str] | None = set() if memory_ids > 0 else None
         self._owner = -1
         try:
             self._owner = _hold(self._dir)
             for gone in sweep_abandoned(directory):
                 log.warning("removed %s, left by a replay that did not finish", gone)
-            # used by one thread at a time: the replay's staging thread, then the closer
+            # used by one thread at a time: the reader's, or its staging thread
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode = OFF")
             self._conn.execute("PRAGMA synchronous = OFF")
@@ -85,14 +106,38 @@ class ReplayStaging:
     def duplicates(self) -> int:
         return self.read - self.unique
 
+    @property
+    def spilled(self) -> bool:
+        """Whether the ids are in the file (a call then runs SQL with the GIL released)."""
+        return self._seen is None
+
+    def first_copies(self, request_ids: Sequence[str]) -> list[bool]:
+        """Per id, in order: True when neither an earlier call nor an earlier id of this
+        one had it (its first copy), and it is recorded as seen."""
+        if not request_ids:
+            return []
+        seen = self._seen
+        if seen is not None and len(seen) + len(request_ids) > self.memory_ids:
+            self._spill(seen)
+            seen = self._seen = None
+        if seen is not None:
+            add = seen.add
+            # ``add`` returns None: falsy for a new id (now recorded), True for a known one
+            fresh = [not (rid in seen or add(rid)) for rid in request_ids]
+        else:
+            fresh = self._first_in_file(request_ids)
+        self.read += len(request_ids)
+        self.unique += fresh.count(True)
+        return fresh
+
     def add(self, entries: Sequence[LedgerEvent]) -> list[LedgerEvent]:
         """The entries whose request id no earlier entry had (the first copy wins, also
         within ``entries``), in order; their ids are recorded as seen."""
-        if not entries:
-            return []
-        first: dict[str, LedgerEvent] = {}
-        for entry in entries:
-            first.setdefault(entry.request_id, entry)
+        fresh = self.first_copies([entry.request_id for entry in entries])
+        return [entry for entry, first in zip(entries, fresh, strict=True) if first]
+
+    def _first_in_file(self, request_ids: Sequence[str]) -> list[bool]:
+        first = dict.fromkeys(request_ids)
         ids = list(first)
         text = json_for_sqlite(orjson.dumps(ids))
         self._conn.execute("BEGIN")
@@ -115,14 +160,33 @@ class ReplayStaging:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
-        new = (
-            [entry for rid, entry in first.items() if rid not in known]
-            if known
-            else list(first.values())
-        )
-        self.read += len(entries)
-        self.unique += len(new)
-        return new
+        if len(ids) == len(request_ids) and not known:
+            return [True] * len(ids)
+        fresh = []
+        for rid in request_ids:  # the first copy of a new id only: then it counts as seen
+            fresh.append(rid not in known)
+            known.add(rid)
+        return fresh
+
+    def _spill(self, seen: set[str]) -> None:
+        """Every id of the set into the file (the set is then dropped)."""
+        ids = list(seen)
+        log.info("replay staging: %d request ids in memory, now spilled to %s", len(ids), self.path)
+        self._conn.execute("BEGIN")
+        try:
+            for start in range(0, len(ids), _SPILL_CHUNK):
+                chunk = ids[start : start + _SPILL_CHUNK]
+                text = json_for_sqlite(orjson.dumps(chunk))
+                if text is None:
+                    self._conn.executemany(
+                        "INSERT OR IGNORE INTO seen VALUES (?)", [(rid,) for rid in chunk]
+                    )
+                else:
+                    self._conn.execute(_SEEN_JSON, (text,))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         try:
@@ -143,49 +207,100 @@ class ReplayStaging:
 class DayTotals:
     """The date's exact totals per (client, user, model), folded from first copies.
 
-    In memory: a date has as many of these as summary keys (tens of thousands), not
-    events, and folding in Python costs less than grouping the events again in SQL."""
+    In memory: a date has as many of these as summary keys (tens or hundreds of
+    thousands), not events, and folding in Python costs less than grouping the events
+    again in SQL. Columns, not a list per key: a key's index into five lists of ints.
+    Why: a list per key is an object the garbage collector tracks for as long as the
+    fold lives, and with ~290k keys per reader (``--workload many-keys``) its young
+    collections took 1-2 s of a reader's ~8 s of CPU; ints and lists of them are one
+    object per column (the index's key tuples hold only strings, which the collector
+    stops tracking at its first look)."""
 
     def __init__(self) -> None:
-        # key -> [input_tokens, output_tokens, requests, estimated_requests, cost_nano]
-        self._sums: dict[Key, list[int]] = {}
+        self._index: dict[Key, int] = {}
+        # input_tokens, output_tokens, requests, estimated_requests, cost_nano per key
+        self._columns: tuple[list[int], ...] = ([], [], [], [], [])
+
+    def __len__(self) -> int:
+        return len(self._index)
 
     def add(self, entries: Iterable[LedgerEvent]) -> None:
-        sums = self._sums
-        for e in entries:
+        entries = list(entries)
+        self.add_events(
+            entries,  # a LedgerEvent has the fields add_events reads
+            [e.cost_nano for e in entries],
+            [e.cost_estimated for e in entries],
+            [True] * len(entries),
+        )
+
+    def add_events(
+        self,
+        events: Sequence[UsageEvent] | Sequence[LedgerEvent],
+        costs: Sequence[int],
+        estimated: Sequence[int],
+        fresh: Sequence[bool],
+    ) -> None:
+        """Fold the events flagged in ``fresh``, each with its cost in nano-USD and 1 if
+        that was estimated (:func:`tables.ledger.bill`): :meth:`add` without a ledger
+        entry per event (the reader's path)."""
+        index = self._index
+        inputs, outputs, requests, guesses, nanos = self._columns
+        for e, cost, guess, first in zip(events, costs, estimated, fresh, strict=True):
+            if not first:
+                continue
             key = (e.client_org_id, e.user_id, e.model)
-            row = sums.get(key)
-            if row is None:
-                sums[key] = [e.input_tokens, e.output_tokens, 1, e.cost_estimated, e.cost_nano]
+            at = index.get(key)
+            if at is None:
+                index[key] = len(inputs)
+                inputs.append(e.input_tokens)
+                outputs.append(e.output_tokens)
+                requests.append(1)
+                guesses.append(guess)
+                nanos.append(cost)
             else:
-                row[0] += e.input_tokens
-                row[1] += e.output_tokens
-                row[2] += 1
-                row[3] += e.cost_estimated
-                row[4] += e.cost_nano
+                inputs[at] += e.input_tokens
+                outputs[at] += e.output_tokens
+                requests[at] += 1
+                guesses[at] += guess
+                nanos[at] += cost
 
     def add_sums(self, rows: Iterable[Sequence]) -> None:
         """Add another fold's :meth:`sums` (a group of partitions read elsewhere)."""
-        sums = self._sums
-        for org, user, model, inp, out, requests, estimated, cost in rows:
+        index = self._index
+        inputs, outputs, requests, guesses, nanos = self._columns
+        for org, user, model, inp, out, count, guess, cost in rows:
             key = (org, user, model)
-            row = sums.get(key)
-            if row is None:
-                sums[key] = [inp, out, requests, estimated, cost]
+            at = index.get(key)
+            if at is None:
+                index[key] = len(inputs)
+                inputs.append(inp)
+                outputs.append(out)
+                requests.append(count)
+                guesses.append(guess)
+                nanos.append(cost)
             else:
-                row[0] += inp
-                row[1] += out
-                row[2] += requests
-                row[3] += estimated
-                row[4] += cost
+                inputs[at] += inp
+                outputs[at] += out
+                requests[at] += count
+                guesses[at] += guess
+                nanos[at] += cost
 
     def sums(self) -> list[list]:
         """``[client, user, model, input_tokens, output_tokens, requests,
         estimated_requests, cost_nano]`` per key (JSON-friendly, for :meth:`add_sums`)."""
-        return [[*key, *sums] for key, sums in self._sums.items()]
+        inputs, outputs, requests, guesses, nanos = self._columns
+        return [
+            [*key, inputs[at], outputs[at], requests[at], guesses[at], nanos[at]]
+            for key, at in self._index.items()
+        ]
 
     def rows(self, day: str) -> list[SummaryRow]:
-        return [SummaryRow(*key, day, *sums) for key, sums in self._sums.items()]
+        inputs, outputs, requests, guesses, nanos = self._columns
+        make = SummaryRow._make
+        return [
+            make((*key, day, inputs[at], outputs[at], requests[at], guesses[at], nanos[at]))
+            for key, at in self._index.items()
+        ]
 
 
 _PREFIX = ".replay-"

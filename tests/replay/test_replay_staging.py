@@ -113,3 +113,47 @@ def test_staging_keeps_the_first_copy_of_each_request_exactly(
     assert sorted(totals.rows("2026-11-26")) == sorted(
         SummaryRow(*key, "2026-11-26", *sums) for key, sums in expected.items()
     )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.sampled_from(["a", "b", 'c"\\', "d\x00", "żółw", "f", "g"]), max_size=40),
+    st.integers(0, 8),
+    st.integers(1, 7),
+)
+def test_ids_in_memory_then_spilled_keep_the_first_copy_like_the_file_alone(
+    tmp_path_factory: pytest.TempPathFactory, ids: list[str], memory_ids: int, step: int
+) -> None:
+    """In memory up to ``memory_ids`` ids, then in the file (the set spilled): the same
+    first copies, in every call, as the file alone, and every id seen ends up stored."""
+    directory = tmp_path_factory.mktemp("staging")
+    calls = [ids[start : start + step] for start in range(0, len(ids), step)]
+    with ReplayStaging(directory) as alone, ReplayStaging(directory, memory_ids) as mixed:
+        for call in calls:
+            assert mixed.first_copies(call) == alone.first_copies(call)
+        assert (mixed.read, mixed.unique) == (alone.read, alone.unique) == (len(ids), len(set(ids)))
+        if mixed.spilled:
+            stored = {row[0] for row in mixed._conn.execute("SELECT request_id FROM seen")}
+            assert stored == set(ids)
+        else:
+            assert len(set(ids)) <= memory_ids
+
+
+def test_the_fold_of_flagged_events_is_the_fold_of_their_ledger_entries() -> None:
+    entries = [
+        LedgerEvent(
+            f"r{i}", "2026-11-26", 740_000, f"o{i % 3}", "u", "m", i, 2 * i, 10 * i, i % 2, 0, 0, i
+        )
+        for i in range(20)
+    ]
+    fresh = [i % 4 != 1 for i in range(20)]
+    flagged = DayTotals()
+    flagged.add_events(
+        entries, [e.cost_nano for e in entries], [e.cost_estimated for e in entries], fresh
+    )
+    plain = DayTotals()
+    plain.add(e for e, first in zip(entries, fresh, strict=True) if first)
+    merged = DayTotals()
+    merged.add_sums(plain.sums())
+    assert sorted(flagged.rows("d")) == sorted(plain.rows("d")) == sorted(merged.rows("d"))
+    assert len(flagged) == 3
