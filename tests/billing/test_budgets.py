@@ -115,8 +115,9 @@ def test_alerts_fire_once_per_month_across_restarts_and_a_receiver_outage(stack:
         worker = stack.worker(WEB_PORT=worker.env["WEB_PORT"]).start()
         worker.wait_assigned()
         wait_for(
-            lambda: worker.metrics().get("usage_stream_budget_used_ratio{client_org_id=org-a}")
-            == 0.585,
+            lambda: (
+                worker.metrics().get("usage_stream_budget_used_ratio{client_org_id=org-a}") == 0.585
+            ),
             30,
             "the restarted writer's budget watch",
         )
@@ -128,12 +129,14 @@ def test_alerts_fire_once_per_month_across_restarts_and_a_receiver_outage(stack:
         receiver.stop()
         publish(stack, [event("a-4", "org-a", today, "0.35", second=3)])
         wait_for(
-            lambda: stack.query(
-                "SELECT attempts >= 2 AND last_error IS NOT NULL FROM budget_alerts"
-                " WHERE usage_month = ? AND threshold_pct = 100 AND delivered = 0",
-                (month,),
-            )
-            == [(1,)],
+            lambda: (
+                stack.query(
+                    "SELECT attempts >= 2 AND last_error IS NOT NULL FROM budget_alerts"
+                    " WHERE usage_month = ? AND threshold_pct = 100 AND delivered = 0",
+                    (month,),
+                )
+                == [(1,)]
+            ),
             60,
             "the 100 % alert to fail twice",
         )
