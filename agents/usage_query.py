@@ -231,9 +231,10 @@ async def usage_query(web: View, request: Request) -> Response:
         )
     answer = query_rows(query, rows)
     if wants_csv(request.headers.get("Accept", "")):
+        # as a header: aiohttp refuses a content_type carrying a charset
         return web.bytes(
             rows_as_csv(query.columns, answer).encode("utf-8"),
-            content_type="text/csv; charset=utf-8; header=present",
+            headers={"Content-Type": "text/csv; charset=utf-8; header=present"},
         )
     return _json(
         web,
