@@ -176,6 +176,11 @@ def test_alerts_fire_once_per_month_across_restarts_and_a_receiver_outage(stack:
             (100, True),
         ]
         assert worker.stop() == 0
+        # the webhook's path is a token: logged as scheme://host:port/… only, also when
+        # its deliveries failed
+        logs = "".join(w.log_path.read_text(errors="replace") for w in stack.workers)
+        assert "not delivered to http://127.0.0.1" in logs
+        assert "s3cr3t-token" not in logs
     finally:
         receiver.stop()
 
