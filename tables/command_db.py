@@ -12,6 +12,7 @@ text is one line naming the file.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sqlite3
 import urllib.parse
 from pathlib import Path
@@ -32,7 +33,9 @@ def open_read_write(path: Path) -> sqlite3.Connection:
         await conn.close()
 
     try:
-        asyncio.run(migrate())
+        # in a thread of its own: the caller may be inside an event loop (the dev stack)
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            thread.submit(asyncio.run, migrate()).result()
         conn = sqlite3.connect(path, isolation_level=None, timeout=60)
         conn.execute("PRAGMA busy_timeout = 60000")
     except (sqlite3.Error, OSError) as error:

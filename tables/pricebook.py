@@ -39,6 +39,7 @@ __all__ = [
     "add_rule",
     "list_rules",
     "load_pricebook",
+    "load_rules_sync",
     "multiplier_text",
     "oldest_open_date",
     "parse_multiplier",
@@ -169,6 +170,11 @@ async def load_pricebook(conn: aiosqlite.Connection, default: Decimal) -> Priceb
     transaction when there is one, so a pass prices with one consistent set)."""
     async with conn.execute(f"SELECT {_RULE_COLUMNS} FROM markup_rules") as cursor:
         return Pricebook([_rule(row) for row in await cursor.fetchall()], default)
+
+
+def load_rules_sync(conn: sqlite3.Connection, default: Decimal) -> Pricebook:
+    """:func:`load_pricebook` on a plain ``sqlite3`` connection (the commands')."""
+    return Pricebook(list_rules(conn), default)
 
 
 def list_rules(conn: sqlite3.Connection) -> list[MarkupRule]:
