@@ -140,13 +140,14 @@ def list_budgets_command(output_format: str) -> None:
         if has_table(conn, "client_budgets"):
             budgets = list_budgets(conn)
             alerts = alerts_of_month(conn, month)
-            spent = dict(
-                conn.execute(
-                    "SELECT client_org_id, SUM(markup_cost_nano) FROM usage_daily_live"
-                    " WHERE usage_date >= ? AND usage_date < ? GROUP BY client_org_id",
-                    (f"{month}-01", f"{next_month(month)}-01"),
-                ).fetchall()
-            )
+            spent = {
+                budget.client_org_id: conn.execute(
+                    "SELECT SUM(markup_cost_nano) FROM usage_daily_live WHERE client_org_id = ?"
+                    " AND usage_date >= ? AND usage_date < ?",
+                    (budget.client_org_id, f"{month}-01", f"{next_month(month)}-01"),
+                ).fetchone()[0]
+                for budget in budgets
+            }
         else:
             budgets, alerts, spent = [], [], {}
     except Exception as error:  # sqlite3.Error: one line, no traceback

@@ -317,8 +317,8 @@ def as_issued(statement: Statement, issued: Sequence[IssuedRow]) -> None:
             markup_cost_nano=row.markup_cost_nano,
             markup_cost_pln_nano=row.markup_cost_pln_nano or 0,
         )
-        if row.markup_cost_pln_nano is None:  # issued before the rule that waits for rates
-            line.pln_pending_dates.add(statement.month)
+        if row.markup_cost_pln_nano is None:  # not issued so (a month waits for its rates)
+            line.pln_pending_dates.add(f"{statement.month}-01")
         lines.append(line)
     statement.clients = lines
 
