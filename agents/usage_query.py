@@ -131,21 +131,43 @@ def parse_query(request: Request) -> Query:
     return Query(first, last, clients, granularity, group_by)
 
 
+_SUMMED = (*_COUNTS, "raw_cost_nano", "markup_cost_nano")
+
+
+def _source(query: Query) -> str:
+    """The rows to sum, as (keys, summed columns, ``rows``, ``pln``, ``pln_rows``,
+    ``final``). Without ``user_id`` among the keys, closed days come from the totals the
+    triggers keep per client (and model) and date (schema migration 21): a year of every
+    client is ~18k rows there, 18M in ``usage_daily`` at 50k keys a day. Open days come
+    from their provisional rows (a day or two). With ``user_id``, ``usage_daily_live``."""
+    keys = ", ".join(("usage_date", "client_org_id", *query.group_by))
+    summed = ", ".join(_SUMMED)
+    if "user_id" in query.group_by:
+        return (
+            f"SELECT {keys}, {summed}, 1 AS rows, markup_cost_pln_nano AS pln,"
+            " markup_cost_pln_nano IS NOT NULL AS pln_rows, final FROM usage_daily_live"
+        )
+    totals = "usage_client_model_daily" if query.group_by else "usage_client_daily"
+    return (
+        f"SELECT {keys}, {summed}, rows, markup_cost_pln_nano AS pln, pln_rows, 1 AS final"
+        f" FROM {totals} WHERE {{where}} UNION ALL"
+        f" SELECT {keys}, {summed}, 1, COALESCE(markup_cost_pln_nano, 0),"
+        " markup_cost_pln_nano IS NOT NULL, 0 FROM usage_daily_open"
+    )
+
+
 def query_sql(query: Query) -> tuple[str, tuple[object, ...]]:
-    """One GROUP BY over ``usage_daily_live`` (both arms of the view filtered by date and
-    client, so the per-client index serves a client's range); ``LIMIT MAX_ROWS + 1`` tells
-    a query that is too big without reading its every row into memory."""
+    """One GROUP BY over the query's source (:func:`_source`), every arm filtered by date
+    and client so the indexes serve the range; ``LIMIT MAX_ROWS + 1`` tells a query that
+    is too big without reading its every row into memory."""
     select: list[str] = []
     if query.granularity in _PERIOD:
         name, expression = _PERIOD[query.granularity]
         select.append(f"{expression} AS {name}")
     select += ["client_org_id", *query.group_by]
     group = list(range(1, len(select) + 1))
-    sums = [f"SUM({name}) AS {name}" for name in _COUNTS] + [
-        "SUM(raw_cost_nano) AS raw_cost_nano",
-        "SUM(markup_cost_nano) AS markup_cost_nano",
-        "CASE WHEN COUNT(markup_cost_pln_nano) = COUNT(*) THEN SUM(markup_cost_pln_nano) END"
-        " AS markup_cost_pln_nano",
+    sums = [f"SUM({name}) AS {name}" for name in _SUMMED] + [
+        "CASE WHEN SUM(pln_rows) = SUM(rows) THEN SUM(pln) END AS markup_cost_pln_nano",
         "MIN(final) AS final",
     ]
     where = "usage_date BETWEEN ? AND ?"
@@ -153,12 +175,15 @@ def query_sql(query: Query) -> tuple[str, tuple[object, ...]]:
     if query.clients:
         where += f" AND client_org_id IN ({','.join('?' * len(query.clients))})"
         params += query.clients
+    source = _source(query)
+    arms = source.count("{where}") + 1
+    source = source.replace("{where}", where) + f" WHERE {where}"
     order = ", ".join(str(position) for position in group)
     sql = (
-        f"SELECT {', '.join(select + sums)} FROM usage_daily_live WHERE {where}"
+        f"SELECT {', '.join(select + sums)} FROM ({source})"
         f" GROUP BY {order} ORDER BY {order} LIMIT {MAX_ROWS + 1}"
     )
-    return sql, tuple(params)
+    return sql, tuple(params) * arms
 
 
 def query_rows(query: Query, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

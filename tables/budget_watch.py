@@ -7,11 +7,12 @@ days' provisional rows (``usage_daily_open``), which the rollup refreshes every
 integers), at most once per client, month and threshold: ``budget_alerts``' primary key,
 ``INSERT OR IGNORE``, so a restart or a second pass never fires it again.
 
-Each pass (:meth:`BudgetWatch.run`) must not re-add a month of closed rows (1.5M rows a
-month at 50k keys a day), so the closed part is kept per (date, client) in memory and
-re-read only for the dates that changed since the previous pass, which ``batch_runs``
-names: every rollup merge (a day closing, late events) and every replay writes a row
-there. The open part is small (the open days) and read whole. All reads of a pass come
+Each pass (:meth:`BudgetWatch.run`) reads the closed part from ``usage_client_daily``
+(``usage_daily`` summed per client and date by triggers: a month of 50k keys a day is 1.5M
+rows there, 31 per client here), kept per (date, client) in memory and re-read only for
+the dates that changed since the previous pass, which ``batch_runs`` names: every
+rollup merge (a day closing, late events) and every replay writes a row there. The open
+part is small (the open days) and read whole. All reads of a pass come
 from one snapshot; a date that changed after it is re-read at the next pass, so an error
 is only ever a spend seen one pass late, never a spend counted twice.
 
@@ -93,8 +94,7 @@ class BudgetWatch:
 
     def _date_sums(self, day: str) -> dict[str, int]:
         rows = self.conn.execute(
-            "SELECT client_org_id, SUM(markup_cost_nano) FROM usage_daily"
-            " WHERE usage_date = ? GROUP BY 1",
+            "SELECT client_org_id, markup_cost_nano FROM usage_client_daily WHERE usage_date = ?",
             (day,),
         )
         return {client: int(nano) for client, nano in rows.fetchall()}
@@ -102,8 +102,8 @@ class BudgetWatch:
     def _month_sums(self, month: str) -> dict[str, dict[str, int]]:
         days: dict[str, dict[str, int]] = {}
         rows = self.conn.execute(
-            "SELECT usage_date, client_org_id, SUM(markup_cost_nano) FROM usage_daily"
-            " WHERE usage_date >= ? AND usage_date < ? GROUP BY 1, 2",
+            "SELECT usage_date, client_org_id, markup_cost_nano FROM usage_client_daily"
+            " WHERE usage_date >= ? AND usage_date < ?",
             (f"{month}-01", f"{next_month(month)}-01"),
         )
         for day, client, nano in rows.fetchall():

@@ -285,13 +285,15 @@ async def _replace(
     lap("write_summaries")
     kept_keys = {(row.client_org_id, row.user_id, row.model) for row in totals}
     gone = [key for key in before if key not in kept_keys]
-    mark = conn.total_changes
-    await conn.executemany(
-        "DELETE FROM usage_daily WHERE client_org_id = ? AND user_id = ? AND model = ?"
-        " AND usage_date = ?",
-        [(*key, day) for key in gone],
-    )
-    deleted = conn.total_changes - mark
+    deleted = 0
+    if gone:
+        cursor = await conn.executemany(
+            "DELETE FROM usage_daily WHERE client_org_id = ? AND user_id = ? AND model = ?"
+            " AND usage_date = ?",
+            [(*key, day) for key in gone],
+        )
+        deleted = cursor.rowcount  # the rows deleted, not the totals' triggers' writes
+        await cursor.close()
     for key in gone:
         del after[key]
     if written != len(differing) or deleted != len(gone):  # not expected: read them back

@@ -16,6 +16,14 @@ What is true after version 20:
 * ``usage_daily_by_client_date`` serves per-client month and year reads (budgets, the
   query API, the report); ``usage_daily_pln_pending`` (partial) finds the rows still
   waiting for an NBP rate without scanning a month.
+
+After version 21: ``usage_client_daily`` and ``usage_client_model_daily`` hold
+``usage_daily``'s summed columns per (client, date) and (client, model, date), with
+``rows`` and ``pln_rows`` (rows with a PLN amount: the PLN sum is complete when they are
+equal). Triggers on ``usage_daily`` keep them exact in the same transaction as every
+insert, update and delete, whoever writes; rows that fall to zero rows are deleted. They
+cost ~10-15 % more per ``usage_daily`` row written (measured on an 80k-row upsert) and
+let a year of every client be read as ~18k rows instead of 18M at 50k keys a day.
 """
 
 from __future__ import annotations
@@ -42,6 +50,102 @@ _DELTAS = """
     markup_cost_nano INTEGER NOT NULL,
     markup_cost_pln_nano INTEGER
 """
+
+# usage_daily's summed columns, kept per client (and model) and date by the triggers of
+# migration 21; markup_cost_pln_nano sums the rows that have one, pln_rows counts them.
+_TOTALS = (
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "requests",
+    "estimated_requests",
+    "raw_cost_nano",
+    "markup_cost_nano",
+)
+_LEVELS = {
+    "usage_client_daily": ("client_org_id", "usage_date"),
+    "usage_client_model_daily": ("client_org_id", "model", "usage_date"),
+}
+
+
+def _totals_table(table: str, keys: tuple[str, ...]) -> list[str]:
+    columns = ", ".join(f"{name} INTEGER NOT NULL" for name in _TOTALS)
+    sums = ", ".join(f"SUM({name})" for name in _TOTALS)
+    return [
+        f"""CREATE TABLE {table} (
+            {", ".join(f"{key} TEXT NOT NULL" for key in keys)},
+            rows INTEGER NOT NULL,
+            {columns},
+            markup_cost_pln_nano INTEGER NOT NULL,
+            pln_rows INTEGER NOT NULL,
+            PRIMARY KEY ({", ".join(keys)})
+        ) WITHOUT ROWID""",
+        f"CREATE INDEX {table}_by_date ON {table} (usage_date)",
+        f"""INSERT INTO {table} SELECT {", ".join(keys)}, COUNT(*), {sums},
+            COALESCE(SUM(markup_cost_pln_nano), 0), COUNT(markup_cost_pln_nano)
+            FROM usage_daily GROUP BY {", ".join(keys)}""",
+    ]
+
+
+def _add(table: str, keys: tuple[str, ...], row: str, sign: str) -> str:
+    """Add (``sign`` "+") or subtract ("-") trigger row ``row`` (NEW or OLD) to its totals."""
+    values = [f"{row}.{key}" for key in keys]
+    values.append(f"{sign}1")
+    values += [f"{sign}{row}.{name}" for name in _TOTALS]
+    values.append(f"{sign}COALESCE({row}.markup_cost_pln_nano, 0)")
+    values.append(f"{sign}({row}.markup_cost_pln_nano IS NOT NULL)")
+    return _upsert(table, keys, values)
+
+
+def _delta(table: str, keys: tuple[str, ...]) -> str:
+    """Add NEW - OLD of an updated row whose keys did not change."""
+    values = [f"NEW.{key}" for key in keys]
+    values.append("0")
+    values += [f"NEW.{name} - OLD.{name}" for name in _TOTALS]
+    values.append("COALESCE(NEW.markup_cost_pln_nano, 0) - COALESCE(OLD.markup_cost_pln_nano, 0)")
+    values.append("(NEW.markup_cost_pln_nano IS NOT NULL) - (OLD.markup_cost_pln_nano IS NOT NULL)")
+    return _upsert(table, keys, values)
+
+
+def _upsert(table: str, keys: tuple[str, ...], values: list[str]) -> str:
+    summed = ["rows", *_TOTALS, "markup_cost_pln_nano", "pln_rows"]
+    return (
+        f"INSERT INTO {table} VALUES ({', '.join(values)})"
+        f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET "
+        + ", ".join(f"{name} = {name} + excluded.{name}" for name in summed)
+        + ";"
+    )
+
+
+def _drop_empty(table: str, keys: tuple[str, ...]) -> str:
+    match = " AND ".join(f"{key} = OLD.{key}" for key in keys)
+    return f"DELETE FROM {table} WHERE {match} AND rows = 0;"
+
+
+def _totals_triggers() -> list[str]:
+    same_keys = " AND ".join(
+        f"OLD.{key} = NEW.{key}" for key in ("client_org_id", "model", "usage_date")
+    )
+    watched = ", ".join(["client_org_id", "model", "usage_date", *_TOTALS, "markup_cost_pln_nano"])
+    levels = _LEVELS.items()
+    return [
+        "CREATE TRIGGER usage_daily_totals_insert AFTER INSERT ON usage_daily BEGIN "
+        + " ".join(_add(t, k, "NEW", "+") for t, k in levels)
+        + " END",
+        "CREATE TRIGGER usage_daily_totals_delete AFTER DELETE ON usage_daily BEGIN "
+        + " ".join(_add(t, k, "OLD", "-") + " " + _drop_empty(t, k) for t, k in levels)
+        + " END",
+        f"CREATE TRIGGER usage_daily_totals_update AFTER UPDATE OF {watched} ON usage_daily"
+        f" WHEN {same_keys} BEGIN " + " ".join(_delta(t, k) for t, k in levels) + " END",
+        f"CREATE TRIGGER usage_daily_totals_rekey AFTER UPDATE OF {watched} ON usage_daily"
+        f" WHEN NOT ({same_keys}) BEGIN "
+        + " ".join(
+            _add(t, k, "OLD", "-") + " " + _drop_empty(t, k) + " " + _add(t, k, "NEW", "+")
+            for t, k in levels
+        )
+        + " END",
+    ]
+
 
 BILLING_MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -128,6 +232,17 @@ BILLING_MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX usage_daily_by_client_date ON usage_daily (client_org_id, usage_date)",
             "CREATE INDEX usage_daily_pln_pending ON usage_daily (usage_date)"
             " WHERE markup_cost_pln_nano IS NULL",
+        ],
+    ),
+    (
+        21,
+        [
+            # usage_daily summed per client and date, and per client, model and date,
+            # kept exact by triggers whoever writes usage_daily (the rollup, a replay, the
+            # PLN fill, an operator's UPDATE): the query API, budgets and statements read
+            # a year of every client from these instead of 18M rows at 50k keys a day.
+            *(stmt for table, keys in _LEVELS.items() for stmt in _totals_table(table, keys)),
+            *_totals_triggers(),
         ],
     ),
 ]

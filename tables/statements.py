@@ -179,10 +179,10 @@ INSERT INTO statements (client_org_id, usage_month, closed_at, input_tokens, out
 SELECT client_org_id, :month, :closed_at, SUM(input_tokens), SUM(output_tokens),
     SUM(total_tokens), SUM(requests), SUM(estimated_requests), SUM(raw_cost_nano),
     SUM(markup_cost_nano),
-    CASE WHEN COUNT(markup_cost_pln_nano) = COUNT(*) THEN SUM(markup_cost_pln_nano) END,
+    CASE WHEN SUM(pln_rows) = SUM(rows) THEN SUM(markup_cost_pln_nano) END,
     SUM(raw_cost_nano) / 1e9, SUM(markup_cost_nano) / 1e9,
-    CASE WHEN COUNT(markup_cost_pln_nano) = COUNT(*) THEN SUM(markup_cost_pln_nano) / 1e9 END
-FROM usage_daily WHERE usage_date >= :start AND usage_date < :end
+    CASE WHEN SUM(pln_rows) = SUM(rows) THEN SUM(markup_cost_pln_nano) / 1e9 END
+FROM usage_client_daily WHERE usage_date >= :start AND usage_date < :end
 GROUP BY client_org_id
 """
 
