@@ -35,5 +35,5 @@ def test_the_query_measurement_runs_at_a_small_scale(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert (report["days"], report["keys"]) == (3, 200)
-    assert len(report["queries"]) == 7
+    assert len(report["queries"]) == 9
     assert {query["status"] for query in report["queries"]} == {200}
