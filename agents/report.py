@@ -13,6 +13,14 @@ that is not final is flagged, never silently summed:
   On an older DB without ``usage_daily_live`` only closed days are reported, and the days
   with no closed data yet (not over, or recorded but not rolled up) are listed instead.
 
+A closed month (its statement issued ``STATEMENT_GRACE_DAYS`` after its last day,
+tables/statements.py) is stated as issued: each client's line is its ``statements`` row
+(totals only; the rates are on the ``--detail`` lines, which show ``usage_daily`` as it is
+now), followed by the adjustments recorded since, one line each. An open month lists the
+adjustments that land on it (corrections of closed months) as lines of their own. So the
+sum of a report's lines is what to bill: a closed month's issued statement plus its later
+corrections, or an open month's usage plus the corrections billed on it.
+
 Exit status: 0 with a statement; 1 when there is nothing to state (no rows for the month or
 the client: an empty bill is almost always a mistyped month or client, and a script must
 not send it); 2 when no statement can be made (bad ``--month``, unreadable DB). Each
@@ -38,9 +46,15 @@ from faust.cli import option
 
 from streams.app import app, settings
 from streams.cli import fail
+from streams.money import nano_text
 from tables.report_queries import (
+    AdjustmentRow,
     DailyRow,
+    IssuedRow,
     ReportSourceError,
+    adjustment_rows,
+    closed_at,
+    issued_rows,
     last_usage_month,
     month_bounds,
     month_rows,
@@ -52,7 +66,6 @@ from tables.report_queries import (
 __all__ = ["Statement", "StatementLine", "build_statement", "decimal_text", "report"]
 
 _MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
-_NANO_PER_UNIT = 1_000_000_000
 
 # CSV columns and JSON keys, in order: usage_daily's names (usage_month as in
 # client_monthly_usage) plus the flags that keep unfinished totals from passing as final.
@@ -73,13 +86,27 @@ _VALUE_COLUMNS = (
     "provisional_dates",
     "pln_pending_dates",
 )
+# After them, what tells a statement line from an adjustment line (empty on the former).
+_LINE_COLUMNS = (
+    "line",
+    "adjustment_id",
+    "usage_date",
+    "reason",
+    "statement_month",
+    "recorded_at",
+)
 
+_NOT_IN_JSON_ADJUSTMENTS = (
+    "usd_pln_rate",
+    "nbp_table_no",
+    "final",
+    "provisional_dates",
+    "pln_pending_dates",
+    "line",
+)
 
-def decimal_text(nano: int) -> str:
-    """An exact decimal string with 9 decimals from integer nano-units: ``12.345678901``."""
-    sign = "-" if nano < 0 else ""
-    units, fraction = divmod(abs(nano), _NANO_PER_UNIT)
-    return f"{sign}{units}.{fraction:09d}"
+#: An exact decimal string with 9 decimals from integer nano-units: ``12.345678901``.
+decimal_text = nano_text
 
 
 def date_ranges(dates: Iterable[str]) -> str:
@@ -221,6 +248,10 @@ class Statement:
     open_dates: list[str]
     clients: list[StatementLine]
     detail: list[StatementLine]
+    #: when the month's statement was issued (None: the month is open)
+    closed_at: str | None = None
+    #: closed: the corrections of its dates since; open: the corrections billed on it
+    adjustments: list[AdjustmentRow] = field(default_factory=list)
 
     @property
     def final(self) -> bool:
@@ -270,16 +301,82 @@ def build_statement(
     )
 
 
+def as_issued(statement: Statement, issued: Sequence[IssuedRow]) -> None:
+    """A closed month's client lines become its ``statements`` rows, as issued: totals
+    only (rates and dates are on the detail lines, which show the rows as they are now)."""
+    lines = []
+    for row in issued:
+        line = StatementLine(
+            row.client_org_id,
+            requests=row.requests,
+            estimated_requests=row.estimated_requests,
+            input_tokens=row.input_tokens,
+            output_tokens=row.output_tokens,
+            total_tokens=row.total_tokens,
+            raw_cost_nano=row.raw_cost_nano,
+            markup_cost_nano=row.markup_cost_nano,
+            markup_cost_pln_nano=row.markup_cost_pln_nano or 0,
+        )
+        if row.markup_cost_pln_nano is None:  # not issued so (a month waits for its rates)
+            line.pln_pending_dates.add(f"{statement.month}-01")
+        lines.append(line)
+    statement.clients = lines
+
+
+def adjustment_values(adjustment: AdjustmentRow, month: str, detail: bool) -> dict[str, Any]:
+    """An adjustment as a report line: the deltas in the statement's columns, money as
+    exact strings (negative when usage went down)."""
+    values: dict[str, Any] = {"usage_month": month, "client_org_id": adjustment.client_org_id}
+    if detail:
+        values |= {"user_id": None, "model": None}
+    pln = adjustment.markup_cost_pln_nano
+    values |= {
+        "requests": adjustment.requests,
+        "estimated_requests": adjustment.estimated_requests,
+        "input_tokens": adjustment.input_tokens,
+        "output_tokens": adjustment.output_tokens,
+        "total_tokens": adjustment.total_tokens,
+        "raw_cost_usd": decimal_text(adjustment.raw_cost_nano),
+        "markup_cost_usd": decimal_text(adjustment.markup_cost_nano),
+        "markup_cost_pln": None if pln is None else decimal_text(pln),
+        "usd_pln_rate": None,
+        "nbp_table_no": None,
+        "final": 1,
+        "provisional_dates": [],
+        "pln_pending_dates": [],
+        "line": "adjustment",
+        "adjustment_id": adjustment.id,
+        "usage_date": adjustment.usage_date,
+        "reason": adjustment.reason,
+        "statement_month": adjustment.statement_month,
+        "recorded_at": adjustment.created_at,
+    }
+    return values
+
+
+def _statement_line(values: dict[str, Any]) -> dict[str, Any]:
+    return values | dict.fromkeys(_LINE_COLUMNS[1:]) | {"line": "statement"}
+
+
 def _lines(statement: Statement, detail: bool) -> list[dict[str, Any]]:
     chosen = statement.detail if detail else statement.clients
-    return [line.values(statement.month, detail, statement.final) for line in chosen]
+    month, final = statement.month, statement.final
+    lines = [_statement_line(line.values(month, detail, final)) for line in chosen]
+    lines += [adjustment_values(a, statement.month, detail) for a in statement.adjustments]
+    return lines
 
 
 def render_csv(statement: Statement, detail: bool) -> str:
     """RFC 4180 CSV (comma, CRLF, quoting when needed, UTF-8): a spreadsheet imports it as
-    is. Only lines of the chosen level, no total rows, so a column sum is the total.
-    Lists (dates, several rates) are space-separated inside their cell; empty = none."""
-    columns = [*_KEY_COLUMNS, *(_DETAIL_COLUMNS if detail else ()), *_VALUE_COLUMNS]
+    is. Only lines of the chosen level and the adjustments (``line`` says which), no total
+    rows, so a column sum is the total to bill. Lists (dates, several rates) are
+    space-separated inside their cell; empty = none."""
+    columns = [
+        *_KEY_COLUMNS,
+        *(_DETAIL_COLUMNS if detail else ()),
+        *_VALUE_COLUMNS,
+        *_LINE_COLUMNS,
+    ]
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
     writer.writerow(columns)
@@ -310,10 +407,19 @@ def render_json(statement: Statement, detail: bool) -> bytes:
         "business_timezone": statement.timezone,
         "final": int(statement.final),
         "open_dates": statement.open_dates,
+        "closed_at": statement.closed_at,
         "clients": [with_rates(line, False) for line in statement.clients],
     }
     if detail:
         document["detail"] = [with_rates(line, True) for line in statement.detail]
+    document["adjustments"] = [
+        {
+            key: value
+            for key, value in adjustment_values(adjustment, statement.month, False).items()
+            if key not in _NOT_IN_JSON_ADJUSTMENTS
+        }
+        for adjustment in statement.adjustments
+    ]
     return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
 
 
@@ -366,6 +472,8 @@ def render_table(statement: Statement, detail: bool, stream: Any = None) -> None
     and notes naming every date whose amounts are not final."""
     console = _console(stream or sys.stdout)
     state = "final" if statement.final else "NOT FINAL"
+    if statement.closed_at:
+        state = f"closed {statement.closed_at}, as issued"
     columns = [("client_org_id", "left")]
     if detail:
         columns += [("user_id", "left"), ("model", "left")]
@@ -438,6 +546,43 @@ def render_table(statement: Statement, detail: bool, stream: Any = None) -> None
             ],
             rates,
         )
+    if statement.adjustments:
+        _print_rows(
+            console,
+            "adjustments: corrections of a closed month "
+            + (
+                f"recorded after {statement.month} closed (billed on statement_month)"
+                if statement.closed_at
+                else f"billed on {statement.month}"
+            ),
+            [
+                ("id", "right"),
+                ("client_org_id", "left"),
+                ("usage_date", "left"),
+                ("reason", "left"),
+                ("statement_month", "left"),
+                ("recorded_at", "left"),
+                *((name, "right") for name in _VALUE_COLUMNS[:8]),
+            ],
+            [
+                (
+                    [
+                        str(values["adjustment_id"]),
+                        values["client_org_id"],
+                        values["usage_date"],
+                        values["reason"],
+                        values["statement_month"],
+                        values["recorded_at"],
+                        *(_cell(values[name]) for name in _VALUE_COLUMNS[:7]),
+                        _cell(values["markup_cost_pln"]) or "pending",
+                    ],
+                    False,
+                )
+                for values in (
+                    adjustment_values(a, statement.month, False) for a in statement.adjustments
+                )
+            ],
+        )
     if statement.open_dates:
         console.print(
             f"not final: {date_ranges(statement.open_dates)} not closed yet"
@@ -495,12 +640,15 @@ async def report(
         rows = month_rows(conn, source, first, client)
         unrolled = unrolled_dates(conn, first) if source == "usage_daily" else []
         previous = last_usage_month(conn, source, client) if client and not rows else None
+        closed = closed_at(conn, first)
+        issued = issued_rows(conn, first, client) if closed else []
+        adjustments = adjustment_rows(conn, first, client, closed=closed is not None)
     except (ReportSourceError, sqlite3.Error) as error:
         fail(f"summary DB {path}: {error}", 2)
     finally:
         conn.close()
     label = first.strftime("%Y-%m")
-    if not rows:
+    if not rows and not issued and not adjustments:
         if client is None:
             fail(f"no usage in {label} in {path}")
         elif previous is None:
@@ -509,6 +657,10 @@ async def report(
             fail(f"no usage for client {client!r} in {label} (its latest usage: {previous})")
     today = datetime.now(settings.tz).date()
     statement = build_statement(rows, first, source, settings.BUSINESS_TIMEZONE, today, unrolled)
+    statement.adjustments = adjustments
+    if closed is not None:
+        statement.closed_at = closed
+        as_issued(statement, issued)
     if output_format == "csv":
         sys.stdout.buffer.write(render_csv(statement, detail).encode("utf-8"))
     elif output_format == "json":

@@ -12,6 +12,10 @@ at most every ``CATCH_UP_MERGE_SECONDS``: every merge rewrites the rows its incr
 touch, and merging a backfilled day every few seconds would rewrite the same rows again
 and again while the day's events are still streaming in. Nothing is lost meanwhile: the
 increments wait in ``daily_pending``.
+
+After the merges, every month due and complete closes into ``statements``
+(tables/statements.py), except while catching up: a backlog's months close once it is
+applied, not with half of it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 
 import aiosqlite
 
@@ -28,6 +32,7 @@ from streams.metrics import OPEN_DAYS, ROLLUP_SECONDS, SUMMARIES_WRITTEN
 from tables.connection import summary_db
 from tables.reference import rate_for_date, record_batch_run
 from tables.schema import utc_now_text
+from tables.statements import close_due_months
 from tables.summary_store import (
     DayRollup,
     closed_days,
@@ -106,7 +111,25 @@ async def run_rollup(conn: aiosqlite.Connection, closer: DayCloser) -> RollupPas
         _last_merge["open days"] = time.monotonic()
         await refresh_open_days(conn, still_open, settings.USAGE_MARKUP_MULTIPLIER, rate_for_date)
     OPEN_DAYS.set(len(still_open))
+    if not closer.behind:
+        await close_statements(conn)
     return RollupPass(written, still_open)
+
+
+_waiting: list[str | None] = [None]  # the last reason a due month did not close
+
+
+async def close_statements(conn: aiosqlite.Connection) -> list[str]:
+    """Close the months that are due and complete; log each, and a month's reason to
+    wait once (not at every pass)."""
+    today = datetime.now(settings.tz).date()
+    result = await close_due_months(conn, today, settings.STATEMENT_GRACE_DAYS)
+    for month in result.closed:
+        log.info("statement %s closed", month)
+    if result.waiting != _waiting[0] and result.waiting is not None:
+        log.info("%s", result.waiting)
+    _waiting[0] = result.waiting
+    return result.closed
 
 
 @app.timer(interval=settings.ROLLUP_INTERVAL_SECONDS)

@@ -98,7 +98,13 @@ def main() -> None:
 #: InfluxDB client, the web views...), Faust's autodiscovery scan and then Faust and its
 #: CLI themselves cost it ~2 s of start-up, for nothing it uses. (Faust's CLI lists it
 #: too, agents/replay_command.py.)
-STANDALONE_COMMANDS = {"replay": "agents.replay", "backup": "agents.backup"}
+STANDALONE_COMMANDS = {
+    "replay": "agents.replay",
+    "backup": "agents.backup",
+    # the price book and budgets: short commands on the summary DB alone
+    "markup": "agents.markup_command",
+    "budget": "agents.budget_command",
+}
 
 
 def _import_components() -> None:

@@ -2,8 +2,10 @@
 
 Starts the bundled Tansu broker, a ``usage-stream worker`` child process and, with
 ``--demo``, a synthetic producer that first backfills the last :data:`BACKFILL_DAYS` local
-days (closed days, so a bill exists within a minute) and then sends live events. A status
-line shows what the worker reports (:mod:`streams.dev_status`).
+days (closed days, so a bill exists within a minute) and then sends live events. The demo
+also sets a budget with alerts and a price-book rule, and prints the budget alerts the
+worker POSTs to its webhook (:mod:`streams.demo_billing`). A status line shows what the
+worker reports (:mod:`streams.dev_status`).
 
 Stopping (Ctrl-C, SIGTERM or SIGHUP) goes in dependency order, each step logged with its
 duration: the producer (it needs the broker), then the worker (SIGTERM, so it commits and
@@ -33,7 +35,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from streams.broker import EmbeddedBroker, die_with_parent, free_port
+from streams.cli import fail
 from streams.demo import backfill_days, backfill_lines, demo_lines
+from streams.demo_billing import AlertPrinter, set_up_demo_billing
 from streams.dev_status import StatusLine
 from streams.producer import publish_lines
 from streams.settings import Settings
@@ -85,7 +89,7 @@ def _command_hint() -> str:
 
 
 def _look_at(settings: Settings) -> list[str]:
-    """The closing lines of the banner: a report command and the /usage URL to open."""
+    """The closing lines of the banner: a report command and the URLs to open."""
     today = datetime.now(settings.tz).date()
     days = backfill_days(settings.tz, BACKFILL_DAYS, today)
     month = (today - timedelta(days=1)).strftime("%Y-%m")
@@ -96,6 +100,8 @@ def _look_at(settings: Settings) -> list[str]:
         f"report:      {prefix}{_command_hint()} report --month {month} --detail",
         f"usage:       http://127.0.0.1:{settings.WEB_PORT}/usage?client_org_id=org-1"
         f"&from={days[0].isoformat()}&to={today.isoformat()}",
+        f"query:       http://127.0.0.1:{settings.WEB_PORT}/v1/usage/query"
+        f"?from={days[0].isoformat()}&to={today.isoformat()}&granularity=month",
     ]
 
 
@@ -114,6 +120,16 @@ async def _wait_process(process: subprocess.Popen[bytes], seconds: float) -> boo
 async def run_dev_stack(settings: Settings, demo: bool, rate: int) -> None:
     """Run until a stop signal (or the worker's death), then stop everything in order."""
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+    alerts: AlertPrinter | None = None
+    billing_lines: list[str] = []
+    if demo:  # before the worker starts: its first pass knows the budget and the rule
+        alerts = AlertPrinter(_log)
+        await alerts.start()
+        try:
+            billing_lines = set_up_demo_billing(settings, alerts.url)
+        except Exception as error:  # an unwritable DB, a refused rule: one line
+            await alerts.stop()
+            fail(f"demo budget and markup rule: {' '.join(str(error).split())}")
     broker = _start_broker(settings)
     env = {
         **os.environ,
@@ -158,7 +174,7 @@ async def run_dev_stack(settings: Settings, demo: bool, rate: int) -> None:
             f"{days[0].isoformat()}..{days[-1].isoformat()}: those days close within "
             f"{settings.ROLLUP_INTERVAL_SECONDS:g} s, so their bills are in at once"
         )
-        for line in _look_at(settings):
+        for line in billing_lines + _look_at(settings):
             print(line)
     print("Ctrl-C stops everything.", flush=True)
 
@@ -190,6 +206,8 @@ async def run_dev_stack(settings: Settings, demo: bool, rate: int) -> None:
         step = time.monotonic()
         broker.stop()
         _log(f"broker stopped ({time.monotonic() - step:.1f} s)")
+        if alerts is not None:
+            await alerts.stop()
         _log(f"stopped producer, worker and broker in {time.monotonic() - began:.1f} s")
     if worker_died or not worker_clean:
         raise SystemExit(1)  # the worker crashed (or hung): its log says why

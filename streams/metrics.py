@@ -19,6 +19,9 @@ from prometheus_client import (
 from streams.event import REASONS
 
 __all__ = [
+    "BUDGET_ALERTS",
+    "BUDGET_ALERTS_UNDELIVERED",
+    "BUDGET_USED_RATIO",
     "CONSUMER_LAG",
     "EVENTS_CONSUMED",
     "EVENTS_DUPLICATE",
@@ -171,6 +174,29 @@ REFRESH_LAST_SUCCESS = Gauge(
 )
 USD_PLN_RATE = Gauge(
     _P + "usd_pln_rate", "Latest stored NBP table A USD mid rate", registry=REGISTRY
+)
+
+# Budgets (summary writer only): alerts fired, webhook deliveries, spend per budget.
+BUDGET_ALERTS = Counter(
+    _P + "budget_alerts",
+    "Budget threshold alerts: fired (a threshold crossed, recorded once per client and"
+    " month), delivered (the webhook answered 2xx), failed (a delivery attempt failed;"
+    " retried with backoff)",
+    ["result"],
+    registry=REGISTRY,
+)
+for _result in ("fired", "delivered", "failed"):
+    BUDGET_ALERTS.labels(result=_result)
+BUDGET_USED_RATIO = Gauge(
+    _P + "budget_used_ratio",
+    "Marked-up USD spent this business-time month (open days included) / monthly budget",
+    ["client_org_id"],
+    registry=REGISTRY,
+)
+BUDGET_ALERTS_UNDELIVERED = Gauge(
+    _P + "budget_alerts_undelivered",
+    "Budget alerts fired but not yet accepted by their webhook",
+    registry=REGISTRY,
 )
 
 

@@ -6,7 +6,15 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 NANO = Decimal(1_000_000_000)
 
-__all__ = ["NANO", "NanoScaler", "nano_to_decimal", "nano_to_float", "scale_nano", "to_nano"]
+__all__ = [
+    "NANO",
+    "NanoScaler",
+    "nano_text",
+    "nano_to_decimal",
+    "nano_to_float",
+    "scale_nano",
+    "to_nano",
+]
 
 
 def to_nano(amount: Decimal | int | str) -> int:
@@ -21,6 +29,14 @@ def to_nano(amount: Decimal | int | str) -> int:
 def scale_nano(nano: int, factor: Decimal) -> int:
     """round-half-even(nano × factor): markup and currency conversion, applied per row."""
     return int((Decimal(nano) * factor).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def nano_text(nano: int) -> str:
+    """An exact decimal string with 9 decimals from integer nano-units: ``12.345678901``
+    (money in JSON and CSV: no float on the way)."""
+    sign = "-" if nano < 0 else ""
+    units, fraction = divmod(abs(nano), 1_000_000_000)
+    return f"{sign}{units}.{fraction:09d}"
 
 
 def nano_to_decimal(nano: int) -> Decimal:

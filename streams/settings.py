@@ -41,6 +41,7 @@ __all__ = [
     "SettingsError",
     "get_settings",
     "load_settings",
+    "webhook_url_problem",
 ]
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -72,6 +73,7 @@ _OPTIONAL = (
     "INFLUXDB_USERNAME",
     "INFLUXDB_PASSWORD",
     "LEDGER_RETENTION_DAYS",
+    "BUDGET_WEBHOOK_URL",
 )
 _NAMED_MESSAGE = re.compile(r"^[A-Z][A-Z0-9_]*: ")
 # Up to the *last* "@": a password may hold "/" (unquoted in a broken URL) or "@".
@@ -149,6 +151,11 @@ class Settings(BaseSettings):
     # corrected) are pruned after this many days; unset = DEDUP_TTL_DAYS.
     LEDGER_RETENTION_DAYS: float | None = Field(None, gt=0)
     ROLLUP_INTERVAL_SECONDS: float = Field(5.0, gt=0)
+    # A month's statement closes this many days after its last day (tables/statements.py).
+    STATEMENT_GRACE_DAYS: int = Field(3, ge=0, le=366)
+    # Where budget alerts are POSTed when a budget names no webhook of its own. A secret:
+    # webhook URLs carry their token in the path; only the host is ever logged.
+    BUDGET_WEBHOOK_URL: SecretStr | None = None
 
     # Reference data
     REFRESH_CRON: str = "0 13 * * *"
@@ -353,6 +360,16 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("BUDGET_WEBHOOK_URL")
+    @classmethod
+    def _webhook_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        problem = webhook_url_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("KAFKA_SASL_PASSWORD", "INFLUXDB_PASSWORD", "INFLUXDB_TOKEN")
     @classmethod
     def _secret(cls, value: SecretStr | None) -> SecretStr | None:
@@ -542,6 +559,27 @@ class Settings(BaseSettings):
             parsed = urlparse(url if "://" in url else f"kafka://{url}")
             servers.append(f"{parsed.hostname}:{parsed.port or 9092}")
         return servers
+
+
+MAX_WEBHOOK_URL_CHARS = 2048
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """None for a usable webhook URL (http or https, a host, a valid port, no control
+    characters, at most 2048 characters), else the reason, which never echoes the URL:
+    its path may hold a token."""
+    if len(url) > MAX_WEBHOOK_URL_CHARS:
+        return f"must be at most {MAX_WEBHOOK_URL_CHARS} characters"
+    if _CONTROL.search(url) or " " in url:
+        return "must not contain spaces or control characters"
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return "must be an http(s) URL with a host"
+    try:
+        parsed.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return "has a bad port"
+    return None
 
 
 def _one_line(error: ValidationError) -> str:

@@ -12,6 +12,12 @@ itself: see agents/replay.py), the date is marked in ``closed_days``, a ``batch_
 row (kind ``replay``) is appended and the replay is marked complete in ``replay_runs``,
 which lets the summary writer go on past its fences.
 
+Each row is priced with the price book's multiplier in force on the date
+(tables/pricebook.py): rules apply forward only, so a replay of an old date keeps the
+price it was billed at. When the date's month is closed (its statement issued), the
+difference per client becomes an ``adjustments`` row with reason ``replay``
+(tables/statements.py), in the same transaction.
+
 Only rows whose values differ are upserted: unchanged rows keep their ``revision`` and
 ``updated_at``, so replaying twice changes nothing. With ``dry_run`` the same work is
 done and then rolled back: only the differences are returned.
@@ -34,8 +40,10 @@ from typing import NamedTuple
 
 import aiosqlite
 
+from tables.pricebook import load_pricebook
 from tables.reference import rate_for_date, record_batch_run
 from tables.schema import utc_now_text, write_transaction
+from tables.statements import Usage, month_is_closed, record_adjustments
 from tables.summary_store import (
     Rate,
     SummaryRow,
@@ -75,6 +83,7 @@ _DAILY_COLUMNS = (
     "markup_cost_pln",
     "usd_pln_rate",
     "nbp_table_no",
+    "markup_multiplier",
     "revision",
     "updated_at",
 )
@@ -98,6 +107,7 @@ class DailyRow(NamedTuple):
     markup_cost_pln: float | None
     usd_pln_rate: str | None
     nbp_table_no: str | None
+    markup_multiplier: str | None
     revision: int
     updated_at: str
 
@@ -117,6 +127,7 @@ class DailyRow(NamedTuple):
             self.markup_cost_pln,
             self.usd_pln_rate,
             self.nbp_table_no,
+            self.markup_multiplier,
         )
 
 
@@ -185,6 +196,21 @@ def _diff(
     return changes
 
 
+def _usage(row: DailyRow | None) -> Usage | None:
+    if row is None:
+        return None
+    return Usage(
+        row.requests,
+        row.estimated_requests,
+        row.input_tokens,
+        row.output_tokens,
+        row.total_tokens,
+        row.raw_cost_nano,
+        row.markup_cost_nano,
+        row.markup_cost_pln_nano,
+    )
+
+
 class Lap:
     """Records the seconds since the previous call under a step's name (the replay's
     timing line: its read and its replace)."""
@@ -249,13 +275,14 @@ async def _replace(
         # or by this replay on an earlier try): replacing again would change nothing
         return ReplayOutcome(day, [], 0, 0, 0, None, False, None, timings)
     rate = await rate_for_date(conn, date.fromisoformat(day))
+    markups = (await load_pricebook(conn, markup)).for_day(day)
     before = await _daily_rows(conn, day)
     lap("usage_daily before")
     now = utc_now_text()
     after = dict(before)
     differing = []  # usage_daily values (_summary_values) of the rows that change
     for row in totals:
-        values = _summary_values(row, markup, rate, now)
+        values = _summary_values(row, markups(row.client_org_id, row.model), rate, now)
         key = (row.client_org_id, row.user_id, row.model)
         old = before.get(key)
         content = values[4:-1]
@@ -269,13 +296,15 @@ async def _replace(
     lap("write_summaries")
     kept_keys = {(row.client_org_id, row.user_id, row.model) for row in totals}
     gone = [key for key in before if key not in kept_keys]
-    mark = conn.total_changes
-    await conn.executemany(
-        "DELETE FROM usage_daily WHERE client_org_id = ? AND user_id = ? AND model = ?"
-        " AND usage_date = ?",
-        [(*key, day) for key in gone],
-    )
-    deleted = conn.total_changes - mark
+    deleted = 0
+    if gone:
+        cursor = await conn.executemany(
+            "DELETE FROM usage_daily WHERE client_org_id = ? AND user_id = ? AND model = ?"
+            " AND usage_date = ?",
+            [(*key, day) for key in gone],
+        )
+        deleted = cursor.rowcount  # the rows deleted, not the totals' triggers' writes
+        await cursor.close()
     for key in gone:
         del after[key]
     if written != len(differing) or deleted != len(gone):  # not expected: read them back
@@ -299,6 +328,13 @@ async def _replace(
     # only rows handed to the upsert or deleted can differ from before
     candidates = {tuple(values[:3]) for values in differing}.union(gone)
     changes = _diff(before, after, candidates)
+    if await month_is_closed(conn, day[:7]):  # its statement is issued: adjust it
+        await record_adjustments(
+            conn,
+            day,
+            ((change.key[0], _usage(change.old), _usage(change.new)) for change in changes),
+            "replay",
+        )
     lap("settle and diff")
     clients = len({key[0] for key in after})
     run_id = None

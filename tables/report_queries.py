@@ -5,6 +5,11 @@ read access alone, and a statement must never change the data it states. It read
 ``usage_daily_live`` when the DB has it (closed days plus provisional rows of open days,
 each with ``final``) and otherwise ``usage_daily`` alone (closed days only; an older DB).
 Money is read from the exact ``*_nano`` integers, never from the REAL convenience columns.
+
+A closed month (``closed_months``, tables/statements.py) is stated from ``statements``, as
+issued, with the ``adjustments`` of its dates recorded since; an open month lists the
+adjustments that land on it (``statement_month``). DBs from before those tables have no
+closed months and no adjustments.
 """
 
 from __future__ import annotations
@@ -16,8 +21,13 @@ from datetime import date
 from pathlib import Path
 
 __all__ = [
+    "AdjustmentRow",
     "DailyRow",
+    "IssuedRow",
+    "adjustment_rows",
     "ReportSourceError",
+    "closed_at",
+    "issued_rows",
     "last_usage_month",
     "month_bounds",
     "month_rows",
@@ -59,6 +69,94 @@ class DailyRow:
     usd_pln_rate: str | None
     nbp_table_no: str | None
     final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedRow:
+    """A ``statements`` row: a client's closed month as issued."""
+
+    client_org_id: str
+    closed_at: str
+    requests: int
+    estimated_requests: int
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    raw_cost_nano: int
+    markup_cost_nano: int
+    markup_cost_pln_nano: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AdjustmentRow:
+    """An ``adjustments`` row: a correction of a closed month, billed on ``statement_month``."""
+
+    id: int
+    client_org_id: str
+    usage_date: str
+    statement_month: str
+    requests: int
+    estimated_requests: int
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    raw_cost_nano: int
+    markup_cost_nano: int
+    markup_cost_pln_nano: int | None
+    reason: str
+    created_at: str
+
+
+_SUMS = (
+    "requests, estimated_requests, input_tokens, output_tokens, total_tokens, raw_cost_nano,"
+    " markup_cost_nano, markup_cost_pln_nano"
+)
+
+
+def closed_at(conn: sqlite3.Connection, month: date) -> str | None:
+    """When ``month``'s statement was issued (None: open, or a DB without statements)."""
+    if _relation_kind(conn, "closed_months") is None:
+        return None
+    row = conn.execute(
+        "SELECT closed_at FROM closed_months WHERE usage_month = ?", (month.strftime("%Y-%m"),)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def issued_rows(conn: sqlite3.Connection, month: date, client: str | None) -> list[IssuedRow]:
+    """The closed month's ``statements`` rows (optionally one client), by client."""
+    sql = (
+        f"SELECT client_org_id, closed_at, {_SUMS} FROM statements WHERE usage_month = ?"
+        + (" AND client_org_id = ?" if client is not None else "")
+        + " ORDER BY client_org_id"
+    )
+    label = month.strftime("%Y-%m")
+    params: tuple[str, ...] = (label,) if client is None else (label, client)
+    return [IssuedRow(*row) for row in conn.execute(sql, params).fetchall()]
+
+
+def adjustment_rows(
+    conn: sqlite3.Connection, month: date, client: str | None, *, closed: bool
+) -> list[AdjustmentRow]:
+    """Of a closed month: the adjustments of its dates (every one is recorded after its
+    close). Of an open month: the adjustments that land on it. In the order recorded."""
+    if _relation_kind(conn, "adjustments") is None:
+        return []
+    start, end = month_bounds(month)
+    where, params = (
+        ("usage_date >= ? AND usage_date < ?", [start, end])
+        if closed
+        else ("statement_month = ?", [month.strftime("%Y-%m")])
+    )
+    if client is not None:
+        where += " AND client_org_id = ?"
+        params.append(client)
+    rows = conn.execute(
+        f"SELECT id, client_org_id, usage_date, statement_month, {_SUMS}, reason, created_at"
+        f" FROM adjustments WHERE {where} ORDER BY id",
+        params,
+    ).fetchall()
+    return [AdjustmentRow(*row) for row in rows]
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:

@@ -25,6 +25,8 @@ from weakref import WeakKeyDictionary
 
 import aiosqlite
 
+from tables.schema_billing import BILLING_MIGRATIONS
+
 __all__ = [
     "MIGRATIONS",
     "connect",
@@ -431,6 +433,10 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         ],
     ),
 ]
+
+
+# The billing features' migrations (versions 20 and up) come after the core ones.
+MIGRATIONS.extend(BILLING_MIGRATIONS)
 
 
 def json_for_sqlite(payload: bytes) -> str | None:

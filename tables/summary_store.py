@@ -9,6 +9,10 @@ transaction. A batch-log record read again is below the stored next offset and s
 and a rollup pass applied twice finds nothing pending, so nothing counts twice; the cost
 of closing a day is its number of summary keys, not its events.
 
+Markup is the price book's (tables/pricebook.py): each row's multiplier for its date,
+client and model, recorded in ``markup_multiplier``. A merge into a month whose statement
+is issued records the difference in ``adjustments`` (tables/statements.py).
+
 Open days have provisional rows in ``usage_daily_open`` (rewritten at every pass), which
 the view ``usage_daily_live`` shows beside ``usage_daily``.
 """
@@ -27,7 +31,9 @@ import aiosqlite
 import orjson
 
 from streams.money import NanoScaler, nano_to_float
+from tables.pricebook import load_pricebook, multiplier_text
 from tables.schema import json_for_sqlite, utc_now_text, write_transaction
+from tables.statements import Usage, month_is_closed, record_adjustments, usage_of_values
 
 __all__ = [
     "DAILY_COLUMNS",
@@ -40,6 +46,7 @@ __all__ = [
     "pending_dates",
     "refresh_open_days",
     "rollup_day",
+    "summary_values",
     "upsert_summary_values",
     "write_summaries",
 ]
@@ -164,8 +171,10 @@ VALUE_COLUMNS = (
     "markup_cost_pln",
     "usd_pln_rate",
     "nbp_table_no",
+    "markup_multiplier",
 )
-#: Every ``usage_daily`` column, in table order.
+#: Every ``usage_daily`` column (``markup_multiplier`` is last in the table itself: it
+#: came with migration 20).
 DAILY_COLUMNS = (*KEY_COLUMNS, *VALUE_COLUMNS, "revision", "updated_at")
 _UPSERT = f"""
 INSERT INTO usage_daily (
@@ -185,7 +194,7 @@ def _json_rows(revision: int) -> str:
     return f"""SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
     value->>6, value->>7, value->>8, value->>9, value->>10, value->>11,
     (value->>9) / 1e9, (value->>10) / 1e9, (value->>11) / 1e9,
-    value->>12, value->>13, {revision}, value->>14
+    value->>12, value->>13, value->>14, {revision}, value->>15
 FROM json_each(?)"""
 
 
@@ -219,17 +228,34 @@ INSERT OR REPLACE INTO usage_daily_open ({_OPEN_COLUMNS}, revision, updated_at)
 """
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _scaler(factor: Decimal) -> NanoScaler:
     """:func:`streams.money.scale_nano` by a fixed factor, without a Decimal per row."""
     return NanoScaler(factor)
+
+
+@functools.lru_cache(maxsize=256)
+def _markup_text(factor: Decimal) -> str:
+    return multiplier_text(factor)
+
+
+#: The multiplier of each row: one for all (a Decimal), or the price book's for the
+#: row's date (:class:`tables.pricebook.DayMarkups`, called with client and model).
+Markups = Decimal | Callable[[str, str], Decimal]
+
+
+def _markup_of(markups: Markups) -> Callable[[str, str], Decimal]:
+    if isinstance(markups, Decimal):
+        return lambda client, model: markups
+    return markups
 
 
 def _summary_values(
     row: SummaryRow, markup: Decimal, rate: Rate | None, updated_at: str
 ) -> tuple[object, ...]:
     """The ``usage_daily`` values of one row (key, then ``VALUE_COLUMNS`` order, then
-    ``updated_at``): markup and PLN applied per row, half-even."""
+    ``updated_at``): markup and PLN applied per row, half-even; ``markup`` is the row's
+    multiplier, recorded in ``markup_multiplier``."""
     markup_nano = _scaler(markup)(row.raw_cost_nano)
     pln_nano = _scaler(rate.mid)(markup_nano) if rate is not None else None
     return (
@@ -250,14 +276,25 @@ def _summary_values(
         nano_to_float(pln_nano),
         str(rate.mid) if rate is not None else None,
         rate.table_no if rate is not None else None,
+        _markup_text(markup),
         updated_at,
     )
+
+
+def summary_values(
+    rows: Sequence[SummaryRow], markups: Markups, rate: Rate | None, updated_at: str
+) -> list[tuple[object, ...]]:
+    """:func:`_summary_values` of every row, each with its own multiplier."""
+    markup = _markup_of(markups)
+    return [
+        _summary_values(row, markup(row.client_org_id, row.model), rate, updated_at) for row in rows
+    ]
 
 
 async def write_summaries(
     conn: aiosqlite.Connection,
     rows: Sequence[SummaryRow],
-    markup: Decimal,
+    markups: Markups,
     rate: Rate | None,
 ) -> int:
     """Upsert rows inside the caller's transaction; returns rows inserted or changed.
@@ -265,8 +302,7 @@ async def write_summaries(
     Unchanged rows are left alone (same ``revision``), so re-running a rollup or a replay
     over the same events changes nothing.
     """
-    updated_at = utc_now_text()
-    values = [_summary_values(r, markup, rate, updated_at) for r in rows]
+    values = summary_values(rows, markups, rate, utc_now_text())
     return await upsert_summary_values(conn, values)
 
 
@@ -282,16 +318,21 @@ async def upsert_summary_values(
     busy (the replay's replace) binding is faster, because ``value->>N`` re-parses each
     row's JSON text per column: 78k rows took 1.0 s as JSON and 0.4 s bound, here.
     """
-    before = conn.total_changes
+    if not values:
+        return 0
     # in key order: neighbouring rows land on the same B-tree pages (78k rows into a
     # date's 236k: 1.23 -> 0.70 s bound, 2.79 -> 1.80 s as JSON, here)
     values = sorted(values, key=_row_key)
     payload = None if row_by_row else _as_json(values)
     if payload is None:
-        await conn.executemany(_UPSERT, values)
+        cursor = await conn.executemany(_UPSERT, values)
     else:
-        await conn.execute(_UPSERT_JSON, (payload,))
-    return conn.total_changes - before
+        cursor = await conn.execute(_UPSERT_JSON, (payload,))
+    # the statement's own rows (sqlite3_changes), not total_changes: that also counts
+    # what the totals' triggers write (schema migration 21)
+    changed = cursor.rowcount
+    await cursor.close()
+    return changed
 
 
 def _row_key(values: Sequence[object]) -> Sequence[object]:
@@ -315,6 +356,24 @@ def _as_json(values: Sequence[tuple[object, ...]]) -> str | None:
 RateLookup = Callable[[aiosqlite.Connection, date], Awaitable[Rate | None]]
 
 
+async def _stored_usage(conn: aiosqlite.Connection, day: str) -> dict[tuple, Usage]:
+    """The stored sums of the date's rows that have pending increments (what a merge
+    changes: the "before" of an adjustment)."""
+    async with conn.execute(_STORED_USAGE_SQL, (day,)) as cursor:
+        return {(*row[:3], day): Usage(*row[3:]) for row in await cursor.fetchall()}
+
+
+_STORED_USAGE_SQL = """
+    SELECT d.client_org_id, d.user_id, d.model, d.requests, d.estimated_requests,
+           d.input_tokens, d.output_tokens, d.total_tokens, d.raw_cost_nano,
+           d.markup_cost_nano, d.markup_cost_pln_nano
+    FROM daily_pending p JOIN summary_keys k USING (key_id)
+    JOIN usage_daily d ON d.client_org_id = k.client_org_id AND d.user_id = k.user_id
+        AND d.model = k.model AND d.usage_date = p.usage_date
+    WHERE p.usage_date = ?
+"""
+
+
 async def rollup_day(
     conn: aiosqlite.Connection,
     usage_date: date | str,
@@ -324,18 +383,31 @@ async def rollup_day(
     """Move one date's pending increments into ``usage_daily``, in one transaction.
 
     The rate is looked up inside the transaction, so a concurrent PLN fill by the refresh
-    is never overwritten with a stale "no rate yet". Marks the date closed (so later events
-    for it count as late) and deletes its pending rows.
+    is never overwritten with a stale "no rate yet". Each row is priced with the price
+    book's multiplier for its date, client and model (``markup``: the default one). Marks
+    the date closed (so later events for it count as late) and deletes its pending rows.
+    A merge into a month whose statement is closed records the difference per client in
+    ``adjustments`` (reason ``late_events``; tables/statements.py).
     """
     day = usage_date if isinstance(usage_date, str) else usage_date.isoformat()
     async with write_transaction(conn):
         rate = await rate_lookup(conn, date.fromisoformat(day))
+        markups = (await load_pricebook(conn, markup)).for_day(day)
         was_closed = bool(await closed_days(conn, [day]))
         pending = await _summary_rows(conn, _PENDING_SQL, day)
         stored = {row.key: row for row in await _summary_rows(conn, _STORED_SQL, day)}
         late = await _late_events(conn, day)
         rows = [stored[row.key].plus(row) if row.key in stored else row for row in pending]
-        written = await write_summaries(conn, rows, markup, rate)
+        values = summary_values(rows, markups, rate, utc_now_text())
+        before = await _stored_usage(conn, day) if await month_is_closed(conn, day[:7]) else None
+        written = await upsert_summary_values(conn, values)
+        if before is not None:
+            await record_adjustments(
+                conn,
+                day,
+                ((str(v[0]), before.get(tuple(v[:4])), usage_of_values(v)) for v in values),
+                "late_events",
+            )
         await conn.execute("DELETE FROM daily_pending WHERE usage_date = ?", (day,))
         await conn.execute("DELETE FROM usage_daily_open WHERE usage_date = ?", (day,))
         await conn.execute(
@@ -358,12 +430,15 @@ async def refresh_open_days(
     rate_lookup: RateLookup,
 ) -> int:
     """Bring the provisional rows of the open dates (``usage_daily_live``, final = 0) up
-    to their pending totals, with the same money rules as a closed day. Only keys whose
-    totals changed since the last pass are rewritten (``live_dirty``), so a pass costs
-    what arrived since the previous one, not the size of the day."""
+    to their pending totals, with the same money rules as a closed day (the price book's
+    multipliers; ``markup`` is the default one). Only keys whose totals changed since the
+    last pass are rewritten (``live_dirty``; a new price-book rule marks the dates it
+    covers), so a pass costs what arrived since the previous one, not the size of the
+    day."""
     written = 0
     async with write_transaction(conn):
         now = utc_now_text()
+        book = await load_pricebook(conn, markup) if open_dates else None
         for day in open_dates:
             rate = await rate_lookup(conn, date.fromisoformat(day))
             async with conn.execute(
@@ -378,7 +453,8 @@ async def refresh_open_days(
             rows = await _summary_rows(conn, _PENDING_SQL + " AND p.live_dirty = 1", day)
             if not rows:
                 continue
-            values = [_summary_values(row, markup, rate, now) for row in rows]
+            assert book is not None
+            values = summary_values(rows, book.for_day(day), rate, now)
             payload = _as_json(values)
             if payload is None:
                 await conn.executemany(_OPEN_UPSERT, values)

@@ -81,12 +81,13 @@ def ground_truth(
     events: Iterable[dict],
     prices: Prices | None = None,
     rate_for: RateFor | None = None,
-    markup: Decimal = MARKUP,
+    markup: Decimal | Callable[[Key], Decimal] = MARKUP,
 ) -> dict[Key, Expected]:
     """Expected rows of the unique events (the first copy of a request_id counts).
 
     ``rate_for`` gives the NBP rate that applies to a usage date (None: PLN unknown, as
-    when NBP cannot be reached)."""
+    when NBP cannot be reached); ``markup`` the multiplier, or the multiplier of each row
+    by its key (a price book)."""
     seen: set[str] = set()
     totals: dict[Key, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     for event in events:
@@ -105,7 +106,8 @@ def ground_truth(
     for key, (inp, out, requests, estimated, raw) in totals.items():
         rate = rate_for(date.fromisoformat(key[3])) if rate_for else None
         table_no, mid = rate if rate is not None else (None, None)
-        marked_up = half_even(Decimal(raw) * markup)
+        factor = markup(key) if callable(markup) else markup
+        marked_up = half_even(Decimal(raw) * factor)
         pln = half_even(Decimal(marked_up) * mid) if mid is not None else None
         expected[key] = Expected(
             inp,

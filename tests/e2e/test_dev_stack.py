@@ -138,11 +138,14 @@ def test_dev_demo_shows_a_bill_within_a_minute_and_stops_in_order(tmp_path: Path
     # the banner ends with what to look at: a report command and the /usage URL
     banner = {
         found.group(1): found.group(2).strip()
-        for line in output[:12]
+        for line in output[:16]
         if (found := re.match(r"([a-z][a-z ]*):\s+(.*)", line))
     }
-    for key in ("broker", "worker", "summaries", "raw points", "metrics", "demo"):
+    for key in ("broker", "worker", "summaries", "raw points", "metrics", "demo", "query"):
         assert key in banner, text
+    # the demo's budget and price-book rule, set before the worker started
+    assert banner["budget"].startswith("org-1 10 USD a month, alerts at 50,80,100 %"), text
+    assert banner["markup"].startswith(f"org-2 x1.5 from {today}, others x1.3"), text
     report_words = shlex.split(banner["report"])
     assignments = dict(word.split("=", 1) for word in report_words if "=" in word)
     command = [word for word in report_words if "=" not in word]
@@ -205,6 +208,26 @@ def test_dev_demo_shows_a_bill_within_a_minute_and_stops_in_order(tmp_path: Path
             "SELECT COUNT(DISTINCT usage_date) FROM usage_daily WHERE usage_date < ?",
             (today.isoformat(),),
         ).fetchone()[0]
+        budgets = db.execute("SELECT client_org_id, monthly_limit_nano FROM client_budgets")
+        assert budgets.fetchall() == [("org-1", 10_000_000_000)]
+        rules = db.execute(
+            "SELECT client_org_id, model, multiplier, effective_from FROM markup_rules"
+        )
+        assert rules.fetchall() == [("org-2", None, "1.5", today.isoformat())]
+        # org-2's open day is priced by its rule, its closed days and the others' by default
+        priced = db.execute(
+            "SELECT DISTINCT client_org_id, usage_date = ?, markup_multiplier"
+            " FROM usage_daily_live",
+            (today.isoformat(),),
+        ).fetchall()
+        assert {(client, bool(now)): x for client, now, x in priced} == {
+            ("org-1", False): "1.3",
+            ("org-1", True): "1.3",
+            ("org-2", False): "1.3",
+            ("org-2", True): "1.5",
+            ("org-3", False): "1.3",
+            ("org-3", True): "1.3",
+        }
     finally:
         db.close()
     assert past >= 2  # three backfilled days; yesterday may wait for its grace hour

@@ -290,6 +290,92 @@ def test_lag_alerts_fire_on_backlogs_only(tmp_path: Path) -> None:
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
 
 
+# The budget alerts -------------------------------------------------------------------------
+
+
+def budget_rule_tests() -> dict:
+    """A client crossing its budget, one staying under it, and webhooks that fail for a
+    moment (a restart of the receiver) or for good."""
+    instance = 'job="usage-stream", instance="w1:6066"'
+
+    def ratio(client: str, values: Sequence[float]) -> dict:
+        return {
+            "series": f'usage_stream_budget_used_ratio{{{instance}, client_org_id="{client}"}}',
+            "values": " ".join(f"{v:g}" for v in values),
+        }
+
+    def undelivered(values: Sequence[int]) -> dict:
+        return {
+            "series": f"usage_stream_budget_alerts_undelivered{{{instance}}}",
+            "values": " ".join(str(v) for v in values),
+        }
+
+    def exceeded(client: str, percent: str) -> dict:
+        return {
+            "exp_labels": {
+                "severity": "info",
+                "job": "usage-stream",
+                "instance": "w1:6066",
+                "client_org_id": client,
+            },
+            "exp_annotations": {
+                "summary": f"client {client} has used {percent} of its monthly budget"
+            },
+        }
+
+    def failing(count: int) -> dict:
+        return {
+            "exp_labels": {"severity": "warning", "job": "usage-stream", "instance": "w1:6066"},
+            "exp_annotations": {
+                "summary": f"{count} budget alerts not delivered for 15 min on w1:6066:"
+                " the webhook fails"
+            },
+        }
+
+    def checks(name: str, expect: dict[int, list[dict]]) -> list[dict]:
+        return [
+            {"eval_time": f"{minute}m", "alertname": name, "exp_alerts": alerts}
+            for minute, alerts in expect.items()
+        ]
+
+    spend = [min(m / 40, 1.25) for m in range(MINUTES)]  # 100 % at minute 40
+    return {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "name": "one client over its budget, one under",
+                "interval": "1m",
+                "input_series": [ratio("org-a", spend), ratio("org-b", [0.5] * MINUTES)],
+                "alert_rule_test": checks(
+                    "UsageStreamBudgetExceeded",
+                    {39: [], 40: [exceeded("org-a", "100%")], 90: [exceeded("org-a", "125%")]},
+                ),
+            },
+            {
+                "name": "a receiver restarting for 5 minutes, then one down for good",
+                "interval": "1m",
+                "input_series": [
+                    undelivered([0] * 10 + [1] * 5 + [0] * 15 + [2] * (MINUTES - 30)),
+                ],
+                "alert_rule_test": checks(
+                    "UsageStreamBudgetWebhookFailing",
+                    {14: [], 20: [], 44: [], 46: [failing(2)], 120: [failing(2)]},
+                ),
+            },
+        ],
+    }
+
+
+def test_budget_alerts_fire_on_spend_and_on_webhooks_failing_for_long(tmp_path: Path) -> None:
+    tests = tmp_path / "budget_alerts_test.yml"
+    tests.write_text(yaml.safe_dump(budget_rule_tests(), sort_keys=False))
+    result = subprocess.run(
+        [binary("promtool"), "test", "rules", str(tests)], capture_output=True, timeout=120
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
 def backlog_events(prefix: str, count: int) -> list[bytes]:
     return [
         orjson.dumps(

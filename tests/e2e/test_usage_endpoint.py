@@ -43,6 +43,7 @@ COLUMNS = {
     "markup_cost_pln",
     "usd_pln_rate",
     "nbp_table_no",
+    "markup_multiplier",
     "revision",
     "updated_at",
     "final",

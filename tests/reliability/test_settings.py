@@ -64,6 +64,8 @@ CONTRACT_SETTINGS = {
     "KAFKA_SASL_USERNAME",
     "KAFKA_SASL_PASSWORD",
     "KAFKA_SSL_CAFILE",
+    "BUDGET_WEBHOOK_URL",
+    "STATEMENT_GRACE_DAYS",
 }
 
 # Placeholders replaced per test run: a regular file, a directory, a file that is not PEM.
@@ -169,6 +171,14 @@ CASES = [
     Case("WEB_PORT", {"WEB_PORT": "http"}),
     Case("WEB_HOST", {"WEB_HOST": "not a host"}, cli=True),
     Case("SUMMARY_WRITER", {"SUMMARY_WRITER": "perhaps"}, cli=True),
+    Case("STATEMENT_GRACE_DAYS", {"STATEMENT_GRACE_DAYS": "-1"}),
+    Case("STATEMENT_GRACE_DAYS", {"STATEMENT_GRACE_DAYS": "3.5"}),
+    Case("STATEMENT_GRACE_DAYS", {"STATEMENT_GRACE_DAYS": "9999"}, cli=True),
+    # a webhook URL's path is a token: the message never shows it
+    Case("BUDGET_WEBHOOK_URL", {"BUDGET_WEBHOOK_URL": f"hooks.example.com/{SECRET}"}, cli=True),
+    Case("BUDGET_WEBHOOK_URL", {"BUDGET_WEBHOOK_URL": f"ftp://hooks.example.com/{SECRET}"}),
+    Case("BUDGET_WEBHOOK_URL", {"BUDGET_WEBHOOK_URL": f"https://h:99999/{SECRET}"}),
+    Case("BUDGET_WEBHOOK_URL", {"BUDGET_WEBHOOK_URL": f"https://h/{SECRET}\n"}),
 ]
 
 

@@ -307,7 +307,8 @@ def test_replay_restores_a_damaged_day_exactly_and_touches_nothing_else(stack: S
         "INSERT INTO usage_daily SELECT 'org-ghost', user_id, model, usage_date, input_tokens,"
         " output_tokens, total_tokens, requests, estimated_requests, raw_cost_nano,"
         " markup_cost_nano, markup_cost_pln_nano, raw_cost_usd, markup_cost_usd,"
-        " markup_cost_pln, usd_pln_rate, nbp_table_no, revision, updated_at FROM usage_daily"
+        " markup_cost_pln, usd_pln_rate, nbp_table_no, revision, updated_at,"
+        " markup_multiplier FROM usage_daily"
     )
     damage = [("DELETE FROM usage_daily" + row_sql, key) for key in deleted]
     damage += [

@@ -50,6 +50,15 @@ MARCH_ROWS = [
      66_000_000_000, 85_800_000_000, 340_000_000_000, "3.9000", "063/A/NBP/2025"),
 ]  # fmt: skip
 
+# the columns after the amounts tell statement lines from adjustment lines
+STATEMENT_LINE = {
+    "line": "statement",
+    "adjustment_id": "",
+    "usage_date": "",
+    "reason": "",
+    "statement_month": "",
+    "recorded_at": "",
+}
 # org-1 in March 2025, by hand: 10+5+3+1 requests, 1_234_567_891+500_000_000+9_999_999_999+7
 # raw nano, 1_604_938_258+650_000_000+12_999_999_999+9 markup nano; PLN pending (03-31).
 ORG1 = {
@@ -68,6 +77,7 @@ ORG1 = {
     "final": "1",
     "provisional_dates": "",
     "pln_pending_dates": "2025-03-31",
+    **STATEMENT_LINE,
 }
 QUOTED = {
     "usage_month": "2025-03",
@@ -85,6 +95,7 @@ QUOTED = {
     "final": "1",
     "provisional_dates": "",
     "pln_pending_dates": "",
+    **STATEMENT_LINE,
 }
 HEADER = list(ORG1)
 

@@ -152,9 +152,7 @@ async def test_migration_6_drops_the_ledger_and_keeps_source_offsets(tmp_path: P
     db = sqlite3.connect(path)
     try:
         assert _names(db, *LEDGER) == set()
-        assert db.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (
-            MIGRATIONS[-1][0],
-        )
+        assert db.execute("SELECT 1 FROM schema_migrations WHERE version = 6").fetchone()
         assert db.execute(
             "SELECT topic, partition, next_offset FROM source_offsets ORDER BY 2"
         ).fetchall() == [("usage-events", 0, 8), ("usage-events", 1, 3)]

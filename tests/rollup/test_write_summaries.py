@@ -60,12 +60,11 @@ async def _write(
         for rows in batches:
             async with write_transaction(conn):
                 if one_by_one:  # the row-by-row upsert, as before
-                    before = conn.total_changes
                     values = [
                         summary_store._summary_values(r, Decimal("1.3"), rate, "t") for r in rows
                     ]
-                    await conn.executemany(summary_store._UPSERT, values)
-                    changed.append(conn.total_changes - before)
+                    cursor = await conn.executemany(summary_store._UPSERT, values)
+                    changed.append(cursor.rowcount)  # usage_daily's rows, not the triggers
                 else:
                     changed.append(await write_summaries(conn, rows, Decimal("1.3"), rate))
                 # the open days' provisional rows (refresh_open_days), both ways too
