@@ -62,11 +62,11 @@ import mode
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import ConsumerStoppedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
 from agents.conditions import ConditionLog, until_done
+from agents.home_assignor import sticky_home_assignor
 from agents.home_state import ChainBroken, HomePartition, Rebuilder
 from agents.prices_feed import PricesFeed
 from streams.app import app, settings
@@ -78,7 +78,7 @@ from streams.batch_log import (
     encode_parts,
     record_mark,
 )
-from streams.broker import kafka_client_kwargs
+from streams.broker import kafka_client_kwargs, leave_group_on_stop
 from streams.business_time import UsageDates
 from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
 from streams.gc_tuning import tune_for_batches
@@ -169,7 +169,7 @@ class _Rebalance(ConsumerRebalanceListener):
         await self.owner.partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self.owner.partitions_assigned(assigned)
+        self.owner.partitions_assigned(assigned)
 
 
 class HotPath(mode.Service):
@@ -190,6 +190,11 @@ class HotPath(mode.Service):
         self.owned: set[int] = set()
         #: home partitions assigned but held: their batch log cannot be followed (why)
         self.held: dict[int, str] = {}
+        #: assigned home partitions whose state is being rebuilt (paused meanwhile)
+        self.rebuilding: dict[int, asyncio.Future[None]] = {}
+        self.joined = False  # an assignment is in force (False from a revoke to the next)
+        self.consumer_started = False
+        self.phase_started = time.monotonic()
         self.epochs: dict[int, int] = {}
         self.committed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
         self._seeks: dict[TopicPartition, int] = {}  # seeks we made, per partition
@@ -229,10 +234,15 @@ class HotPath(mode.Service):
         self.consumer = AIOKafkaConsumer(
             **client,
             group_id=settings.APP_ID,
+            # static membership (KIP-345): a worker that restarts with its WORKER_ID
+            # (after a crash too) takes its member's place without waiting for the dead
+            # one's session to expire; on a clean stop it leaves the group (on_stop)
+            group_instance_id=settings.WORKER_ID if settings.KAFKA_STATIC_MEMBERSHIP else None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            # partition p of the usage and the rerouted topic to the same worker
-            partition_assignment_strategy=(RangePartitionAssignor,),
+            # partition p of the usage and the rerouted topic to the same worker, kept
+            # with the worker that holds its state (agents/home_assignor.py)
+            partition_assignment_strategy=(sticky_home_assignor(lambda: set(self.states)),),
             session_timeout_ms=int(settings.KAFKA_SESSION_TIMEOUT_SECONDS * 1000),
             rebalance_timeout_ms=int(settings.KAFKA_REBALANCE_TIMEOUT_SECONDS * 1000),
             heartbeat_interval_ms=int(settings.KAFKA_HEARTBEAT_INTERVAL_SECONDS * 1000),
@@ -242,7 +252,9 @@ class HotPath(mode.Service):
         )
         self.consumer.subscribe([self.topic, self.rerouted_topic], listener=_Rebalance(self))
         await self.prices.start()
-        await self.consumer.start()
+        # the consumer starts in _consume: aiokafka's start() returns only once the group
+        # has assigned partitions (seconds), and the worker's other services (the summary
+        # writer, the web server's /ready) must not wait for that
 
     async def on_stop(self) -> None:
         """Let the batch in flight finish (briefly): one stuck on an outage is cancelled,
@@ -251,8 +263,11 @@ class HotPath(mode.Service):
             log.warning("hot path: stopping with a batch in flight; it will be redelivered")
             if self._committing is not None:
                 self._committing.cancel()
+        for task in list(self.rebuilding.values()):
+            task.cancel()
         if self.consumer is not None:
-            await self.consumer.stop()
+            leave_group_on_stop(self.consumer)
+            await self.consumer.stop()  # (also one whose start() was cancelled)
         if self.rebuilder is not None:
             await self.rebuilder.stop()
         if self.producer is not None:
@@ -262,34 +277,60 @@ class HotPath(mode.Service):
 
     # Rebalancing ------------------------------------------------------------------------
 
-    async def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Bring each new home partition's state up to its chain head, then read on from
-        the head's positions."""
+    def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Pause the new home partitions and rebuild their states in the background.
+
+        Nothing waits here: aiokafka runs this callback inside its join, where no
+        heartbeat is sent, and a rebuild (every request id of ``LEDGER_RETENTION_DAYS``)
+        can outlast the session timeout: a member expelled mid-rebuild, a reshuffle, a
+        rebalance storm. So each partition is paused until :meth:`_rebuild` has brought
+        its state up to the chain head, then sought there and resumed; meanwhile the
+        group sees a live member, and the other partitions are consumed. States of
+        partitions not assigned again are freed now (aiokafka revokes everything at
+        every rebalance: kept ones only catch up the tail)."""
         assert self.consumer is not None
         if self.rebuilder is None:
             self.partitions = len(self.consumer.partitions_for_topic(self.topic) or ())
             self.rebuilder = Rebuilder(settings, self.partitions)
         homes = sorted({tp.partition for tp in assigned if tp.topic == self.topic})
+        for partition in set(self.states) - set(homes):
+            del self.states[partition]
+        self.consumer.pause(*assigned)
         for partition in homes:
-            try:
-                state = await self._until_done(
-                    "rebuild",
-                    lambda p=partition: self.rebuilder.catch_up(self.states.get(p), p),  # type: ignore[union-attr]
-                    None,
-                )
-            except ChainBroken as broken:
-                self._hold(partition, str(broken))
-                continue
+            self.rebuilding[partition] = asyncio.ensure_future(self._rebuild(partition))
+        self.joined = True
+        log.info("hot path: assigned home partitions %s; rebuilding their state", homes)
+
+    async def _rebuild(self, partition: int) -> None:
+        """One assigned home partition up to its chain head, then owned and read from
+        the head's positions (:meth:`partitions_assigned`)."""
+        assert self.rebuilder is not None and self.consumer is not None
+        rebuilder = self.rebuilder
+        try:
+            state = await self._until_done(
+                "rebuild",
+                lambda: rebuilder.catch_up(self.states.get(partition), partition),
+                None,
+            )
             offsets = await self._head_offsets(state)
-            # from here to the seeks without an await: the loop fetches while this
-            # callback runs, and a record of an owned partition read from anywhere but the
-            # head would be claimed as read from the head on (lost, if this worker died
-            # before reading the stretch in between)
-            self.states[partition] = state
-            self.owned.add(partition)
-            self.epochs[partition] = self.epochs.get(partition, 0) + 1
-            self._move_to_head(state, offsets)
-        log.info("hot path: assigned home partitions %s", homes)
+        except ChainBroken as broken:
+            self._hold(partition, str(broken))
+            return
+        finally:
+            self.rebuilding.pop(partition, None)
+        tps = [tp for tp in self.consumer.assignment() if tp.partition == partition]
+        if not tps:  # revoked meanwhile
+            return
+        # from here to the seeks without an await: the loop fetches meanwhile, and a
+        # record of an owned partition read from anywhere but the head would be claimed
+        # as read from the head on (lost, if this worker died before reading the stretch
+        # in between)
+        self.states[partition] = state
+        self.owned.add(partition)
+        self.epochs[partition] = self.epochs.get(partition, 0) + 1
+        self._move_to_head(state, offsets)
+        self.consumer.resume(*tps)
+        log.info("hot path: home partition %d rebuilt; consuming", partition)
 
     async def _head_offsets(self, state: HomePartition) -> dict[TopicPartition, int]:
         """Where the partition's usage and rerouted records are read from: the chain
@@ -344,8 +385,16 @@ class HotPath(mode.Service):
         )
 
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        """Finish the append in flight (briefly); the states stay for a later return."""
+        """Finish the append in flight (briefly) and stop the rebuilds of the revoked
+        partitions; the states stay until the next assignment says whether they are
+        still ours."""
+        self.joined = False
         await self._settle(STOP_GRACE_SECONDS)
+        homes = {tp.partition for tp in revoked if tp.topic == self.topic}
+        stopping = [task for p, task in self.rebuilding.items() if p in homes]
+        for task in stopping:
+            task.cancel()
+        await asyncio.gather(*stopping, return_exceptions=True)
         for tp in revoked:
             if tp.topic == self.topic:
                 self.owned.discard(tp.partition)
@@ -405,6 +454,9 @@ class HotPath(mode.Service):
         """While batch N is appended to the batch log, batch N+1 is fetched, validated,
         deduplicated and written to the raw sink. Appends keep the batches' order."""
         assert self.consumer is not None
+        self.phase_started = time.monotonic()
+        await self.consumer.start()
+        self.consumer_started = True
         while not self.should_stop:
             records = self._order_for_fences(await self._next_batch())
             if not records:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -39,6 +40,7 @@ __all__ = [
     "free_port",
     "kafka_client_kwargs",
     "kafka_ssl_context",
+    "leave_group_on_stop",
     "stop_process",
 ]
 
@@ -202,6 +204,22 @@ async def _ensure_internal_topics(
                 " back, or start a new pipeline (another APP_ID) and replay into it"
             )
     return counts
+
+
+def leave_group_on_stop(consumer: AIOKafkaConsumer) -> None:
+    """Make the static member ``consumer`` leave its group when it stops.
+
+    aiokafka (0.12-0.14) sends no LeaveGroup for a member with a ``group_instance_id``,
+    as KIP-345 intends for rolling restarts. But a worker told to stop may not come back
+    (scale-down, a host retired): then its partitions would wait out the session timeout
+    (measured on the test broker: 19 s for another member to take them with a 10 s
+    session, 9 s after a LeaveGroup). A restart that follows joins again at once either
+    way. This clears the instance id on the coordinator object just before ``stop()``,
+    so its own leave code runs: private API, checked against the pinned aiokafka range
+    by tests/e2e/test_membership.py."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is not None and hasattr(coordinator, "_group_instance_id"):
+        coordinator._group_instance_id = None
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

@@ -139,6 +139,7 @@ async def run_dev_stack(settings: Settings, demo: bool, rate: int) -> None:
         "KAFKA_REBALANCE_TIMEOUT_SECONDS": os.environ.get("KAFKA_REBALANCE_TIMEOUT_SECONDS", "10"),
         "KAFKA_HEARTBEAT_INTERVAL_SECONDS": os.environ.get("KAFKA_HEARTBEAT_INTERVAL_SECONDS", "1"),
         "RECOVERY_CONSISTENCY_CHECK": "false",  # Tansu's end offsets are wrong
+        "KAFKA_STATIC_MEMBERSHIP": "false",  # wedges Tansu groups (streams/settings.py)
     }
     worker_log = settings.DATA_DIR / "worker.log"
     with worker_log.open("ab") as log_file:
