@@ -398,8 +398,9 @@ def test_lag_of_a_real_backlog_only_covers_the_source_topic(stack: Stack, promet
     """A real backlog: events published while the worker is stopped; it restarts with its
     raw files unwritable (``DATA_DIR/raw`` is a file: a broken disk), so nothing can be
     recorded. The lag is exactly the backlog, on the source topic's partitions only
-    (and no Faust topic exists: Faust runs no Kafka client, streams/app.py); the alert expressions (threshold
-    scaled down to the test's backlog) hold on the real scrape; once the directory is
+    (and no Faust topic exists: Faust runs no Kafka client, streams/app.py); the alert
+    expressions (threshold scaled down to the test's backlog) hold on the real scrape;
+    once the directory is
     back the backlog drains and the lag falls to 0, in the worker and in Prometheus."""
     backlog = 4_000
     worker = stack.worker().start()
