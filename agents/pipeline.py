@@ -78,7 +78,7 @@ from streams.batch_log import (
     encode_parts,
     record_mark,
 )
-from streams.broker import kafka_client_kwargs, leave_group_on_stop
+from streams.broker import kafka_client_kwargs, leave_group
 from streams.business_time import UsageDates
 from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
 from streams.gc_tuning import tune_for_batches
@@ -105,7 +105,7 @@ __all__ = ["HotPath", "hot_path"]
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_SECONDS = 10.0
+STOP_GRACE_SECONDS = 5.0
 #: the largest record (with its headers) the hot path's producer sends: under Apache
 #: Kafka's default max.message.bytes, 1,048,588 B, which also counts the record batch's
 #: ~70 B of overhead
@@ -266,8 +266,12 @@ class HotPath(mode.Service):
         for task in list(self.rebuilding.values()):
             task.cancel()
         if self.consumer is not None:
-            leave_group_on_stop(self.consumer)
-            await self.consumer.stop()  # (also one whose start() was cancelled)
+            if await leave_group(self.consumer):
+                log.info("hot path: left the consumer group %s", settings.APP_ID)
+            try:
+                await asyncio.wait_for(self.consumer.stop(), STOP_GRACE_SECONDS)
+            except TimeoutError:  # a join the broker has not answered yet: let it be
+                log.warning("hot path: the consumer did not stop in %.0f s", STOP_GRACE_SECONDS)
         if self.rebuilder is not None:
             await self.rebuilder.stop()
         if self.producer is not None:

@@ -25,6 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
+from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 
 from streams.metrics import TOPIC_CONFIG_PROBLEMS
 from streams.settings import Settings
@@ -40,7 +41,7 @@ __all__ = [
     "free_port",
     "kafka_client_kwargs",
     "kafka_ssl_context",
-    "leave_group_on_stop",
+    "leave_group",
     "stop_process",
 ]
 
@@ -206,20 +207,30 @@ async def _ensure_internal_topics(
     return counts
 
 
-def leave_group_on_stop(consumer: AIOKafkaConsumer) -> None:
-    """Make the static member ``consumer`` leave its group when it stops.
+async def leave_group(consumer: AIOKafkaConsumer, timeout: float = 2.0) -> bool:
+    """Send the group's coordinator a LeaveGroup for ``consumer``'s member, before
+    ``consumer.stop()``; True when the coordinator took it.
 
-    aiokafka (0.12-0.14) sends no LeaveGroup for a member with a ``group_instance_id``,
-    as KIP-345 intends for rolling restarts. But a worker told to stop may not come back
-    (scale-down, a host retired): then its partitions would wait out the session timeout
-    (measured on the test broker: 19 s for another member to take them with a 10 s
-    session, 9 s after a LeaveGroup). A restart that follows joins again at once either
-    way. This clears the instance id on the coordinator object just before ``stop()``,
-    so its own leave code runs: private API, checked against the pinned aiokafka range
-    by tests/e2e/test_membership.py."""
+    Why not leave it to aiokafka (0.12-0.14): it sends no LeaveGroup for a static member
+    (``group_instance_id``), as KIP-345 intends for rolling restarts, nor in the group's
+    first generation when the broker numbers it 0 (the test broker does; Apache Kafka
+    starts at 1). But a worker told to stop may not come back (scale-down, a host
+    retired), and its partitions would wait out its session (measured on the test
+    broker: another member took them after 19 s with a 10 s session, 9 s after a
+    LeaveGroup). A restart joins again at once either way. Private API (the coordinator
+    and its request helper), pinned by the aiokafka range in pyproject.toml and checked
+    by tests/reliability/test_stops.py."""
     coordinator = getattr(consumer, "_coordinator", None)
-    if coordinator is not None and hasattr(coordinator, "_group_instance_id"):
-        coordinator._group_instance_id = None
+    if coordinator is None or coordinator.member_id == JoinGroupRequest.UNKNOWN_MEMBER_ID:
+        return False
+    request = LeaveGroupRequest(coordinator.group_id, coordinator.member_id)
+    try:
+        await asyncio.wait_for(coordinator._send_req(request), timeout)
+    except (KafkaError, OSError, TimeoutError) as error:
+        log.info("LeaveGroup for %s failed: %s", coordinator.group_id, error)
+        return False
+    coordinator.reset_generation()  # (so its close() sends nothing more)
+    return True
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
