@@ -149,9 +149,10 @@ def test_uuids_are_kept_as_their_bytes_and_other_ids_hashed() -> None:
         "123e4567-e89b-12d3-a456-4266141 4000",
         "123e4567e89b12d3a456426614174000",
     ):
-        assert compact(other) == hashlib.blake2b(
-            other.encode(), digest_size=16, key=seen_requests._HASH_KEY
-        ).digest()
+        assert (
+            compact(other)
+            == hashlib.blake2b(other.encode(), digest_size=16, key=seen_requests._HASH_KEY).digest()
+        )
     seen = SeenRequests(ttl_ms=DAY)
     seen.add([canonical, canonical.upper()], recorded_ms=0)
     assert canonical in seen and canonical.upper() in seen and len(seen) == 2
