@@ -142,15 +142,16 @@ def billing_fingerprints(events: Sequence[UsageEvent]) -> np.ndarray:
     """:func:`billing_fingerprint` of each event, as a uint64 array (vectorised)."""
     if not events:
         return np.zeros(0, dtype=np.uint64)
+    count = len(events)
     hashes = []
     for i in range(_STRING_FIELDS):
-        cache = _string_hashes[i]
-        hashes.append(
-            np.array(
-                [cache.get(v) or _string_hash(i, v) for v in map(_GETTERS[i], events)],
-                dtype=np.uint64,
-            )
-        )
+        column = list(map(_GETTERS[i], events))
+        found = _string_hashes[i].__getitem__  # one C call per value: strings repeat
+        try:
+            hashes.append(np.fromiter(map(found, column), np.uint64, count))
+        except KeyError:  # new strings: hash each distinct one once
+            local = {value: _string_hash(i, value) for value in set(column)}
+            hashes.append(np.fromiter(map(local.__getitem__, column), np.uint64, count))
     for i in range(_STRING_FIELDS, len(BILLING_FIELDS)):
         column = list(map(_GETTERS[i], events))
         if i == 5 and None in column:

@@ -116,14 +116,17 @@ def test_keys_sharing_their_sort_column_are_still_told_apart(pairs: list) -> Non
         assert int(fps[q]) == (100 + index[pair] if pair in index else 0)
 
 
-def test_memory_is_24_bytes_per_id() -> None:
+def test_memory_is_24_bytes_per_id_and_at_most_4_more_for_the_bitmaps() -> None:
     seen = SeenRequests(ttl_ms=7 * DAY)
     ids = [str(uuid.uuid4()) for _ in range(200_000)]
     for start in range(0, len(ids), 5_000):
         part = ids[start : start + 5_000]
         seen.add_keys(Keys.of(part, np.ones(len(part), dtype=np.uint64)), start)
     assert len(seen) == 200_000
-    assert seen.approx_bytes() == 24 * 200_000
+    assert seen.approx_bytes() == 24 * 200_000  # no lookup yet: no bitmap
+    found, _ = seen.lookup(Keys.of(ids[:100] + ["x"]))
+    assert found.sum() == 100
+    assert 24 * 200_000 < seen.approx_bytes() <= 28 * 200_000
 
 
 def test_the_batch_being_committed_counts_as_seen() -> None:
