@@ -60,15 +60,19 @@ from typing import Any
 
 import mode
 import msgspec
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import ConsumerStoppedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
 from agents.conditions import ConditionLog, until_done
+from agents.dedupe import NO_FENCE, judge, ranks
 from agents.home_assignor import sticky_home_assignor
 from agents.home_state import ChainBroken, HomePartition, Rebuilder
 from agents.prices_feed import PricesFeed
+from agents.snapshots import CHECK_SECONDS as SNAPSHOT_CHECK_SECONDS
+from agents.snapshots import STOP_SECONDS as SNAPSHOT_STOP_SECONDS
 from streams.app import app, settings
 from streams.batch_log import (
     MAX_RECORD_BYTES,
@@ -80,7 +84,8 @@ from streams.batch_log import (
 )
 from streams.broker import kafka_client_kwargs, leave_group
 from streams.business_time import UsageDates
-from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
+from streams.event import CONFLICT, MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
+from streams.fingerprint import conflict
 from streams.gc_tuning import tune_for_batches
 from streams.log_throttle import throttle_kafka_client_logs
 from streams.malloc_tuning import pin_mmap_threshold
@@ -99,7 +104,7 @@ from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import line
 from streams.sinks.raw_retention import maintain_raw_files
 from tables.ledger import bill
-from tables.seen_requests import compact
+from tables.seen_requests import Keys
 
 __all__ = ["HotPath", "hot_path"]
 
@@ -123,7 +128,7 @@ class HomeBatch:
     epoch: int  # the state's epoch when prepared: a resync in between voids it
     usage_next: int = -1  # next offset after the batch's usage records (-1: none read)
     rerouted_next: int = -1
-    ids: set[str | bytes] = field(default_factory=set)  # new requests' compact keys
+    new: Keys | None = None  # the new requests' keys and fingerprints (agents/dedupe.py)
     sums: dict[tuple[str, str, str, str], list[int]] = field(default_factory=dict)
     newest_event_ms: int = -1
     usage_mark: str = ""  # record_mark of the last usage / rerouted record read
@@ -154,8 +159,8 @@ class PreparedBatch:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     last: dict[tuple[str, int], ConsumerRecord] = field(default_factory=dict)  # at offsets - 1
     invalid: dict[str, int] = field(default_factory=dict)
-    copies: int = 0  # copies inside the batch
-    known: int = 0  # copies seen before
+    copies: int = 0  # (unused: every duplicate is counted in ``known``)
+    known: int = 0  # duplicates: identical copies inside the batch and of ids seen before
     full: bool = False
     lines: list[str] = field(default_factory=list)  # raw points still to store
     sends: list[_Send] = field(default_factory=list)  # dead letters and reroutes, started
@@ -265,6 +270,7 @@ class HotPath(mode.Service):
                 self._committing.cancel()
         for task in list(self.rebuilding.values()):
             task.cancel()
+        await self._snapshot_on_stop()
         if self.consumer is not None:
             if await leave_group(self.consumer):
                 log.info("hot path: left the consumer group %s", settings.APP_ID)
@@ -660,36 +666,19 @@ class HotPath(mode.Service):
                 sends.append(
                     _Send.start(lambda r=record, e=valid[i][1], h=home: self._reroute(r, e, h))
                 )
-        # dedupe per home partition (the batch being committed counts as seen), by the
-        # compact key each id is kept under
+        # dedupe per home partition (the batch being committed counts as seen)
         await _let_the_loop_run()
-        candidates: dict[str | bytes, tuple[UsageEvent, ConsumerRecord]] = {}
-        seen_in: dict[int, list[set[str | bytes]]] = {}  # partition -> the sets to look in
-        newest: dict[int, int] = {}
-        copies = known = 0
-        for (record, event), home in zip(valid, at_home, strict=True):
-            if not home:
-                continue
-            partition = record.partition
-            sets = seen_in.get(partition)
-            if sets is None:
-                sets = seen_in[partition] = self._seen_sets(partition)
-                newest[partition] = self._home(batch, partition).newest_event_ms
-            if event.event_ms > newest[partition]:
-                newest[partition] = event.event_ms
-            key = compact(event.request_id)
-            if key in candidates:
-                copies += 1
-                continue
-            for ids in sets:
-                if key in ids:
-                    known += 1
-                    break
-            else:
-                candidates[key] = (event, record)
-        for partition, event_ms in newest.items():
-            batch.homes[partition].newest_event_ms = event_ms
-        batch.copies, batch.known = copies, known
+        by_home: dict[int, list[tuple[ConsumerRecord, UsageEvent]]] = {}
+        for pair, home in zip(valid, at_home, strict=True):
+            if home:
+                partition = pair[0].partition
+                pairs = by_home.get(partition)
+                if pairs is None:
+                    pairs = by_home[partition] = []
+                pairs.append(pair)
+        candidates: list[tuple[UsageEvent, ConsumerRecord]] = []
+        for partition, pairs in by_home.items():
+            candidates += self._dedupe(batch, partition, pairs)
         await _let_the_loop_run()
         batch.lines = self._add_new(batch, candidates)
         for (topic, partition), next_offset in batch.offsets.items():
@@ -702,17 +691,55 @@ class HotPath(mode.Service):
                     home.rerouted_next, home.rerouted_mark = next_offset, mark
         return batch
 
-    def _seen_sets(self, partition: int) -> list[set[str | bytes]]:
-        """Where the ids a home partition has seen are: its dedupe state's sets, and the
-        new ids of the batch being committed (unless a catch-up voided that batch: it
-        will not be appended, so its ids are not seen)."""
-        sets = self.states[partition].seen.sets()
+    def _dedupe(
+        self,
+        batch: PreparedBatch,
+        partition: int,
+        pairs: list[tuple[ConsumerRecord, UsageEvent]],
+    ) -> list[tuple[UsageEvent, ConsumerRecord]]:
+        """Judge one home partition's events (:func:`agents.dedupe.judge`): count the
+        duplicates, send the conflicting copies to the dead-letter topic, and return the
+        new requests' first copies (their keys go with the batch, into the state when it
+        is appended)."""
+        home = self._home(batch, partition)
+        events = [event for _, event in pairs]
+        newest = max(event.event_ms for event in events)
+        if newest > home.newest_event_ms:
+            home.newest_event_ms = newest
+        rerouted = np.fromiter(
+            (record.topic == self.rerouted_topic for record, _ in pairs), bool, len(pairs)
+        )
+        offsets = np.fromiter((record.offset for record, _ in pairs), np.int64, len(pairs))
+        bounds = self.states[partition].bounds() or (NO_FENCE, NO_FENCE)
+        rank = ranks(np.zeros(len(pairs), dtype=np.int64), rerouted, offsets, bounds)
+        verdicts = judge(events, rank, self.states[partition].seen, self._in_flight_keys(partition))
+        batch.known += verdicts.duplicates
+        if len(verdicts.conflicts):
+            batch.invalid[CONFLICT] = batch.invalid.get(CONFLICT, 0) + len(verdicts.conflicts)
+            for index, first_fp in zip(
+                verdicts.conflicts.tolist(), verdicts.first_fps.tolist(), strict=True
+            ):
+                record, event = pairs[index]
+                verdict = conflict(event, first_fp)
+                batch.sends.append(
+                    _Send.start(lambda r=record, v=verdict: self._send_dead_letter(r, v))
+                )
+        home.new = verdicts.new_keys.sorted()  # a run: searched by the next batch
+        return [(pairs[i][1], pairs[i][0]) for i in verdicts.new.tolist()]
+
+    def _in_flight_keys(self, partition: int) -> list[Keys]:
+        """The new ids of the batch being committed, which count as seen (unless a
+        catch-up voided that batch: it will not be appended, so its ids are not seen)."""
         in_flight = self._in_flight
         if in_flight is not None:
             pending = in_flight.homes.get(partition)
-            if pending is not None and pending.epoch == self.epochs.get(partition):
-                sets.append(pending.ids)
-        return sets
+            if (
+                pending is not None
+                and pending.new is not None
+                and pending.epoch == self.epochs.get(partition)
+            ):
+                return [pending.new]
+        return []
 
     def _home(self, batch: PreparedBatch, partition: int) -> HomeBatch:
         home = batch.homes.get(partition)
@@ -721,7 +748,7 @@ class HotPath(mode.Service):
         return home
 
     def _add_new(
-        self, batch: PreparedBatch, candidates: dict[str | bytes, tuple[UsageEvent, ConsumerRecord]]
+        self, batch: PreparedBatch, candidates: list[tuple[UsageEvent, ConsumerRecord]]
     ) -> list[str]:
         """The new requests into their home partitions' ids and sums (unless a replay's
         fence says the replay counted one); returns their raw points' lines. One loop,
@@ -729,7 +756,7 @@ class HotPath(mode.Service):
         prices, dates, markup = self.prices.current, self.dates, self.markup
         rerouted_topic, states = self.rerouted_topic, self.states
         lines = []
-        for key, (event, record) in candidates.items():
+        for event, record in candidates:
             day, _, cost, estimated = bill(event, prices, dates)
             lines.append(
                 line(
@@ -744,8 +771,7 @@ class HotPath(mode.Service):
                     event.event_ms,
                 )
             )
-            home = batch.homes[record.partition]  # made by the dedupe loop
-            home.ids.add(key)
+            home = batch.homes[record.partition]  # made by the dedupe step
             state = states[record.partition]
             if state.fences and state.fenced(day, record.topic == rerouted_topic, record.offset):
                 continue
@@ -825,7 +851,7 @@ class HotPath(mode.Service):
         )
         if (
             head.offset >= 0
-            and not home.ids
+            and not (home.new is not None and len(home.new))
             and usage_next == head.usage_next
             and (rerouted_next == head.rerouted_next)
         ):
@@ -875,7 +901,8 @@ class HotPath(mode.Service):
         state.head = ChainHead(
             metadata.offset, usage_next, rerouted_next, newest, usage_mark, rerouted_mark
         )
-        state.seen.add_keys(home.ids, time.time_ns() // 1_000_000)
+        if home.new is not None:
+            state.seen.add_keys(home.new, time.time_ns() // 1_000_000)
         return True
 
     async def _commit_kafka(self, batch: PreparedBatch) -> None:
@@ -975,6 +1002,30 @@ class HotPath(mode.Service):
         owned = [self.states[p] for p in self.owned if p in self.states]
         DEDUPE_IDS.set(sum(len(state.seen) for state in owned))
         DEDUPE_BYTES.set(sum(state.seen.approx_bytes() for state in owned))
+
+    @mode.Service.timer(SNAPSHOT_CHECK_SECONDS)
+    async def _snapshots(self) -> None:
+        """Snapshot the owned home partitions' seen sets that are due (agents/snapshots.py):
+        taken here, between appends, written in a thread."""
+        keeper = self.rebuilder.snapshots if self.rebuilder is not None else None
+        if keeper is None:
+            return
+        for partition in sorted(self.owned):
+            state = self.states.get(partition)
+            if state is not None and keeper.due(state):
+                keeper.start(state)
+
+    async def _snapshot_on_stop(self) -> None:
+        """A last snapshot of each owned partition whose head moved since its last one, so
+        a restart reads (nearly) nothing back; bounded, a write left unfinished is lost."""
+        keeper = self.rebuilder.snapshots if self.rebuilder is not None else None
+        if keeper is None:
+            return
+        for partition in sorted(self.owned):
+            state = self.states.get(partition)
+            if state is not None and keeper.moved(state):
+                keeper.start(state)
+        await keeper.settle(SNAPSHOT_STOP_SECONDS)
 
     @mode.Service.timer(PRUNE_SECONDS)
     async def _prune(self) -> None:
