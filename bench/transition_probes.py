@@ -481,6 +481,7 @@ MILESTONES = (
     Milestone("Faust: ready", r"\[\^Worker\]: Ready"),
     Milestone("signal received", r"Signal received"),
 )
+_JOINED = re.compile(r"Joined group '([^']+)' \(generation (-?\d+)\)")
 _REBUILD = re.compile(
     r"home partition (\d+): chain head (-?\d+) .*?(\d+) ids read back in ([\d.]+) s"
 )
@@ -501,12 +502,16 @@ class Timeline:
     every: dict[str, list[float]] = field(default_factory=dict)
     rebuilds: list[dict[str, float]] = field(default_factory=list)
     lines: list[tuple[float, str]] = field(default_factory=list)
+    #: group -> the generation of its last join (on Tansu the first is 0, and aiokafka
+    #: leaves a group on stop only from generation 1 on)
+    generations: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "first": self.first,
             "joins": {k: v for k, v in self.every.items() if "group" in k and len(v) > 0},
             "rebuilds": self.rebuilds,
+            "generations": self.generations,
             "lines": [[round(t, 3), text] for t, text in self.lines],
         }
 
@@ -534,6 +539,9 @@ def log_timeline(
             if pattern.search(message):
                 timeline.first.setdefault(label, when)
                 timeline.every.setdefault(label, []).append(when)
+        joined = _JOINED.search(message)
+        if joined:
+            timeline.generations[joined.group(1)] = int(joined.group(2))
         rebuild = _REBUILD.search(message)
         if rebuild:
             partition, head, ids, seconds = rebuild.groups()
