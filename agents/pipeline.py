@@ -326,6 +326,10 @@ class HotPath(mode.Service):
         except ChainBroken as broken:
             self._hold(partition, str(broken))
             return
+        except Exception as error:  # a defect: never a partition paused for ever in silence
+            log.exception("hot path: rebuilding home partition %d failed; stopping", partition)
+            await self.crash(error)
+            return
         finally:
             self.rebuilding.pop(partition, None)
         tps = [tp for tp in self.consumer.assignment() if tp.partition == partition]

@@ -138,6 +138,15 @@ _WHOLE_MASK = np.uint64(_MASK64 >> _WHOLE_SHIFT << _WHOLE_SHIFT)
 _NP_SEEDS = [np.uint64(seed) for seed in _SEEDS]
 
 
+def _modulo_2_64(column: list[int]) -> np.ndarray:
+    """``column``'s integers modulo 2**64 as uint64, as the scalar path's ``& _MASK64``:
+    a timestamp before 1970 is negative, a cost in nano-units may pass 2**63."""
+    try:
+        return np.array(column, dtype=np.int64).view(np.uint64)  # two's complement
+    except OverflowError:
+        return np.array([value & _MASK64 for value in column], dtype=np.uint64)
+
+
 def billing_fingerprints(events: Sequence[UsageEvent]) -> np.ndarray:
     """:func:`billing_fingerprint` of each event, as a uint64 array (vectorised)."""
     if not events:
@@ -157,7 +166,7 @@ def billing_fingerprints(events: Sequence[UsageEvent]) -> np.ndarray:
         if i == 5 and None in column:
             column = [_NO_COST if v is None else v for v in column]
         # + seed wraps modulo 2**64 in uint64, as the scalar's & _MASK64
-        hashes.append(mix_array(np.array(column, dtype=np.uint64) + _NP_SEEDS[i]))
+        hashes.append(mix_array(_modulo_2_64(column) + _NP_SEEDS[i]))
     whole = np.zeros(len(events), dtype=np.uint64)
     fields = np.zeros(len(events), dtype=np.uint64)
     for i, h in enumerate(hashes):

@@ -48,6 +48,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from agents.health import PROBE_TIMEOUT_SECONDS
+from agents.readiness import PROBE_SECONDS
 from streams.broker import EmbeddedBroker, die_with_parent, free_port, stop_process
 from tests.harness import Stack, Worker, consume_all, http_get, point_request_id, wait_for
 from tests.reliability.test_broker_outage import stack_env
@@ -202,7 +204,11 @@ def restart_broker(
     ready: list[tuple[int, bytes]] = []
     health: list[int] = []
     while time.monotonic() - gone_at < DOWN_SECONDS:
-        ready.append(http_get(worker.web + "/ready", timeout=10))
+        answer = http_get(worker.web + "/ready", timeout=10)
+        # /ready answers from a background probe (agents/readiness.py): it may say 200
+        # until the next probe has failed
+        if time.monotonic() - gone_at > PROBE_SECONDS + PROBE_TIMEOUT_SECONDS:
+            ready.append(answer)
         health.append(http_get(worker.web + "/health", timeout=10)[0])
         assert worker.alive(), f"worker died with the broker ({how}); log:\n{worker.log_tail()}"
         time.sleep(0.5)
@@ -293,7 +299,7 @@ def test_broker_killed_and_terminated_mid_run_on_s3_storage(
         assert observed["producing_at_restart"], f"{how}: the producer finished before it"
         # the worker's own HTTP server never stops answering
         assert set(observed["health"]) == {200}, (how, observed["health"])
-        # a dead broker refuses connections at once: /ready is 503 from the first probe
+        # a dead broker refuses connections at once: /ready is 503 from the next probe
         ready = observed["ready"]
         assert ready and all(code == 503 for code, _ in ready), (how, ready)
         assert all(b"broker" in body for _, body in ready), (how, ready[-1])

@@ -31,7 +31,7 @@ _EVENT = st.builds(
     st.integers(0, 10**12),
     st.integers(0, 10**12),
     st.one_of(st.none(), st.integers(0, 10**15)),
-    st.integers(0, 253_402_300_799_999),
+    st.integers(-62_135_596_800_000, 253_402_300_799_999),  # ISO dates before 1970 too
 )
 _FIELD_OF = {
     "client_org_id": "client_org_id",
