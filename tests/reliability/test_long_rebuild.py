@@ -12,9 +12,10 @@ How: the broker is reached through a link whose broker-to-client direction is th
 per connection (a slow network, as a real fault: the broker advertises the link's port),
 so a worker restarted on an empty ``DATA_DIR`` (a host that lost its disk) rebuilds every
 home partition from the topics for many seconds, while its heartbeats, small and on
-aiokafka's own coordinator connection, still pass. ``/ready`` is watched: the rebuild
-must last several sessions (else the test proves nothing and says so). The worker must
-be assigned once, never expelled, and bill every event once, old and new.
+aiokafka's own coordinator connection, still pass. ``/ready`` is watched: 503 while
+rebuilding, 200 only once consuming; the rebuild must last several sessions (else the
+test proves nothing and says so). The worker must be assigned once, never expelled, and
+bill every event once, old and new.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ def watch_phases(url: str, stop: threading.Event, seen: list[tuple[float, str]])
         try:
             code, body = http_get(url + "/ready", timeout=2)
             phase = orjson.loads(body).get("phase", "?") if code in (200, 503) else "?"
+            if (code == 200) != (phase == "consuming"):
+                phase = f"{phase} with {code}"  # never expected
         except (OSError, ValueError):
             phase = "down"
         seen.append((time.monotonic(), phase))
@@ -163,6 +166,11 @@ def test_a_rebuild_longer_than_the_session_keeps_its_membership(
         watcher.join()
     link.throttle = None
 
+    # 503 until every home partition is rebuilt, then 200 (agents/readiness.py)
+    phases = [phase for _, phase in seen]
+    consuming = phases.index("consuming") if "consuming" in phases else len(phases)
+    assert set(phases[:consuming]) <= {"down", "starting", "joining", "rebuilding"}, phases
+    assert "rebuilding" not in phases[consuming:], phases
     rebuilding = [at for at, phase in seen if phase == "rebuilding"]
     assert rebuilding, f"no rebuilding phase seen: {seen[:20]}"
     lasted = rebuilding[-1] - rebuilding[0]
