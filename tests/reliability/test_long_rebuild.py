@@ -128,7 +128,10 @@ def watch_phases(url: str, stop: threading.Event, seen: list[tuple[float, str]])
     while not stop.is_set():
         try:
             code, body = http_get(url + "/ready", timeout=2)
-            phase = orjson.loads(body).get("phase", "?") if code in (200, 503) else "?"
+            if code == 0:  # not listening yet
+                phase = "down"
+            else:
+                phase = orjson.loads(body).get("phase", "?") if code in (200, 503) else "?"
             if (code == 200) != (phase == "consuming"):
                 phase = f"{phase} with {code}"  # never expected
         except (OSError, ValueError):
