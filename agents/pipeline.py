@@ -164,6 +164,9 @@ class PreparedBatch:
     full: bool = False
     lines: list[str] = field(default_factory=list)  # raw points still to store
     sends: list[_Send] = field(default_factory=list)  # dead letters and reroutes, started
+    #: each home partition's ownership epoch when the batch was read: a partition revoked
+    #: (or rebuilt) while the batch is prepared is left out and its part never appended
+    epochs: dict[int, int] = field(default_factory=dict)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -648,6 +651,7 @@ class HotPath(mode.Service):
         parsed = parse_records(records)
         await _let_the_loop_run()
         batch = PreparedBatch(sum(1 for record in records if record.topic == self.topic))
+        batch.epochs = {p: self.epochs.get(p, 0) for p in self.owned}
         sends = batch.sends
         valid: list[tuple[ConsumerRecord, UsageEvent]] = []
         for record, event in zip(records, parsed, strict=True):
@@ -682,11 +686,13 @@ class HotPath(mode.Service):
                 pairs.append(pair)
         candidates: list[tuple[UsageEvent, ConsumerRecord]] = []
         for partition, pairs in by_home.items():
-            candidates += self._dedupe(batch, partition, pairs)
+            if self._still_owned(batch, partition):  # (a rebalance may have come meanwhile)
+                candidates += self._dedupe(batch, partition, pairs)
         await _let_the_loop_run()
+        candidates = [pair for pair in candidates if self._still_owned(batch, pair[1].partition)]
         batch.lines = self._add_new(batch, candidates)
         for (topic, partition), next_offset in batch.offsets.items():
-            if partition in self.states:
+            if self._still_owned(batch, partition):
                 home = self._home(batch, partition)
                 mark = record_mark(batch.last[(topic, partition)])
                 if topic == self.topic:
@@ -745,10 +751,19 @@ class HotPath(mode.Service):
                 return [pending.new]
         return []
 
+    def _still_owned(self, batch: PreparedBatch, partition: int) -> bool:
+        """Whether ``partition`` is owned, with its state, as when ``batch`` was read."""
+        return (
+            partition in self.owned
+            and partition in self.states
+            and batch.epochs.get(partition) == self.epochs.get(partition)
+        )
+
     def _home(self, batch: PreparedBatch, partition: int) -> HomeBatch:
         home = batch.homes.get(partition)
         if home is None:
-            home = batch.homes[partition] = HomeBatch(partition, self.epochs.get(partition, 0))
+            epoch = batch.epochs.get(partition, -1)  # -1: not owned when read, never appended
+            home = batch.homes[partition] = HomeBatch(partition, epoch)
         return home
 
     def _add_new(
@@ -804,8 +819,11 @@ class HotPath(mode.Service):
         )
         for home, ok in zip(batch.homes.values(), results, strict=True):
             if ok is False:  # lost a race: catch up, go back to the head, drop the rest
-                state = self.states[home.partition]
+                state = self.states.get(home.partition)
+                if state is None or home.partition not in self.owned:
+                    continue  # revoked meanwhile: its next owner catches up
                 self.epochs[home.partition] = self.epochs.get(home.partition, 0) + 1
+                epoch = self.epochs[home.partition]
                 assert self.rebuilder is not None
                 try:
                     state = await self.rebuilder.catch_up(state, home.partition)
@@ -813,6 +831,8 @@ class HotPath(mode.Service):
                     self._hold(home.partition, str(broken))
                     continue
                 offsets = await self._head_offsets(state)
+                if home.partition not in self.owned or self.epochs[home.partition] != epoch:
+                    continue  # revoked (or rebuilt) during the catch-up
                 self.states[home.partition] = state
                 self._move_to_head(state, offsets)
         EVENTS_CONSUMED.inc(batch.records)
