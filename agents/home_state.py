@@ -29,23 +29,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agents.rebuild_ids import ChainBatches, HomeTopics, read_home_ids
+from agents.snapshots import SnapshotKeeper, usable_snapshot
 from streams.batch_log import (
     BadChainRecord,
     BatchPart,
     Chain,
     ChainHead,
+    ChainRecord,
     Fence,
     decode_rows_raw,
     record_mark,
 )
 from streams.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
-from streams.event import UsageEvent, parse_records
 from streams.log_reads import partition_bounds, read_range, record_at
-from streams.partitioning import home_partitions
+from streams.metrics import REBUILD_IDS
 from streams.settings import Settings
 from tables.seen_requests import SeenRequests
 
@@ -61,6 +64,9 @@ __all__ = [
 # (read_range is streams.log_reads's; importable from here for the replay's readers)
 
 log = logging.getLogger(__name__)
+
+#: A catch-up that reads back at least this many ids is snapshotted at once.
+REBUILT_SNAPSHOT_IDS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +121,10 @@ class Rebuilder:
         self.ttl_ms = int(settings.ledger_retention_days * 86_400_000)
         self._consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
+        #: seen-set snapshots: loaded by a fresh catch-up, written after a long one
+        self.snapshots: SnapshotKeeper | None = SnapshotKeeper(
+            settings.DATA_DIR, settings.batch_log_topic, self.ttl_ms
+        )
 
     async def _reader(self) -> AIOKafkaConsumer:
         """One group-less consumer for every catch-up, kept open: starting and stopping
@@ -154,37 +164,43 @@ class Rebuilder:
     async def _catch_up(self, state: HomePartition | None, partition: int) -> HomePartition:
         started = time.monotonic()
         consumer = await self._reader()
+        loaded = 0
         try:
             fresh = state is None
             if state is None:
-                state = self.empty(partition)
+                state = await self._from_snapshot(consumer, partition)
+                loaded = len(state.seen)
             before = state.head
-            try:
-                head, fences = await self._follow(consumer, partition, state)
-            except LogReplaced as replaced:
-                log.warning("home partition %d: %s; rebuilding its state", partition, replaced)
-                fresh, state = True, self.empty(partition)
-                before = state.head
-                head, fences = await self._follow(consumer, partition, state)
-            if fresh:
-                await self._check_positions(consumer, partition, head)
+            if fresh:  # from the retention's start, or the snapshot's positions if later
                 usage_from, rerouted_from = await self._ttl_starts(consumer, partition)
+                usage_from = max(usage_from, before.usage_next)
+                rerouted_from = max(rerouted_from, before.rerouted_next)
             else:
                 usage_from, rerouted_from = before.usage_next, before.rerouted_next
-            ids = 0
-            now_ms = time.time_ns() // 1_000_000
-            for rerouted, topic, start, end in (
-                (False, self.settings.USAGE_TOPIC, usage_from, head.usage_next),
-                (True, self.settings.rerouted_topic, rerouted_from, head.rerouted_next),
-            ):
-                if end <= start:
-                    continue
-                async for records in read_range(
-                    consumer, TopicPartition(topic, partition), start, end
-                ):
-                    found = self._home_ids(records, partition, rerouted)
-                    state.seen.add(found, now_ms)
-                    ids += len(found)
+            batches = self._batches(state, usage_from, rerouted_from)
+            try:
+                head, fences = await self._follow(consumer, partition, state, batches)
+            except LogReplaced as replaced:
+                log.warning("home partition %d: %s; rebuilding its state", partition, replaced)
+                fresh, state, loaded = True, self.empty(partition), 0
+                before = state.head
+                usage_from, rerouted_from = await self._ttl_starts(consumer, partition)
+                batches = self._batches(state, usage_from, rerouted_from)
+                head, fences = await self._follow(consumer, partition, state, batches)
+            if fresh:
+                await self._check_positions(consumer, partition, head)
+            ids = await read_home_ids(
+                consumer,
+                HomeTopics(
+                    self.settings.USAGE_TOPIC, self.settings.rerouted_topic, self.partitions
+                ),
+                partition,
+                batches,
+                head.usage_next,
+                head.rerouted_next,
+                state.seen,
+                time.time_ns() // 1_000_000,
+            )
             state.head = head
             state.fences.update(fences)
         except BaseException:
@@ -194,24 +210,78 @@ class Rebuilder:
         # the assignment (pausing leaves the subscription state alone; with unsubscribe()
         # a following catch-up once took over 10 s on a loaded machine, not understood)
         consumer.pause(*consumer.assignment())
-        if ids or state.head != before:
+        REBUILD_IDS.labels(source="topics").inc(ids)
+        if ids or loaded or state.head != before:
             log.info(
-                "home partition %d: chain head %d (usage %d, rerouted %d), %d ids read back"
-                " in %.1f s",
+                "home partition %d: chain head %d (usage %d, rerouted %d), %d ids loaded from"
+                " a snapshot, %d ids read back in %.1f s",
                 partition,
                 state.head.offset,
                 state.head.usage_next,
                 state.head.rerouted_next,
+                loaded,
                 ids,
                 time.monotonic() - started,
             )
+        if self.snapshots is not None and ids >= REBUILT_SNAPSHOT_IDS:
+            self.snapshots.start(state)  # the next restart reads only what comes after
+        return state
+
+    def _batches(self, state: HomePartition, usage_from: int, rerouted_from: int) -> ChainBatches:
+        fences = {f.usage_date: (f.usage_end, f.rerouted_end) for f in state.fences.values()}
+        return ChainBatches(fences, usage_from, rerouted_from)
+
+    async def _from_snapshot(self, consumer: AIOKafkaConsumer, partition: int) -> HomePartition:
+        """The state of the newest usable snapshot (agents/snapshots.py), else empty."""
+        if self.snapshots is None:
+            return self.empty(partition)
+
+        async def why_not(head: ChainHead) -> str | None:
+            try:
+                await self._check_positions(consumer, partition, head)
+            except ChainBroken as broken:
+                return str(broken)
+            return None
+
+        snapshot = await usable_snapshot(
+            consumer,
+            self.snapshots.folder,
+            self.settings.batch_log_topic,
+            partition,
+            self.ttl_ms,
+            why_not,
+        )
+        if snapshot is None:
+            return self.empty(partition)
+        state = HomePartition(
+            partition,
+            snapshot.seen(self.ttl_ms),
+            head=snapshot.head,
+            fences={
+                f["usage_date"]: ReplayFence(f["usage_date"], f["usage_end"], f["rerouted_end"])
+                for f in snapshot.fences
+            },
+            log_end=snapshot.head.offset + 1,
+        )
+        state.seen.prune(time.time_ns() // 1_000_000)
+        REBUILD_IDS.labels(source="snapshot").inc(len(state.seen))
+        self.snapshots.noted(state)
         return state
 
     async def _follow(
-        self, consumer: AIOKafkaConsumer, partition: int, state: HomePartition
+        self,
+        consumer: AIOKafkaConsumer,
+        partition: int,
+        state: HomePartition,
+        batches: ChainBatches | None = None,
     ) -> tuple[ChainHead, dict[str, ReplayFence]]:
         head, fences, end = await follow_chain(
-            consumer, self.settings.batch_log_topic, partition, state.head, state.log_end
+            consumer,
+            self.settings.batch_log_topic,
+            partition,
+            state.head,
+            state.log_end,
+            on_link=batches,
         )
         state.log_end = end
         return head, fences
@@ -261,13 +331,6 @@ class Rebuilder:
             starts.append(max(answer.offset, beginning[tp]) if answer else beginning[tp])
         return starts[0], starts[1]
 
-    def _home_ids(self, records: list[ConsumerRecord], partition: int, rerouted: bool) -> list[str]:
-        events = [event for event in parse_records(records) if type(event) is UsageEvent]
-        if rerouted:
-            return [event.request_id for event in events]
-        homes = home_partitions([event.request_id for event in events], self.partitions)
-        return [e.request_id for e, home in zip(events, homes, strict=True) if home == partition]
-
 
 class ChainBroken(RuntimeError):
     """A batch-log partition that cannot be followed (its chain's start or a stretch the
@@ -281,10 +344,16 @@ class LogReplaced(RuntimeError):
 
 
 async def follow_chain(
-    consumer: AIOKafkaConsumer, topic: str, partition: int, head: ChainHead, start: int = -1
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    partition: int,
+    head: ChainHead,
+    start: int = -1,
+    on_link: Callable[[ChainRecord], None] | None = None,
 ) -> tuple[ChainHead, dict[str, ReplayFence], int]:
     """Follow a batch-log partition from ``start`` (default: after ``head``) to its end.
-    Returns the chain's head, the valid fences met, and the next offset after the end.
+    Returns the chain's head, the valid fences met, and the next offset after the end;
+    ``on_link`` is called with each valid link, in order.
 
     Raises :class:`ChainBroken` when the chain cannot be followed: followed from nothing,
     its first link must start a chain; followed from a head, the records after it must
@@ -326,10 +395,13 @@ async def follow_chain(
                         " is held. Restore the topic, or recreate it empty and restart the"
                         " summary writer first (docs/operations.md, 'A truncated batch log')"
                     )
-            if chain.accept(record.offset, decoded) and isinstance(decoded, Fence):
-                fences[decoded.usage_date] = ReplayFence(
-                    decoded.usage_date, decoded.usage_end, decoded.rerouted_end
-                )
+            if chain.accept(record.offset, decoded):
+                if isinstance(decoded, Fence):
+                    fences[decoded.usage_date] = ReplayFence(
+                        decoded.usage_date, decoded.usage_end, decoded.rerouted_end
+                    )
+                if on_link is not None:
+                    on_link(decoded)
     highwater = consumer.highwater(tp)
     if highwater is not None and highwater < position:
         raise LogReplaced(

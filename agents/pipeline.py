@@ -60,15 +60,19 @@ from typing import Any
 
 import mode
 import msgspec
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import ConsumerStoppedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
 from agents.conditions import ConditionLog, until_done
+from agents.dedupe import NO_FENCE, judge, ranks
+from agents.home_assignor import sticky_home_assignor
 from agents.home_state import ChainBroken, HomePartition, Rebuilder
 from agents.prices_feed import PricesFeed
+from agents.snapshots import CHECK_SECONDS as SNAPSHOT_CHECK_SECONDS
+from agents.snapshots import STOP_SECONDS as SNAPSHOT_STOP_SECONDS
 from streams.app import app, settings
 from streams.batch_log import (
     MAX_RECORD_BYTES,
@@ -78,9 +82,10 @@ from streams.batch_log import (
     encode_parts,
     record_mark,
 )
-from streams.broker import kafka_client_kwargs
+from streams.broker import kafka_client_kwargs, leave_group
 from streams.business_time import UsageDates
-from streams.event import MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
+from streams.event import CONFLICT, MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
+from streams.fingerprint import conflict
 from streams.gc_tuning import tune_for_batches
 from streams.log_throttle import throttle_kafka_client_logs
 from streams.malloc_tuning import pin_mmap_threshold
@@ -99,13 +104,13 @@ from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import line
 from streams.sinks.raw_retention import maintain_raw_files
 from tables.ledger import bill
-from tables.seen_requests import compact
+from tables.seen_requests import Keys
 
 __all__ = ["HotPath", "hot_path"]
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_SECONDS = 10.0
+STOP_GRACE_SECONDS = 5.0
 #: the largest record (with its headers) the hot path's producer sends: under Apache
 #: Kafka's default max.message.bytes, 1,048,588 B, which also counts the record batch's
 #: ~70 B of overhead
@@ -123,7 +128,7 @@ class HomeBatch:
     epoch: int  # the state's epoch when prepared: a resync in between voids it
     usage_next: int = -1  # next offset after the batch's usage records (-1: none read)
     rerouted_next: int = -1
-    ids: set[str | bytes] = field(default_factory=set)  # new requests' compact keys
+    new: Keys | None = None  # the new requests' keys and fingerprints (agents/dedupe.py)
     sums: dict[tuple[str, str, str, str], list[int]] = field(default_factory=dict)
     newest_event_ms: int = -1
     usage_mark: str = ""  # record_mark of the last usage / rerouted record read
@@ -154,8 +159,8 @@ class PreparedBatch:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     last: dict[tuple[str, int], ConsumerRecord] = field(default_factory=dict)  # at offsets - 1
     invalid: dict[str, int] = field(default_factory=dict)
-    copies: int = 0  # copies inside the batch
-    known: int = 0  # copies seen before
+    copies: int = 0  # (unused: every duplicate is counted in ``known``)
+    known: int = 0  # duplicates: identical copies inside the batch and of ids seen before
     full: bool = False
     lines: list[str] = field(default_factory=list)  # raw points still to store
     sends: list[_Send] = field(default_factory=list)  # dead letters and reroutes, started
@@ -169,7 +174,7 @@ class _Rebalance(ConsumerRebalanceListener):
         await self.owner.partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self.owner.partitions_assigned(assigned)
+        self.owner.partitions_assigned(assigned)
 
 
 class HotPath(mode.Service):
@@ -190,6 +195,11 @@ class HotPath(mode.Service):
         self.owned: set[int] = set()
         #: home partitions assigned but held: their batch log cannot be followed (why)
         self.held: dict[int, str] = {}
+        #: assigned home partitions whose state is being rebuilt (paused meanwhile)
+        self.rebuilding: dict[int, asyncio.Future[None]] = {}
+        self.joined = False  # an assignment is in force (False from a revoke to the next)
+        self.consumer_started = False
+        self.phase_started = time.monotonic()
         self.epochs: dict[int, int] = {}
         self.committed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
         self._seeks: dict[TopicPartition, int] = {}  # seeks we made, per partition
@@ -229,10 +239,15 @@ class HotPath(mode.Service):
         self.consumer = AIOKafkaConsumer(
             **client,
             group_id=settings.APP_ID,
+            # static membership (KIP-345): a worker that restarts with its WORKER_ID
+            # (after a crash too) takes its member's place without waiting for the dead
+            # one's session to expire; on a clean stop it leaves the group (on_stop)
+            group_instance_id=settings.WORKER_ID if settings.KAFKA_STATIC_MEMBERSHIP else None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            # partition p of the usage and the rerouted topic to the same worker
-            partition_assignment_strategy=(RangePartitionAssignor,),
+            # partition p of the usage and the rerouted topic to the same worker, kept
+            # with the worker that holds its state (agents/home_assignor.py)
+            partition_assignment_strategy=(sticky_home_assignor(lambda: set(self.states)),),
             session_timeout_ms=int(settings.KAFKA_SESSION_TIMEOUT_SECONDS * 1000),
             rebalance_timeout_ms=int(settings.KAFKA_REBALANCE_TIMEOUT_SECONDS * 1000),
             heartbeat_interval_ms=int(settings.KAFKA_HEARTBEAT_INTERVAL_SECONDS * 1000),
@@ -242,7 +257,9 @@ class HotPath(mode.Service):
         )
         self.consumer.subscribe([self.topic, self.rerouted_topic], listener=_Rebalance(self))
         await self.prices.start()
-        await self.consumer.start()
+        # the consumer starts in _consume: aiokafka's start() returns only once the group
+        # has assigned partitions (seconds), and the worker's other services (the summary
+        # writer, the web server's /ready) must not wait for that
 
     async def on_stop(self) -> None:
         """Let the batch in flight finish (briefly): one stuck on an outage is cancelled,
@@ -251,8 +268,16 @@ class HotPath(mode.Service):
             log.warning("hot path: stopping with a batch in flight; it will be redelivered")
             if self._committing is not None:
                 self._committing.cancel()
+        for task in list(self.rebuilding.values()):
+            task.cancel()
+        await self._snapshot_on_stop()
         if self.consumer is not None:
-            await self.consumer.stop()
+            if await leave_group(self.consumer):
+                log.info("hot path: left the consumer group %s", settings.APP_ID)
+            try:
+                await asyncio.wait_for(self.consumer.stop(), STOP_GRACE_SECONDS)
+            except TimeoutError:  # a join the broker has not answered yet: let it be
+                log.warning("hot path: the consumer did not stop in %.0f s", STOP_GRACE_SECONDS)
         if self.rebuilder is not None:
             await self.rebuilder.stop()
         if self.producer is not None:
@@ -262,34 +287,60 @@ class HotPath(mode.Service):
 
     # Rebalancing ------------------------------------------------------------------------
 
-    async def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Bring each new home partition's state up to its chain head, then read on from
-        the head's positions."""
+    def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Pause the new home partitions and rebuild their states in the background.
+
+        Nothing waits here: aiokafka runs this callback inside its join, where no
+        heartbeat is sent, and a rebuild (every request id of ``LEDGER_RETENTION_DAYS``)
+        can outlast the session timeout: a member expelled mid-rebuild, a reshuffle, a
+        rebalance storm. So each partition is paused until :meth:`_rebuild` has brought
+        its state up to the chain head, then sought there and resumed; meanwhile the
+        group sees a live member, and the other partitions are consumed. States of
+        partitions not assigned again are freed now (aiokafka revokes everything at
+        every rebalance: kept ones only catch up the tail)."""
         assert self.consumer is not None
         if self.rebuilder is None:
             self.partitions = len(self.consumer.partitions_for_topic(self.topic) or ())
             self.rebuilder = Rebuilder(settings, self.partitions)
         homes = sorted({tp.partition for tp in assigned if tp.topic == self.topic})
+        for partition in set(self.states) - set(homes):
+            del self.states[partition]
+        self.consumer.pause(*assigned)
         for partition in homes:
-            try:
-                state = await self._until_done(
-                    "rebuild",
-                    lambda p=partition: self.rebuilder.catch_up(self.states.get(p), p),  # type: ignore[union-attr]
-                    None,
-                )
-            except ChainBroken as broken:
-                self._hold(partition, str(broken))
-                continue
+            self.rebuilding[partition] = asyncio.ensure_future(self._rebuild(partition))
+        self.joined = True
+        log.info("hot path: assigned home partitions %s; rebuilding their state", homes)
+
+    async def _rebuild(self, partition: int) -> None:
+        """One assigned home partition up to its chain head, then owned and read from
+        the head's positions (:meth:`partitions_assigned`)."""
+        assert self.rebuilder is not None and self.consumer is not None
+        rebuilder = self.rebuilder
+        try:
+            state = await self._until_done(
+                "rebuild",
+                lambda: rebuilder.catch_up(self.states.get(partition), partition),
+                None,
+            )
             offsets = await self._head_offsets(state)
-            # from here to the seeks without an await: the loop fetches while this
-            # callback runs, and a record of an owned partition read from anywhere but the
-            # head would be claimed as read from the head on (lost, if this worker died
-            # before reading the stretch in between)
-            self.states[partition] = state
-            self.owned.add(partition)
-            self.epochs[partition] = self.epochs.get(partition, 0) + 1
-            self._move_to_head(state, offsets)
-        log.info("hot path: assigned home partitions %s", homes)
+        except ChainBroken as broken:
+            self._hold(partition, str(broken))
+            return
+        finally:
+            self.rebuilding.pop(partition, None)
+        tps = [tp for tp in self.consumer.assignment() if tp.partition == partition]
+        if not tps:  # revoked meanwhile
+            return
+        # from here to the seeks without an await: the loop fetches meanwhile, and a
+        # record of an owned partition read from anywhere but the head would be claimed
+        # as read from the head on (lost, if this worker died before reading the stretch
+        # in between)
+        self.states[partition] = state
+        self.owned.add(partition)
+        self.epochs[partition] = self.epochs.get(partition, 0) + 1
+        self._move_to_head(state, offsets)
+        self.consumer.resume(*tps)
+        log.info("hot path: home partition %d rebuilt; consuming", partition)
 
     async def _head_offsets(self, state: HomePartition) -> dict[TopicPartition, int]:
         """Where the partition's usage and rerouted records are read from: the chain
@@ -344,8 +395,16 @@ class HotPath(mode.Service):
         )
 
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        """Finish the append in flight (briefly); the states stay for a later return."""
+        """Finish the append in flight (briefly) and stop the rebuilds of the revoked
+        partitions; the states stay until the next assignment says whether they are
+        still ours."""
+        self.joined = False
         await self._settle(STOP_GRACE_SECONDS)
+        homes = {tp.partition for tp in revoked if tp.topic == self.topic}
+        stopping = [task for p, task in self.rebuilding.items() if p in homes]
+        for task in stopping:
+            task.cancel()
+        await asyncio.gather(*stopping, return_exceptions=True)
         for tp in revoked:
             if tp.topic == self.topic:
                 self.owned.discard(tp.partition)
@@ -405,6 +464,9 @@ class HotPath(mode.Service):
         """While batch N is appended to the batch log, batch N+1 is fetched, validated,
         deduplicated and written to the raw sink. Appends keep the batches' order."""
         assert self.consumer is not None
+        self.phase_started = time.monotonic()
+        await self.consumer.start()
+        self.consumer_started = True
         while not self.should_stop:
             records = self._order_for_fences(await self._next_batch())
             if not records:
@@ -604,36 +666,19 @@ class HotPath(mode.Service):
                 sends.append(
                     _Send.start(lambda r=record, e=valid[i][1], h=home: self._reroute(r, e, h))
                 )
-        # dedupe per home partition (the batch being committed counts as seen), by the
-        # compact key each id is kept under
+        # dedupe per home partition (the batch being committed counts as seen)
         await _let_the_loop_run()
-        candidates: dict[str | bytes, tuple[UsageEvent, ConsumerRecord]] = {}
-        seen_in: dict[int, list[set[str | bytes]]] = {}  # partition -> the sets to look in
-        newest: dict[int, int] = {}
-        copies = known = 0
-        for (record, event), home in zip(valid, at_home, strict=True):
-            if not home:
-                continue
-            partition = record.partition
-            sets = seen_in.get(partition)
-            if sets is None:
-                sets = seen_in[partition] = self._seen_sets(partition)
-                newest[partition] = self._home(batch, partition).newest_event_ms
-            if event.event_ms > newest[partition]:
-                newest[partition] = event.event_ms
-            key = compact(event.request_id)
-            if key in candidates:
-                copies += 1
-                continue
-            for ids in sets:
-                if key in ids:
-                    known += 1
-                    break
-            else:
-                candidates[key] = (event, record)
-        for partition, event_ms in newest.items():
-            batch.homes[partition].newest_event_ms = event_ms
-        batch.copies, batch.known = copies, known
+        by_home: dict[int, list[tuple[ConsumerRecord, UsageEvent]]] = {}
+        for pair, home in zip(valid, at_home, strict=True):
+            if home:
+                partition = pair[0].partition
+                pairs = by_home.get(partition)
+                if pairs is None:
+                    pairs = by_home[partition] = []
+                pairs.append(pair)
+        candidates: list[tuple[UsageEvent, ConsumerRecord]] = []
+        for partition, pairs in by_home.items():
+            candidates += self._dedupe(batch, partition, pairs)
         await _let_the_loop_run()
         batch.lines = self._add_new(batch, candidates)
         for (topic, partition), next_offset in batch.offsets.items():
@@ -646,17 +691,55 @@ class HotPath(mode.Service):
                     home.rerouted_next, home.rerouted_mark = next_offset, mark
         return batch
 
-    def _seen_sets(self, partition: int) -> list[set[str | bytes]]:
-        """Where the ids a home partition has seen are: its dedupe state's sets, and the
-        new ids of the batch being committed (unless a catch-up voided that batch: it
-        will not be appended, so its ids are not seen)."""
-        sets = self.states[partition].seen.sets()
+    def _dedupe(
+        self,
+        batch: PreparedBatch,
+        partition: int,
+        pairs: list[tuple[ConsumerRecord, UsageEvent]],
+    ) -> list[tuple[UsageEvent, ConsumerRecord]]:
+        """Judge one home partition's events (:func:`agents.dedupe.judge`): count the
+        duplicates, send the conflicting copies to the dead-letter topic, and return the
+        new requests' first copies (their keys go with the batch, into the state when it
+        is appended)."""
+        home = self._home(batch, partition)
+        events = [event for _, event in pairs]
+        newest = max(event.event_ms for event in events)
+        if newest > home.newest_event_ms:
+            home.newest_event_ms = newest
+        rerouted = np.fromiter(
+            (record.topic == self.rerouted_topic for record, _ in pairs), bool, len(pairs)
+        )
+        offsets = np.fromiter((record.offset for record, _ in pairs), np.int64, len(pairs))
+        bounds = self.states[partition].bounds() or (NO_FENCE, NO_FENCE)
+        rank = ranks(np.zeros(len(pairs), dtype=np.int64), rerouted, offsets, bounds)
+        verdicts = judge(events, rank, self.states[partition].seen, self._in_flight_keys(partition))
+        batch.known += verdicts.duplicates
+        if len(verdicts.conflicts):
+            batch.invalid[CONFLICT] = batch.invalid.get(CONFLICT, 0) + len(verdicts.conflicts)
+            for index, first_fp in zip(
+                verdicts.conflicts.tolist(), verdicts.first_fps.tolist(), strict=True
+            ):
+                record, event = pairs[index]
+                verdict = conflict(event, first_fp)
+                batch.sends.append(
+                    _Send.start(lambda r=record, v=verdict: self._send_dead_letter(r, v))
+                )
+        home.new = verdicts.new_keys.sorted()  # a run: searched by the next batch
+        return [(pairs[i][1], pairs[i][0]) for i in verdicts.new.tolist()]
+
+    def _in_flight_keys(self, partition: int) -> list[Keys]:
+        """The new ids of the batch being committed, which count as seen (unless a
+        catch-up voided that batch: it will not be appended, so its ids are not seen)."""
         in_flight = self._in_flight
         if in_flight is not None:
             pending = in_flight.homes.get(partition)
-            if pending is not None and pending.epoch == self.epochs.get(partition):
-                sets.append(pending.ids)
-        return sets
+            if (
+                pending is not None
+                and pending.new is not None
+                and pending.epoch == self.epochs.get(partition)
+            ):
+                return [pending.new]
+        return []
 
     def _home(self, batch: PreparedBatch, partition: int) -> HomeBatch:
         home = batch.homes.get(partition)
@@ -665,7 +748,7 @@ class HotPath(mode.Service):
         return home
 
     def _add_new(
-        self, batch: PreparedBatch, candidates: dict[str | bytes, tuple[UsageEvent, ConsumerRecord]]
+        self, batch: PreparedBatch, candidates: list[tuple[UsageEvent, ConsumerRecord]]
     ) -> list[str]:
         """The new requests into their home partitions' ids and sums (unless a replay's
         fence says the replay counted one); returns their raw points' lines. One loop,
@@ -673,7 +756,7 @@ class HotPath(mode.Service):
         prices, dates, markup = self.prices.current, self.dates, self.markup
         rerouted_topic, states = self.rerouted_topic, self.states
         lines = []
-        for key, (event, record) in candidates.items():
+        for event, record in candidates:
             day, _, cost, estimated = bill(event, prices, dates)
             lines.append(
                 line(
@@ -688,8 +771,7 @@ class HotPath(mode.Service):
                     event.event_ms,
                 )
             )
-            home = batch.homes[record.partition]  # made by the dedupe loop
-            home.ids.add(key)
+            home = batch.homes[record.partition]  # made by the dedupe step
             state = states[record.partition]
             if state.fences and state.fenced(day, record.topic == rerouted_topic, record.offset):
                 continue
@@ -769,7 +851,7 @@ class HotPath(mode.Service):
         )
         if (
             head.offset >= 0
-            and not home.ids
+            and not (home.new is not None and len(home.new))
             and usage_next == head.usage_next
             and (rerouted_next == head.rerouted_next)
         ):
@@ -819,7 +901,8 @@ class HotPath(mode.Service):
         state.head = ChainHead(
             metadata.offset, usage_next, rerouted_next, newest, usage_mark, rerouted_mark
         )
-        state.seen.add_keys(home.ids, time.time_ns() // 1_000_000)
+        if home.new is not None:
+            state.seen.add_keys(home.new, time.time_ns() // 1_000_000)
         return True
 
     async def _commit_kafka(self, batch: PreparedBatch) -> None:
@@ -919,6 +1002,30 @@ class HotPath(mode.Service):
         owned = [self.states[p] for p in self.owned if p in self.states]
         DEDUPE_IDS.set(sum(len(state.seen) for state in owned))
         DEDUPE_BYTES.set(sum(state.seen.approx_bytes() for state in owned))
+
+    @mode.Service.timer(SNAPSHOT_CHECK_SECONDS)
+    async def _snapshots(self) -> None:
+        """Snapshot the owned home partitions' seen sets that are due (agents/snapshots.py):
+        taken here, between appends, written in a thread."""
+        keeper = self.rebuilder.snapshots if self.rebuilder is not None else None
+        if keeper is None:
+            return
+        for partition in sorted(self.owned):
+            state = self.states.get(partition)
+            if state is not None and keeper.due(state):
+                keeper.start(state)
+
+    async def _snapshot_on_stop(self) -> None:
+        """A last snapshot of each owned partition whose head moved since its last one, so
+        a restart reads (nearly) nothing back; bounded, a write left unfinished is lost."""
+        keeper = self.rebuilder.snapshots if self.rebuilder is not None else None
+        if keeper is None:
+            return
+        for partition in sorted(self.owned):
+            state = self.states.get(partition)
+            if state is not None and keeper.moved(state):
+                keeper.start(state)
+        await keeper.settle(SNAPSHOT_STOP_SECONDS)
 
     @mode.Service.timer(PRUNE_SECONDS)
     async def _prune(self) -> None:

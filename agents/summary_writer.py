@@ -99,6 +99,7 @@ class SummaryWriter(mode.Service):
         self.refused: dict[int, str] = {}
         self.guard = BatchLogGuard(settings, self.applier, self._in_db)
         self.claim: ClaimKeeper | None = None
+        self.lag = 0  # batch-log records not applied yet (usage_stream_summary_writer_lag_records)
         self.stepped_down: str | None = None  # another writer owns the log (who)
         global _instance
         _instance = self
@@ -287,6 +288,7 @@ class SummaryWriter(mode.Service):
             if highwater is not None:
                 lag += max(0, highwater - self.next_offsets.get(tp.partition, 0))
         SUMMARY_WRITER_LAG.set(lag)
+        self.lag = lag
         assigned = len(self.consumer.assignment())
         SUMMARY_WRITER_HELD.labels(reason="replay_fence").set(len(self.blocked))
         SUMMARY_WRITER_HELD.labels(reason="log_refused").set(len(self.refused))

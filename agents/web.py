@@ -14,10 +14,9 @@ from typing import Any
 import orjson
 from faust.web import Request, Response, View
 
-from agents.health import PROBE_TIMEOUT_SECONDS, broker_answers, summary_db_writable
 from agents.pipeline import hot_path
+from agents.readiness import readiness
 from agents.report import decimal_text
-from agents.summary_writer import summary_writer
 from streams.app import app, settings
 from streams.metrics import REGISTRY, render
 from tables.connection import summary_db
@@ -36,46 +35,16 @@ async def health(web: View, request: Request) -> Response:
     return web.json({"status": "ok"})
 
 
-async def broker_reachable(timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
-    """None when the broker answers a real request (ApiVersions + Metadata) within
-    ``timeout``, else the reason: a frozen broker still accepts TCP connections."""
-    return await broker_answers(settings, timeout)
-
-
-async def db_writable() -> str | None:
-    """None when the summary DB takes the write lock (or the worker's own batch or
-    rollup holds it), else the reason naming the DB (:mod:`agents.health`)."""
-    if not settings.SUMMARY_WRITER:  # this worker never opens it
-        return None
-    writer = summary_writer()
-    try:
-        shared = await asyncio.wait_for(summary_db(), PROBE_TIMEOUT_SECONDS)  # creates it
-    except (sqlite3.Error, OSError, TimeoutError) as error:
-        return f"summary DB {settings.summary_db_path} not writable: {error!r}"
-    own = (shared, writer.applier._conn if writer else None)
-    return await summary_db_writable(settings.summary_db_path, own)
-
-
 @app.page("/ready")
 async def ready(web: View, request: Request) -> Response:
-    """200 when the broker answers, the summary DB is writable and the hot path is not
-    stuck retrying; else 503 with ``{"ready": false, "reasons": [...]}`` (one line each).
-    The probes run concurrently, so the answer comes within about 2 s."""
-    pipeline = hot_path()
-    probed = await asyncio.gather(broker_reachable(), db_writable())
-    reasons = [reason for reason in probed if reason]
-    stuck = pipeline.not_ready_reason() if pipeline else None
-    if stuck:
-        reasons.append(stuck)
-    writer = summary_writer()
-    waiting = writer.waiting_reason() if writer else None
-    if waiting:
-        reasons.append(waiting)
-    if writer is not None and writer.failing:
-        reasons.append(f"summary writer failing: {writer.failing}")
-    if reasons:
-        return web.json({"ready": False, "reasons": reasons}, status=503)
-    return web.json({"ready": True})
+    """200 only while this worker is consuming; else 503. The JSON names the ``phase``
+    and the reasons (agents/readiness.py keeps them current in the background, so this
+    answers at once, whatever the broker or the DB are doing)."""
+    keeper = readiness()
+    if keeper is None:
+        return web.json({"ready": False, "phase": "starting"}, status=503)
+    ok, body = keeper.answer()
+    return web.json(body, status=200 if ok else 503)
 
 
 # Reads (/status, /usage) --------------------------------------------------------------

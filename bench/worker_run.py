@@ -72,6 +72,7 @@ def worker_env(
             "KAFKA_REBALANCE_TIMEOUT_SECONDS": "10",
             "KAFKA_HEARTBEAT_INTERVAL_SECONDS": "1",
             "RECOVERY_CONSISTENCY_CHECK": "false",
+            "KAFKA_STATIC_MEMBERSHIP": "false",  # wedges Tansu groups (streams/settings.py)
             "NBP_API_URL": "http://127.0.0.1:9/api",
             "OPENROUTER_API_URL": "http://127.0.0.1:9/api/v1",
             "PYTHONUNBUFFERED": "1",

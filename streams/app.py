@@ -8,6 +8,7 @@ one-line error before this module is imported.
 from __future__ import annotations
 
 import faust
+from faust.app.base import BootStrategy
 from faust.auth import SSLCredentials
 from faust.types.auth import SASLMechanism
 
@@ -32,9 +33,26 @@ def _credentials(settings: Settings) -> object | None:
     return SSLCredentials(ssl_context) if ssl_context is not None else None
 
 
-app = faust.App(
-    # Faust's own consumer group only elects the leader (refresh) now: the usage topic is
-    # read by the hot path's batched consumer in the group APP_ID (agents/pipeline.py).
+class ServicesBoot(BootStrategy):
+    """Faust starts its web server, timers, tasks and our services, and no Kafka client
+    of its own.
+
+    Why: nothing here uses Faust's consumer or producer. The hot path reads the usage
+    topic with its own batched consumer (agents/pipeline.py), the summary writer the
+    batch log, and they produce with their own producers. Faust's consumer would still
+    join a consumer group of its own (``APP_ID-control``) to elect a leader nobody asks
+    for, and Faust starts the app's services only after that join: 30 s of every start
+    on the test broker, a rebalance of that group on every start and stop."""
+
+    enable_kafka = False
+
+
+class UsageStreamApp(faust.App):
+    BootStrategy = ServicesBoot
+
+
+app = UsageStreamApp(
+    # (the name: Faust's app id; no consumer group uses it, see ServicesBoot)
     f"{settings.APP_ID}-control",
     broker=settings.KAFKA_BROKER,
     broker_credentials=_credentials(settings),

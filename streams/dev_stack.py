@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -33,6 +34,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TextIO
 
 from streams.broker import EmbeddedBroker, die_with_parent, free_port
 from streams.cli import fail
@@ -47,7 +49,8 @@ __all__ = ["BACKFILL_DAYS", "run_dev_stack"]
 BACKFILL_DAYS = 3
 BACKFILL_EVENTS_PER_DAY = 300
 PRODUCER_STOP_SECONDS = 3.0
-WORKER_STOP_SECONDS = 8.0
+#: the worker exits within its own grace (streams/worker.py STOP_DEADLINE_SECONDS, 9 s)
+WORKER_STOP_SECONDS = 12.0
 
 
 async def _paced(rate: int, stop: asyncio.Event) -> AsyncIterator[bytes]:
@@ -117,8 +120,51 @@ async def _wait_process(process: subprocess.Popen[bytes], seconds: float) -> boo
     return process.poll() is not None
 
 
+class _SafeOutput(io.TextIOBase):
+    """This process's stdout, where a write that fails ends output, not the shutdown.
+
+    Why: ``usage-stream dev --demo | tee demo.log`` and Ctrl-C: the terminal's SIGINT
+    kills ``tee`` with this process, whose next line then raised ``BrokenPipeError`` in
+    the middle of stopping the stack in order; this process died, and the kernel sent
+    its children SIGTERM all at once (``die_with_parent``): a worker whose broker went
+    first. Now the first failed write points file descriptor 1 at ``/dev/null`` (also
+    for Python's flush at exit) and output stops; the shutdown goes on in order."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self._silence()
+
+    def isatty(self) -> bool:
+        return not self.broken and self.stream.isatty()
+
+    def _silence(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+
+
 async def run_dev_stack(settings: Settings, demo: bool, rate: int) -> None:
     """Run until a stop signal (or the worker's death), then stop everything in order."""
+    if not isinstance(sys.stdout, _SafeOutput):
+        sys.stdout = _SafeOutput(sys.stdout)
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
     alerts: AlertPrinter | None = None
     billing_lines: list[str] = []
@@ -139,6 +185,7 @@ async def run_dev_stack(settings: Settings, demo: bool, rate: int) -> None:
         "KAFKA_REBALANCE_TIMEOUT_SECONDS": os.environ.get("KAFKA_REBALANCE_TIMEOUT_SECONDS", "10"),
         "KAFKA_HEARTBEAT_INTERVAL_SECONDS": os.environ.get("KAFKA_HEARTBEAT_INTERVAL_SECONDS", "1"),
         "RECOVERY_CONSISTENCY_CHECK": "false",  # Tansu's end offsets are wrong
+        "KAFKA_STATIC_MEMBERSHIP": "false",  # wedges Tansu groups (streams/settings.py)
     }
     worker_log = settings.DATA_DIR / "worker.log"
     with worker_log.open("ab") as log_file:

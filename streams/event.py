@@ -46,6 +46,7 @@ import orjson
 from msgspec import Meta
 
 __all__ = [
+    "CONFLICT",
     "MAX_EVENT_BYTES",
     "MAX_FUTURE_MS",
     "REASONS",
@@ -66,6 +67,10 @@ MAX_COST_USD = Decimal(1_000_000)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
+#: The reason of a later copy of a request whose billing fields differ from the first's
+#: (CONTRACT §1): decided by the dedupe (agents/dedupe.py), never by :func:`parse_event`.
+CONFLICT = "conflicting_duplicate"
+
 #: Every value of the ``reason`` label of ``usage_stream_events_invalid_total``.
 REASONS = (
     "too_large",
@@ -75,6 +80,7 @@ REASONS = (
     "bad_type",
     "bad_value",
     "future_timestamp",
+    CONFLICT,
 )
 
 # (field, min length, max length); lengths are characters (code points, Python ``len``).

@@ -34,8 +34,10 @@ __all__ = [
     "RAW_WRITE_SECONDS",
     "REFRESH_LAST_SUCCESS",
     "REFRESH_RUNS",
+    "REBUILD_IDS",
     "REGISTRY",
     "ROLLUP_SECONDS",
+    "SNAPSHOTS",
     "SUMMARIES_WRITTEN",
     "USD_PLN_RATE",
     "render",
@@ -71,9 +73,27 @@ DEDUPE_IDS = Gauge(
 )
 DEDUPE_BYTES = Gauge(
     f"{_P}dedupe_bytes",
-    "Memory those ids take (sets exactly, ids from a sample of their sizes)",
+    "Memory those ids take: their arrays of keys and fingerprints (24 B per id)",
     registry=REGISTRY,
 )
+REBUILD_IDS = Counter(
+    f"{_P}rebuild_ids",
+    "Request ids put back into home partitions' dedupe state when rebuilt, by source:"
+    " snapshot (loaded from a seen-set snapshot) or topics (read back from the usage and"
+    " rerouted topics)",
+    ["source"],
+    registry=REGISTRY,
+)
+for _source in ("snapshot", "topics"):
+    REBUILD_IDS.labels(source=_source)
+SNAPSHOTS = Counter(
+    f"{_P}dedupe_snapshots",
+    "Seen-set snapshots of home partitions, by result: written, failed",
+    ["result"],
+    registry=REGISTRY,
+)
+for _result in ("written", "failed"):
+    SNAPSHOTS.labels(result=_result)
 PARTIALS_APPLIED = Counter(
     f"{_P}partials_applied",
     "Batch-log records whose sums the summary writer added (scale-out)",

@@ -103,8 +103,13 @@ class Settings(BaseSettings):
     KAFKA_SASL_USERNAME: str | None = None
     KAFKA_SASL_PASSWORD: SecretStr | None = None
     KAFKA_SSL_CAFILE: Path | None = None
-    # Consumer-group timing; the Faust defaults (60 s) make every join take ~30 s on Tansu.
-    KAFKA_SESSION_TIMEOUT_SECONDS: float = Field(60.0, gt=0)
+    # The hot path's consumer-group timing. A 10 s session: a dead worker's partitions move
+    # within ~10 s (a restart with its WORKER_ID replaces it at once, static membership);
+    # nothing blocks the event loop for long (rebuilds run outside the rebalance
+    # callback), so heartbeats keep going. Tansu answers a group's first JoinGroup after
+    # half the session timeout (30 s with 60 s), Apache Kafka after
+    # group.initial.rebalance.delay.ms (3 s) for an empty group.
+    KAFKA_SESSION_TIMEOUT_SECONDS: float = Field(10.0, gt=0)
     KAFKA_REBALANCE_TIMEOUT_SECONDS: float = Field(60.0, gt=0)
     KAFKA_HEARTBEAT_INTERVAL_SECONDS: float = Field(3.0, gt=0)
     # Faust refuses to start when a table's persisted offset is past the changelog's end
@@ -113,6 +118,11 @@ class Settings(BaseSettings):
     RECOVERY_CONSISTENCY_CHECK: bool = True
     # Off by default: the local broker (Tansu) cannot initialise aiokafka producer ids.
     KAFKA_PRODUCER_IDEMPOTENCE: bool = False
+    #: the hot path as a static group member (KIP-345, its WORKER_ID as the instance id):
+    #: a worker restarted after a crash takes its own place at once. Off for the bundled
+    #: test broker (Tansu 0.6): a static member that dies while others join wedges the
+    #: group there (no assignment ever completes; docs/operations.md)
+    KAFKA_STATIC_MEMBERSHIP: bool = True
 
     # Scale-out: the one worker that applies every worker's aggregates to the summary DB.
     # Workers with false never open it (they need no shared filesystem).

@@ -50,6 +50,7 @@ def stack(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Stack]:
         "KAFKA_HEARTBEAT_INTERVAL_SECONDS": "1",
         "ROLLUP_INTERVAL_SECONDS": "0.5",
         "RECOVERY_CONSISTENCY_CHECK": "false",  # Tansu's end offsets are wrong
+        "KAFKA_STATIC_MEMBERSHIP": "false",  # wedges Tansu groups (streams/settings.py)
         "RAW_BATCH_SECONDS": "0.2",
         # unreachable reference APIs: no test may depend on the internet
         "NBP_API_URL": "http://127.0.0.1:9/api",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import itertools
 import signal
 import sqlite3
@@ -105,6 +106,17 @@ class Worker:
 
         return wait_for(assigned, timeout, "the worker to be assigned partitions", 0.5)
 
+    def wait_ready(self, timeout: float = 90.0) -> dict:
+        """Until ``/ready`` answers 200 (phase ``consuming``); returns its JSON."""
+
+        def ready() -> dict:
+            if not self.alive():
+                raise AssertionError(f"worker died; log:\n{self.log_tail()}")
+            code, body = http_get(self.web + "/ready")
+            return orjson.loads(body) if code == 200 else {}
+
+        return wait_for(ready, timeout, "/ready 200", 0.2)
+
     def metrics(self) -> dict[str, float]:
         """Flat ``name{label=value,...}`` → value of the worker's /metrics."""
         code, body = http_get(self.web + "/metrics")
@@ -158,6 +170,13 @@ class Stack:
         """A new worker process (not started) sharing this stack's topic, group and DB."""
         index = len(self.workers)
         env = {**self.env, "WEB_PORT": str(free_port()), **overrides}
+        if "WORKER_ID" not in overrides:
+            # a worker's name is its place: the same DATA_DIR and role is the same worker
+            # come back (a restart keeps its static group membership and, as the summary
+            # writer, its claim); two workers running at once need two places
+            role = "writer" if env.get("SUMMARY_WRITER", "true") != "false" else "worker"
+            place = hashlib.sha1(env["DATA_DIR"].encode()).hexdigest()[:8]
+            env["WORKER_ID"] = f"{role}-{place}"
         worker = Worker(env, self.root / f"worker-{index}.log")
         self.workers.append(worker)
         return worker

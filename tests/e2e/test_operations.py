@@ -31,8 +31,7 @@ def test_health_ready_status_and_an_open_day(stack: Stack, tmp_path: Path) -> No
     worker = stack.worker().start()
     worker.wait_assigned()
     assert http_get(worker.web + "/health")[0] == 200
-    code, body = http_get(worker.web + "/ready")
-    assert (code, orjson.loads(body)) == (200, {"ready": True})
+    assert worker.wait_ready() == {"ready": True, "phase": "consuming"}
 
     # an event of today stays in an open day: no summary row until the day closes
     now_ms = int(time.time() * 1000)
@@ -73,8 +72,10 @@ def test_health_ready_status_and_an_open_day(stack: Stack, tmp_path: Path) -> No
     blocker = sqlite3.connect(stack.db_path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
-        code, body = http_get(worker.web + "/ready", timeout=15)
-        assert code == 503
+        # the background check finds it within a probe interval and its 2 s lock wait
+        code, body = wait_for(
+            lambda: (r := http_get(worker.web + "/ready"))[0] == 503 and r, 15, "503"
+        )
         # the reason names the DB and what is wrong with it (agents/health.py)
         reason = orjson.loads(body)["reasons"][0]
         assert reason.startswith(f"summary DB {stack.db_path} ") and "locked" in reason
@@ -82,15 +83,14 @@ def test_health_ready_status_and_an_open_day(stack: Stack, tmp_path: Path) -> No
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert http_get(worker.web + "/ready")[0] == 200
+    worker.wait_ready(15)
 
 
 def test_ready_reports_an_unreachable_broker(stack: Stack, tmp_path: Path) -> None:
     own = EmbeddedBroker(log_path=tmp_path / "own-broker.log").start()
     try:
         worker = stack.worker(KAFKA_BROKER=own.url).start()
-        worker.wait_assigned()
-        assert http_get(worker.web + "/ready")[0] == 200
+        worker.wait_ready()
     finally:
         own.stop()
     code, body = wait_for(

@@ -252,10 +252,9 @@ def test_broker_killed_and_terminated_mid_run_on_s3_storage(
 
     seed_rates(stack)
     worker = stack.worker().start()
-    worker.wait_assigned()
+    worker.wait_ready()
     assert worker.process is not None
     pid = worker.process.pid
-    assert http_get(worker.web + "/ready", timeout=10)[0] == 200
     joined_at = time.monotonic()
 
     failure: list[BaseException] = []

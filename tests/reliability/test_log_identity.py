@@ -148,6 +148,7 @@ def test_a_fresh_broker_under_an_existing_summary_db_bills_everything_once(
         "KAFKA_HEARTBEAT_INTERVAL_SECONDS": "1",
         "ROLLUP_INTERVAL_SECONDS": "0.5",
         "RECOVERY_CONSISTENCY_CHECK": "false",
+        "KAFKA_STATIC_MEMBERSHIP": "false",  # wedges Tansu groups (streams/settings.py)
         "RAW_BATCH_SECONDS": "0.2",
         "NBP_API_URL": "http://127.0.0.1:9/api",
         "OPENROUTER_API_URL": "http://127.0.0.1:9/api/v1",
