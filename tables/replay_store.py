@@ -298,13 +298,13 @@ _CREATE_NEW = f"CREATE TEMP TABLE replay_new_rows ({', '.join(_NEW_COLUMNS)})"
 _INSERT_NEW = f"INSERT INTO {_NEW_TABLE} VALUES ({', '.join('?' * len(_NEW_COLUMNS))})"
 #: ONE statement upserts every row that changes, in key order (neighbouring rows land on
 #: the same B-tree pages). Why not ``executemany`` of the row's whole values, as before:
-#: at 289k added rows (``bench/run.py --workload many-keys``) binding 19 values per row
-#: and running the upsert (and the totals' triggers of schema migration 21) once per
-#: statement took 5.1 s; 11 values per row into a temporary table and one INSERT ...
-#: SELECT take 1.9 s. ``total_tokens`` and the REAL columns are derived here (the REAL
-#: ones as :func:`streams.money.nano_to_float` does: below 2**53 a nano amount is an exact
-#: double and ``x / 1e9`` is the correctly rounded quotient, as Python's ``x / 10**9``),
-#: the rate, its table and ``updated_at`` are the same for every row.
+#: at 289k added rows (``bench/replace_time.py``, docs/performance.md) binding 19 values
+#: per row and running the upsert (and the totals' triggers of schema migration 21) once
+#: per statement took 4.7-5.1 s; 11 values per row into a temporary table and one
+#: INSERT ... SELECT take 2.0 s. ``total_tokens`` and the REAL columns are derived here
+#: (the REAL ones as :func:`streams.money.nano_to_float` does: below 2**53 a nano amount
+#: is an exact double and ``x / 1e9`` is the correctly rounded quotient, as Python's
+#: ``x / 10**9``), the rate, its table and ``updated_at`` are the same for every row.
 _UPSERT_NEW = f"""
 INSERT INTO usage_daily (
     client_org_id, user_id, model, usage_date, {", ".join(VALUE_COLUMNS)}, revision, updated_at
