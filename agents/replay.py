@@ -242,10 +242,13 @@ class ReplayReport:
         )
 
     def change_lines(self, limit: int | None = None) -> list[str]:
-        changes = self.outcome.changes
-        lines = [_change_line(change) for change in changes[:limit]]
-        if limit is not None and len(changes) > limit:
-            lines.append(f"  ... and {len(changes) - limit} more")
+        """The changes the outcome lists (the replace lists at most ``LIST_CHANGES`` in
+        a real run), then how many more there are."""
+        changes = self.outcome.changes[:limit]
+        lines = [_change_line(change) for change in changes]
+        more = self.outcome.corrections - len(changes)
+        if more > 0:
+            lines.append(f"  ... and {more} more")
         return lines
 
 
@@ -411,6 +414,7 @@ async def run_replay(
                         started_at=started_at,
                         records_processed=report.records_read,
                         replay_id=replay_id,
+                        list_changes=None if dry_run else LIST_CHANGES,
                     )
             except Exception as error:
                 if not dry_run:

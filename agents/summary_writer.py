@@ -506,6 +506,7 @@ async def complete_replay(settings: Settings, found: FoundResult) -> None:
             started_at=result.started_at,
             records_processed=result.records_processed,
             replay_id=result.replay_id,
+            list_changes=0,
         )
     finally:
         await conn.close()
