@@ -1,4 +1,4 @@
-"""``usage-stream budget set|list|rm``: monthly budgets per client (CONTRACT §4).
+"""``usage-stream budget set|list|rm``: monthly budgets per client (docs/contract.md §4).
 
 ``budget set ORG --monthly-usd AMOUNT [--alert-at 50,80,100] [--webhook URL]`` sets (or
 replaces) a client's budget in marked-up USD per business-time month; the summary writer
@@ -25,7 +25,7 @@ from streams.settings import get_settings, webhook_url_problem
 
 __all__ = ["standalone"]
 
-MAX_CLIENT_CHARS = 128  # CONTRACT §1
+MAX_CLIENT_CHARS = 128  # docs/contract.md §1
 
 
 def _client(value: str) -> str:

@@ -1,4 +1,4 @@
-"""``usage-stream markup set|list``: the price book (tables/pricebook.py, CONTRACT §4).
+"""``usage-stream markup set|list``: the price book (tables/pricebook.py, docs/contract.md §4).
 
 ``markup set [--client ORG] [--model MODEL] --multiplier X --from YYYY-MM-DD [--note TEXT]``
 adds a rule: from that usage date on, that client's (every client's) usage of that model
@@ -26,7 +26,7 @@ from streams.settings import get_settings
 __all__ = ["rule_status", "standalone"]
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-MAX_CLIENT_CHARS = 128  # CONTRACT §1
+MAX_CLIENT_CHARS = 128  # docs/contract.md §1
 MAX_MODEL_CHARS = 256  # the event validator's bound (streams/event.py)
 MAX_NOTE_CHARS = 1000
 
