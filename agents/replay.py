@@ -20,7 +20,7 @@
    home (streams/partitioning.py); a copy read elsewhere counts through its rerouted copy.
 3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins; memory
    stays bounded), price events without ``cost_usd`` like the worker
-   (:func:`tables.ledger.ledger_events`) and fold the first copies into the date's sums
+   (:func:`streams.pricing.bill`) and fold the first copies into the date's sums
    per summary key, in memory.
 4. Take the date over from the live pipeline (agents/replay_fences.py): a fence in every
    home partition's batch log, the records the workers read past the replay's end
