@@ -502,7 +502,16 @@ async def _register(conn: object, replay_id: str, day: str, started_at: str) -> 
     )
 
 
-HELP = "Re-aggregate one usage date from the topic and replace its rows atomically."
+HELP = """Re-aggregate one date from the topic and replace its rows.
+
+The usage date's rows are replaced atomically; the live consumer group is not
+disturbed.
+
+\b
+Example:
+  usage-stream replay --date 2026-11-20 --dry-run
+  usage-stream replay --date 2026-11-20
+"""
 
 #: The command's options, shared by the standalone entry below and Faust's CLI
 #: (agents/replay_command.py, so ``usage-stream --help`` lists the command).
