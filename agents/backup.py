@@ -18,7 +18,10 @@ from streams.cli import fail
 from streams.settings import get_settings
 from tables.backup import backup_summary_db
 
-HELP = """Copy the summary DB to FILE consistently while the worker runs.
+HELP = """Copy the summary DB to FILE while the worker runs.
+
+A consistent copy (one read transaction's snapshot); restoring it loses nothing, the
+writer catches up from the log (docs/operations.md).
 
 \b
 Example:

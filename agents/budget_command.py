@@ -1,4 +1,4 @@
-"""``usage-stream budget set|list|rm``: monthly budgets per client (CONTRACT §4).
+"""``usage-stream budget set|list|rm``: monthly budgets per client (docs/contract.md §4).
 
 ``budget set ORG --monthly-usd AMOUNT [--alert-at 50,80,100] [--webhook URL]`` sets (or
 replaces) a client's budget in marked-up USD per business-time month; the summary writer
@@ -25,7 +25,7 @@ from streams.settings import get_settings, webhook_url_problem
 
 __all__ = ["standalone"]
 
-MAX_CLIENT_CHARS = 128  # CONTRACT §1
+MAX_CLIENT_CHARS = 128  # docs/contract.md §1
 
 
 def _client(value: str) -> str:
@@ -49,7 +49,19 @@ def _db_error(settings: object, error: BaseException) -> None:
     fail(f"summary DB {path}: {' '.join(str(error).split())}")
 
 
-@click.group(name="budget", cls=OneLineGroup, help="Monthly budgets per client, with alerts.")
+HELP = """Monthly budgets per client, with alerts.
+
+A webhook is called once per client and month as the marked-up spend crosses each
+alert threshold.
+
+\b
+Example:
+  usage-stream budget set acme --monthly-usd 500 --alert-at 50,80,100
+  usage-stream budget list
+"""
+
+
+@click.group(name="budget", cls=OneLineGroup, help=HELP)
 def standalone() -> None:
     pass
 
@@ -60,7 +72,13 @@ def standalone() -> None:
 @click.option("--alert-at", "alert_at", default="50,80,100", show_default=True, help="percent")
 @click.option("--webhook", default=None, help="http(s) URL (default: BUDGET_WEBHOOK_URL)")
 def set_budget_command(org: str, monthly_usd: str, alert_at: str, webhook: str | None) -> None:
-    """Set (or replace) a client's monthly budget."""
+    """Set (or replace) a client's monthly budget.
+
+    \b
+    Example:
+      usage-stream budget set acme --monthly-usd 500 --alert-at 80,100 \\
+          --webhook https://hooks.example.com/budget
+    """
     from tables.budgets import Budget, BudgetRefused, parse_limit, parse_thresholds, set_budget
     from tables.command_db import CommandDbError, open_read_write
 
@@ -93,7 +111,12 @@ def set_budget_command(org: str, monthly_usd: str, alert_at: str, webhook: str |
 @standalone.command(name="rm")
 @click.argument("org")
 def remove_budget_command(org: str) -> None:
-    """Remove a client's budget (its fired alerts stay on record)."""
+    """Remove a client's budget (its fired alerts stay on record).
+
+    \b
+    Example:
+      usage-stream budget rm acme
+    """
     from tables.budgets import remove_budget
     from tables.command_db import CommandDbError, has_table, open_read_write
 
@@ -125,7 +148,12 @@ def remove_budget_command(org: str) -> None:
     help="table (terminal) or json",
 )
 def list_budgets_command(output_format: str) -> None:
-    """List the budgets with this month's live spend and the alerts fired."""
+    """List the budgets with this month's live spend and the alerts fired.
+
+    \b
+    Example:
+      usage-stream budget list --format json
+    """
     from tables.budgets import alerts_of_month, list_budgets
     from tables.command_db import CommandDbError, has_table, open_read_only
     from tables.statements import next_month

@@ -65,7 +65,7 @@ def redacted(url: str) -> str:
 
 
 def alert_payload(alert: AlertRow) -> dict[str, Any]:
-    """The webhook's JSON body (CONTRACT §3): money as exact decimal strings."""
+    """The webhook's JSON body (docs/contract.md §3): money as exact decimal strings."""
     return {
         "client_org_id": alert.client_org_id,
         "usage_month": alert.usage_month,

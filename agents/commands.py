@@ -17,7 +17,16 @@ from streams.cli import fail
 
 @app.command(argument("source", default="-", required=False))
 async def publish(self: object, source: str) -> None:
-    """Publish JSON-lines events from FILE (or - for stdin), keyed by request_id."""
+    """Publish JSON-lines events from FILE or stdin (-).
+
+    Each line is one event, sent to the usage topic keyed by its request_id; prints how
+    many were sent.
+
+    \b
+    Example:
+      usage-stream publish events.jsonl
+      gzip -dc events.jsonl.gz | usage-stream publish -
+    """
     from streams.broker import BrokerUnreachable, TopicMismatch, ensure_topics
     from streams.producer import publish_lines
 
@@ -41,7 +50,15 @@ async def publish(self: object, source: str) -> None:
     option("--rate", default=200, type=int, help="demo events per second"),
 )
 async def dev(self: object, demo: bool, rate: int) -> None:
-    """Run the embedded stack: bundled broker, the worker, and (--demo) a synthetic producer."""
+    """Run broker, worker and (--demo) a producer on localhost.
+
+    The embedded stack: the bundled broker, the worker and, with --demo, a synthetic
+    producer; Ctrl-C stops them in order.
+
+    \b
+    Example:
+      usage-stream dev --demo --rate 500
+    """
     from streams.dev_stack import run_dev_stack
 
     await run_dev_stack(settings, demo=demo, rate=rate)

@@ -12,7 +12,7 @@ later copy gets the same verdict whoever holds the partition:
   finds the same copy;
 * the first copy of an id not tracked yet is **new** (billed; its fingerprint is kept);
 * any other copy is a **duplicate** when its billing fingerprint equals the kept one
-  (or, inside the batch, the new copy's), and a **conflict** otherwise (CONTRACT §1,
+  (or, inside the batch, the new copy's), and a **conflict** otherwise (docs/contract.md §1,
   ``conflicting_duplicate``).
 
 Vectorised over the batch (numpy): one lexsort to find each id's first copy, one lookup

@@ -1,4 +1,4 @@
-"""Readiness probes behind ``GET /ready`` (CONTRACT §6).
+"""Readiness probes behind ``GET /ready`` (docs/contract.md §6).
 
 ``/ready`` answers 200 only when the worker can do its job right now: the broker answers
 a real request, the hot path is not stuck retrying a stage, and on the summary writer the

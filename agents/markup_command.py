@@ -1,4 +1,4 @@
-"""``usage-stream markup set|list``: the price book (tables/pricebook.py, CONTRACT §4).
+"""``usage-stream markup set|list``: the price book (tables/pricebook.py, docs/contract.md §4).
 
 ``markup set [--client ORG] [--model MODEL] --multiplier X --from YYYY-MM-DD [--note TEXT]``
 adds a rule: from that usage date on, that client's (every client's) usage of that model
@@ -26,7 +26,7 @@ from streams.settings import get_settings
 __all__ = ["rule_status", "standalone"]
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-MAX_CLIENT_CHARS = 128  # CONTRACT §1
+MAX_CLIENT_CHARS = 128  # docs/contract.md §1
 MAX_MODEL_CHARS = 256  # the event validator's bound (streams/event.py)
 MAX_NOTE_CHARS = 1000
 
@@ -49,7 +49,19 @@ def _date(text: str) -> date:
         raise  # unreachable: fail() exits
 
 
-@click.group(name="markup", cls=OneLineGroup, help="The price book: markup rules per client/model.")
+HELP = """The price book: markup rules per client/model.
+
+A rule applies from a usage date on (forward only); the most specific rule in force
+prices a row, else USAGE_MARKUP_MULTIPLIER.
+
+\b
+Example:
+  usage-stream markup set --client acme --multiplier 1.2 --from 2026-12-01
+  usage-stream markup list
+"""
+
+
+@click.group(name="markup", cls=OneLineGroup, help=HELP)
 def standalone() -> None:
     pass
 
@@ -63,7 +75,13 @@ def standalone() -> None:
 def set_rule(
     client: str | None, model: str | None, multiplier: str, effective_from: str, note: str | None
 ) -> None:
-    """Add a markup rule, from a usage date on (forward only)."""
+    """Add a markup rule, from a usage date on (forward only).
+
+    \b
+    Example:
+      usage-stream markup set --client acme --model openai/gpt-4o-mini \\
+          --multiplier 1.15 --from 2026-12-01 --note "volume discount"
+    """
     from tables.command_db import CommandDbError, open_read_write
     from tables.pricebook import RuleRefused, add_rule, parse_multiplier
 
@@ -134,7 +152,12 @@ def rule_status(rules: list, today: str) -> dict[int, str]:
     help="table (terminal) or json",
 )
 def list_rules_command(output_format: str) -> None:
-    """List the markup rules, oldest first, and the default multiplier."""
+    """List the markup rules, oldest first, and the default multiplier.
+
+    \b
+    Example:
+      usage-stream markup list --format json
+    """
     from tables.command_db import CommandDbError, has_table, open_read_only
     from tables.pricebook import list_rules, multiplier_text
 

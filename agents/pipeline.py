@@ -100,10 +100,10 @@ from streams.metrics import (
 )
 from streams.money import NanoScaler
 from streams.partitioning import home_partitions
+from streams.pricing import bill
 from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import line
 from streams.sinks.raw_retention import maintain_raw_files
-from tables.ledger import bill
 from tables.seen_requests import Keys
 
 __all__ = ["HotPath", "hot_path"]

@@ -28,7 +28,17 @@ __all__ = ["raw_resend"]
     ),
 )
 async def raw_resend(self: object, dry_run: bool) -> None:
-    """Re-send the raw point segments InfluxDB rejected (DATA_DIR/spool/rejected/)."""
+    """Re-send the raw points InfluxDB rejected.
+
+    Once the target is fixed: sends every segment set aside in DATA_DIR/spool/rejected/
+    to the configured InfluxDB and removes each one it took; running it twice writes
+    nothing twice.
+
+    \b
+    Example:
+      usage-stream raw-resend --dry-run
+      usage-stream raw-resend
+    """
     from streams.sinks import build_writer, spool_dir
     from streams.sinks.spool import rejected_segments
 

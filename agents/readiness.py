@@ -1,4 +1,4 @@
-"""``GET /ready``'s answer, kept current in the background (CONTRACT §6).
+"""``GET /ready``'s answer, kept current in the background (docs/contract.md §6).
 
 Why not probe per request: a probe of a frozen broker takes its whole timeout (the broker
 still accepts TCP connections), and Kubernetes gives a readiness probe 1 s. So the

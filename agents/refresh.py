@@ -446,7 +446,12 @@ async def refresh_at_start() -> None:
 
 @app.command()
 async def refresh(self: object) -> None:
-    """Refresh the NBP USD/PLN rates and OpenRouter model prices now."""
+    """Refresh the NBP USD/PLN rates and OpenRouter model prices now.
+
+    \b
+    Example:
+      usage-stream refresh
+    """
     import sqlite3
 
     from streams.cli import fail

@@ -20,7 +20,7 @@
    home (streams/partitioning.py); a copy read elsewhere counts through its rerouted copy.
 3. Deduplicate by ``request_id`` in a temporary SQLite file (first copy read wins; memory
    stays bounded), price events without ``cost_usd`` like the worker
-   (:func:`tables.ledger.ledger_events`) and fold the first copies into the date's sums
+   (:func:`streams.pricing.bill`) and fold the first copies into the date's sums
    per summary key, in memory.
 4. Take the date over from the live pipeline (agents/replay_fences.py): a fence in every
    home partition's batch log, the records the workers read past the replay's end
@@ -506,7 +506,16 @@ async def _register(conn: object, replay_id: str, day: str, started_at: str) -> 
     )
 
 
-HELP = "Re-aggregate one usage date from the topic and replace its rows atomically."
+HELP = """Re-aggregate one date from the topic and replace its rows.
+
+The usage date's rows are replaced atomically; the live consumer group is not
+disturbed.
+
+\b
+Example:
+  usage-stream replay --date 2026-11-20 --dry-run
+  usage-stream replay --date 2026-11-20
+"""
 
 #: The command's options, shared by the standalone entry below and Faust's CLI
 #: (agents/replay_command.py, so ``usage-stream --help`` lists the command).

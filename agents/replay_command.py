@@ -13,7 +13,7 @@ from typing import ClassVar, NoReturn
 
 from faust.cli import AppCommand
 
-from agents.replay import OPTIONS, command, run_direct
+from agents.replay import HELP, OPTIONS, command, run_direct
 from streams.app import app
 
 
@@ -28,9 +28,11 @@ class _DirectCommand(AppCommand):
         run_direct(lambda: self.execute(*args, **kwargs))
 
 
-@app.command(*OPTIONS, base=_DirectCommand)
 async def replay(
     self: object, day: str | None, from_offsets: str | None, dry_run: bool, allow_partial: bool
 ) -> None:
-    """Re-aggregate one usage date from the topic and replace its rows atomically."""
     await command(day, from_offsets, dry_run, allow_partial)
+
+
+replay.__doc__ = HELP  # Faust's help is the handler's docstring: the standalone's text
+app.command(*OPTIONS, base=_DirectCommand)(replay)

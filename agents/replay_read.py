@@ -152,7 +152,7 @@ class _DayStager:
         tz = settings.tz
         self.day_text = day.isoformat()
         self.dates = UsageDates(tz)
-        # a cheap prefilter on event time; the usage date of tables.ledger.bill decides
+        # a cheap prefilter on event time; the usage date of streams.pricing.bill decides
         self.low = local_midnight_ms(day, tz) - 1_000
         self.high = local_midnight_ms(day + timedelta(days=1), tz) + 1_000
         self.validate_all = False
@@ -169,7 +169,7 @@ class _DayStager:
             parse_records,
         )
         from streams.partitioning import home_partitions
-        from tables.ledger import bill
+        from streams.pricing import bill
 
         low, high = self.low, self.high
         located = []  # valid events whose time is about the date

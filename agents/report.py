@@ -622,10 +622,16 @@ def parse_month(text: str) -> date:
 async def report(
     self: object, month: str, client: str | None, detail: bool, output_format: str
 ) -> None:
-    """Monthly statement per client (and per user and model with --detail), exact amounts.
+    """Monthly statement per client, in exact amounts.
 
-    Exit 0 with a statement, 1 when there is no usage for the month/client, 2 on a bad
-    --month or an unreadable summary DB."""
+    Per user and model too with --detail. Exit 0 with a statement, 1 when there is no
+    usage for the month/client, 2 on a bad --month or an unreadable summary DB.
+
+    \b
+    Example:
+      usage-stream report --month 2026-11
+      usage-stream report --month 2026-11 --client acme --detail --format csv > acme.csv
+    """
     try:
         first = parse_month(month)
     except ValueError as error:

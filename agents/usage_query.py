@@ -1,4 +1,4 @@
-"""``GET /v1/usage/query``: usage for the business application (CONTRACT §6).
+"""``GET /v1/usage/query``: usage for the business application (docs/contract.md §6).
 
 ``?from=YYYY-MM-DD&to=YYYY-MM-DD[&client_org_id=ORG…][&granularity=day|month|total]
 [&group_by=user_id,model]`` on the summary writer. Rows of ``usage_daily_live`` (closed
@@ -56,7 +56,7 @@ GRANULARITIES = ("day", "month", "total")
 GROUP_KEYS = ("user_id", "model")
 MAX_RANGE_DAYS = 3660  # ten years of usage dates per request
 MAX_CLIENTS = 1000
-MAX_CLIENT_ID_CHARS = 128  # CONTRACT §1
+MAX_CLIENT_ID_CHARS = 128  # docs/contract.md §1
 MAX_ROWS = 100_000
 #: granularity -> (the period's key, its SQL expression); ``total`` has no period key
 _PERIOD = {

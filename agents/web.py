@@ -1,4 +1,4 @@
-"""HTTP endpoints on the worker's Faust web server (CONTRACT §6)."""
+"""HTTP endpoints on the worker's Faust web server (docs/contract.md §6)."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ async def ready(web: View, request: Request) -> Response:
 
 READ_TIMEOUT_SECONDS = 30.0
 MAX_RANGE_DAYS = 366  # one (leap) year of daily rows per request
-MAX_CLIENT_ID_CHARS = 128  # CONTRACT §1: no event can carry a longer client_org_id
+MAX_CLIENT_ID_CHARS = 128  # docs/contract.md §1: no event can carry a longer client_org_id
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
-# usage_daily's columns (CONTRACT §3) plus ``final``: the keys of every /usage row.
+# usage_daily's columns (docs/contract.md §3) plus ``final``: the keys of every /usage row.
 USAGE_COLUMNS = (*DAILY_COLUMNS, "final")
 # Exact decimal strings added beside the REAL columns: (key, nano column it is made from).
 EXACT_MONEY = (
@@ -219,7 +219,7 @@ def usage_row(row: dict[str, Any]) -> dict[str, Any]:
 
 @app.page("/usage")
 async def usage(web: View, request: Request) -> Response:
-    """``GET /usage?client_org_id=…&from=YYYY-MM-DD&to=YYYY-MM-DD`` (CONTRACT §6).
+    """``GET /usage?client_org_id=…&from=YYYY-MM-DD&to=YYYY-MM-DD`` (docs/contract.md §6).
 
     A JSON array of ``usage_daily_live`` rows of one client, closed and open days together,
     ordered by ``usage_date``, ``user_id``, ``model``. Keys: ``usage_daily``'s column names
@@ -247,7 +247,7 @@ async def usage(web: View, request: Request) -> Response:
 
     The rows are read in one snapshot through a fresh read-only connection (WAL), so a
     long request never blocks the hot path or the rollup; a read over 30 s is cut off
-    with a 503. Served by the summary writer only (CONTRACT §6): another worker answers
+    with a 503. Served by the summary writer only (docs/contract.md §6): another worker answers
     404 with the reason, it has no summary DB.
     """
     if not settings.SUMMARY_WRITER:

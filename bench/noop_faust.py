@@ -1,5 +1,5 @@
-"""The baseline: a do-nothing Faust agent on the usage topic (run by bench/run.py and
-bench/throughput.py): what Faust's per-message path alone costs on this machine.
+"""The baseline: a do-nothing Faust agent on the usage topic (run by bench/run.py): what
+Faust's per-message path alone costs on this machine.
 
 BENCH_BROKER=kafka://127.0.0.1:PORT BENCH_TOPIC=t BENCH_COUNT=N python bench/noop_faust.py worker
 

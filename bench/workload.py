@@ -10,7 +10,7 @@ Why these shapes:
   can be checked without waiting for a wall-clock day to end;
 * ``cost_usd`` comes as a decimal string, as a JSON number, or not at all (estimated),
   and ``timestamp`` as epoch ms or RFC 3339 (UTC ``Z`` or a local offset): every input
-  form of CONTRACT §1 goes through the hot path;
+  form of docs/contract.md §1 goes through the hot path;
 * 10 % duplicates: half re-sent with the same key (same partition, the common retry),
   half onto another partition (no key, or another key), which only the re-keying /
   cross-partition dedupe catches;

@@ -3,7 +3,10 @@
 Settings are validated first, so a bad value prints one line naming it instead of a
 traceback; ``worker`` also runs the components' start-up checks (:data:`PREFLIGHT`) and
 creates the topics before Faust starts.
-Everything else is Faust's own CLI (``worker`` and the ``@app.command`` commands).
+Everything else is Faust's own CLI (``worker`` and the ``@app.command`` commands),
+presented as this product's (:func:`present_cli`): our help text, our commands in
+sections (:data:`COMMAND_SECTIONS`), Faust's own commands hidden (:data:`FAUST_COMMANDS`:
+they still run).
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from streams.settings import Settings, SettingsError, get_settings
 
-__all__ = ["fail", "main"]
+if TYPE_CHECKING:
+    import click
+
+__all__ = ["COMMAND_SECTIONS", "FAUST_COMMANDS", "fail", "main", "present_cli"]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -82,7 +89,8 @@ def main() -> None:
     from streams.app import app
 
     _import_components()
-    if command == "worker":
+    present_cli()
+    if command == "worker" and "--help" not in sys.argv[2:]:
         from streams.broker import BrokerUnreachable, TopicMismatch
 
         try:
@@ -117,3 +125,116 @@ def _import_components() -> None:
         package = importlib.import_module(package_name)
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{package_name}.{module.name}")
+
+
+# The help ----------------------------------------------------------------------------
+
+#: ``usage-stream --help``'s text, in place of Faust's welcome.
+ABOUT = """Usage metering for an LLM gateway.
+
+Reads the gateway's usage events from Kafka, deduplicates and prices them, writes one
+raw point per request to InfluxDB and exact daily bills (USD and PLN, with markup) to
+SQLite; reports, budgets and the price book work on that database.
+
+\b
+Try it on this machine (bundled broker, no InfluxDB needed):
+  usage-stream dev --demo
+
+Settings come from the environment (docs/contract.md §5). Run
+'usage-stream COMMAND --help' for a command's options and an example.
+"""
+
+#: Every command of ours, by what it is for, in the order ``--help`` lists them. A
+#: command in none of these is listed under "Other" (tests/e2e/test_cli_help.py fails).
+COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "Run": ("worker", "dev"),
+    "Data": ("publish", "replay", "raw-resend", "backup"),
+    "Billing": ("report", "refresh", "budget", "markup"),
+}
+
+#: Faust's own commands: hidden from ``--help`` (they mean nothing to a user of this
+#: product) but still runnable, e.g. ``usage-stream agents`` for a debugging session.
+FAUST_COMMANDS = (
+    "agents",
+    "clean-versions",
+    "completion",
+    "livecheck",
+    "model",
+    "models",
+    "reset",
+    "send",
+    "tables",
+)
+
+#: ``worker`` is Faust's command; this is its help (its options stay Faust's).
+WORKER_HELP = """Run a worker: bill the usage events from Kafka into SQLite.
+
+It also writes the raw points and serves /ready, /metrics and /usage. More workers
+with the same APP_ID (on more hosts) share the partitions; the one with
+SUMMARY_WRITER=true writes the summary DB. Stops cleanly on SIGTERM.
+
+\b
+Example:
+  KAFKA_BROKER=kafka://kafka-1:9092 usage-stream worker -l info
+"""
+
+
+def present_cli() -> None:
+    """Make Faust's root command this product's: :data:`ABOUT`, our commands in
+    :data:`COMMAND_SECTIONS` (the standalone ones registered too, so ``--help`` lists
+    them), and :data:`FAUST_COMMANDS` hidden. Names, options and behaviour are Faust's."""
+    import importlib
+    from types import MethodType
+
+    from faust.cli.faust import cli as root
+
+    for name, module in STANDALONE_COMMANDS.items():
+        if name not in root.commands:
+            root.add_command(importlib.import_module(module).standalone, name)
+    root.help = ABOUT
+    for name in FAUST_COMMANDS:
+        if name in root.commands:
+            root.commands[name].hidden = True
+    if "worker" in root.commands:
+        root.commands["worker"].help = WORKER_HELP
+        root.commands["worker"].short_help = None
+    root.format_commands = MethodType(_format_command_sections, root)  # type: ignore[method-assign]
+    root.format_options = MethodType(_format_commands_then_options, root)  # type: ignore[method-assign]
+
+
+def _format_commands_then_options(
+    self: click.Group, ctx: click.Context, formatter: click.HelpFormatter
+) -> None:
+    """The commands first (what a user looks for), then Faust's global options."""
+    self.format_commands(ctx, formatter)
+    rows = [row for param in self.get_params(ctx) if (row := param.get_help_record(ctx))]
+    if rows:
+        with formatter.section("Global options (before the command)"):
+            formatter.write_dl(rows)
+
+
+def _format_command_sections(
+    self: click.Group, ctx: click.Context, formatter: click.HelpFormatter
+) -> None:
+    """click's command list, in :data:`COMMAND_SECTIONS` (an "Other" section for any
+    visible command in none of them)."""
+    listed = {}
+    for name in self.list_commands(ctx):
+        command = self.get_command(ctx, name)
+        if command is not None and not command.hidden:
+            listed[name] = command
+    if not listed:
+        return
+    sections = [
+        (title, [name for name in names if name in listed])
+        for title, names in COMMAND_SECTIONS.items()
+    ]
+    grouped = {name for _, names in sections for name in names}
+    sections.append(("Other", sorted(set(listed) - grouped)))
+    limit = formatter.width - 6 - max(len(name) for name in listed)
+    for title, names in sections:
+        if names:
+            with formatter.section(title):
+                formatter.write_dl(
+                    [(name, listed[name].get_short_help_str(limit)) for name in names]
+                )

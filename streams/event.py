@@ -1,4 +1,4 @@
-"""The usage event (CONTRACT §1): validation of producer bytes.
+"""The usage event (docs/contract.md §1): validation of producer bytes.
 
 ``parse_event`` never raises on bad input: it returns :class:`InvalidEvent` with a
 metric-friendly ``reason`` (a small fixed set) and a one-line ``message`` for the
@@ -68,7 +68,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 #: The reason of a later copy of a request whose billing fields differ from the first's
-#: (CONTRACT §1): decided by the dedupe (agents/dedupe.py), never by :func:`parse_event`.
+#: (docs/contract.md §1): decided by the dedupe (agents/dedupe.py), never by :func:`parse_event`.
 CONFLICT = "conflicting_duplicate"
 
 #: Every value of the ``reason`` label of ``usage_stream_events_invalid_total``.
@@ -325,7 +325,7 @@ def _accept(wire: _Wire, now_ms: int) -> UsageEvent:
 
 
 def parse_event(raw: bytes | None, now_ms: int) -> UsageEvent | InvalidEvent:
-    """Validate producer bytes against CONTRACT §1; ``now_ms`` bounds future timestamps.
+    """Validate producer bytes against docs/contract.md §1; ``now_ms`` bounds future timestamps.
 
     Never raises: a bug in a rule becomes an ``InvalidEvent`` (``bad_value``) rather than a
     crashed worker.

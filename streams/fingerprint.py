@@ -1,6 +1,6 @@
 """A fingerprint of a usage event's billing fields: what tells a retry from a conflict.
 
-CONTRACT §1: a later copy of a ``request_id`` whose billing fields (``client_org_id``,
+docs/contract.md §1: a later copy of a ``request_id`` whose billing fields (``client_org_id``,
 ``user_id``, ``model``, the token counts, ``cost_usd``, the event time) differ from the
 first copy's is a ``conflicting_duplicate``, not a retry. The dedupe state keeps 8 bytes
 per tracked id for this (:mod:`tables.seen_requests`), and a snapshot keeps the same 8

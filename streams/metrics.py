@@ -1,4 +1,4 @@
-"""Prometheus metrics (CONTRACT §7), prefix ``usage_stream_``, on one registry.
+"""Prometheus metrics (docs/contract.md §7), prefix ``usage_stream_``, on one registry.
 
 ``prometheus_client`` appends ``_total`` to counters itself, so counters are declared
 without it. ``REGISTRY`` is private to the app (no default process collectors twice).

@@ -10,7 +10,6 @@ __all__ = [
     "NANO",
     "NanoScaler",
     "nano_text",
-    "nano_to_decimal",
     "nano_to_float",
     "scale_nano",
     "to_nano",
@@ -37,10 +36,6 @@ def nano_text(nano: int) -> str:
     sign = "-" if nano < 0 else ""
     units, fraction = divmod(abs(nano), 1_000_000_000)
     return f"{sign}{units}.{fraction:09d}"
-
-
-def nano_to_decimal(nano: int) -> Decimal:
-    return Decimal(nano) / NANO
 
 
 def nano_to_float(nano: int | None) -> float | None:

@@ -2,7 +2,7 @@
 
 A request's home partition is ``murmur2(request_id) & 0x7fffffff % N``: the partition
 Kafka's default partitioner (Java client, aiokafka) gives a record keyed by the request id,
-as producers are asked to key (CONTRACT §1). The owner of partition p deduplicates the
+as producers are asked to key (docs/contract.md §1). The owner of partition p deduplicates the
 requests homed at p; an event read anywhere else is moved there first (``<APP_ID>-rerouted``).
 
 The hash is fixed here, not taken from whichever partitioner a producer used: librdkafka's

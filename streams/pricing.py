@@ -1,4 +1,5 @@
-"""Cost estimation for events that arrive without ``cost_usd``.
+"""The billing rule: an event's usage date and cost (:func:`bill`), and the cost estimate
+for events that arrive without ``cost_usd`` (:func:`estimate_cost_nano`).
 
 cost = input_tokens × prompt price + output_tokens × completion price + request price,
 from the model's latest stored OpenRouter price, exact in Decimal, then rounded half-even
@@ -8,13 +9,18 @@ its request, and is counted in ``estimated_requests`` so the gap is visible.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from streams.money import to_nano
 
-__all__ = ["ModelPrice", "Price", "estimate_cost_nano"]
+if TYPE_CHECKING:
+    from streams.business_time import UsageDates
+    from streams.event import UsageEvent
+
+__all__ = ["ModelPrice", "Price", "bill", "estimate_cost_nano"]
 
 
 @dataclass(frozen=True)
@@ -44,3 +50,19 @@ def estimate_cost_nano(input_tokens: int, output_tokens: int, price: Price | Non
         + Decimal(price.request_usd)
     )
     return max(to_nano(cost), 0)  # OpenRouter marks variable prices with -1
+
+
+def bill(
+    event: UsageEvent, prices: Mapping[str, Price], dates: UsageDates
+) -> tuple[str, int, int, int]:
+    """``(usage_date, usage_day, cost_nano, estimated)`` of a valid event: the one place
+    where an event gets its usage date (and its ordinal) and its cost (``cost_usd`` when
+    present, else estimated from the model's latest stored price; no price → 0, still
+    counted in ``estimated_requests``; ``estimated`` is 0/1). The hot path calls it per
+    new request, the replay's readers per event of the date."""
+    day, ordinal = dates(event.event_ms)
+    cost = event.cost_nano
+    if cost is not None:
+        return day, ordinal, cost, 0
+    price = prices.get(event.model)
+    return day, ordinal, estimate_cost_nano(event.input_tokens, event.output_tokens, price), 1

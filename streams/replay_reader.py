@@ -66,7 +66,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Record = tuple[int, int, bytes | None]  # (partition, offset, value)
 PartitionBatch = tuple[int, list[ConsumerRecord]]  # (partition, records in offset order)
 
 #: How long the first Fetch may take to report every partition's high watermark.
@@ -427,10 +426,3 @@ class ReplayReader:
             ]
             if out:
                 yield out
-
-    async def records(self) -> AsyncIterator[Record]:
-        """The same records one by one, as ``(partition, offset, value)``."""
-        async for batch in self.batches():
-            for partition, records in batch:
-                for record in records:
-                    yield partition, record.offset, record.value

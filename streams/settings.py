@@ -1,4 +1,4 @@
-"""12-factor settings: the only module that reads the environment (CONTRACT §5).
+"""12-factor settings: the only module that reads the environment (docs/contract.md §5).
 
 A bad value stops start-up with :class:`SettingsError`, whose message is one line
 naming the offending environment variable. Everything that would otherwise fail later,

@@ -1,4 +1,4 @@
-"""Which budget thresholds a pass of the summary writer fires (CONTRACT §3, budgets).
+"""Which budget thresholds a pass of the summary writer fires (docs/contract.md §3, budgets).
 
 A client's spend in a business-time month is the sum of ``markup_cost_nano`` over its
 rows of ``usage_daily_live`` in that month: the closed days (``usage_daily``) and the open

@@ -1,4 +1,4 @@
-"""Budgets per client and their threshold alerts in the summary DB (CONTRACT §3).
+"""Budgets per client and their threshold alerts in the summary DB (docs/contract.md §3).
 
 ``client_budgets``: a monthly limit in marked-up USD (``monthly_limit_nano``), the
 thresholds in percent (``50,80,100``), an optional webhook (NULL: ``BUDGET_WEBHOOK_URL``).
@@ -144,7 +144,7 @@ def list_budgets(conn: sqlite3.Connection) -> list[Budget]:
 def set_budget(conn: sqlite3.Connection, budget: Budget) -> tuple[Budget, bool]:
     """Insert or replace a client's budget (keeping when it was first set); returns the
     stored budget and whether it is new. Thresholds already fired this month stay fired:
-    each fires at most once per client and month (CONTRACT §3)."""
+    each fires at most once per client and month (docs/contract.md §3)."""
     now = utc_now_text()
     conn.execute("BEGIN IMMEDIATE")
     try:

@@ -1,4 +1,4 @@
-"""The price book: which markup multiplier prices a ``usage_daily`` row (CONTRACT §3).
+"""The price book: which markup multiplier prices a ``usage_daily`` row (docs/contract.md §3).
 
 ``markup_rules`` rows say "from ``effective_from`` on, usage of ``client_org_id`` (NULL:
 every client) on ``model`` (NULL: every model) is marked up by ``multiplier``". The

@@ -28,18 +28,17 @@ import sqlite3
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
-from tables.ledger import LedgerEvent
 from tables.schema import json_for_sqlite
 from tables.summary_store import SummaryRow
 
 if TYPE_CHECKING:
     from streams.event import UsageEvent
 
-__all__ = ["MEMORY_IDS", "DayTotals", "ReplayStaging", "sweep_abandoned"]
+__all__ = ["MEMORY_IDS", "BilledEvent", "DayTotals", "ReplayStaging", "sweep_abandoned"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,27 @@ Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
 
 #: Request ids a reader keeps in memory before it spills them to its file (see above).
 MEMORY_IDS = 1_000_000
+
+
+class BilledEvent(NamedTuple):
+    """A valid event with its usage date and its cost (resolved or estimated, by
+    :func:`streams.pricing.bill`), read at ``(partition, offset)``: what :meth:`ReplayStaging.add`
+    and :meth:`DayTotals.add` take. The readers' path folds events and costs side by side
+    instead (:meth:`DayTotals.add_events`)."""
+
+    request_id: str
+    usage_date: str
+    usage_day: int  # usage_date as date.toordinal()
+    client_org_id: str
+    user_id: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost_nano: int
+    cost_estimated: int  # 0/1
+    event_ms: int
+    partition: int
+    offset: int
 
 
 # Staging --------------------------------------------------------------------------------
@@ -130,7 +150,7 @@ class ReplayStaging:
         self.unique += fresh.count(True)
         return fresh
 
-    def add(self, entries: Sequence[LedgerEvent]) -> list[LedgerEvent]:
+    def add(self, entries: Sequence[BilledEvent]) -> list[BilledEvent]:
         """The entries whose request id no earlier entry had (the first copy wins, also
         within ``entries``), in order; their ids are recorded as seen."""
         fresh = self.first_copies([entry.request_id for entry in entries])
@@ -224,10 +244,10 @@ class DayTotals:
     def __len__(self) -> int:
         return len(self._index)
 
-    def add(self, entries: Iterable[LedgerEvent]) -> None:
+    def add(self, entries: Iterable[BilledEvent]) -> None:
         entries = list(entries)
         self.add_events(
-            entries,  # a LedgerEvent has the fields add_events reads
+            entries,  # a BilledEvent has the fields add_events reads
             [e.cost_nano for e in entries],
             [e.cost_estimated for e in entries],
             [True] * len(entries),
@@ -235,14 +255,14 @@ class DayTotals:
 
     def add_events(
         self,
-        events: Sequence[UsageEvent] | Sequence[LedgerEvent],
+        events: Sequence[UsageEvent] | Sequence[BilledEvent],
         costs: Sequence[int],
         estimated: Sequence[int],
         fresh: Sequence[bool],
     ) -> None:
         """Fold the events flagged in ``fresh``, each with its cost in nano-USD and 1 if
-        that was estimated (:func:`tables.ledger.bill`): :meth:`add` without a ledger
-        entry per event (the reader's path)."""
+        that was estimated (:func:`streams.pricing.bill`): :meth:`add` without a
+        :class:`BilledEvent` per event (the reader's path)."""
         index = self._index
         inputs, outputs, requests, guesses, nanos = self._columns
         for e, cost, guess, first in zip(events, costs, estimated, fresh, strict=True):

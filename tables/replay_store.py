@@ -22,9 +22,9 @@ Only rows whose values differ are upserted: unchanged rows keep their ``revision
 ``updated_at``, so replaying twice changes nothing. With ``dry_run`` the same work is
 done and then rolled back: only the differences are returned.
 
-:func:`tables.ledger.ledger_events` is the one place where a validated event becomes a
-ledger row (its usage date, and its cost: ``cost_usd`` when present, else estimated from
-the model's latest stored price); the worker and the replay share it.
+:func:`streams.pricing.bill` is the one place where a validated event gets its usage
+date and its cost (``cost_usd`` when present, else estimated from the model's latest
+stored price); the worker and the replay share it.
 """
 
 from __future__ import annotations
@@ -114,25 +114,6 @@ class DailyRow(NamedTuple):
     markup_multiplier: str | None
     revision: int
     updated_at: str
-
-    def content(self) -> tuple[object, ...]:
-        """Every value but ``revision`` and ``updated_at``: what a correction changes."""
-        return (
-            self.input_tokens,
-            self.output_tokens,
-            self.total_tokens,
-            self.requests,
-            self.estimated_requests,
-            self.raw_cost_nano,
-            self.markup_cost_nano,
-            self.markup_cost_pln_nano,
-            self.raw_cost_usd,
-            self.markup_cost_usd,
-            self.markup_cost_pln,
-            self.usd_pln_rate,
-            self.nbp_table_no,
-            self.markup_multiplier,
-        )
 
 
 class RowChange(NamedTuple):

@@ -1,4 +1,4 @@
-"""The SQLite schema (CONTRACT §3) and its forward-only migrations.
+"""The SQLite schema (docs/contract.md §3) and its forward-only migrations.
 
 Each migration is a list of statements applied in one transaction and recorded in
 ``schema_migrations``; start-up applies the ones missing. To evolve the schema, append a
@@ -308,7 +308,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 FROM ledger l JOIN summary_keys k USING (key_id)""",
             "DROP TABLE rollup_pending",
             # Provisional rows of open days (rewritten by every rollup pass) and the live
-            # view of CONTRACT §3: closed days as in usage_daily (final = 1) plus these.
+            # view of docs/contract.md §3: closed days as in usage_daily (final = 1) plus these.
             """CREATE TABLE usage_daily_open (
                 client_org_id TEXT NOT NULL,
                 user_id TEXT NOT NULL,

@@ -1,5 +1,5 @@
 """Schema migrations of the billing features (issue 23): the price book, budgets and their
-alerts, closed statements and adjustments (CONTRACT §3).
+alerts, closed statements and adjustments (docs/contract.md §3).
 
 Kept apart from :mod:`tables.schema` so the core migrations (versions 7-19 are reserved
 for them) and these (20 and up) grow without touching each other's lines;

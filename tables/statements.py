@@ -1,4 +1,4 @@
-"""Statements that close, and the adjustments that correct them (CONTRACT §3).
+"""Statements that close, and the adjustments that correct them (docs/contract.md §3).
 
 A month closes ``STATEMENT_GRACE_DAYS`` after its last day: at local midnight (in
 ``BUSINESS_TIMEZONE``) of day ``last day + 1 + grace``. :func:`close_due_months` then
@@ -56,7 +56,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``adjustments``' delta columns, named as ``usage_daily``'s (CONTRACT §3), in order.
+#: ``adjustments``' delta columns, named as ``usage_daily``'s (docs/contract.md §3), in order.
 DELTA_COLUMNS = (
     "requests",
     "estimated_requests",

@@ -154,7 +154,7 @@ async def _late_events(conn: aiosqlite.Connection, day: str) -> int:
     return int(row[0]) if row else 0
 
 
-#: The key of a ``usage_daily`` row (CONTRACT §3), in primary-key order.
+#: The key of a ``usage_daily`` row (docs/contract.md §3), in primary-key order.
 KEY_COLUMNS = ("client_org_id", "user_id", "model", "usage_date")
 # Columns a rollup recomputes; a row is re-written (revision + 1) only when one differs.
 VALUE_COLUMNS = (

@@ -12,7 +12,7 @@ Usage dates are local calendar dates in ``BUSINESS_TIMEZONE`` (see streams.busin
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import date
 from zoneinfo import ZoneInfo
 
@@ -41,11 +41,6 @@ class DayCloser:
     def observe(self, partition: int, event_ms: int) -> None:
         if event_ms > self._partition_max.get(partition, -1):
             self._partition_max[partition] = event_ms
-
-    def forget(self, partitions: Iterable[int]) -> None:
-        """Drop watermarks of partitions this worker no longer owns (after a rebalance)."""
-        for partition in partitions:
-            self._partition_max.pop(partition, None)
 
     @property
     def watermark_ms(self) -> int | None:

@@ -1,4 +1,4 @@
-"""Raw point sinks (CONTRACT §2): InfluxDB v2 API, InfluxDB 1.x, or daily files.
+"""Raw point sinks (docs/contract.md §2): InfluxDB v2 API, InfluxDB 1.x, or daily files.
 
 With ``INFLUXDB_URL`` set, the worker's sink spools to ``DATA_DIR/spool/`` and ships from
 there (:mod:`streams.sinks.shipper`), so billing never waits for InfluxDB. Without it,

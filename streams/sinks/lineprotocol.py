@@ -1,4 +1,4 @@
-"""Raw points as InfluxDB line protocol (CONTRACT §2), built with plain f-strings.
+"""Raw points as InfluxDB line protocol (docs/contract.md §2), built with plain f-strings.
 
 ``influxdb_client.Point.to_line_protocol`` is about 9x slower; this is the hot path.
 

@@ -1,4 +1,5 @@
-"""Retention of the embedded sink's daily line-protocol files (CONTRACT §5 ``RAW_RETENTION_DAYS``).
+"""Retention of the embedded sink's daily line-protocol files (``RAW_RETENTION_DAYS``,
+docs/contract.md §5).
 
 ``DATA_DIR/raw/usage_tracking-YYYY-MM-DD.lp`` (UTC day of the points) is gzipped into
 ``usage_tracking-YYYY-MM-DD.lp.gz`` once its day ended more than ``grace_seconds`` ago,

@@ -1,4 +1,4 @@
-"""Budgets and their threshold alerts (CONTRACT §3, §4, §7), end to end: the real
+"""Budgets and their threshold alerts (docs/contract.md §3, §4, §7), end to end: the real
 ``usage-stream budget`` command, a real worker on the real broker, and a real HTTP
 receiver (an aiohttp server in the test) that gets the webhook POSTs.
 

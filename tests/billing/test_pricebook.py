@@ -1,4 +1,4 @@
-"""The price book (CONTRACT §3, §4): markup rules per client and model from a date on,
+"""The price book (docs/contract.md §3, §4): markup rules per client and model from a date on,
 forward only, with the real ``usage-stream markup`` command and a real worker; expected
 rows from tests/ground_truth.py with each row's multiplier worked out here by hand."""
 

@@ -1,4 +1,4 @@
-"""``GET /v1/usage/query`` (CONTRACT §6) on a real worker, against ground truth.
+"""``GET /v1/usage/query`` (docs/contract.md §6) on a real worker, against ground truth.
 
 Events over three past days and today for three clients, several users and models, with
 copies on other partitions, a price-book rule for one client from today, and NBP rates

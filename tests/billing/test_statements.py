@@ -1,4 +1,4 @@
-"""Statements that close, and adjustments (CONTRACT §3, §4), with a real worker.
+"""Statements that close, and adjustments (docs/contract.md §3, §4), with a real worker.
 
 A month two months back (past its close whatever today is) gets usage on two dates,
 with an NBP rate for every date (a statement waits for PLN). One client's rows of one

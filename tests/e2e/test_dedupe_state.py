@@ -1,4 +1,4 @@
-"""The dedupe state on real processes: conflicting duplicates (CONTRACT §1) on one
+"""The dedupe state on real processes: conflicting duplicates (docs/contract.md §1) on one
 partition, across partitions, across a restart and a rebuild; and seen-set snapshots
 that let a restart read only the tail (issue 20 item 3), never trusting a damaged one."""
 

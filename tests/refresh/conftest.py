@@ -1,9 +1,10 @@
-"""Fake NBP and OpenRouter APIs on localhost, serving the shared real-response fixtures.
+"""Fake NBP and OpenRouter APIs on localhost, serving real-response fixtures (tests/fixtures/).
 
-The fake NBP implements the real URL template and error behaviour (ERRORS.md): a range
-answers the fixture tables inside it, 404 "Brak danych" when none, 400 with NBP's body for
-an inverted range or one longer than 367 days. Faults (5xx, slowness, bodies) are scripted
-per test. Everything goes over real HTTP through the real client code.
+The fake NBP implements the real URL template and error behaviour
+(tests/fixtures/nbp/ERRORS.md): a range answers the fixture tables inside it, 404 "Brak
+danych" when none, 400 with NBP's body for an inverted range or one longer than 367 days.
+Faults (5xx, slowness, bodies) are scripted per test. Everything goes over real HTTP
+through the real client code.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from streams.clients.http import RetryPolicy
 from streams.settings import Settings, load_settings
 from tables.schema import connect
 
-FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
+#: Copies of the shared NBP and OpenRouter samples (tests/fixtures/README.md says which).
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 # Tests pass these instead of the production backoff: the whole module stays fast.
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff_seconds=0.01, max_backoff_seconds=0.02)
@@ -34,12 +36,12 @@ TIMEOUT_SECONDS = 0.3
 
 
 def fixture_path(relative: str) -> Path:
-    """A shared fixture file; a missing fixtures checkout fails loudly, never skips."""
-    path = FIXTURES.resolve() / relative
+    """A fixture file; a missing one fails loudly, never skips."""
+    path = FIXTURES / relative
     if not path.is_file():
         pytest.fail(
-            f"fixture {relative} not found under {FIXTURES.resolve()}: the shared/ fixtures"
-            " directory must sit beside the repository root (CI clones it there)",
+            f"fixture {relative} not found under {FIXTURES}: copy it from"
+            " ../shared/fixtures/ (tests/fixtures/README.md)",
             pytrace=False,
         )
     return path

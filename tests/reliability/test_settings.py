@@ -1,4 +1,4 @@
-"""Every setting, given a bad value, stops start-up with one line naming it (CONTRACT §5).
+"""Every setting, given a bad value, stops start-up with one line naming it (docs/contract.md §5).
 
 Every case runs in process through :func:`load_settings` reading the environment. The
 cases marked ``cli`` (one per kind of check, and every Kafka security one, the settings
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLOSED_BROKER = "kafka://127.0.0.1:9"  # if a bad value slipped through: fails, differently
 SECRET = "s3cr3t-VALUE-for-tests"
 
-# CONTRACT §5, by name (INFLUXDB_* spelled out from §2).
+# docs/contract.md §5, by name (INFLUXDB_* spelled out from §2).
 CONTRACT_SETTINGS = {
     "KAFKA_BROKER",
     "USAGE_TOPIC",

@@ -12,8 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tables.ledger import LedgerEvent
-from tables.replay_staging import DayTotals, ReplayStaging, sweep_abandoned
+from tables.replay_staging import BilledEvent, DayTotals, ReplayStaging, sweep_abandoned
 from tables.summary_store import SummaryRow
 from tests.harness import REPO
 
@@ -27,8 +26,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def event(request_id: str) -> LedgerEvent:
-    return LedgerEvent(request_id, "2026-11-26", 740_000, "org", "user", "m", 1, 2, 3, 0, 0, 0, 0)
+def event(request_id: str) -> BilledEvent:
+    return BilledEvent(request_id, "2026-11-26", 740_000, "org", "user", "m", 1, 2, 3, 0, 0, 0, 0)
 
 
 def staging_dirs(directory: Path) -> set[Path]:
@@ -85,7 +84,7 @@ def test_staging_keeps_the_first_copy_of_each_request_exactly(
     copy of each request wins, within a call and across calls, the ids stored are the
     same strings, and the fold of the first copies is their exact sums per key."""
     entries = [
-        LedgerEvent(rid, "2026-11-26", 740_000, org, "user", "m", tokens, 2, cost, i % 2, 0, i, i)
+        BilledEvent(rid, "2026-11-26", 740_000, org, "user", "m", tokens, 2, cost, i % 2, 0, i, i)
         for i, (rid, org, tokens, cost) in enumerate(rows)
     ]
     totals = DayTotals()
@@ -97,7 +96,7 @@ def test_staging_keeps_the_first_copy_of_each_request_exactly(
             totals.add(added)
             new += added
         stored = {row[0] for row in staging._conn.execute("SELECT request_id FROM seen")}
-    first: dict[str, LedgerEvent] = {}
+    first: dict[str, BilledEvent] = {}
     for entry in entries:
         first.setdefault(entry.request_id, entry)
     assert new == list(first.values())  # the first copies, in read order
@@ -141,7 +140,7 @@ def test_ids_in_memory_then_spilled_keep_the_first_copy_like_the_file_alone(
 
 def test_the_fold_of_flagged_events_is_the_fold_of_their_ledger_entries() -> None:
     entries = [
-        LedgerEvent(
+        BilledEvent(
             f"r{i}", "2026-11-26", 740_000, f"o{i % 3}", "u", "m", i, 2 * i, 10 * i, i % 2, 0, 0, i
         )
         for i in range(20)

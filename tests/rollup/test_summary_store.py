@@ -22,8 +22,8 @@ from streams.batch_log import BatchEntry, SumRow, decode, encode
 from streams.business_time import local_midnight_ms, usage_date
 from streams.clients.nbp import NbpRate
 from tables.batch_apply import BatchApplier
-from tables.ledger import LedgerEvent
 from tables.reference import rate_for_date, store_nbp_rates
+from tables.replay_staging import BilledEvent
 from tables.schema import connect
 from tables.seen_requests import SeenRequests
 from tables.summary_store import refresh_open_days, rollup_day
@@ -41,9 +41,9 @@ def entry(
     client: str = "org-1",
     offset: int = 0,
     estimated: bool = False,
-) -> LedgerEvent:
+) -> BilledEvent:
     day = usage_date(event_ms, WARSAW)
-    return LedgerEvent(
+    return BilledEvent(
         request_id,
         day.isoformat(),
         day.toordinal(),
@@ -62,7 +62,7 @@ def entry(
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    fresh: list[LedgerEvent]
+    fresh: list[BilledEvent]
     duplicates: int  # copies inside the batch and requests seen before
     late: int  # fresh events of days that had closed already
 
@@ -85,11 +85,11 @@ class Pipeline:
         self.writer.shutdown()
 
     def append(
-        self, events: Sequence[LedgerEvent], now_ms: int | None
-    ) -> tuple[int, bytes, list[LedgerEvent]]:
+        self, events: Sequence[BilledEvent], now_ms: int | None
+    ) -> tuple[int, bytes, list[BilledEvent]]:
         """The hot path's prepare and append: the record's batch-log offset, its bytes,
         and the fresh events (the others are copies)."""
-        fresh: dict[str, LedgerEvent] = {}
+        fresh: dict[str, BilledEvent] = {}
         for e in events:  # the first copy of a request wins, also inside the batch
             if e.request_id not in fresh and e.request_id not in self.seen:
                 fresh[e.request_id] = e
@@ -130,7 +130,7 @@ async def conn(tmp_path: Path):
 
 
 async def record_events(
-    conn: aiosqlite.Connection, entries: Sequence[LedgerEvent], now_ms: int | None = None
+    conn: aiosqlite.Connection, entries: Sequence[BilledEvent], now_ms: int | None = None
 ) -> Recorded:
     """A batch through the product path: deduplicated and summed as the hot path does,
     then applied by the summary writer in its thread (one transaction)."""

@@ -1,4 +1,4 @@
-"""Validation of producer bytes against CONTRACT §1."""
+"""Validation of producer bytes against docs/contract.md §1."""
 
 from __future__ import annotations
 
