@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.rebuild_ids import ChainBatches, HomeTopics, read_home_ids
 from agents.snapshots import SnapshotKeeper, usable_snapshot
-from streams.batch_log import (
+from streams.kafka.batch_log import (
     BadChainRecord,
     BatchPart,
     Chain,
@@ -46,11 +46,11 @@ from streams.batch_log import (
     decode_rows_raw,
     record_mark,
 )
-from streams.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
-from streams.log_reads import partition_bounds, read_range, record_at
+from streams.kafka.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
+from streams.kafka.log_reads import partition_bounds, read_range, record_at
 from streams.metrics import REBUILD_IDS
 from streams.settings import Settings
-from tables.seen_requests import SeenRequests
+from tables.dedupe.seen_requests import SeenRequests
 
 __all__ = [
     "ChainBroken",

@@ -74,7 +74,8 @@ from agents.prices_feed import PricesFeed
 from agents.snapshots import CHECK_SECONDS as SNAPSHOT_CHECK_SECONDS
 from agents.snapshots import STOP_SECONDS as SNAPSHOT_STOP_SECONDS
 from streams.app import app, settings
-from streams.batch_log import (
+from streams.gc_tuning import tune_for_batches
+from streams.kafka.batch_log import (
     MAX_RECORD_BYTES,
     BatchEntry,
     ChainHead,
@@ -82,11 +83,7 @@ from streams.batch_log import (
     encode_parts,
     record_mark,
 )
-from streams.broker import kafka_client_kwargs, leave_group
-from streams.business_time import UsageDates
-from streams.event import CONFLICT, MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
-from streams.fingerprint import conflict
-from streams.gc_tuning import tune_for_batches
+from streams.kafka.broker import kafka_client_kwargs, leave_group
 from streams.log_throttle import throttle_kafka_client_logs
 from streams.malloc_tuning import pin_mmap_threshold
 from streams.metrics import (
@@ -98,13 +95,16 @@ from streams.metrics import (
     EVENTS_INVALID,
     HOME_PARTITIONS_HELD,
 )
-from streams.money import NanoScaler
-from streams.partitioning import home_partitions
+from streams.model.business_time import UsageDates
+from streams.model.event import CONFLICT, MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
+from streams.model.fingerprint import conflict
+from streams.model.money import NanoScaler
+from streams.model.partitioning import home_partitions
 from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import line
 from streams.sinks.raw_retention import maintain_raw_files
+from tables.dedupe.seen_requests import Keys
 from tables.ledger import bill
-from tables.seen_requests import Keys
 
 __all__ = ["HotPath", "hot_path"]
 

@@ -4,7 +4,8 @@
 and its cost (``cost_usd`` when present, else estimated from the model's latest stored
 price). The hot path (:mod:`agents.pipeline`) sums these rows per (date, key) into its
 batch-log entries, which the summary writer folds into ``daily_pending``
-(:mod:`tables.batch_apply`); the replay (:mod:`agents.replay`) stages them for one date.
+(:mod:`tables.summary_db.batch_apply`); the replay (:mod:`agents.replay.run`) stages them
+for one date.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from streams.business_time import UsageDates
-from streams.event import UsageEvent
-from streams.pricing import Price, estimate_cost_nano
+from streams.model.business_time import UsageDates
+from streams.model.event import UsageEvent
+from streams.model.pricing import Price, estimate_cost_nano
 
 __all__ = ["LedgerEvent", "bill", "ledger_events"]
 

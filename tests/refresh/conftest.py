@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 
 from streams.clients.http import RetryPolicy
 from streams.settings import Settings, load_settings
-from tables.schema import connect
+from tables.summary_db.schema import connect
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 

@@ -48,7 +48,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streams.broker import EmbeddedBroker, die_with_parent, free_port, stop_process
+from streams.kafka.broker import EmbeddedBroker, die_with_parent, free_port, stop_process
 from tests.harness import Stack, Worker, consume_all, http_get, point_request_id, wait_for
 from tests.reliability.test_broker_outage import stack_env
 from tests.reliability.waits import billed, billed_count
