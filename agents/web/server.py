@@ -19,8 +19,8 @@ from agents.pipeline import hot_path
 from agents.web.readiness import readiness
 from streams.app import app, settings
 from streams.metrics import REGISTRY, render
+from tables.summary_db.columns import DAILY_COLUMNS
 from tables.summary_db.connection import summary_db
-from tables.summary_db.summary_store import DAILY_COLUMNS
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 

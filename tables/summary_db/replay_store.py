@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import aiosqlite
 
+from tables.summary_db.columns import VALUE_COLUMNS
 from tables.summary_db.pricebook import load_pricebook
 from tables.summary_db.reference import rate_for_date, record_batch_run
 from tables.summary_db.schema import utc_now_text, write_transaction
@@ -69,24 +70,8 @@ Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
 # The replace --------------------------------------------------------------------------
 
 
-_DAILY_COLUMNS = (
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-    "requests",
-    "estimated_requests",
-    "raw_cost_nano",
-    "markup_cost_nano",
-    "markup_cost_pln_nano",
-    "raw_cost_usd",
-    "markup_cost_usd",
-    "markup_cost_pln",
-    "usd_pln_rate",
-    "nbp_table_no",
-    "markup_multiplier",
-    "revision",
-    "updated_at",
-)
+#: every stored column of a row but its key, in table order
+_DAILY_COLUMNS = (*VALUE_COLUMNS, "revision", "updated_at")
 
 
 class DailyRow(NamedTuple):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from tables.summary_db.columns import KEY_COLUMNS, SUMMED_COLUMNS
+
 __all__ = [
     "AdjustmentRow",
     "DailyRow",
@@ -39,11 +41,7 @@ __all__ = [
 LIVE_SOURCE = "usage_daily_live"
 CLOSED_SOURCE = "usage_daily"
 
-_COLUMNS = (
-    "client_org_id, user_id, model, usage_date, requests, estimated_requests, input_tokens,"
-    " output_tokens, total_tokens, raw_cost_nano, markup_cost_nano, markup_cost_pln_nano,"
-    " usd_pln_rate, nbp_table_no"
-)
+_COLUMNS = ", ".join((*KEY_COLUMNS, *SUMMED_COLUMNS, "usd_pln_rate", "nbp_table_no"))
 
 
 class ReportSourceError(RuntimeError):

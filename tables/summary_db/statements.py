@@ -38,10 +38,10 @@ from typing import NamedTuple
 
 import aiosqlite
 
+from tables.summary_db.columns import SUMMED_COLUMNS
 from tables.summary_db.schema import utc_now_text, write_transaction
 
 __all__ = [
-    "DELTA_COLUMNS",
     "MonthClose",
     "Usage",
     "close_due_months",
@@ -55,18 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: ``adjustments``' delta columns, named as ``usage_daily``'s (CONTRACT §3), in order.
-DELTA_COLUMNS = (
-    "requests",
-    "estimated_requests",
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-    "raw_cost_nano",
-    "markup_cost_nano",
-    "markup_cost_pln_nano",
-)
 
 
 class Usage(NamedTuple):
@@ -145,8 +133,8 @@ async def record_adjustments(
     deltas: dict[str, list[int | None]] = {}
     for client, old, new in changes:
         before, after = old or ZERO, new or ZERO
-        delta = deltas.setdefault(client, [0] * len(DELTA_COLUMNS))
-        for index in range(len(DELTA_COLUMNS)):
+        delta = deltas.setdefault(client, [0] * len(SUMMED_COLUMNS))
+        for index in range(len(SUMMED_COLUMNS)):
             was, now, sum_so_far = before[index], after[index], delta[index]
             if was is None or now is None or sum_so_far is None:
                 delta[index] = None
@@ -159,8 +147,8 @@ async def record_adjustments(
     ]
     await conn.executemany(
         f"INSERT INTO adjustments (client_org_id, usage_date, statement_month,"
-        f" {', '.join(DELTA_COLUMNS)}, reason, created_at)"
-        f" VALUES (?, ?, ?, {', '.join('?' * len(DELTA_COLUMNS))}, ?, ?)",
+        f" {', '.join(SUMMED_COLUMNS)}, reason, created_at)"
+        f" VALUES (?, ?, ?, {', '.join('?' * len(SUMMED_COLUMNS))}, ?, ?)",
         rows,
     )
     return len(rows)

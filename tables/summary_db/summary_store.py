@@ -31,14 +31,12 @@ import aiosqlite
 import orjson
 
 from streams.model.money import NanoScaler, nano_to_float
+from tables.summary_db.columns import VALUE_COLUMNS
 from tables.summary_db.pricebook import load_pricebook, multiplier_text
 from tables.summary_db.schema import json_for_sqlite, utc_now_text, write_transaction
 from tables.summary_db.statements import Usage, month_is_closed, record_adjustments, usage_of_values
 
 __all__ = [
-    "DAILY_COLUMNS",
-    "KEY_COLUMNS",
-    "VALUE_COLUMNS",
     "DayRollup",
     "Rate",
     "SummaryRow",
@@ -154,28 +152,6 @@ async def _late_events(conn: aiosqlite.Connection, day: str) -> int:
     return int(row[0]) if row else 0
 
 
-#: The key of a ``usage_daily`` row (CONTRACT §3), in primary-key order.
-KEY_COLUMNS = ("client_org_id", "user_id", "model", "usage_date")
-# Columns a rollup recomputes; a row is re-written (revision + 1) only when one differs.
-VALUE_COLUMNS = (
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-    "requests",
-    "estimated_requests",
-    "raw_cost_nano",
-    "markup_cost_nano",
-    "markup_cost_pln_nano",
-    "raw_cost_usd",
-    "markup_cost_usd",
-    "markup_cost_pln",
-    "usd_pln_rate",
-    "nbp_table_no",
-    "markup_multiplier",
-)
-#: Every ``usage_daily`` column (``markup_multiplier`` is last in the table itself: it
-#: came with migration 20).
-DAILY_COLUMNS = (*KEY_COLUMNS, *VALUE_COLUMNS, "revision", "updated_at")
 _UPSERT = f"""
 INSERT INTO usage_daily (
     client_org_id, user_id, model, usage_date, {", ".join(VALUE_COLUMNS)}, revision, updated_at
