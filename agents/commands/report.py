@@ -49,8 +49,8 @@ from streams.cli import fail
 from streams.model.money import nano_text
 from tables.summary_db.report_queries import (
     AdjustmentRow,
-    DailyRow,
     IssuedRow,
+    ReportRow,
     ReportSourceError,
     adjustment_rows,
     closed_at,
@@ -63,7 +63,7 @@ from tables.summary_db.report_queries import (
     usage_source,
 )
 
-__all__ = ["Statement", "StatementLine", "build_statement", "decimal_text", "report"]
+__all__ = ["Statement", "StatementLine", "build_statement", "report"]
 
 _MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
 
@@ -105,9 +105,6 @@ _NOT_IN_JSON_ADJUSTMENTS = (
     "line",
 )
 
-#: An exact decimal string with 9 decimals from integer nano-units: ``12.345678901``.
-decimal_text = nano_text
-
 
 def date_ranges(dates: Iterable[str]) -> str:
     """``2025-03-01..2025-03-03, 2025-03-05``: a compact list for the terminal table."""
@@ -139,8 +136,8 @@ class RateUse:
             "usd_pln_rate": self.usd_pln_rate,
             "nbp_table_no": " ".join(sorted(self.nbp_table_no)),
             "usage_dates": sorted(self.usage_dates),
-            "markup_cost_usd": decimal_text(self.markup_cost_nano),
-            "markup_cost_pln": decimal_text(self.markup_cost_pln_nano),
+            "markup_cost_usd": nano_text(self.markup_cost_nano),
+            "markup_cost_pln": nano_text(self.markup_cost_pln_nano),
         }
 
 
@@ -163,7 +160,7 @@ class StatementLine:
     provisional_dates: set[str] = field(default_factory=set)
     rates: dict[str, RateUse] = field(default_factory=dict)
 
-    def add(self, row: DailyRow) -> None:
+    def add(self, row: ReportRow) -> None:
         self.requests += row.requests
         self.estimated_requests += row.estimated_requests
         self.input_tokens += row.input_tokens
@@ -209,7 +206,7 @@ class StatementLine:
     @property
     def markup_cost_pln(self) -> str | None:
         """None while any day of the line waits for a rate: no partial PLN totals."""
-        return None if self.pln_pending_dates else decimal_text(self.markup_cost_pln_nano)
+        return None if self.pln_pending_dates else nano_text(self.markup_cost_pln_nano)
 
     def ordered_rates(self) -> list[RateUse]:
         return sorted(self.rates.values(), key=lambda use: min(use.usage_dates))
@@ -226,8 +223,8 @@ class StatementLine:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "total_tokens": self.total_tokens,
-            "raw_cost_usd": decimal_text(self.raw_cost_nano),
-            "markup_cost_usd": decimal_text(self.markup_cost_nano),
+            "raw_cost_usd": nano_text(self.raw_cost_nano),
+            "markup_cost_usd": nano_text(self.markup_cost_nano),
             "markup_cost_pln": self.markup_cost_pln,
             "usd_pln_rate": " ".join(use.usd_pln_rate for use in rates) or None,
             "nbp_table_no": " ".join(" ".join(sorted(use.nbp_table_no)) for use in rates) or None,
@@ -265,7 +262,7 @@ class Statement:
 
 
 def build_statement(
-    rows: Sequence[DailyRow],
+    rows: Sequence[ReportRow],
     month: date,
     source: str,
     timezone: str,
@@ -336,9 +333,9 @@ def adjustment_values(adjustment: AdjustmentRow, month: str, detail: bool) -> di
         "input_tokens": adjustment.input_tokens,
         "output_tokens": adjustment.output_tokens,
         "total_tokens": adjustment.total_tokens,
-        "raw_cost_usd": decimal_text(adjustment.raw_cost_nano),
-        "markup_cost_usd": decimal_text(adjustment.markup_cost_nano),
-        "markup_cost_pln": None if pln is None else decimal_text(pln),
+        "raw_cost_usd": nano_text(adjustment.raw_cost_nano),
+        "markup_cost_usd": nano_text(adjustment.markup_cost_nano),
+        "markup_cost_pln": None if pln is None else nano_text(pln),
         "usd_pln_rate": None,
         "nbp_table_no": None,
         "final": 1,

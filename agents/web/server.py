@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 from faust.web import Request, Response, View
 
-from agents.commands.report import decimal_text
 from agents.pipeline import hot_path
 from agents.web.readiness import readiness
 from streams.app import app, settings
 from streams.metrics import REGISTRY, render
+from streams.model.money import nano_text
 from tables.summary_db.columns import DAILY_COLUMNS
 from tables.summary_db.connection import summary_db
 
@@ -213,7 +213,7 @@ def usage_row(row: dict[str, Any]) -> dict[str, Any]:
     """One ``usage_daily_live`` row as served: stored values as they are, plus the exact
     decimal strings of the money (see :func:`usage`)."""
     for key, nano in EXACT_MONEY:
-        row[key] = None if row[nano] is None else decimal_text(row[nano])
+        row[key] = None if row[nano] is None else nano_text(row[nano])
     return row
 
 

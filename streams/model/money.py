@@ -12,6 +12,7 @@ __all__ = [
     "nano_text",
     "nano_to_decimal",
     "nano_to_float",
+    "plain_decimal_text",
     "scale_nano",
     "to_nano",
 ]
@@ -24,6 +25,12 @@ def to_nano(amount: Decimal | int | str) -> int:
     except InvalidOperation:
         raise ValueError(f"not a decimal amount: {amount!r}") from None
     return int(value.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def plain_decimal_text(value: Decimal) -> str:
+    """A Decimal as plain text, trailing zeros kept ("3.6620", "0.00000015"; never
+    "1.5E-7"): rates and prices as the summary DB stores them."""
+    return format(value, "f")
 
 
 def scale_nano(nano: int, factor: Decimal) -> int:

@@ -20,14 +20,13 @@ import aiosqlite
 
 from streams.clients.nbp import NbpRate
 from streams.clients.openrouter import ModelPrice
-from streams.model.money import nano_to_float, scale_nano
+from streams.model.money import nano_to_float, plain_decimal_text, scale_nano
 from tables.summary_db.schema import utc_now_text, write_transaction
 
 __all__ = [
     "BATCH_COUNTS",
     "BATCH_KINDS",
     "AppliedRate",
-    "decimal_text",
     "fill_waiting_pln",
     "last_batch_run",
     "latest_model_prices",
@@ -59,11 +58,6 @@ class AppliedRate:
     mid: Decimal
     table_no: str
     effective_date: date
-
-
-def decimal_text(value: Decimal) -> str:
-    """Plain decimal text, trailing zeros kept ("3.6620", "0.00000015"; never "1.5E-7")."""
-    return format(value, "f")
 
 
 def _aware(moment: datetime | str) -> datetime:
@@ -127,7 +121,13 @@ async def store_nbp_rates(
         await conn.executemany(
             _UPSERT_RATE,
             [
-                (r.currency, r.effective_date.isoformat(), r.table_no, decimal_text(r.mid), now)
+                (
+                    r.currency,
+                    r.effective_date.isoformat(),
+                    r.table_no,
+                    plain_decimal_text(r.mid),
+                    now,
+                )
                 for r in rates
             ],
         )
@@ -214,9 +214,9 @@ async def store_model_prices(conn: aiosqlite.Connection, prices: Sequence[ModelP
             [
                 (
                     p.model_id,
-                    decimal_text(p.prompt_usd_per_token),
-                    decimal_text(p.completion_usd_per_token),
-                    decimal_text(p.request_usd),
+                    plain_decimal_text(p.prompt_usd_per_token),
+                    plain_decimal_text(p.completion_usd_per_token),
+                    plain_decimal_text(p.request_usd),
                     now,
                 )
                 for p in fresh
@@ -263,7 +263,7 @@ async def _fill_date(
             (
                 pln_nano,
                 nano_to_float(pln_nano),
-                decimal_text(rate.mid),
+                plain_decimal_text(rate.mid),
                 rate.table_no,
                 updated_at,
                 client_org_id,

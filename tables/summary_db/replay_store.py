@@ -53,7 +53,7 @@ from tables.summary_db.summary_store import (
 )
 
 __all__ = [
-    "DailyRow",
+    "StoredRow",
     "Lap",
     "ReplayOutcome",
     "RowChange",
@@ -74,7 +74,7 @@ Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
 _DAILY_COLUMNS = (*VALUE_COLUMNS, "revision", "updated_at")
 
 
-class DailyRow(NamedTuple):
+class StoredRow(NamedTuple):
     """One stored ``usage_daily`` row of the date (every column but the key). A tuple:
     a replay that adds a whole date builds one per row (a frozen dataclass per row cost
     a noticeable part of the replace)."""
@@ -121,8 +121,8 @@ class RowChange(NamedTuple):
 
     kind: str  # "added", "removed", "changed"
     key: Key
-    old: DailyRow | None
-    new: DailyRow | None
+    old: StoredRow | None
+    new: StoredRow | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +148,7 @@ class ReplayOutcome:
 
 async def _daily_rows(conn: aiosqlite.Connection, day: str) -> dict[Key, tuple[object, ...]]:
     """The date's ``usage_daily`` rows as plain tuples (``_DAILY_COLUMNS`` order): a
-    :class:`DailyRow` is built only for the few rows that change (tens of thousands of
+    :class:`StoredRow` is built only for the few rows that change (tens of thousands of
     dataclass instances per date cost more than the query)."""
     sql = (
         f"SELECT client_org_id, user_id, model, {', '.join(_DAILY_COLUMNS)}"
@@ -167,7 +167,7 @@ def _diff(
     candidates: Iterable[Key],
 ) -> list[RowChange]:
     """The changes among ``candidates`` (the only keys that may have changed), by key."""
-    make = DailyRow._make  # tuple.__new__: a row of a whole added date costs little
+    make = StoredRow._make  # tuple.__new__: a row of a whole added date costs little
     changes: list[RowChange] = []
     for key in sorted(candidates):
         old, new = before.get(key), after.get(key)
@@ -181,7 +181,7 @@ def _diff(
     return changes
 
 
-def _usage(row: DailyRow | None) -> Usage | None:
+def _usage(row: StoredRow | None) -> Usage | None:
     if row is None:
         return None
     return Usage(

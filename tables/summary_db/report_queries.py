@@ -24,7 +24,7 @@ from tables.summary_db.columns import KEY_COLUMNS, SUMMED_COLUMNS
 
 __all__ = [
     "AdjustmentRow",
-    "DailyRow",
+    "ReportRow",
     "IssuedRow",
     "adjustment_rows",
     "ReportSourceError",
@@ -49,7 +49,7 @@ class ReportSourceError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class DailyRow:
+class ReportRow:
     """One ``usage_daily`` (or ``usage_daily_live``) row, money in exact nano-units."""
 
     client_org_id: str
@@ -199,7 +199,7 @@ def month_bounds(month: date) -> tuple[str, str]:
 
 def month_rows(
     conn: sqlite3.Connection, source: str, month: date, client: str | None
-) -> list[DailyRow]:
+) -> list[ReportRow]:
     """Every row of ``source`` in ``month`` (optionally one client), oldest date first."""
     if source not in (LIVE_SOURCE, CLOSED_SOURCE):
         raise ValueError(f"unknown report source {source!r}")
@@ -217,14 +217,14 @@ def month_rows(
     except sqlite3.Error as error:
         raise ReportSourceError(f"cannot read {source}: {error}") from None
     daily = [
-        DailyRow(*row[:14], final=bool(row[14]))  # type: ignore[arg-type]
+        ReportRow(*row[:14], final=bool(row[14]))  # type: ignore[arg-type]
         for row in rows
     ]
     _refuse_double_rows(daily, source)
     return daily
 
 
-def _refuse_double_rows(rows: list[DailyRow], source: str) -> None:
+def _refuse_double_rows(rows: list[ReportRow], source: str) -> None:
     """Two rows for one (client, user, model, date), e.g. a closed and a provisional one in
     ``usage_daily_live``, would be summed twice: refuse rather than guess which is right."""
     seen: set[tuple[str, str, str, str]] = set()
