@@ -19,11 +19,11 @@ import sqlite3
 from decimal import Decimal
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streams.clients.openrouter import ModelPrice
-from streams.kafka.broker import kafka_client_kwargs
+from streams.kafka.broker import groupless_consumer, kafka_client_kwargs
 from streams.model.pricing import Price
 from streams.settings import Settings
 
@@ -104,9 +104,7 @@ class PricesFeed:
 
     async def _from_topic(self) -> None:
         tp = TopicPartition(self.settings.prices_topic, 0)
-        consumer = AIOKafkaConsumer(
-            group_id=None, enable_auto_commit=False, **kafka_client_kwargs(self.settings)
-        )
+        consumer = groupless_consumer(self.settings)
         await consumer.start()
         try:
             consumer.assign([tp])

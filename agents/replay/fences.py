@@ -56,7 +56,7 @@ from streams.kafka.batch_log import (
     encode,
     record_mark,
 )
-from streams.kafka.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
+from streams.kafka.broker import BOUNDED_READ_WAIT_MS, groupless_consumer, kafka_client_kwargs
 from streams.settings import Settings
 from tables.summary_db.batch_apply import ApplyResult, BatchApplier, StoredHead
 
@@ -131,13 +131,7 @@ async def append_fences(
     client = kafka_client_kwargs(settings)
     partitions = sorted(usage_ends)
     consumers = [
-        AIOKafkaConsumer(
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
-            **client,
-        )
-        for _ in partitions
+        groupless_consumer(settings, fetch_max_wait_ms=BOUNDED_READ_WAIT_MS) for _ in partitions
     ]
     producer = AIOKafkaProducer(acks="all", **client)
     started: list[AIOKafkaConsumer] = []
@@ -217,11 +211,9 @@ async def apply_up_to_fences(
         # the writer applied everything before the fences. (No consumer either: aiokafka
         # 0.14 raises CancelledError from stop() when nothing was awaited since start().)
         return ApplyResult()
-    consumer = AIOKafkaConsumer(
-        group_id=None,
-        enable_auto_commit=False,
+    consumer = groupless_consumer(
+        settings,
         fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
-        **kafka_client_kwargs(settings),
     )
     await consumer.start()
     records: list[tuple[int, int, LogRecord | None]] = []

@@ -54,7 +54,7 @@ from pathlib import Path
 import orjson
 
 from agents.replay.topic_slice import PartitionRange, ReplayReader, ReplayReadError, TopicNotFound
-from streams.kafka.broker import BrokerUnreachable
+from streams.kafka.broker import BrokerUnreachable, groupless_consumer
 from streams.settings import Settings
 from tables.summary_db.replay_staging import MEMORY_IDS, DayTotals, ReplayStaging
 
@@ -248,18 +248,16 @@ async def _read_range(
 ) -> None:
     """The records of ``[start, end)`` per partition (the stretch between the replay's end
     snapshot and its fence), staged like the rest."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
     from agents.home_state import read_range
-    from streams.kafka.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
+    from streams.kafka.broker import BOUNDED_READ_WAIT_MS
 
     if not any(end > start for start, end in ranges.values()):
         return
-    consumer = AIOKafkaConsumer(
-        group_id=None,
-        enable_auto_commit=False,
+    consumer = groupless_consumer(
+        settings,
         fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
-        **kafka_client_kwargs(settings),
     )
     await consumer.start()
     try:

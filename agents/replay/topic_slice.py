@@ -49,7 +49,11 @@ from datetime import date
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
-from streams.kafka.broker import BOUNDED_READ_WAIT_MS, BrokerUnreachable, kafka_client_kwargs
+from streams.kafka.broker import (
+    BOUNDED_READ_WAIT_MS,
+    BrokerUnreachable,
+    groupless_consumer,
+)
 from streams.model.business_time import local_midnight_ms
 from streams.settings import Settings
 
@@ -165,11 +169,9 @@ async def topic_partitions(
 ) -> list[int]:
     """The partitions of ``topic`` (the replay splits its read between processes by
     them); BrokerUnreachable / TopicNotFound with a one-line reason."""
-    consumer = AIOKafkaConsumer(
-        group_id=None,
-        enable_auto_commit=False,
+    consumer = groupless_consumer(
+        settings,
         request_timeout_ms=int(connect_timeout * 1000),
-        **kafka_client_kwargs(settings),
     )
     try:
         return await _start_and_list(consumer, settings, topic, connect_timeout)
@@ -249,9 +251,8 @@ class ReplayReader:
     # Opening: the slice ---------------------------------------------------------------
 
     async def open(self) -> None:
-        consumer = AIOKafkaConsumer(
-            group_id=None,  # no group: no commits, no rebalance of the live workers
-            enable_auto_commit=False,
+        consumer = groupless_consumer(
+            self.settings,
             auto_offset_reset="none",  # never jump silently to another offset
             fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
             # big fetches: fewer round trips while the records of one are being parsed
@@ -259,7 +260,6 @@ class ReplayReader:
             max_partition_fetch_bytes=FETCH_PARTITION_BYTES,
             fetch_max_bytes=FETCH_PARTITION_BYTES * 4,
             request_timeout_ms=int(self.connect_timeout * 1000),
-            **kafka_client_kwargs(self.settings),
         )
         self._consumer = consumer
         partitions = await _start_and_list(

@@ -20,7 +20,12 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streams.kafka.broker import BOUNDED_READ_WAIT_MS, TopicMismatch, kafka_client_kwargs
+from streams.kafka.broker import (
+    BOUNDED_READ_WAIT_MS,
+    TopicMismatch,
+    groupless_consumer,
+    kafka_client_kwargs,
+)
 from streams.kafka.writer_claim import (
     EXPIRY_SECONDS,
     Claimant,
@@ -79,11 +84,9 @@ class ClaimKeeper:
     async def start(self) -> None:
         client = kafka_client_kwargs(self.settings)
         self._producer = AIOKafkaProducer(acks="all", **client)
-        self._consumer = AIOKafkaConsumer(
-            group_id=None,
-            enable_auto_commit=False,
+        self._consumer = groupless_consumer(
+            self.settings,
             fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
-            **client,
         )
         await self._producer.start()
         await self._consumer.start()

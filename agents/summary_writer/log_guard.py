@@ -26,7 +26,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agents.summary_writer.claim import release_summary_writer
 from streams.kafka.batch_log import BatchEntry, ChainHead, encode, record_mark
-from streams.kafka.broker import BOUNDED_READ_WAIT_MS, TopicMismatch, kafka_client_kwargs
+from streams.kafka.broker import (
+    BOUNDED_READ_WAIT_MS,
+    TopicMismatch,
+    groupless_consumer,
+    kafka_client_kwargs,
+)
 from streams.kafka.log_identity import Decision, LogFacts, PartitionFacts, TopicFacts, decide
 from streams.kafka.log_reads import first_chain_prev, partition_bounds, record_at
 from streams.metrics import BATCH_LOG_GUARD
@@ -60,11 +65,9 @@ class BatchLogGuard:
     async def check(self, partitions: Iterable[int]) -> dict[int, Decision]:
         """Decide and carry out every partition's outcome but ``refuse``, which is
         returned for the caller to act on (stop at start-up, hold the partition later)."""
-        consumer = AIOKafkaConsumer(
-            group_id=None,
-            enable_auto_commit=False,
+        consumer = groupless_consumer(
+            self.settings,
             fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
-            **kafka_client_kwargs(self.settings),
         )
         await consumer.start()
         decisions: dict[int, Decision] = {}
@@ -182,7 +185,7 @@ async def guard_batch_log(settings: Settings) -> None:
     partition on the summary writer; raise :class:`LogMismatch` on a refusal."""
     if not settings.SUMMARY_WRITER:
         return
-    consumer = AIOKafkaConsumer(group_id=None, **kafka_client_kwargs(settings))
+    consumer = groupless_consumer(settings)
     await consumer.start()
     try:
         await consumer.topics()  # the cluster's metadata, every topic's partitions

@@ -43,7 +43,12 @@ from streams.kafka.batch_log import (
     encode,
     record_mark,
 )
-from streams.kafka.broker import BOUNDED_READ_WAIT_MS, FOLLOW_WAIT_MS, kafka_client_kwargs
+from streams.kafka.broker import (
+    BOUNDED_READ_WAIT_MS,
+    FOLLOW_WAIT_MS,
+    groupless_consumer,
+    kafka_client_kwargs,
+)
 from streams.kafka.writer_claim import HEARTBEAT_SECONDS
 from streams.metrics import (
     BATCH_LOG_RECORDS_REJECTED,
@@ -109,13 +114,11 @@ class SummaryWriter(mode.Service):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def on_start(self) -> None:
-        self.consumer = AIOKafkaConsumer(
-            group_id=None,
-            enable_auto_commit=False,
+        self.consumer = groupless_consumer(
+            settings,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=16 * 1024 * 1024,
             fetch_max_wait_ms=FOLLOW_WAIT_MS,
-            **kafka_client_kwargs(settings),
         )
         await self.consumer.start()
         partitions = sorted(self.consumer.partitions_for_topic(self.topic) or ())
@@ -476,12 +479,10 @@ AFTER_TOPICS.extend([claim_summary_writer, carry_over_offsets, guard_batch_log])
 
 
 async def find_replay_result(settings: Settings, replay_id: str) -> FoundResult | None:
-    consumer = AIOKafkaConsumer(
-        group_id=None,
-        enable_auto_commit=False,
+    consumer = groupless_consumer(
+        settings,
         fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
         max_partition_fetch_bytes=16 * 1024 * 1024,
-        **kafka_client_kwargs(settings),
     )
     await consumer.start()
     try:

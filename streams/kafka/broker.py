@@ -39,6 +39,7 @@ __all__ = [
     "die_with_parent",
     "ensure_topics",
     "free_port",
+    "groupless_consumer",
     "kafka_client_kwargs",
     "kafka_ssl_context",
     "leave_group",
@@ -84,6 +85,22 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
     if ssl_context is not None:
         kwargs["ssl_context"] = ssl_context
     return kwargs
+
+
+def groupless_consumer(settings: Settings, **options: object) -> AIOKafkaConsumer:
+    """A plain aiokafka consumer outside any group: the one way the services build one
+    (the replay, its fences, the summary writer, the prices feed).
+
+    ``group_id=None`` (it never joins a group, so it cannot rebalance the workers nor
+    commit: each reader ``assign()``s and ``seek()``s itself), ``enable_auto_commit=False``
+    and the connection of :func:`kafka_client_kwargs`. ``options`` are the site's own
+    (``fetch_max_wait_ms``, fetch sizes, ``auto_offset_reset``, ``request_timeout_ms``)."""
+    return AIOKafkaConsumer(
+        group_id=None,
+        enable_auto_commit=False,
+        **options,  # type: ignore[arg-type]
+        **kafka_client_kwargs(settings),  # type: ignore[arg-type]
+    )
 
 
 def kafka_ssl_context(settings: Settings) -> ssl.SSLContext | None:
