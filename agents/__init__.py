@@ -1,5 +1,18 @@
-"""Faust agents: ingest (validate, DLQ, forward), record (dedupe, raw sink, ledger),
-rollup (close days into SQLite), refresh (NBP + OpenRouter), replay (re-aggregate a day).
+"""The running parts, each a ``mode.Service`` the Faust app starts or an operator
+command. There are no Faust agents: the worker uses no Faust consumer (see
+:class:`streams.app.ServicesBoot`).
 
-Agents import topics and tables; nothing imports agents (Faust autodiscovers them).
+* the hot path: :mod:`agents.pipeline` with its home-partition state (``home_state``,
+  ``home_assignor``, ``dedupe``, ``rebuild_ids``, ``snapshots``) and ``conditions``
+  (failing stages retried and reported, shared with the summary writer);
+* ``summary_writer/``: the batch log into the summary DB, the rollup, the writer's claim;
+* ``replay/``: ``usage-stream replay`` and its fences;
+* ``web/``: the HTTP views, ``/ready`` and the usage query;
+* ``refresh`` (NBP rates and OpenRouter prices), ``prices_feed``, ``budgets`` (alerts);
+* ``commands/``: the operator commands; ``dev/``: the local stack of ``usage-stream dev``.
+
+Modules here still register themselves with the app when imported (``app.service``,
+``@app.page``, ``@app.timer``, ``@app.task``, ``@app.command``,
+:data:`streams.cli.AFTER_TOPICS`); :func:`streams.cli.main` imports every module of
+``agents`` and ``tables`` before the worker starts, so a broken one stops it.
 """

@@ -2,7 +2,7 @@
 
 Two tasks of one service, beside the rollup and never in its way:
 
-* **watch**: every ``ROLLUP_INTERVAL_SECONDS`` a pass of :class:`tables.budget_watch.
+* **watch**: every ``ROLLUP_INTERVAL_SECONDS`` a pass of :class:`tables.summary_db.budget_watch.
   BudgetWatch` reads the live spend per client and month and records the thresholds
   crossed in ``budget_alerts`` (once per client, month and threshold, whatever restarts).
   A crossing shows in ``usage_daily_live`` within a rollup interval and the next pass
@@ -39,9 +39,9 @@ import orjson
 
 from streams.app import app, settings
 from streams.metrics import BUDGET_ALERTS, BUDGET_ALERTS_UNDELIVERED, BUDGET_USED_RATIO
-from streams.money import nano_text
-from tables.budget_watch import BudgetWatch, WatchPass
-from tables.budgets import AlertRow, mark_attempt, undelivered_alerts
+from streams.model.money import nano_text
+from tables.summary_db.budget_watch import BudgetWatch, WatchPass
+from tables.summary_db.budgets import AlertRow, mark_attempt, undelivered_alerts
 
 __all__ = ["BudgetAlerts", "alert_payload", "redacted", "retry_delay"]
 

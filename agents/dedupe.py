@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streams.event import UsageEvent
-from streams.fingerprint import billing_fingerprints
-from tables.seen_requests import Keys, SeenRequests
+from streams.model.event import UsageEvent
+from streams.model.fingerprint import billing_fingerprints
+from tables.dedupe.seen_requests import Keys, SeenRequests
 
 __all__ = ["NO_FENCE", "Verdicts", "judge", "ranks"]
 

@@ -1,8 +1,8 @@
 """A home partition's state on the worker that owns it, and how it is (re)built exactly.
 
-State (:class:`HomePartition`): the request ids seen (:class:`tables.seen_requests.
+State (:class:`HomePartition`): the request ids seen (:class:`tables.dedupe.seen_requests.
 SeenRequests`), the batch log's chain head (where the usage and rerouted partitions were
-read up to, :mod:`streams.batch_log`), the replay fences met on the chain, and the
+read up to, :mod:`streams.kafka.batch_log`), the replay fences met on the chain, and the
 partition's event-time watermark.
 
 What the seen set must hold is *defined* by the chain head: every request id of a valid
@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.rebuild_ids import ChainBatches, HomeTopics, read_home_ids
 from agents.snapshots import SnapshotKeeper, usable_snapshot
-from streams.batch_log import (
+from streams.kafka.batch_log import (
     BadChainRecord,
     BatchPart,
     Chain,
@@ -46,11 +46,11 @@ from streams.batch_log import (
     decode_rows_raw,
     record_mark,
 )
-from streams.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
-from streams.log_reads import partition_bounds, read_range, record_at
+from streams.kafka.broker import BOUNDED_READ_WAIT_MS, kafka_client_kwargs
+from streams.kafka.log_reads import partition_bounds, read_range, record_at
 from streams.metrics import REBUILD_IDS
 from streams.settings import Settings
-from tables.seen_requests import SeenRequests
+from tables.dedupe.seen_requests import SeenRequests
 
 __all__ = [
     "ChainBroken",
@@ -61,7 +61,7 @@ __all__ = [
     "follow_chain",
     "read_range",
 ]
-# (read_range is streams.log_reads's; importable from here for the replay's readers)
+# (read_range is streams.kafka.log_reads's; importable from here for the replay's readers)
 
 log = logging.getLogger(__name__)
 

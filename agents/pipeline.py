@@ -7,7 +7,7 @@ usage topic and the rerouted topic, partition p of both on the same worker (rang
 assignor). Faust keeps everything else: its web server, timers, the CLI.
 
 **Home partitions.** Every request is deduplicated on its home partition
-(:mod:`streams.partitioning`), by the worker that owns it, in memory
+(:mod:`streams.model.partitioning`), by the worker that owns it, in memory
 (:class:`agents.home_state.HomePartition`). Producers key by request id, so nearly every
 event is read at home; a copy read elsewhere is produced unchanged to the rerouted
 topic, partition home, and counted there.
@@ -24,10 +24,10 @@ Per batch, in OpenMeter's sink order:
 5. **raw sink**: the raw points are stored (retried with backoff and a circuit breaker
    until stored; with InfluxDB, appended to the local spool);
 6. **commit**: once the dead letters, the reroutes and the raw points are stored, one
-   record per home partition is appended to the batch log (:mod:`streams.batch_log`):
+   record per home partition is appended to the batch log (:mod:`streams.kafka.batch_log`):
    the positions read up to, the sums, the watermark, and ``prev``, the chain head it
    extends. That append is the commit point. The summary writer adds the sums once each
-   (:mod:`agents.summary_writer`); a worker that gets the partition later starts from the
+   (:mod:`agents.summary_writer.writer`); a worker that gets the partition later starts from the
    chain head. The Kafka offset commit is informational.
 
 If the appended record did not land right after the head it extends, another record came
@@ -41,7 +41,7 @@ previous one (file writes, ``fsync`` and broker round trips, which need no Pytho
 the dedupe of the next batch counts the one being committed as seen.
 
 Failures are reported once per condition (:class:`ConditionLog`), and while a stage is
-failing :meth:`HotPath.not_ready_reason` names it for ``/ready`` (:mod:`agents.health`).
+failing :meth:`HotPath.not_ready_reason` names it for ``/ready`` (:mod:`agents.web.health`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ from agents.prices_feed import PricesFeed
 from agents.snapshots import CHECK_SECONDS as SNAPSHOT_CHECK_SECONDS
 from agents.snapshots import STOP_SECONDS as SNAPSHOT_STOP_SECONDS
 from streams.app import app, settings
-from streams.batch_log import (
+from streams.gc_tuning import tune_for_batches
+from streams.kafka.batch_log import (
     MAX_RECORD_BYTES,
     BatchEntry,
     ChainHead,
@@ -82,11 +83,7 @@ from streams.batch_log import (
     encode_parts,
     record_mark,
 )
-from streams.broker import kafka_client_kwargs, leave_group
-from streams.business_time import UsageDates
-from streams.event import CONFLICT, MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
-from streams.fingerprint import conflict
-from streams.gc_tuning import tune_for_batches
+from streams.kafka.broker import kafka_client_kwargs, leave_group
 from streams.log_throttle import throttle_kafka_client_logs
 from streams.malloc_tuning import pin_mmap_threshold
 from streams.metrics import (
@@ -98,13 +95,16 @@ from streams.metrics import (
     EVENTS_INVALID,
     HOME_PARTITIONS_HELD,
 )
-from streams.money import NanoScaler
-from streams.partitioning import home_partitions
-from streams.pricing import bill
+from streams.model.business_time import UsageDates
+from streams.model.event import CONFLICT, MAX_EVENT_BYTES, InvalidEvent, UsageEvent, parse_records
+from streams.model.fingerprint import conflict
+from streams.model.money import NanoScaler
+from streams.model.partitioning import home_partitions
+from streams.model.pricing import bill
 from streams.sinks import build_raw_sink
 from streams.sinks.lineprotocol import line
 from streams.sinks.raw_retention import maintain_raw_files
-from tables.seen_requests import Keys
+from tables.dedupe.seen_requests import Keys
 
 __all__ = ["HotPath", "hot_path"]
 

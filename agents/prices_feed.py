@@ -1,7 +1,7 @@
 """Model prices for estimated costs, on every worker, without the summary DB.
 
 An event without ``cost_usd`` is billed at its model's latest stored OpenRouter price
-(:mod:`streams.pricing`), and the estimate is made where the event is aggregated: on the
+(:mod:`streams.model.pricing`), and the estimate is made where the event is aggregated: on the
 worker that owns its home partition, which may have no access to the summary DB. So the
 summary writer publishes the prices it stores to the compacted topic
 ``<APP_ID>-prices`` (one record, key ``latest``: every model's price as exact decimal
@@ -19,12 +19,12 @@ import sqlite3
 from decimal import Decimal
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streams.broker import kafka_client_kwargs
 from streams.clients.openrouter import ModelPrice
-from streams.pricing import Price
+from streams.kafka.broker import groupless_consumer, kafka_client_kwargs
+from streams.model.pricing import Price
 from streams.settings import Settings
 
 __all__ = ["PricesFeed", "decode_prices", "encode_prices"]
@@ -87,8 +87,8 @@ class PricesFeed:
             log.warning("could not load model prices: %s", error)
 
     async def _from_db_and_publish(self) -> None:
-        from tables.connection import summary_db
-        from tables.reference import latest_model_prices
+        from tables.summary_db.connection import summary_db
+        from tables.summary_db.reference import latest_model_prices
 
         self.current = dict(await latest_model_prices(await summary_db()))
         value = encode_prices(self.current)
@@ -104,9 +104,7 @@ class PricesFeed:
 
     async def _from_topic(self) -> None:
         tp = TopicPartition(self.settings.prices_topic, 0)
-        consumer = AIOKafkaConsumer(
-            group_id=None, enable_auto_commit=False, **kafka_client_kwargs(self.settings)
-        )
+        consumer = groupless_consumer(self.settings)
         await consumer.start()
         try:
             consumer.assign([tp])

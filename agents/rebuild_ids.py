@@ -18,12 +18,12 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from agents.dedupe import NO_FENCE, ranks
-from streams.batch_log import BatchEntry, ChainRecord, Fence
-from streams.event import UsageEvent, parse_records
-from streams.fingerprint import billing_fingerprints
-from streams.log_reads import read_range
-from streams.partitioning import home_partitions
-from tables.seen_requests import Keys, SeenRequests
+from streams.kafka.batch_log import BatchEntry, ChainRecord, Fence
+from streams.kafka.log_reads import read_range
+from streams.model.event import UsageEvent, parse_records
+from streams.model.fingerprint import billing_fingerprints
+from streams.model.partitioning import home_partitions
+from tables.dedupe.seen_requests import Keys, SeenRequests
 
 __all__ = ["WINDOW_RECORDS", "ChainBatches", "HomeTopics", "read_home_ids"]
 

@@ -27,7 +27,7 @@ from streams.clients.nbp import NBP_FIRST_DATE, NbpClient, NbpRate
 from streams.clients.openrouter import ModelPrice, OpenRouterClient
 from streams.metrics import REFRESH_LAST_SUCCESS, REFRESH_RUNS, USD_PLN_RATE
 from streams.settings import Settings
-from tables.reference import (
+from tables.summary_db.reference import (
     fill_waiting_pln,
     last_batch_run,
     latest_model_prices,
@@ -40,7 +40,7 @@ from tables.reference import (
     store_nbp_rates,
     waiting_rate_dates,
 )
-from tables.schema import connect
+from tables.summary_db.schema import connect
 
 __all__ = [
     "RETRY_INTERVAL_SECONDS",

@@ -1,5 +1,5 @@
 """When a home partition's seen set is snapshotted, and how a snapshot is found again
-(files: :mod:`tables.seen_snapshots`).
+(files: :mod:`tables.dedupe.seen_snapshots`).
 
 **When** (:class:`SnapshotKeeper`, no settings):
 
@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.batch_log import BadChainRecord, BatchEntry, ChainHead, Fence, decode_rows_raw
-from streams.log_reads import partition_bounds, record_at
+from streams.kafka.batch_log import BadChainRecord, BatchEntry, ChainHead, Fence, decode_rows_raw
+from streams.kafka.log_reads import partition_bounds, record_at
 from streams.metrics import SNAPSHOTS
-from tables import seen_snapshots
-from tables.seen_snapshots import Snapshot, SnapshotError
+from tables.dedupe import seen_snapshots
+from tables.dedupe.seen_snapshots import Snapshot, SnapshotError
 
 if TYPE_CHECKING:
     from agents.home_state import HomePartition

@@ -1,4 +1,4 @@
-"""What a worker run wrote to its batch log (``<APP_ID>-batch-log``, streams/batch_log.py):
+"""What a worker run wrote to its batch log (``<APP_ID>-batch-log``, streams/kafka/batch_log.py):
 bytes per event and the largest record, read back from the broker after the run.
 
 Why measure it: every batch-log record carries one row per (usage date, summary key) its
@@ -9,7 +9,7 @@ benchmark reports both, so a change of the record format shows in bytes and in s
 
 The topic is read with a group-less consumer from the beginning to the high watermark
 carried by the Fetch responses (Tansu's ListOffsets *latest* is wrong), and every record
-is decoded (:func:`streams.batch_log.decode`) to count its rows.
+is decoded (:func:`streams.kafka.batch_log.decode`) to count its rows.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.batch_log import BatchEntry, decode
+from streams.kafka.batch_log import BatchEntry, decode
 
 __all__ = ["BatchLogStats", "batch_log_stats"]
 
@@ -59,7 +59,7 @@ async def _read(bootstrap: str, topic: str, stats: BatchLogStats, timeout: float
     )
     await consumer.start()
     try:
-        # every topic's metadata (as streams/replay_reader.py): asking for the topic by
+        # every topic's metadata (as agents/replay/topic_slice.py): asking for the topic by
         # name could auto-create it
         cluster = await consumer._client.fetch_all_metadata()
         partitions = cluster.partitions_for_topic(topic) or set()

@@ -7,7 +7,7 @@ A home partition tracking N ids in 8 time buckets (the default retention's), bat
 ``--batch`` events of which half are new and half copies of tracked ids (the worst case
 for the old sets: a new id is looked for in every bucket). Measures, per event:
 
-* **before**: ``tables/seen_requests.py`` of ``--before`` (default: the commit before
+* **before**: ``tables/dedupe/seen_requests.py`` of ``--before`` (default: the commit before
   this module's, read with ``git show``), and the dedupe loop of ``HotPath.prepare`` as
   it was then (``compact`` and a set lookup per bucket, per event);
 * **after**: :func:`agents.dedupe.judge` (keys, billing fingerprints, the vectorised
@@ -36,9 +36,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from agents.dedupe import NO_FENCE, judge, ranks  # noqa: E402
-from streams.event import UsageEvent  # noqa: E402
-from streams.fingerprint import billing_fingerprints  # noqa: E402
-from tables.seen_requests import Keys, SeenRequests  # noqa: E402
+from streams.model.event import UsageEvent  # noqa: E402
+from streams.model.fingerprint import billing_fingerprints  # noqa: E402
+from tables.dedupe.seen_requests import Keys, SeenRequests  # noqa: E402
 
 DAY = 86_400_000
 TTL = 7 * DAY
@@ -53,7 +53,7 @@ def _events(ids: list[str]) -> list[UsageEvent]:
 
 def _old_module(commit: str):
     source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{commit}:tables/seen_requests.py"],
+        ["git", "-C", str(REPO), "show", f"{commit}:tables/dedupe/seen_requests.py"],
         capture_output=True,
         check=True,
     ).stdout

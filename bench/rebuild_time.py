@@ -39,8 +39,8 @@ from aiokafka import AIOKafkaProducer  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 
 from agents.home_state import Rebuilder  # noqa: E402
-from streams.batch_log import BatchEntry, encode  # noqa: E402
-from streams.broker import EmbeddedBroker  # noqa: E402
+from streams.kafka.batch_log import BatchEntry, encode  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 
 BATCH = 5_000

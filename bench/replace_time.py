@@ -1,4 +1,4 @@
-"""Time the replay's replace alone (tables/replay_store.py :func:`replace_day`) on a
+"""Time the replay's replace alone (tables/summary_db/replay_store.py :func:`replace_day`) on a
 many-keys date: ``--keys`` rows (289,301 as in ``bench/run.py --workload many-keys`` at
 1M events), 40 organisations, each end user in one, 5 models, the price book's default
 multiplier and an NBP rate. Three passes on a fresh summary DB (WAL, the real
@@ -25,13 +25,13 @@ from decimal import Decimal
 from inspect import signature
 from pathlib import Path
 
-import tables.replay_store as replay_store
-from tables.replay_store import replace_day
-from tables.schema import connect
-from tables.summary_store import SummaryRow
+import tables.summary_db.replay_store as replay_store
+from tables.summary_db.replay_store import replace_day
+from tables.summary_db.schema import connect
+from tables.summary_db.summary_store import SummaryRow
 
 DAY = "2026-11-28"
-#: what a real run lists (agents/replay.py LIST_CHANGES), where the replace takes it
+#: what a real run lists (agents/replay/run.py LIST_CHANGES), where the replace takes it
 _LISTED = {"list_changes": 20} if "list_changes" in signature(replace_day).parameters else {}
 MODELS = ("gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "claude-3-haiku", "gemini-1.5-pro")
 

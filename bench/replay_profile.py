@@ -48,7 +48,7 @@ from bench.workload import (  # noqa: E402
     create_topics,
     produce,
 )
-from streams.broker import EmbeddedBroker, free_port  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 
 TOPIC = "bench-usage"
 TIMEZONE = "Europe/Warsaw"

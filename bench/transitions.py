@@ -120,7 +120,7 @@ from bench.transition_probes import (  # noqa: E402
 )
 from bench.worker_run import billed_requests, processed_offsets, worker_env  # noqa: E402
 from bench.workload import PARTITIONS, Expected, build, create_topics, produce  # noqa: E402
-from streams.broker import EmbeddedBroker, free_port  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 
 TOPIC = "bench-usage"
 TIMEZONE = "Europe/Warsaw"

@@ -1,4 +1,4 @@
-"""Events/s of ``streams.event.parse_event`` in a tight loop, against the JSON parsers alone.
+"""Events/s of ``streams.model.event.parse_event`` in a tight loop, against the JSON parsers alone.
 
     .venv/bin/python bench/validate.py [EVENTS] [--module PATH]   (default 50000)
 
@@ -90,9 +90,9 @@ def show(name: str, per_s: float) -> None:
 
 def load(path: str | None) -> ModuleType:
     if path is None:
-        import streams.event
+        import streams.model.event
 
-        return streams.event
+        return streams.model.event
     spec = importlib.util.spec_from_file_location("event_under_test", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

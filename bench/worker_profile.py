@@ -43,7 +43,7 @@ from bench.procwatch import child_processes  # noqa: E402
 from bench.run import INFLUX_DATABASE, compile_sources  # noqa: E402
 from bench.worker_run import processed_offsets, run_worker, worker_env  # noqa: E402
 from bench.workload import WORKLOADS, Expected, build, create_topics, produce  # noqa: E402
-from streams.broker import EmbeddedBroker, free_port  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 
 TOPIC = "bench-usage"
 TIMEZONE = "Europe/Warsaw"

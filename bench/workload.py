@@ -51,7 +51,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams.partitioning import murmur2_partitions as _murmur2_partitions
+from streams.model.partitioning import murmur2_partitions as _murmur2_partitions
 
 PARTITIONS = 4
 WORKLOADS = ("default", "many-keys")
@@ -134,7 +134,7 @@ def _rfc3339(ms: int, tz: ZoneInfo, utc: bool) -> str:
 
 def murmur2_partitions(keys: list[bytes]) -> list[int]:
     """The partition aiokafka's ``DefaultPartitioner`` picks for each key: the pipeline's
-    own vectorised murmur2 (:mod:`streams.partitioning`; pure Python costs ~34 µs a key,
+    own vectorised murmur2 (:mod:`streams.model.partitioning`; pure Python costs ~34 µs a key,
     which alone would take half a minute for a million records)."""
     return _murmur2_partitions(keys, PARTITIONS)
 

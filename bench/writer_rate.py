@@ -3,9 +3,9 @@
     .venv/bin/python bench/writer_rate.py
 
 The writer's work per record, without Kafka: decode the record as the writer does (msgspec,
-rows left as JSON text), then :class:`tables.batch_apply.BatchApplier` (chain rule, SQLite
-staging the rows with ``json_each``, key ids, the fold into ``daily_pending``, the stored
-heads), up to 500 records per transaction as the writer
+rows left as JSON text), then :class:`tables.summary_db.batch_apply.BatchApplier` (chain
+rule, SQLite staging the rows with ``json_each``, key ids, the fold into ``daily_pending``,
+the stored heads), up to 500 records per transaction as the writer
 reads them. Records carry R rows (one per (date, key) a batch touched) out of 171k keys,
 the benchmark workload's cardinality. Prints records/s and rows/s per R: the event rate at
 which the writer is the limit is rows/s × events per row of the deployment's batches.
@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from streams.batch_log import BatchEntry, SumRow, decode_rows_raw, encode  # noqa: E402
-from tables.batch_apply import BatchApplier  # noqa: E402
-from tables.schema import connect  # noqa: E402
+from streams.kafka.batch_log import BatchEntry, SumRow, decode_rows_raw, encode  # noqa: E402
+from tables.summary_db.batch_apply import BatchApplier  # noqa: E402
+from tables.summary_db.schema import connect  # noqa: E402
 
 KEYS = 171_000
 PARTITIONS = 4

@@ -1,1 +1,17 @@
-"""usage-stream: the Faust app, topics, event schema and codec, producer side."""
+"""usage-stream's foundation: the Faust app object that hosts the services (``app``), the
+console script (``cli``, ``__main__``), the settings (``settings``), the Prometheus
+metrics (``metrics``), the worker process class (``worker``) and its runtime tuning
+(``gc_tuning``, ``malloc_tuning``, ``log_throttle``), with the packages the rest builds
+on: ``model`` (the usage event, money, dates, partitioning, pricing), ``kafka`` (clients,
+topics, the batch log), ``sinks`` (raw points) and ``clients`` (HTTP reference data).
+
+Nothing in this package imports ``agents`` or ``tables``, except the console script,
+which imports every module of both so that a broken one stops the worker.
+
+The data path: the hot path (:mod:`agents.pipeline`) reads the usage topic in batches,
+validates, deduplicates per home partition and appends one record per batch to the batch
+log (:mod:`streams.kafka.batch_log`); the one summary writer
+(:mod:`agents.summary_writer`) folds the log into the SQLite summary DB
+(:mod:`tables.summary_db`); a replay (:mod:`agents.replay`) re-aggregates a date behind
+fences in the log.
+"""

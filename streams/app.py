@@ -1,4 +1,7 @@
-"""The one Faust app object. Agents, tables, pages and commands are autodiscovered.
+"""The one Faust app object: it hosts the services (the hot path, the summary writer, the
+web views, timers and tasks) and the Faust CLI's commands, which the modules of
+``agents`` and ``tables`` register on it when imported. It runs no Faust agent, table or
+Kafka client of its own (:class:`ServicesBoot`).
 
 Importing this module reads the settings (:func:`streams.settings.get_settings`); the
 console script goes through :func:`streams.cli.main`, which turns a bad setting into a
@@ -12,7 +15,7 @@ from faust.app.base import BootStrategy
 from faust.auth import SSLCredentials
 from faust.types.auth import SASLMechanism
 
-from streams.broker import kafka_ssl_context
+from streams.kafka.broker import kafka_ssl_context
 from streams.settings import Settings, get_settings
 
 __all__ = ["app", "settings"]

@@ -43,7 +43,7 @@ AFTER_TOPICS: list[Callable[[Settings], Awaitable[None]]] = []
 
 
 async def _prepare_worker() -> None:
-    from streams.broker import ensure_topics
+    from streams.kafka.broker import ensure_topics
 
     settings = get_settings()
     _make_directories(settings)
@@ -91,7 +91,7 @@ def main() -> None:
     _import_components()
     present_cli()
     if command == "worker" and "--help" not in sys.argv[2:]:
-        from streams.broker import BrokerUnreachable, TopicMismatch
+        from streams.kafka.broker import BrokerUnreachable, TopicMismatch
 
         try:
             asyncio.run(_prepare_worker())
@@ -105,13 +105,13 @@ def main() -> None:
 #: app. ``replay`` is a batch command timed as a whole: importing every agent (the
 #: InfluxDB client, the web views...), Faust's autodiscovery scan and then Faust and its
 #: CLI themselves cost it ~2 s of start-up, for nothing it uses. (Faust's CLI lists it
-#: too, agents/replay_command.py.)
+#: too, agents/replay/command.py.)
 STANDALONE_COMMANDS = {
-    "replay": "agents.replay",
-    "backup": "agents.backup",
+    "replay": "agents.replay.run",
+    "backup": "agents.commands.backup",
     # the price book and budgets: short commands on the summary DB alone
-    "markup": "agents.markup_command",
-    "budget": "agents.budget_command",
+    "markup": "agents.commands.markup",
+    "budget": "agents.commands.budget",
 }
 
 
@@ -123,8 +123,8 @@ def _import_components() -> None:
 
     for package_name in ("agents", "tables"):
         package = importlib.import_module(package_name)
-        for module in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package_name}.{module.name}")
+        for module in pkgutil.walk_packages(package.__path__, prefix=f"{package_name}."):
+            importlib.import_module(module.name)
 
 
 # The help ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from streams.event import REASONS
+from streams.model.event import REASONS
 
 __all__ = [
     "BUDGET_ALERTS",
@@ -148,7 +148,7 @@ HOME_PARTITIONS_HELD = Gauge(
 )
 TOPIC_CONFIG_PROBLEMS = Gauge(
     f"{_P}topic_config_problems",
-    "1 while a pipeline topic's config weakens a guarantee (streams/topic_guards.py):"
+    "1 while a pipeline topic's config weakens a guarantee (streams/kafka/topic_guards.py):"
     " checks retention_ms, retention_bytes, cleanup_policy",
     ["topic", "check"],
     registry=REGISTRY,

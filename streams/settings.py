@@ -161,7 +161,8 @@ class Settings(BaseSettings):
     # corrected) are pruned after this many days; unset = DEDUP_TTL_DAYS.
     LEDGER_RETENTION_DAYS: float | None = Field(None, gt=0)
     ROLLUP_INTERVAL_SECONDS: float = Field(5.0, gt=0)
-    # A month's statement closes this many days after its last day (tables/statements.py).
+    # A month's statement closes this many days after its last day
+    # (tables/summary_db/statements.py).
     STATEMENT_GRACE_DAYS: int = Field(3, ge=0, le=366)
     # Where budget alerts are POSTed when a budget names no webhook of its own. A secret:
     # webhook URLs carry their token in the path; only the host is ever logged.
@@ -531,24 +532,24 @@ class Settings(BaseSettings):
 
     @property
     def rerouted_topic(self) -> str:
-        """Valid events moved to their home partition (streams/partitioning.py)."""
+        """Valid events moved to their home partition (streams/model/partitioning.py)."""
         return f"{self.APP_ID}-rerouted"
 
     @property
     def batch_log_topic(self) -> str:
-        """Per home partition, the chain of batches and their sums (streams/batch_log.py)."""
+        """Per home partition, the chain of batches and their sums (streams/kafka/batch_log.py)."""
         return f"{self.APP_ID}-batch-log"
 
     @property
     def writer_topic(self) -> str:
         """The summary writer's claim and heartbeats: one writer per batch log
-        (streams/writer_claim.py)."""
+        (streams/kafka/writer_claim.py)."""
         return f"{self.APP_ID}-writer"
 
     @property
     def replays_topic(self) -> str:
         """Every replay's result, so a summary writer on a restored or new summary DB
-        completes a replay whose fences it meets (streams/replay_results.py)."""
+        completes a replay whose fences it meets (agents/replay/results.py)."""
         return f"{self.APP_ID}-replays"
 
     @property

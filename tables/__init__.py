@@ -1,1 +1,3 @@
-"""State: the dedupe table, the per-event ledger, daily aggregates and the SQLite summary store."""
+"""State on disk: the hot path's dedupe state per home partition (``dedupe/``), the
+event-time watermarks that close usage dates (``watermarks``), and the SQLite summary DB,
+the billing record (``summary_db/``)."""

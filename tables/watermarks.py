@@ -6,7 +6,7 @@ A date D closes at local midnight after D plus ``WINDOW_GRACE_SECONDS``, once ei
 - the wall clock passes it, so a quiet partition or key still closes its day (the
   classic pitfall of windowed stream processors, which only close on new events).
 
-Usage dates are local calendar dates in ``BUSINESS_TIMEZONE`` (see streams.business_time).
+Usage dates are local calendar dates in ``BUSINESS_TIMEZONE`` (see streams.model.business_time).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import date
 from zoneinfo import ZoneInfo
 
-from streams.business_time import day_close_ms
+from streams.model.business_time import day_close_ms
 
 __all__ = ["DayCloser", "wall_clock_ms"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import EmbeddedBroker, free_port
+from streams.kafka.broker import EmbeddedBroker, free_port
 from tests.harness import Stack
 
 _ids = itertools.count(1)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 
 __all__ = [
     "InfluxServer",

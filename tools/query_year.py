@@ -33,7 +33,7 @@ from zoneinfo import ZoneInfo
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from streams.broker import EmbeddedBroker, free_port  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 
 TZ = ZoneInfo("Europe/Warsaw")
 USERS, MODELS = 100, 10  # per client; clients = keys / (USERS * MODELS)
@@ -56,7 +56,7 @@ FROM (SELECT i, 1 + (i * 7 + :salt) % 40 AS r,
 
 def build(db: Path, days: int, keys: int, today: date) -> float:
     """The DB with ``days`` closed days before ``today`` and today's open rows; seconds."""
-    from tables.schema import connect
+    from tables.summary_db.schema import connect
 
     async def migrate() -> None:
         await (await connect(db)).close()

@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from streams.clients.http import ApiClient, MalformedResponse
-from streams.pricing import ModelPrice
+from streams.model.pricing import ModelPrice
 
 __all__ = ["ModelPrice", "OpenRouterClient", "parse_models"]
 

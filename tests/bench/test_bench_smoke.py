@@ -22,7 +22,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from bench.workload import build, murmur2_partitions
-from streams.business_time import UsageDates
+from streams.model.business_time import UsageDates
 from tests.servers import INFLUXD_BIN
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 from tests.ground_truth import WARSAW, local_midnight_ms
 from tests.harness import Stack, wait_for
 
@@ -98,8 +98,8 @@ def seed_rates(stack: Stack, first: date, last: date) -> dict[date, tuple[str, D
     stores them (so every usage date in [first, last] has a certain rate: the previous
     day's); returns usage date -> (table, mid) that applies."""
     from streams.clients.nbp import NbpRate
-    from tables.reference import store_nbp_rates
-    from tables.schema import connect
+    from tables.summary_db.reference import store_nbp_rates
+    from tables.summary_db.schema import connect
 
     start = first - timedelta(days=7)
     tables = {

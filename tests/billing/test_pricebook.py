@@ -12,8 +12,8 @@ from decimal import Decimal
 
 import orjson
 
-from tables.pricebook import MarkupRule, Pricebook, oldest_open_date
-from tables.schema import connect
+from tables.summary_db.pricebook import MarkupRule, Pricebook, oldest_open_date
+from tables.summary_db.schema import connect
 from tests.billing.helpers import event, local_today, one_line_error, publish, settled
 from tests.ground_truth import WARSAW, Key, ground_truth
 from tests.harness import Stack, wait_for

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tables.schema import connect
+from tables.summary_db.schema import connect
 
 SUMS = (
     "COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(total_tokens), SUM(requests),"

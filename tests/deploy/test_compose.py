@@ -26,7 +26,7 @@ import orjson
 import pytest
 import yaml
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 from tests.harness import REPO, http_get, wait_for
 
 HERE = Path(__file__).parent

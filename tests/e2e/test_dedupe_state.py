@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 
-from streams.partitioning import home_partition
+from streams.model.partitioning import home_partition
 from tests.harness import Stack, Worker, consume_all, wait_for
 
 BASE_MS = 1_795_169_472_000  # 2026-11-20T10:11:12Z

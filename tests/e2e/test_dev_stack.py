@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 from tests.harness import REPO, http_get, wait_for
 
 STAMP = r"\[(\d\d):(\d\d):(\d\d)\.(\d{3})\]"

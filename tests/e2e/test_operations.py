@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from streams.broker import EmbeddedBroker
+from streams.kafka.broker import EmbeddedBroker
 from tests.harness import Stack, http_get, wait_for
 from tests.servers import victoria_metrics_server
 
@@ -76,7 +76,7 @@ def test_health_ready_status_and_an_open_day(stack: Stack, tmp_path: Path) -> No
         code, body = wait_for(
             lambda: (r := http_get(worker.web + "/ready"))[0] == 503 and r, 15, "503"
         )
-        # the reason names the DB and what is wrong with it (agents/health.py)
+        # the reason names the DB and what is wrong with it (agents/web/health.py)
         reason = orjson.loads(body)["reasons"][0]
         assert reason.startswith(f"summary DB {stack.db_path} ") and "locked" in reason
         assert http_get(worker.web + "/health")[0] == 200

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 from streams.metrics import REGISTRY
 from tests.harness import REPO, Stack, http_get, wait_for
 

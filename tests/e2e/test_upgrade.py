@@ -1,7 +1,7 @@
 """Upgrading a summary DB billed by the single-file pipeline: nothing is billed twice.
 
 That pipeline stored each usage partition's next offset in ``source_offsets``. The new
-worker starts each batch-log chain there (agents/summary_writer.py, carry_over_offsets),
+worker starts each batch-log chain there (agents/summary_writer/writer.py, carry_over_offsets),
 so the records before it, already in the totals, are not read and billed again.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
-from streams.broker import ensure_topics
+from streams.kafka.broker import ensure_topics
 from streams.settings import load_settings
-from tables.schema import connect
+from tables.summary_db.schema import connect
 from tests.e2e.test_pipeline import usage
 from tests.harness import Stack, wait_for
 

@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestServer
 
 from streams.clients.http import RetryPolicy
 from streams.settings import Settings, load_settings
-from tables.schema import connect
+from tables.summary_db.schema import connect
 
 #: Copies of the shared NBP and OpenRouter samples (tests/fixtures/README.md says which).
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -1,4 +1,4 @@
-"""tables.reference on a real SQLite file: rates, the cost-date rule, prices, batch runs."""
+"""tables.summary_db.reference on a real SQLite file: rates, the cost-date rule, prices, runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from streams.clients.nbp import NbpRate
 from streams.clients.openrouter import ModelPrice
-from tables.reference import (
+from tables.summary_db.reference import (
     AppliedRate,
     latest_model_prices,
     rate_for_date,
@@ -20,7 +20,7 @@ from tables.reference import (
     store_model_prices,
     store_nbp_rates,
 )
-from tables.schema import utc_now_text
+from tables.summary_db.schema import utc_now_text
 
 from .conftest import rows
 

@@ -21,7 +21,7 @@ from streams.clients.nbp import NbpRate
 from streams.clients.openrouter import ModelPrice
 from streams.metrics import REGISTRY
 from streams.settings import Settings, load_settings
-from tables.reference import store_model_prices, store_nbp_rates
+from tables.summary_db.reference import store_model_prices, store_nbp_rates
 
 from .conftest import FAST_RETRY, TIMEOUT_SECONDS, FakeApis, Fault, rows
 
@@ -229,7 +229,7 @@ async def insert_usage(
 
 
 def expected_pln(markup_nano: int, mid: str) -> int:
-    """Independent of streams.money: Decimal product, rounded half-even to an integer."""
+    """Independent of streams.model.money: Decimal product, rounded half-even to an integer."""
     return int((Decimal(markup_nano) * Decimal(mid)).quantize(Decimal(1), ROUND_HALF_EVEN))
 
 

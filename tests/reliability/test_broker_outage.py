@@ -29,7 +29,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streams.broker import EmbeddedBroker, free_port
+from streams.kafka.broker import EmbeddedBroker, free_port
 from tests.harness import Stack, http_get, wait_for
 from tests.reliability.waits import billed, billed_count
 from tests.rollup.test_rollup_e2e import actual, ground_truth, make_events, seed_rates

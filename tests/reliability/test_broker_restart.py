@@ -48,9 +48,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from agents.health import PROBE_TIMEOUT_SECONDS
-from agents.readiness import PROBE_SECONDS
-from streams.broker import EmbeddedBroker, die_with_parent, free_port, stop_process
+from agents.web.health import PROBE_TIMEOUT_SECONDS
+from agents.web.readiness import PROBE_SECONDS
+from streams.kafka.broker import EmbeddedBroker, die_with_parent, free_port, stop_process
 from tests.harness import Stack, Worker, consume_all, http_get, point_request_id, wait_for
 from tests.reliability.test_broker_outage import stack_env
 from tests.reliability.waits import billed, billed_count
@@ -205,7 +205,7 @@ def restart_broker(
     health: list[int] = []
     while time.monotonic() - gone_at < DOWN_SECONDS:
         answer = http_get(worker.web + "/ready", timeout=10)
-        # /ready answers from a background probe (agents/readiness.py): it may say 200
+        # /ready answers from a background probe (agents/web/readiness.py): it may say 200
         # until the next probe has failed
         if time.monotonic() - gone_at > PROBE_SECONDS + PROBE_TIMEOUT_SECONDS:
             ready.append(answer)

@@ -17,7 +17,7 @@ every string field carries control characters, NUL, DEL, trailing backslashes, q
 
 Expected: the worker never crashes or logs a traceback; every invalid message is in the
 dead-letter topic with an ``error`` header whose reason counts equal the reference
-classification (:func:`streams.event.parse_event`, computed here); every valid request is
+classification (:func:`streams.model.event.parse_event`, computed here); every valid request is
 billed exactly against a ground truth computed here with Decimal from the events as
 generated (not by the code under test), written to InfluxDB as exactly one point, and
 nothing else appears (no extra measurement, tag key, field key, series, SQLite table or
@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from streams.event import InvalidEvent, parse_event
+from streams.model.event import InvalidEvent, parse_event
 from tests.harness import Stack, consume_all, wait_for
 from tests.servers import influxd_server
 

@@ -1,4 +1,4 @@
-"""Positions are tied to the log they were read in (agents/log_guard.py, home_state).
+"""Positions are tied to the log they were read in (agents/summary_writer/log_guard.py, home_state).
 
 * A fresh broker under an existing summary DB (what a second ``usage-stream dev`` in the
   same folder does, or a cluster migration): the writer adopts the new log and bills
@@ -21,7 +21,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams.broker import EmbeddedBroker, free_port
+from streams.kafka.broker import EmbeddedBroker, free_port
 from tests.harness import Stack, http_get, wait_for
 
 BASE_MS = int(time.time() * 1000) - 3_600_000

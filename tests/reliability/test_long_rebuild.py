@@ -30,7 +30,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams.broker import EmbeddedBroker, free_port
+from streams.kafka.broker import EmbeddedBroker, free_port
 from tests.harness import Stack, http_get, wait_for
 from tests.reliability.test_broker_outage import stack_env
 
@@ -169,7 +169,7 @@ def test_a_rebuild_longer_than_the_session_keeps_its_membership(
         watcher.join()
     link.throttle = None
 
-    # 503 until every home partition is rebuilt, then 200 (agents/readiness.py)
+    # 503 until every home partition is rebuilt, then 200 (agents/web/readiness.py)
     phases = [phase for _, phase in seen]
     consuming = phases.index("consuming") if "consuming" in phases else len(phases)
     assert set(phases[:consuming]) <= {"down", "starting", "joining", "rebuilding"}, phases

@@ -15,7 +15,7 @@ import time
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.batch_log import MAX_RECORD_BYTES, BatchEntry, BatchPart, decode
+from streams.kafka.batch_log import MAX_RECORD_BYTES, BatchEntry, BatchPart, decode
 from tests.harness import Stack, wait_for
 
 EVENTS = 24_000

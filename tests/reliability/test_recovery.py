@@ -3,7 +3,7 @@
 * ``usage-stream backup`` taken mid-run and copied back: the writer catches up from the
   log and the totals are exact.
 * A replay after the backup: the restored DB meets the replay's fences and completes it
-  from the result the replay published (streams/replay_results.py) instead of waiting
+  from the result the replay published (agents/replay/results.py) instead of waiting
   for ever; so does a DB lost outright and rebuilt from the log.
 * A replay whose range retention already cut refuses with one line, unless
   ``--allow-partial`` (the test broker on S3 storage, its first batch objects deleted:

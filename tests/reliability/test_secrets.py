@@ -26,7 +26,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 from streams.settings import load_settings
 from tests.harness import REPO, Stack, Worker, http_get, wait_for
 from tests.servers import InfluxServer, ServerUnavailable, influxd_server

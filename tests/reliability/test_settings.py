@@ -25,7 +25,7 @@ import certifi
 import pytest
 from aiokafka import AIOKafkaClient
 
-from streams.broker import kafka_client_kwargs
+from streams.kafka.broker import kafka_client_kwargs
 from streams.settings import SASL_MECHANISMS, Settings, SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parents[2]

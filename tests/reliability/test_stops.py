@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from streams.broker import EmbeddedBroker, free_port
+from streams.kafka.broker import EmbeddedBroker, free_port
 from tests.harness import REPO, Stack, http_get, wait_for
 from tests.reliability.test_broker_outage import stack_env
 

@@ -1,4 +1,4 @@
-"""Topic guards at start (streams/topic_guards.py), on the real broker: a worker whose
+"""Topic guards at start (streams/kafka/topic_guards.py), on the real broker: a worker whose
 topics would lose or double-count refuses to start with one line naming the setting; a
 setting that only weakens a guarantee is logged and shown as a metric; the topics the
 worker creates carry the configs the guarantees need."""

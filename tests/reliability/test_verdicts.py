@@ -6,7 +6,7 @@ request id. Had a worker that rebuilds the partition later (a restart, another h
 adopting it) judged the first record by its own clock, hours later, it would have found
 it valid and taken its request id as seen, and the corrected copy would have been dropped
 as a duplicate: never billed. The future is bounded by each record's own Kafka
-timestamp (``streams.event.received_ms``), so every reader says the same.
+timestamp (``streams.model.event.received_ms``), so every reader says the same.
 
 The second worker runs under libfaketime, its clock hours ahead of the first one's.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from streams.partitioning import home_partition
+from streams.model.partitioning import home_partition
 from tests.harness import Stack, wait_for
 
 HOURS = 3_600_000

@@ -1,4 +1,4 @@
-"""One summary writer per batch log (streams/writer_claim.py, agents/writer_claim.py).
+"""One summary writer per batch log (streams/kafka/writer_claim.py, agents/summary_writer/claim.py).
 
 A second writer refuses to start with one line naming the first; a second process on the
 same summary DB is refused by the DB's lock; a writer that stopped cleanly, or that was

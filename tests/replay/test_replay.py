@@ -28,15 +28,15 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from agents.replay.topic_slice import choose_start, parse_from_offsets
 from bench.procwatch import child_processes
-from streams.broker import EmbeddedBroker, ensure_topics, free_port
 from streams.clients.nbp import NbpRate
 from streams.clients.openrouter import ModelPrice
-from streams.partitioning import home_partition
-from streams.replay_reader import choose_start, parse_from_offsets
+from streams.kafka.broker import EmbeddedBroker, ensure_topics, free_port
+from streams.model.partitioning import home_partition
 from streams.settings import load_settings
-from tables.reference import store_model_prices, store_nbp_rates
-from tables.schema import connect
+from tables.summary_db.reference import store_model_prices, store_nbp_rates
+from tables.summary_db.schema import connect
 from tests.ground_truth import WARSAW, local_midnight_ms, on_day
 from tests.ground_truth import ground_truth as expected_rows
 from tests.harness import REPO, Batch, Stack, event_ms, live_traffic, wait_for

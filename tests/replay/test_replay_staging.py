@@ -1,5 +1,5 @@
 """The replay's dedupe file: removed by its replay, or by the next one when its replay was
-killed, never while its replay runs (tables/replay_staging.py)."""
+killed, never while its replay runs (tables/summary_db/replay_staging.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tables.replay_staging import BilledEvent, DayTotals, ReplayStaging, sweep_abandoned
-from tables.summary_store import SummaryRow
+from tables.summary_db.replay_staging import BilledEvent, DayTotals, ReplayStaging, sweep_abandoned
+from tables.summary_db.summary_store import SummaryRow
 from tests.harness import REPO
 
 _KILLED = """
 import os, signal, sys
 from pathlib import Path
-from tables.replay_staging import ReplayStaging
+from tables.summary_db.replay_staging import ReplayStaging
 staging = ReplayStaging(Path(sys.argv[1]))
 print(staging.path, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""The replay's replace (tables/replay_store.py) against the per-row semantics it
+"""The replay's replace (tables/summary_db/replay_store.py) against the per-row semantics it
 replaced, on real SQLite with the real migrations.
 
 Two references: the money rules written out (every row of the date is what
@@ -28,12 +28,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tables.replay_store as replay_store
-from tables.pricebook import MarkupRule, Pricebook, load_pricebook
-from tables.replay_store import ReplayOutcome, replace_day
-from tables.schema import connect, write_transaction
-from tables.statements import DELTA_COLUMNS, Usage, month_is_closed, record_adjustments
-from tables.summary_store import (
+import tables.summary_db.replay_store as replay_store
+from tables.summary_db.columns import SUMMED_COLUMNS as DELTA_COLUMNS
+from tables.summary_db.pricebook import MarkupRule, Pricebook, load_pricebook
+from tables.summary_db.replay_store import ReplayOutcome, replace_day
+from tables.summary_db.schema import connect, write_transaction
+from tables.summary_db.statements import Usage, month_is_closed, record_adjustments
+from tables.summary_db.summary_store import (
     VALUE_COLUMNS,
     SummaryRow,
     _summary_values,
@@ -335,11 +336,11 @@ def test_the_replace_stores_the_money_rules_and_lists_every_change(
     for change in outcome.changes:
         if change.new is not None:
             row = expected[(*change.key, DAY)]
-            new = tuple(v.hex() if isinstance(v, float) else v for v in change.new.content())
+            new = tuple(v.hex() if isinstance(v, float) else v for v in change.new[:-2])
             assert new == row[4:18]
             assert (change.new.revision, change.new.updated_at) == row[18:]
         if change.old is not None:
-            old = tuple(v.hex() if isinstance(v, float) else v for v in change.old.content())
+            old = tuple(v.hex() if isinstance(v, float) else v for v in change.old[:-2])
             assert old == stored_before[(*change.key, DAY)][4:18]
     assert outcome.rows == len(after)
     assert outcome.clients == len({key[0] for key in after})

@@ -1,5 +1,5 @@
 """``usage-stream report`` against hand-computed totals, on real SQLite files built with the
-real schema (``tables.schema.connect``) and rows inserted here, through the real command
+real schema (``tables.summary_db.schema.connect``) and rows inserted here, through the real command
 (``python -m streams report`` in a child process: exit codes and stderr as an operator
 sees them).
 
@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from tables.schema import connect
+from tables.summary_db.schema import connect
 from tests.harness import REPO
 
 QUOTED_CLIENT = 'Zakład "Łódź", S.A.'  # comma, quotes and non-ASCII: CSV quoting and UTF-8
@@ -412,7 +412,7 @@ def test_unreadable_db_is_one_line_exit_2(tmp_path: Path) -> None:
 
 
 def test_month_bounds_cover_december() -> None:
-    from tables.report_queries import month_bounds
+    from tables.summary_db.report_queries import month_bounds
 
     assert month_bounds(date(2025, 12, 1)) == ("2025-12-01", "2026-01-01")
     assert month_bounds(date(2025, 2, 1)) == ("2025-02-01", "2025-03-01")

@@ -1,4 +1,4 @@
-"""The summary writer's transaction (tables/batch_apply.py) on a real migrated DB."""
+"""The summary writer's transaction (tables/summary_db/batch_apply.py) on a real migrated DB."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.batch_log import (
+from streams.kafka.batch_log import (
     BatchEntry,
     BatchPart,
     ChainHead,
@@ -20,8 +20,8 @@ from streams.batch_log import (
     encode,
     encode_parts,
 )
-from tables.batch_apply import BatchApplier
-from tables.schema import connect
+from tables.summary_db.batch_apply import BatchApplier
+from tables.summary_db.schema import connect
 
 DAY = "2026-11-28"
 

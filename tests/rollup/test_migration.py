@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiosqlite
 
-from tables.schema import MIGRATIONS, connect, migrate
-from tables.summary_store import rollup_day
+from tables.summary_db.schema import MIGRATIONS, connect, migrate
+from tables.summary_db.summary_store import rollup_day
 
 
 async def no_rate(conn: aiosqlite.Connection, day: object) -> None:

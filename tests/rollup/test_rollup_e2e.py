@@ -18,8 +18,8 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from streams.clients.nbp import NbpRate
-from tables.reference import store_nbp_rates
-from tables.schema import connect
+from tables.summary_db.reference import store_nbp_rates
+from tables.summary_db.schema import connect
 from tests.harness import Stack, event_ms, wait_for
 
 WARSAW = ZoneInfo("Europe/Warsaw")

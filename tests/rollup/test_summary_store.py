@@ -18,15 +18,15 @@ from zoneinfo import ZoneInfo
 import aiosqlite
 import pytest
 
-from streams.batch_log import BatchEntry, SumRow, decode, encode
-from streams.business_time import local_midnight_ms, usage_date
 from streams.clients.nbp import NbpRate
-from tables.batch_apply import BatchApplier
-from tables.reference import rate_for_date, store_nbp_rates
-from tables.replay_staging import BilledEvent
-from tables.schema import connect
-from tables.seen_requests import SeenRequests
-from tables.summary_store import refresh_open_days, rollup_day
+from streams.kafka.batch_log import BatchEntry, SumRow, decode, encode
+from streams.model.business_time import local_midnight_ms, usage_date
+from tables.dedupe.seen_requests import SeenRequests
+from tables.summary_db.batch_apply import BatchApplier
+from tables.summary_db.reference import rate_for_date, store_nbp_rates
+from tables.summary_db.replay_staging import BilledEvent
+from tables.summary_db.schema import connect
+from tables.summary_db.summary_store import refresh_open_days, rollup_day
 from tables.watermarks import DayCloser
 
 WARSAW = ZoneInfo("Europe/Warsaw")

@@ -1,5 +1,5 @@
 """``write_summaries``' one-statement upsert (rows as JSON, GIL released) against the
-row-by-row upsert it replaces (tables/summary_store.py): the same stored values, REAL
+row-by-row upsert it replaces (tables/summary_db/summary_store.py): the same stored values, REAL
 columns to the bit, the same change counts and revisions."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tables import summary_store
-from tables.schema import connect, write_transaction
-from tables.summary_store import SummaryRow, write_summaries
+from tables.summary_db import summary_store
+from tables.summary_db.schema import connect, write_transaction
+from tables.summary_db.summary_store import SummaryRow, write_summaries
 
 
 class _Rate(NamedTuple):

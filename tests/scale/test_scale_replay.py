@@ -2,7 +2,7 @@
 processes, the ``usage-stream replay`` command, SIGKILL.
 
 A replay takes its date over from the live workers with a fence in every home
-partition's batch log (agents/replay_fences.py); the summary writer waits at the fences
+partition's batch log (agents/replay/fences.py); the summary writer waits at the fences
 until the replay is complete. These tests check the two ways that can go wrong across
 hosts: a replay that dies after fencing (the writer must wait, say so on /ready, and go
 on once the date is replayed again), and a replay while a non-writer host and the

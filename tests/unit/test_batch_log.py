@@ -1,11 +1,11 @@
-"""The batch log's records and its chain rule (streams/batch_log.py)."""
+"""The batch log's records and its chain rule (streams/kafka/batch_log.py)."""
 
 from __future__ import annotations
 
 import msgspec
 import pytest
 
-from streams.batch_log import (
+from streams.kafka.batch_log import (
     MAX_RECORD_BYTES,
     BadChainRecord,
     BatchEntry,

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from streams.business_time import day_close_ms, local_midnight_ms, usage_date
+from streams.model.business_time import day_close_ms, local_midnight_ms, usage_date
 
 WARSAW = ZoneInfo("Europe/Warsaw")
 

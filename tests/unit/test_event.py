@@ -8,7 +8,7 @@ from typing import NamedTuple
 import orjson
 import pytest
 
-from streams.event import (
+from streams.model.event import (
     MAX_EVENT_BYTES,
     InvalidEvent,
     UsageEvent,

@@ -1,4 +1,4 @@
-"""Property tests for ``streams.event``: the fast validator against the reference rules.
+"""Property tests for ``streams.model.event``: the fast validator against the reference rules.
 
 ``parse_event`` accepts the common event on a msgspec fast path and hands everything else to
 the explicit reference validator. These tests generate (1) valid events in every shape the
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams import event as event_module
-from streams.event import (
+from streams.model import event as event_module
+from streams.model.event import (
     MAX_EVENT_BYTES,
     MAX_FUTURE_MS,
     REASONS,

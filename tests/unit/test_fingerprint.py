@@ -11,15 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.dedupe import NO_FENCE, judge, ranks
-from streams.event import CONFLICT, REASONS, UsageEvent
-from streams.fingerprint import (
+from streams.model.event import CONFLICT, REASONS, UsageEvent
+from streams.model.fingerprint import (
     BILLING_FIELDS,
     billing_fingerprint,
     billing_fingerprints,
     conflict,
     differing_fields,
 )
-from tables.seen_requests import Keys, SeenRequests
+from tables.dedupe.seen_requests import Keys, SeenRequests
 
 _TEXT = st.text(min_size=1, max_size=8)
 _EVENT = st.builds(
@@ -88,7 +88,7 @@ def test_each_field_alone_is_told_and_named() -> None:
 def test_the_fingerprint_is_the_same_in_another_process() -> None:
     """No salted hash(): a snapshot written by one host is read by another."""
     code = (
-        "from streams.event import UsageEvent; from streams.fingerprint import"
+        "from streams.model.event import UsageEvent; from streams.model.fingerprint import"
         " billing_fingerprint as f; print(f(UsageEvent('r','o','u','m',1,2,None,3)))"
     )
     outputs = {

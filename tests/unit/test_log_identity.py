@@ -1,10 +1,10 @@
-"""streams.log_identity.decide: what the summary writer does with a batch-log partition."""
+"""streams.kafka.log_identity.decide: what the summary writer does with a batch-log partition."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from streams.log_identity import LogFacts, PartitionFacts, TopicFacts, decide
+from streams.kafka.log_identity import LogFacts, PartitionFacts, TopicFacts, decide
 
 SAME_LOG = LogFacts(beginning=0, end=50, mark_before_position="t:log39", first_prev=-1)
 SAME_USAGE = TopicFacts(beginning=0, end=900, mark_before_head="t:use799")

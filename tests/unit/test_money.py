@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from streams.money import scale_nano, to_nano
+from streams.model.money import scale_nano, to_nano
 
 
 def test_a_million_micro_dollars_sum_to_exactly_one_dollar() -> None:
@@ -25,7 +25,7 @@ def test_nano_scaler_rounds_exactly_like_scale_nano() -> None:
     """The hot path's integer scaler agrees with the Decimal definition, ties included."""
     import random
 
-    from streams.money import NanoScaler
+    from streams.model.money import NanoScaler
 
     rng = random.Random(5)
     for factor in ("1.3", "1", "0", "0.5", "3.6581", "1.2345678901234567890123"):

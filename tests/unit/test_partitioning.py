@@ -6,7 +6,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.partitioning import home_partition, home_partitions, murmur2_partitions
+from streams.model.partitioning import home_partition, home_partitions, murmur2_partitions
 
 
 def aiokafka_partition(key: bytes, partitions: int) -> int:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tables import seen_requests
-from tables.seen_requests import Keys, SeenRequests, compact, compact_all
+from tables.dedupe import seen_requests
+from tables.dedupe.seen_requests import Keys, SeenRequests, compact, compact_all
 
 DAY = 86_400_000
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streams.batch_log import ChainHead
-from tables import seen_snapshots
-from tables.seen_requests import SeenRequests
-from tables.seen_snapshots import KEEP, Snapshot, SnapshotError, candidates, load, write
+from streams.kafka.batch_log import ChainHead
+from tables.dedupe import seen_snapshots
+from tables.dedupe.seen_requests import SeenRequests
+from tables.dedupe.seen_snapshots import KEEP, Snapshot, SnapshotError, candidates, load, write
 
 DAY = 86_400_000
 TOPIC = "app-batch-log"

@@ -1,11 +1,11 @@
-"""streams/topic_guards.py: the topic configs the guarantees need."""
+"""streams/kafka/topic_guards.py: the topic configs the guarantees need."""
 
 from __future__ import annotations
 
 import pytest
 
+from streams.kafka.topic_guards import DAY_MS, check_topic_configs, topic_configs
 from streams.settings import Settings
-from streams.topic_guards import DAY_MS, check_topic_configs, topic_configs
 
 
 @pytest.fixture
