@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: A catch-up that reads back at least this many ids is snapshotted at once.
 REBUILT_SNAPSHOT_IDS = 10_000
+#: catch-ups (home partition rebuilds) at once, each with its own reader
+CONCURRENT_CATCH_UPS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,35 +121,35 @@ class Rebuilder:
         self.settings = settings
         self.partitions = partitions
         self.ttl_ms = int(settings.ledger_retention_days * 86_400_000)
-        self._consumer: AIOKafkaConsumer | None = None
-        self._lock = asyncio.Lock()
+        #: open group-less readers not in use, and how many catch-ups run at once
+        self._idle: list[AIOKafkaConsumer] = []
+        self._slots = asyncio.Semaphore(CONCURRENT_CATCH_UPS)
         #: seen-set snapshots: loaded by a fresh catch-up, written after a long one
         self.snapshots: SnapshotKeeper | None = SnapshotKeeper(
             settings.DATA_DIR, settings.batch_log_topic, self.ttl_ms
         )
 
     async def _reader(self) -> AIOKafkaConsumer:
-        """One group-less consumer for every catch-up, kept open: starting and stopping
-        one per partition cost ~2.5 s each (bootstrap, metadata, and a Fetch that waits
-        out ``fetch_max_wait_ms`` on an empty batch log), so a worker taking 4 partitions
-        spent 10 s before consuming. A short ``fetch_max_wait_ms``: it reads up to known
-        ends, never waits for new records."""
-        if self._consumer is None:
-            consumer = AIOKafkaConsumer(
-                group_id=None,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                max_partition_fetch_bytes=8 * 1024 * 1024,
-                fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
-                **kafka_client_kwargs(self.settings),
-            )
-            await consumer.start()
-            self._consumer = consumer
-        return self._consumer
+        """A group-less consumer for one catch-up, kept open for the next: starting one
+        per catch-up cost ~2.5 s each (bootstrap, metadata, and a Fetch that waits out
+        ``fetch_max_wait_ms`` on an empty batch log). A short ``fetch_max_wait_ms``: it
+        reads up to known ends, never waits for new records."""
+        if self._idle:
+            return self._idle.pop()
+        consumer = AIOKafkaConsumer(
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
+            **kafka_client_kwargs(self.settings),
+        )
+        await consumer.start()
+        return consumer
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            consumer, self._consumer = self._consumer, None
+        idle, self._idle = self._idle, []
+        for consumer in idle:
             await consumer.stop()
 
     def empty(self, partition: int) -> HomePartition:
@@ -156,60 +158,65 @@ class Rebuilder:
     async def catch_up(self, state: HomePartition | None, partition: int) -> HomePartition:
         """``state`` brought up to the end of the chain (a new state when None, or when
         the log is not the one ``state`` was read from). Raises :class:`ChainBroken` when
-        the partition must be held. One at a time: they share one reader consumer (a
-        rebalance callback and a lost append may both catch up at once)."""
-        async with self._lock:
-            return await self._catch_up(state, partition)
-
-    async def _catch_up(self, state: HomePartition | None, partition: int) -> HomePartition:
-        started = time.monotonic()
-        consumer = await self._reader()
-        loaded = 0
-        try:
-            fresh = state is None
-            if state is None:
-                state = await self._from_snapshot(consumer, partition)
-                loaded = len(state.seen)
-            before = state.head
-            if fresh:  # from the retention's start, or the snapshot's positions if later
-                usage_from, rerouted_from = await self._ttl_starts(consumer, partition)
-                usage_from = max(usage_from, before.usage_next)
-                rerouted_from = max(rerouted_from, before.rerouted_next)
-            else:
-                usage_from, rerouted_from = before.usage_next, before.rerouted_next
-            batches = self._batches(state, usage_from, rerouted_from)
+        the partition must be held. Up to :data:`CONCURRENT_CATCH_UPS` run at once, each
+        on a reader of its own: a worker assigned four partitions rebuilds them together
+        (one at a time, four empty partitions took ~1.7 s of a cold start)."""
+        async with self._slots:
+            consumer = await self._reader()
             try:
-                head, fences = await self._follow(consumer, partition, state, batches)
-            except LogReplaced as replaced:
-                log.warning("home partition %d: %s; rebuilding its state", partition, replaced)
-                fresh, state, loaded = True, self.empty(partition), 0
-                before = state.head
-                usage_from, rerouted_from = await self._ttl_starts(consumer, partition)
-                batches = self._batches(state, usage_from, rerouted_from)
-                head, fences = await self._follow(consumer, partition, state, batches)
-            if fresh:
-                await self._check_positions(consumer, partition, head)
-            ids = await read_home_ids(
-                consumer,
-                HomeTopics(
-                    self.settings.USAGE_TOPIC, self.settings.rerouted_topic, self.partitions
-                ),
-                partition,
-                batches,
-                head.usage_next,
-                head.rerouted_next,
-                state.seen,
-                time.time_ns() // 1_000_000,
-            )
-            state.head = head
-            state.fences.update(fences)
-        except BaseException:
-            await self.stop()  # a fresh consumer for the retry
-            raise
-        # no fetching in the background until the next catch-up, whose assign() replaces
-        # the assignment (pausing leaves the subscription state alone; with unsubscribe()
-        # a following catch-up once took over 10 s on a loaded machine, not understood)
-        consumer.pause(*consumer.assignment())
+                state = await self._catch_up(consumer, state, partition)
+            except BaseException:
+                await consumer.stop()  # a fresh reader for the retry
+                raise
+            # no fetching in the background until its next catch-up, whose assign()
+            # replaces the assignment (pausing leaves the subscription state alone; with
+            # unsubscribe() a following catch-up once took over 10 s on a loaded machine)
+            consumer.pause(*consumer.assignment())
+            self._idle.append(consumer)
+            return state
+
+    async def _catch_up(
+        self, consumer: AIOKafkaConsumer, state: HomePartition | None, partition: int
+    ) -> HomePartition:
+        started = time.monotonic()
+        loaded = 0
+        fresh = state is None
+        if state is None:
+            state = await self._from_snapshot(consumer, partition)
+            loaded = len(state.seen)
+        before = state.head
+        if fresh:  # from the retention's start, or the snapshot's positions if later
+            usage_from, rerouted_from = await self._ttl_starts(consumer, partition)
+            usage_from = max(usage_from, before.usage_next)
+            rerouted_from = max(rerouted_from, before.rerouted_next)
+        else:
+            usage_from, rerouted_from = before.usage_next, before.rerouted_next
+        batches = self._batches(state, usage_from, rerouted_from)
+        try:
+            head, fences = await self._follow(consumer, partition, state, batches)
+        except LogReplaced as replaced:
+            log.warning("home partition %d: %s; rebuilding its state", partition, replaced)
+            fresh, state, loaded = True, self.empty(partition), 0
+            before = state.head
+            usage_from, rerouted_from = await self._ttl_starts(consumer, partition)
+            batches = self._batches(state, usage_from, rerouted_from)
+            head, fences = await self._follow(consumer, partition, state, batches)
+        if fresh:
+            await self._check_positions(consumer, partition, head)
+        ids = await read_home_ids(
+            consumer,
+            HomeTopics(
+                self.settings.USAGE_TOPIC, self.settings.rerouted_topic, self.partitions
+            ),
+            partition,
+            batches,
+            head.usage_next,
+            head.rerouted_next,
+            state.seen,
+            time.time_ns() // 1_000_000,
+        )
+        state.head = head
+        state.fences.update(fences)
         REBUILD_IDS.labels(source="topics").inc(ids)
         if ids or loaded or state.head != before:
             log.info(

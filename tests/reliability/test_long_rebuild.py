@@ -37,7 +37,7 @@ from tests.reliability.test_broker_outage import stack_env
 SESSION_SECONDS = 2.0
 HISTORY = 20_000
 #: bytes per second per connection, broker to client, while throttled
-SLOW_LINK = 400_000
+SLOW_LINK = 150_000
 
 
 class ThrottledLink:
