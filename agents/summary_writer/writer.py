@@ -38,7 +38,7 @@ from streams.kafka.batch_log import (
     BadChainRecord,
     BatchEntry,
     Fence,
-    LogRecord,
+    RawLogRecord,
     decode_rows_raw,
     encode,
     record_mark,
@@ -204,7 +204,7 @@ class SummaryWriter(mode.Service):
             await self._unblock()
             await self._guard(self._shrunk())
             self._update_lag()
-            records: list[tuple[int, int, LogRecord | None]] = []
+            records: list[tuple[int, int, RawLogRecord | None]] = []
             marks: dict[int, tuple[int, str]] = {}  # partition -> the last record's mark
             full = False  # a full batch among them: its worker is catching up
             for tp, batch in fetched.items():
@@ -212,7 +212,7 @@ class SummaryWriter(mode.Service):
                     continue
                 for record in batch:
                     try:
-                        decoded: LogRecord | None = decode_rows_raw(record.value)
+                        decoded: RawLogRecord | None = decode_rows_raw(record.value)
                     except BadChainRecord:
                         log.warning("summary writer: %s %d: not a chain record", tp, record.offset)
                         decoded = None
