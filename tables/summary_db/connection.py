@@ -31,7 +31,7 @@ async def summary_db() -> aiosqlite.Connection:
 
 
 @app.on_before_shutdown.connect
-async def _close_summary_db(app: faust.App, **kwargs: object) -> None:
+async def _close_summary_db(app: faust.App, *args: object, **kwargs: object) -> None:
     """Close the shared connection: aiosqlite's thread would otherwise keep the process up."""
     global _db
     async with _db_lock:
