@@ -39,7 +39,7 @@ from decimal import (
     InvalidOperation,
 )
 from math import copysign
-from typing import Annotated, Protocol
+from typing import Annotated, Protocol, final
 
 import msgspec
 import orjson
@@ -120,6 +120,7 @@ class UsageEvent(msgspec.Struct, frozen=True, gc=False):
         return self.input_tokens + self.output_tokens
 
 
+@final  # no subclasses: ``type(event) is InvalidEvent`` tells the two results apart
 @dataclass(frozen=True, slots=True)
 class InvalidEvent:
     reason: str
