@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import sqlite3
 import time
@@ -39,6 +40,7 @@ from streams.kafka.batch_log import (
     BatchEntry,
     Fence,
     RawLogRecord,
+    SumRow,
     decode_rows_raw,
     encode,
     record_mark,
@@ -235,9 +237,7 @@ class SummaryWriter(mode.Service):
                 self.conditions,
                 "apply",
                 "applying batch-log records failed",
-                lambda records=records, marks=marks: self._in_db(
-                    self.applier.apply, records, marks
-                ),
+                functools.partial(self._in_db, self.applier.apply, records, marks),
                 (sqlite3.Error, OSError),
             )
             PARTIALS_APPLIED.inc(result.applied)
@@ -461,7 +461,9 @@ async def carry_over_offsets(settings: Settings) -> None:
     await producer.start()
     try:
         for partition, offset in sorted(stored.items()):
-            genesis = BatchEntry(-1, 0, offset, 0, 0, -1, [], "carried over")
+            genesis: BatchEntry[list[SumRow]] = BatchEntry(
+                -1, 0, offset, 0, 0, -1, [], "carried over"
+            )
             sent = await producer.send_and_wait(
                 settings.batch_log_topic, encode(genesis), partition=partition
             )

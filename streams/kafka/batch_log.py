@@ -149,7 +149,9 @@ class BadChainRecord(ValueError):
     """Bytes in the batch log that are not a chain record (never written by this code)."""
 
 
-def encode(record: LogRecord) -> bytes:
+def encode(record: BatchEntry[Rows] | Fence | BatchPart[Rows]) -> bytes:
+    """Any record, its rows as given (the hot path's are plain tuples: ``SumRow`` is
+    ``array_like``, so both encode the same)."""
     return _ENCODER.encode(record)
 
 

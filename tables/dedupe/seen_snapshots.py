@@ -37,7 +37,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -61,6 +61,14 @@ class SnapshotError(ValueError):
     """A snapshot file that must not be used (why)."""
 
 
+class FenceFields(TypedDict):
+    """A replay fence met on the chain (``agents.home_state.ReplayFence``'s fields)."""
+
+    usage_date: str
+    usage_end: int
+    rerouted_end: int
+
+
 @dataclass(slots=True)
 class Snapshot:
     """One home partition's seen set at a chain head, as written and read."""
@@ -70,7 +78,7 @@ class Snapshot:
     head: ChainHead
     ttl_ms: int
     segments: list[tuple[int, Keys]]  # (bucket end, run)
-    fences: list[dict[str, object]] = field(default_factory=list)  # ReplayFence fields
+    fences: list[FenceFields] = field(default_factory=list)
     written_ms: int = 0
 
     @property
