@@ -22,7 +22,7 @@ import click
 from agents.commands.group import OneLineGroup, print_json, print_table
 from streams.cli import fail
 from streams.model.money import nano_text
-from streams.settings import get_settings, webhook_url_problem
+from streams.settings import Settings, get_settings, webhook_url_problem
 
 if TYPE_CHECKING:
     from tables.summary_db.budgets import AlertRow
@@ -69,8 +69,8 @@ def _redacted(url: str | None) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}/…"
 
 
-def _db_error(settings: object, error: BaseException) -> None:
-    path = settings.summary_db_path  # type: ignore[attr-defined]
+def _db_error(settings: Settings, error: BaseException) -> None:
+    path = settings.summary_db_path
     fail(f"summary DB {path}: {' '.join(str(error).split())}")
 
 
