@@ -5,7 +5,7 @@ run:
 test:
 	bash deploy/local/test.sh
 lint:
-	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
 # The whole benchmark on one embedded broker (floors, worker file/InfluxDB, replay); results
 # in bench/results/latest.{json,png}. Small runs: make bench BENCH_ARGS="--events 50000"
 bench:

@@ -57,12 +57,13 @@ def ranks(
     offsets = offsets.astype(np.int64)
     bound = np.where(rerouted, bounds[1], bounds[0])
     above = (offsets >= bound).astype(np.int64)
-    return (
+    rank: np.ndarray = (
         (batch.astype(np.int64) << 42)
         | (above << 41)
         | (rerouted.astype(np.int64) << 40)
         | (offsets - offsets.min())
     )
+    return rank
 
 
 def judge(

@@ -388,7 +388,7 @@ async def _retry_due_now() -> bool:
         await conn.close()
 
 
-@app.task
+@app.task  # type: ignore[untyped-decorator]  # faust: untyped
 async def refresh_on_schedule() -> None:
     """``REFRESH_CRON`` in ``BUSINESS_TIMEZONE``, on the summary writer only (the one
     process that has the summary DB; several writers would only repeat idempotent upserts).
@@ -407,7 +407,7 @@ async def refresh_on_schedule() -> None:
             await _refresh_now("scheduled")
 
 
-@app.timer(interval=RETRY_INTERVAL_SECONDS)
+@app.timer(interval=RETRY_INTERVAL_SECONDS)  # type: ignore[untyped-decorator]  # faust: untyped
 async def retry_failed_refresh() -> None:
     """After a failed run, try again every 15 minutes for the rest of the local day."""
     if not app_settings.SUMMARY_WRITER:
@@ -421,7 +421,7 @@ async def retry_failed_refresh() -> None:
         await _refresh_now("retry")
 
 
-@app.task
+@app.task  # type: ignore[untyped-decorator]  # faust: untyped
 async def refresh_at_start() -> None:
     """At start-up, refresh at once when the stored data is stale (e.g. after downtime).
 

@@ -29,12 +29,13 @@ topics as before.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -69,7 +70,7 @@ _MAX_WALK = 64
 T = TypeVar("T")
 
 
-def in_daemon_thread(work: Callable[[], T]) -> Awaitable[T]:
+def in_daemon_thread(work: Callable[[], T]) -> asyncio.Future[T]:
     """``work()`` in a daemon thread: unlike ``asyncio.to_thread``'s pool, which the
     interpreter joins at exit, it never keeps a stopping worker alive."""
     loop = asyncio.get_running_loop()
@@ -87,13 +88,13 @@ def in_daemon_thread(work: Callable[[], T]) -> Awaitable[T]:
     return future
 
 
-def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
     if future.done():
         return
     if error is not None:
         future.set_exception(error)
     else:
-        future.set_result(result)
+        future.set_result(cast(T, result))  # no error: what the work returned
 
 
 class SnapshotKeeper:
@@ -103,7 +104,7 @@ class SnapshotKeeper:
         self.folder = seen_snapshots.directory(data_dir, topic)
         self.topic = topic
         self.ttl_ms = ttl_ms
-        self._writing: dict[int, asyncio.Future] = {}
+        self._writing: dict[int, asyncio.Future[Path]] = {}
         #: partition -> (monotonic time, head offset, records read) at its last snapshot
         self._last: dict[int, tuple[float, int, int]] = {}
 
@@ -158,7 +159,7 @@ class SnapshotKeeper:
             time.time_ns() // 1_000_000,
         )
 
-    def start(self, state: HomePartition) -> asyncio.Future | None:
+    def start(self, state: HomePartition) -> asyncio.Future[Path] | None:
         """Snapshot ``state`` now, written in the background (one write per partition
         at a time); returns the write, or None when one is already going on."""
         if state.head.offset < 0 or state.partition in self._writing:
@@ -173,7 +174,7 @@ class SnapshotKeeper:
         write = in_daemon_thread(lambda: seen_snapshots.write(self.folder, snapshot))
         self._writing[state.partition] = write
 
-        def done(future: asyncio.Future) -> None:
+        def done(future: asyncio.Future[Path]) -> None:
             self._writing.pop(state.partition, None)
             if future.cancelled():
                 return
@@ -263,7 +264,7 @@ async def usable_snapshot(
             if why is not None:
                 raise SnapshotError(f"its positions are not in these topics: {why}")
             return await in_daemon_thread(
-                lambda path=path: seen_snapshots.load(path, topic, partition, ttl_ms)
+                functools.partial(seen_snapshots.load, path, topic, partition, ttl_ms)
             )
         except (SnapshotError, TypeError, KeyError, ValueError) as error:
             log.warning("seen-set snapshot %s ignored: %s", path, error)

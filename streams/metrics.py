@@ -43,7 +43,8 @@ __all__ = [
     "render",
 ]
 
-disable_created_metrics()  # no *_created series: they double the scrape for no use here
+# no *_created series: they double the scrape for no use here
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client: unannotated
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 

@@ -15,15 +15,40 @@ changes nothing; an unknown client for ``rm`` or an unusable DB exit 1.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING, TypedDict
 
 import click
 
 from agents.commands.group import OneLineGroup, print_json, print_table
 from streams.cli import fail
 from streams.model.money import nano_text
-from streams.settings import get_settings, webhook_url_problem
+from streams.settings import Settings, get_settings, webhook_url_problem
+
+if TYPE_CHECKING:
+    from tables.summary_db.budgets import AlertRow
 
 __all__ = ["standalone"]
+
+
+class _AlertJSON(TypedDict):
+    threshold_pct: int
+    fired_at: str
+    delivered: bool
+    attempts: int
+    last_error: str | None
+
+
+class _BudgetJSON(TypedDict):
+    """A budget as ``budget list --format json`` shows it."""
+
+    client_org_id: str
+    monthly_limit_usd: str
+    thresholds: list[int]
+    webhook: str
+    usage_month: str
+    spent_usd: str
+    used_pct: str
+    alerts: list[_AlertJSON]
 
 MAX_CLIENT_CHARS = 128  # docs/contract.md §1
 
@@ -44,8 +69,8 @@ def _redacted(url: str | None) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}/…"
 
 
-def _db_error(settings: object, error: BaseException) -> None:
-    path = settings.summary_db_path  # type: ignore[attr-defined]
+def _db_error(settings: Settings, error: BaseException) -> None:
+    path = settings.summary_db_path
     fail(f"summary DB {path}: {' '.join(str(error).split())}")
 
 
@@ -188,10 +213,10 @@ def list_budgets_command(output_format: str) -> None:
         _db_error(settings, error)
     finally:
         conn.close()
-    fired: dict[str, list] = {}
+    fired: dict[str, list[AlertRow]] = {}
     for alert in alerts:
         fired.setdefault(alert.client_org_id, []).append(alert)
-    rows = []
+    rows: list[_BudgetJSON] = []
     for budget in budgets:
         used = int(spent.get(budget.client_org_id) or 0)
         rows.append(

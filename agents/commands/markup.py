@@ -17,12 +17,16 @@ from __future__ import annotations
 import re
 from datetime import date, datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import click
 
 from agents.commands.group import OneLineGroup, print_json, print_table
 from streams.cli import fail
 from streams.settings import get_settings
+
+if TYPE_CHECKING:
+    from tables.summary_db.pricebook import MarkupRule
 
 __all__ = ["rule_status", "standalone"]
 
@@ -126,7 +130,7 @@ def _who(client: str | None, model: str | None) -> str:
     return f"client {client or '*'}, model {model or '*'}"
 
 
-def rule_status(rules: list, today: str) -> dict[int, str]:
+def rule_status(rules: list[MarkupRule], today: str) -> dict[int, str]:
     """Per rule id: ``future`` (not in force yet), ``superseded`` (a later rule of the
     same client and model scope is in force) or ``in force``."""
     latest: dict[tuple[str | None, str | None], int] = {}

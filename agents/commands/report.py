@@ -455,7 +455,7 @@ def _print_rows(
         return
     console.print(f"{title} (a block per line: the table is wider than {console.width} columns)")
     for cells, total in rows:
-        block = Table(show_header=False, box=box.SIMPLE, style="bold" if total else None)
+        block = Table(show_header=False, box=box.SIMPLE, style="bold" if total else "")
         block.add_column(overflow="fold")
         block.add_column(overflow="fold")
         for (name, _), value in zip(columns, cells, strict=True):

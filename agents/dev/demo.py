@@ -9,6 +9,7 @@ close by the wall clock within one rollup interval, so ``usage_daily`` fills at 
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 import uuid
@@ -87,4 +88,4 @@ def backfill_lines(
     rng = rng or random.Random()
     for day in backfill_days(tz, days, today):
         start, end = _day_span_ms(day, tz)
-        yield from islice(demo_lines(rng, lambda s=start, e=end: rng.randrange(s, e)), per_day)
+        yield from islice(demo_lines(rng, functools.partial(rng.randrange, start, end)), per_day)

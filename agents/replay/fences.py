@@ -51,7 +51,7 @@ from streams.kafka.batch_log import (
     BadChainRecord,
     ChainHead,
     Fence,
-    LogRecord,
+    RawLogRecord,
     decode_rows_raw,
     encode,
     record_mark,
@@ -216,7 +216,7 @@ async def apply_up_to_fences(
         fetch_max_wait_ms=BOUNDED_READ_WAIT_MS,
     )
     await consumer.start()
-    records: list[tuple[int, int, LogRecord | None]] = []
+    records: list[tuple[int, int, RawLogRecord | None]] = []
     marks: dict[int, tuple[int, str]] = {}
     try:
         for partition, (start, end) in sorted(ranges.items()):
@@ -224,7 +224,7 @@ async def apply_up_to_fences(
             async for batch in read_range(consumer, tp, start, end):
                 for record in batch:
                     try:
-                        decoded: LogRecord | None = decode_rows_raw(record.value)
+                        decoded: RawLogRecord | None = decode_rows_raw(record.value)
                     except BadChainRecord:
                         decoded = None
                     records.append((partition, record.offset, decoded))

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import orjson
 
@@ -58,9 +59,27 @@ from streams.kafka.broker import BrokerUnreachable, groupless_consumer
 from streams.settings import Settings
 from tables.summary_db.replay_staging import MEMORY_IDS, DayTotals, ReplayStaging
 
+if TYPE_CHECKING:
+    from streams.model.event import KafkaRecord, UsageEvent
+    from streams.model.pricing import Price
+
 __all__ = ["ReadCounts", "ReaderProcesses", "one_line", "reader_groups"]
 
 log = logging.getLogger(__name__)
+
+#: A line of the protocol between the replay and a reader (module docstring), as decoded
+#: JSON: its fields are read by name where it is handled.
+Message = dict[str, Any]
+
+
+class ReadCountsJSON(TypedDict):
+    """:class:`ReadCounts` as a reader sends it."""
+
+    records_read: int
+    invalid: dict[str, int]
+    events_of_day: int
+    unique: int
+
 
 #: Summary keys per ``totals`` line (a line is read whole into memory by the replay).
 TOTALS_PER_LINE = 10_000
@@ -85,11 +104,11 @@ class ReadCounts:
     distinct request ids among them."""
 
     records_read: int = 0
-    invalid: Counter = field(default_factory=Counter)
+    invalid: Counter[str] = field(default_factory=Counter)
     events_of_day: int = 0
     unique: int = 0
 
-    def as_json(self) -> dict[str, object]:
+    def as_json(self) -> ReadCountsJSON:
         return {
             "records_read": self.records_read,
             "invalid": dict(self.invalid),
@@ -98,7 +117,7 @@ class ReadCounts:
         }
 
     @classmethod
-    def total(cls, parts: Iterable[Mapping[str, object]]) -> ReadCounts:
+    def total(cls, parts: Iterable[ReadCountsJSON]) -> ReadCounts:
         counts = cls()
         for part in parts:
             counts.records_read += part["records_read"]
@@ -138,7 +157,7 @@ class _DayStager:
         totals: DayTotals,
         counts: ReadCounts,
         day: date,
-        prices: Mapping[str, object],
+        prices: Mapping[str, Price],
         settings: Settings,
         partitions: int,
     ) -> None:
@@ -159,12 +178,11 @@ class _DayStager:
         self.loop = asyncio.get_running_loop()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="replay-staging")
 
-    async def stage(self, rerouted: bool, batch: list[tuple[int, list]]) -> int:
+    async def stage(self, rerouted: bool, batch: list[tuple[int, list[KafkaRecord]]]) -> int:
         """One fetch: ``(partition, records)`` pairs; returns the records it held."""
         from streams.model.event import (
             MAX_FUTURE_MS,
             InvalidEvent,
-            KafkaRecord,
             event_time_hint,
             parse_records,
         )
@@ -172,7 +190,7 @@ class _DayStager:
         from streams.model.pricing import bill
 
         low, high = self.low, self.high
-        located = []  # valid events whose time is about the date
+        located: list[UsageEvent] = []  # valid events whose time is about the date
         read_at: list[int] = []  # the partition each was read from
         count = 0
         invalid = self.counts.invalid
@@ -203,9 +221,9 @@ class _DayStager:
                 for event, partition, home in zip(located, read_at, homes, strict=True)
                 if home == partition
             ]
-        of_day = []
-        costs = []
-        estimated = []
+        of_day: list[UsageEvent] = []
+        costs: list[int] = []
+        estimated: list[int] = []
         prices, dates, day_text = self.prices, self.dates, self.day_text
         for event in located:
             day, _, cost, guess = bill(event, prices, dates)
@@ -226,7 +244,7 @@ class _DayStager:
             self.counts.records_read += count
         return count
 
-    def _stage(self, events: list, costs: list[int], estimated: list[int]) -> None:
+    def _stage(self, events: list[UsageEvent], costs: list[int], estimated: list[int]) -> None:
         fresh = self.staging.first_copies([event.request_id for event in events])
         self.totals.add_events(events, costs, estimated, fresh)
 
@@ -244,7 +262,11 @@ async def _read_slice(
 
 
 async def _read_range(
-    settings: Settings, stager: _DayStager, topic: str, rerouted: bool, ranges: Mapping
+    settings: Settings,
+    stager: _DayStager,
+    topic: str,
+    rerouted: bool,
+    ranges: Mapping[int, tuple[int, int]],
 ) -> None:
     """The records of ``[start, end)`` per partition (the stretch between the replay's end
     snapshot and its fence), staged like the rest."""
@@ -276,11 +298,12 @@ def _say(**message: object) -> None:
     sys.stdout.buffer.flush()
 
 
-async def _next_line(stdin: asyncio.StreamReader) -> dict:
+async def _next_line(stdin: asyncio.StreamReader) -> Message:
     line = await stdin.readline()
     if not line:
         raise SystemExit(1)  # the replay is gone: nothing to report to
-    return orjson.loads(line)
+    message: Message = orjson.loads(line)
+    return message
 
 
 @contextlib.contextmanager
@@ -426,7 +449,7 @@ class _Reader:
         assert self.process.stdin is not None
         self.process.stdin.write(orjson.dumps(message, option=orjson.OPT_NON_STR_KEYS) + b"\n")
 
-    async def messages(self) -> AsyncIterator[dict]:
+    async def messages(self) -> AsyncIterator[Message]:
         assert self.process.stdout is not None
         while True:
             line = await self.process.stdout.readline()
@@ -472,7 +495,7 @@ class ReaderProcesses:
         self.count = max(1, count)
         self.readers: list[_Reader] = []
         self.totals = DayTotals()  # the readers' sums, added up as they arrive
-        self._streams: list[AsyncIterator[dict]] = []
+        self._streams: list[AsyncIterator[Message]] = []
 
     async def __aenter__(self) -> ReaderProcesses:
         try:
@@ -498,7 +521,7 @@ class ReaderProcesses:
         groups: list[list[int]],
         partition_count: int,
         from_offsets: Mapping[int, int] | None,
-        prices: Mapping[str, object],
+        prices: Mapping[str, Price],
     ) -> None:
         """Give each of the first ``len(groups)`` readers its group (at most ``count``);
         the others, not needed (fewer partitions than readers), find their stdin closed
@@ -550,7 +573,7 @@ class ReaderProcesses:
                     process.kill()
                 await process.wait()
 
-    async def _each(self, until: Callable[[int, dict], bool]) -> None:
+    async def _each(self, until: Callable[[int, Message], bool]) -> None:
         """Feed each reader's messages to ``until`` (reader index, message) until it
         returns True for that reader; all readers concurrently, the first error raised."""
 
@@ -565,7 +588,7 @@ class ReaderProcesses:
         """Every partition's usage-topic slice, once every reader has fixed its own."""
         ranges: dict[int, PartitionRange] = {}
 
-        def take(_: int, message: dict) -> bool:
+        def take(_: int, message: Message) -> bool:
             for partition, start, end, origin, cut in message.get("ranges", ()):
                 ranges[partition] = PartitionRange(partition, start, end, origin, cut)
             return "ranges" in message
@@ -577,9 +600,9 @@ class ReaderProcesses:
         """Until every reader has read both slices."""
         usage_ends: dict[int, int] = {}
         rerouted_ends: dict[int, int] = {}
-        parts: list[dict] = []
+        parts: list[ReadCountsJSON] = []
 
-        def take(_: int, message: dict) -> bool:
+        def take(_: int, message: Message) -> bool:
             if "progress" in message:
                 progress(message["progress"])
                 return False
@@ -603,11 +626,11 @@ class ReaderProcesses:
         """Hand each reader its partitions' stretches up to the fences (``{partition:
         {topic: (start, end)}}``, empty for none) and add up what they found."""
         totals = self.totals
-        parts: list[dict] = []
+        parts: list[ReadCountsJSON] = []
         for reader in self.readers:
             reader.send(extra={p: extra[p] for p in reader.group if p in extra})
 
-        def take(index: int, message: dict) -> bool:
+        def take(index: int, message: Message) -> bool:
             if "totals" in message:
                 totals.add_sums(message["totals"])
                 return False

@@ -83,6 +83,10 @@ from streams.cli import fail
 from streams.settings import Settings, get_settings
 
 if TYPE_CHECKING:
+    import aiosqlite
+
+    from agents.replay.topic_slice import PartitionRange
+    from tables.summary_db.replay_store import ReplayOutcome, RowChange
     from tables.summary_db.summary_store import SummaryRow
 
 log = logging.getLogger(__name__)
@@ -174,10 +178,10 @@ class ReplayReport:
     day: date
     topic: str
     dry_run: bool
-    ranges: list = field(default_factory=list)  # agents.replay.topic_slice.PartitionRange
+    ranges: list[PartitionRange] = field(default_factory=list)
     #: what the readers read, added up (records, invalid by reason, events, unique ids)
     counts: ReadCounts = field(default_factory=ReadCounts)
-    outcome: object = None  # tables.summary_db.replay_store.ReplayOutcome
+    outcome: ReplayOutcome | None = None
     seconds: float = 0.0
     #: the read's steps: readers started, slices read, fenced (not in a dry run), finished
     read_timings: dict[str, float] = field(default_factory=dict)
@@ -187,7 +191,7 @@ class ReplayReport:
         return self.counts.records_read
 
     @property
-    def invalid(self) -> Counter:
+    def invalid(self) -> Counter[str]:
         return self.counts.invalid
 
     @property
@@ -213,6 +217,7 @@ class ReplayReport:
 
     def summary_line(self) -> str:
         outcome = self.outcome
+        assert outcome is not None, "the replace has not run"
         counts = (
             f"{outcome.count('added')} added, {outcome.count('removed')} removed,"
             f" {outcome.count('changed')} changed"
@@ -233,6 +238,7 @@ class ReplayReport:
 
     def timing_line(self) -> str:
         """Where the time went (stderr): the read, then each step of the replace."""
+        assert self.outcome is not None, "the replace has not run"
         steps = ", ".join(f"{step} {seconds:.2f}" for step, seconds in self.outcome.timings.items())
         replace = sum(self.outcome.timings.values())
         reads = ", ".join(f"{step} {seconds:.2f}" for step, seconds in self.read_timings.items())
@@ -244,6 +250,7 @@ class ReplayReport:
     def change_lines(self, limit: int | None = None) -> list[str]:
         """The changes the outcome lists (the replace lists at most ``LIST_CHANGES`` in
         a real run), then how many more there are."""
+        assert self.outcome is not None, "the replace has not run"
         changes = self.outcome.changes[:limit]
         lines = [_change_line(change) for change in changes]
         more = self.outcome.corrections - len(changes)
@@ -271,7 +278,7 @@ _OTHER = (
 )
 
 
-def _change_line(change: object) -> str:
+def _change_line(change: RowChange) -> str:
     key = " / ".join(change.key)
     if change.kind == "changed":
         old, new = change.old, change.new
@@ -497,7 +504,9 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-async def _register(conn: object, replay_id: str, day: str, started_at: str) -> None:
+async def _register(
+    conn: aiosqlite.Connection, replay_id: str, day: str, started_at: str
+) -> None:
     """The replay's row, before any fence exists: the writer waits for it to complete."""
     await conn.execute(
         "INSERT INTO replay_runs (replay_id, usage_date, status, started_at)"

@@ -25,7 +25,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agents.summary_writer.claim import release_summary_writer
-from streams.kafka.batch_log import BatchEntry, ChainHead, encode, record_mark
+from streams.kafka.batch_log import BatchEntry, ChainHead, SumRow, encode, record_mark
 from streams.kafka.broker import (
     BOUNDED_READ_WAIT_MS,
     TopicMismatch,
@@ -131,7 +131,7 @@ class BatchLogGuard:
             and rerouted.end >= head.rerouted_next
             and (not head.rerouted_mark or rerouted.mark_before_head == head.rerouted_mark)
         )
-        genesis = BatchEntry(
+        genesis: BatchEntry[list[SumRow]] = BatchEntry(
             -1,
             0,
             head.usage_next,

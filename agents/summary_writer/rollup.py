@@ -132,7 +132,7 @@ async def close_statements(conn: aiosqlite.Connection) -> list[str]:
     return result.closed
 
 
-@app.timer(interval=settings.ROLLUP_INTERVAL_SECONDS)
+@app.timer(interval=settings.ROLLUP_INTERVAL_SECONDS)  # type: ignore[untyped-decorator]  # faust
 async def rollup() -> None:
     if not settings.SUMMARY_WRITER:  # the summary writer closes days; others have no DB
         return

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import sqlite3
 import time
@@ -38,7 +39,8 @@ from streams.kafka.batch_log import (
     BadChainRecord,
     BatchEntry,
     Fence,
-    LogRecord,
+    RawLogRecord,
+    SumRow,
     decode_rows_raw,
     encode,
     record_mark,
@@ -204,7 +206,7 @@ class SummaryWriter(mode.Service):
             await self._unblock()
             await self._guard(self._shrunk())
             self._update_lag()
-            records: list[tuple[int, int, LogRecord | None]] = []
+            records: list[tuple[int, int, RawLogRecord | None]] = []
             marks: dict[int, tuple[int, str]] = {}  # partition -> the last record's mark
             full = False  # a full batch among them: its worker is catching up
             for tp, batch in fetched.items():
@@ -212,7 +214,7 @@ class SummaryWriter(mode.Service):
                     continue
                 for record in batch:
                     try:
-                        decoded: LogRecord | None = decode_rows_raw(record.value)
+                        decoded: RawLogRecord | None = decode_rows_raw(record.value)
                     except BadChainRecord:
                         log.warning("summary writer: %s %d: not a chain record", tp, record.offset)
                         decoded = None
@@ -235,9 +237,7 @@ class SummaryWriter(mode.Service):
                 self.conditions,
                 "apply",
                 "applying batch-log records failed",
-                lambda records=records, marks=marks: self._in_db(
-                    self.applier.apply, records, marks
-                ),
+                functools.partial(self._in_db, self.applier.apply, records, marks),
                 (sqlite3.Error, OSError),
             )
             PARTIALS_APPLIED.inc(result.applied)
@@ -461,7 +461,9 @@ async def carry_over_offsets(settings: Settings) -> None:
     await producer.start()
     try:
         for partition, offset in sorted(stored.items()):
-            genesis = BatchEntry(-1, 0, offset, 0, 0, -1, [], "carried over")
+            genesis: BatchEntry[list[SumRow]] = BatchEntry(
+                -1, 0, offset, 0, 0, -1, [], "carried over"
+            )
             sent = await producer.send_and_wait(
                 settings.batch_log_topic, encode(genesis), partition=partition
             )

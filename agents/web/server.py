@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from faust.web import Request, Response, View
@@ -21,6 +21,9 @@ from streams.metrics import REGISTRY, render
 from streams.model.money import nano_text
 from tables.summary_db.columns import DAILY_COLUMNS
 from tables.summary_db.connection import summary_db
+
+if TYPE_CHECKING:
+    from multidict import MultiMapping
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
@@ -177,8 +180,15 @@ class BadRequest(ValueError):
     """A /usage parameter is missing or invalid; the message is the one-line reason."""
 
 
+def query_values(request: Request, name: str) -> list[str]:
+    """Every value of query parameter ``name``. faust types ``Request.query`` as a
+    ``Mapping``; under its aiohttp driver it is a ``MultiDictProxy``, repeats kept."""
+    query = cast("MultiMapping[str]", request.query)
+    return query.getall(name, [])
+
+
 def _one(request: Request, name: str) -> str:
-    values = request.query.getall(name, [])
+    values = query_values(request, name)
     if not values:
         raise BadRequest(f"missing parameter {name}")
     if len(values) > 1:

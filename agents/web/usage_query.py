@@ -37,7 +37,7 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
-from agents.web.server import BadRequest, ReadTimeout, _date, _json, read_summary
+from agents.web.server import BadRequest, ReadTimeout, _date, _json, query_values, read_summary
 from streams.app import app, settings
 from streams.model.money import nano_text
 from tables.summary_db.schema import utc_now_text
@@ -91,7 +91,7 @@ class Query:
 
 
 def _once(request: Request, name: str, default: str) -> str:
-    values = request.query.getall(name, [])
+    values = query_values(request, name)
     if len(values) > 1:
         raise BadRequest(f"parameter {name} given {len(values)} times")
     return values[0] if values else default
@@ -107,7 +107,7 @@ def parse_query(request: Request) -> Query:
         raise BadRequest(f"from {first} is after to {last}")
     if (days := (last - first).days + 1) > MAX_RANGE_DAYS:
         raise BadRequest(f"range over {MAX_RANGE_DAYS} days ({days}): ask for it in parts")
-    clients = tuple(dict.fromkeys(request.query.getall("client_org_id", [])))
+    clients = tuple(dict.fromkeys(query_values(request, "client_org_id")))
     if len(clients) > MAX_CLIENTS:
         raise BadRequest(f"more than {MAX_CLIENTS} client_org_id values ({len(clients)})")
     for client in clients:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite, on real components (Tansu broker, InfluxDB 1.x, VictoriaMetrics,
+# The whole test suite (ruff, mypy, then pytest), on real components (Tansu broker, InfluxDB 1.x, VictoriaMetrics,
 # Prometheus, kcat); installs whatever is missing first. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash deploy/local/bootstrap.sh test
 .venv/bin/ruff check .
+# enabled by the integrator after ruff format
+# .venv/bin/ruff format --check .
+.venv/bin/mypy  # streams/, agents/, tables/ ([tool.mypy] in pyproject.toml)
 set +e
 # pytest runs in 4 processes (pytest-xdist, TEST_WORKERS): the suite mostly waits (group
 # joins, outages held for 30 s, polling), under half a core busy on average, so on a

@@ -43,6 +43,7 @@ import msgspec
 from streams.model.event import KafkaRecord
 
 __all__ = [
+    "AnyLogRecord",
     "MAX_RECORD_BYTES",
     "BadChainRecord",
     "BatchEntry",
@@ -52,6 +53,7 @@ __all__ = [
     "ChainRecord",
     "Fence",
     "LogRecord",
+    "RawLogRecord",
     "SumRow",
     "decode",
     "decode_rows_raw",
@@ -125,8 +127,13 @@ class Fence(msgspec.Struct, tag="fence", frozen=True):
     rerouted_end: int
 
 
-ChainRecord = BatchEntry | Fence  # the links of a chain
-LogRecord = BatchEntry | Fence | BatchPart  # anything the batch log holds
+#: anything the batch log holds, as :func:`decode` returns it
+LogRecord = BatchEntry[list[SumRow]] | Fence | BatchPart[list[SumRow]]
+#: the same with the rows as their JSON text, as :func:`decode_rows_raw` returns it
+RawLogRecord = BatchEntry[msgspec.Raw] | Fence | BatchPart[msgspec.Raw]
+ChainRecord = BatchEntry[msgspec.Raw] | Fence  # the links of a chain, as followed
+#: either: the chain rule and the summary writer's apply take rows decoded or as text
+AnyLogRecord = LogRecord | RawLogRecord
 
 #: The largest record the pipeline appends to the batch log: under Apache Kafka's default
 #: ``max.message.bytes`` (1,048,588 B, which also covers the record batch's own ~70 B of
@@ -134,15 +141,17 @@ LogRecord = BatchEntry | Fence | BatchPart  # anything the batch log holds
 MAX_RECORD_BYTES = 1_000_000
 
 _ENCODER = msgspec.json.Encoder()
-_DECODER = msgspec.json.Decoder(BatchEntry[list[SumRow]] | Fence | BatchPart[list[SumRow]])
-_RAW_ROWS_DECODER = msgspec.json.Decoder(BatchEntry[msgspec.Raw] | Fence | BatchPart[msgspec.Raw])
+_DECODER: msgspec.json.Decoder[LogRecord] = msgspec.json.Decoder(LogRecord)
+_RAW_ROWS_DECODER: msgspec.json.Decoder[RawLogRecord] = msgspec.json.Decoder(RawLogRecord)
 
 
 class BadChainRecord(ValueError):
     """Bytes in the batch log that are not a chain record (never written by this code)."""
 
 
-def encode(record: LogRecord) -> bytes:
+def encode(record: BatchEntry[Rows] | Fence | BatchPart[Rows]) -> bytes:
+    """Any record, its rows as given (the hot path's are plain tuples: ``SumRow`` is
+    ``array_like``, so both encode the same)."""
     return _ENCODER.encode(record)
 
 
@@ -175,7 +184,7 @@ def decode(value: bytes | None) -> LogRecord:
         raise BadChainRecord(str(error)) from None
 
 
-def decode_rows_raw(value: bytes | None) -> LogRecord:
+def decode_rows_raw(value: bytes | None) -> RawLogRecord:
     """Like :func:`decode`, but an entry's ``rows`` stay JSON text (``msgspec.Raw``): the
     summary writer hands them to SQLite as they are, so no Python object is built per
     row (tables/summary_db/summary_keys.py). The rows are checked there, not here."""
@@ -214,7 +223,7 @@ class Chain:
     def __init__(self, head: ChainHead | None = None) -> None:
         self.head = head or ChainHead()
 
-    def accept(self, offset: int, record: LogRecord) -> bool:
+    def accept(self, offset: int, record: AnyLogRecord) -> bool:
         """True (and the head moves) when the record at ``offset`` is a valid link (a
         :class:`BatchPart` never is one)."""
         if isinstance(record, BatchPart):

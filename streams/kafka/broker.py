@@ -98,8 +98,8 @@ def groupless_consumer(settings: Settings, **options: object) -> AIOKafkaConsume
     return AIOKafkaConsumer(
         group_id=None,
         enable_auto_commit=False,
-        **options,  # type: ignore[arg-type]
-        **kafka_client_kwargs(settings),  # type: ignore[arg-type]
+        **options,
+        **kafka_client_kwargs(settings),
     )
 
 
@@ -110,7 +110,8 @@ def kafka_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if not settings.KAFKA_SECURITY_PROTOCOL.endswith("SSL"):
         return None
     cafile = str(settings.KAFKA_SSL_CAFILE) if settings.KAFKA_SSL_CAFILE else None
-    return create_ssl_context(cafile=cafile)
+    context: ssl.SSLContext = create_ssl_context(cafile=cafile)  # aiokafka is untyped
+    return context
 
 
 async def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
@@ -337,7 +338,7 @@ class EmbeddedBroker:
             preexec_fn=die_with_parent,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env},
         )
-        if output is not subprocess.DEVNULL:
+        if not isinstance(output, int):  # not subprocess.DEVNULL: the log file
             output.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -39,7 +39,7 @@ from decimal import (
     InvalidOperation,
 )
 from math import copysign
-from typing import Annotated, Protocol
+from typing import Annotated, Protocol, final
 
 import msgspec
 import orjson
@@ -120,6 +120,7 @@ class UsageEvent(msgspec.Struct, frozen=True, gc=False):
         return self.input_tokens + self.output_tokens
 
 
+@final  # no subclasses: ``type(event) is InvalidEvent`` tells the two results apart
 @dataclass(frozen=True, slots=True)
 class InvalidEvent:
     reason: str
@@ -294,18 +295,18 @@ def _float_nano(value: float) -> int:
 def _accept(wire: _Wire, now_ms: int) -> UsageEvent:
     """The rules a type cannot express. Raises (anything) rather than decide a rejection."""
     cost = wire.cost_usd
-    kind = type(cost)
-    if kind is float:
+    cost_nano: int | None
+    # isinstance narrows for mypy; strict msgspec yields exactly these types (never a bool)
+    if isinstance(cost, float):
         cost_nano = _float_nano(cost)
-    elif kind is str:
+    elif isinstance(cost, str):
         cost_nano = _string_nano(cost)
-    elif kind is int:
+    elif isinstance(cost, int):
         cost_nano = _int_nano(cost)
     else:
         cost_nano = None  # the union leaves only None
-    event_ms = wire.timestamp
-    if type(event_ms) is str:
-        event_ms = _rfc3339_ms(event_ms)
+    stamp = wire.timestamp
+    event_ms = _rfc3339_ms(stamp) if isinstance(stamp, str) else stamp
     if event_ms > now_ms + MAX_FUTURE_MS:
         raise _Undecided
     input_tokens = wire.input_tokens
@@ -394,7 +395,7 @@ def event_time_hint(raw: bytes | None) -> int | None:
         return None
     try:
         stamp = _STAMP_DECODER.decode(raw).timestamp
-        return stamp if type(stamp) is int else _rfc3339_ms(stamp)
+        return stamp if isinstance(stamp, int) else _rfc3339_ms(stamp)
     except Exception:
         return None
 
@@ -435,7 +436,7 @@ def _reference(raw: bytes | None, now_ms: int) -> UsageEvent:
     return _parse_slow(raw, now_ms, extras_fast=False)
 
 
-def _load_object(raw: bytes) -> dict:
+def _load_object(raw: bytes) -> dict[str, object]:
     if len(raw) > MAX_EVENT_BYTES:
         raise _Invalid("too_large", f"value is {len(raw)} bytes, limit {MAX_EVENT_BYTES}")
     try:
@@ -447,7 +448,7 @@ def _load_object(raw: bytes) -> dict:
     return obj
 
 
-def _check_object(obj: dict, raw: bytes, now_ms: int) -> UsageEvent:
+def _check_object(obj: dict[str, object], raw: bytes, now_ms: int) -> UsageEvent:
     strings = [_string(obj, name, low, high) for name, low, high in _STRING_FIELDS]
     input_tokens = _count(obj, "input_tokens")
     output_tokens = _count(obj, "output_tokens")
@@ -473,13 +474,13 @@ def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else text
 
 
-def _require(obj: dict, name: str) -> object:
+def _require(obj: dict[str, object], name: str) -> object:
     if name not in obj or obj[name] is None:
         raise _Invalid("missing_field", f"missing required field {name!r}")
     return obj[name]
 
 
-def _string(obj: dict, name: str, low: int, high: int) -> str:
+def _string(obj: dict[str, object], name: str, low: int, high: int) -> str:
     value = _require(obj, name)
     if not isinstance(value, str):
         raise _Invalid("bad_type", f"{name} must be a string, got {type(value).__name__}")
@@ -488,7 +489,7 @@ def _string(obj: dict, name: str, low: int, high: int) -> str:
     return value
 
 
-def _count(obj: dict, name: str) -> int:
+def _count(obj: dict[str, object], name: str) -> int:
     value = _require(obj, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Invalid("bad_type", f"{name} must be an integer, got {type(value).__name__}")
@@ -497,7 +498,7 @@ def _count(obj: dict, name: str) -> int:
     return value
 
 
-def _cost_nano(obj: dict, raw: bytes) -> int | None:
+def _cost_nano(obj: dict[str, object], raw: bytes) -> int | None:
     value = obj.get("cost_usd")
     if value is None:
         return None
@@ -550,9 +551,9 @@ def _member_literal(raw: bytes, name: str) -> str:
     fails on nesting that orjson accepts (up to 1024 levels), and this must not fail. At
     worst (64 KiB of tiny tokens) it takes some milliseconds, for a rare, hostile value.
     """
-    tokens = _JSON_TOKEN.findall(raw)
+    tokens: list[bytes] = _JSON_TOKEN.findall(raw)
     depth = 0
-    literal = None
+    literal: str | None = None
     for index, token in enumerate(tokens):
         first = token[0]
         if first in b"{[":
@@ -568,7 +569,7 @@ def _member_literal(raw: bytes, name: str) -> str:
     return literal
 
 
-def _timestamp_ms(obj: dict) -> int:
+def _timestamp_ms(obj: dict[str, object]) -> int:
     value = _require(obj, "timestamp")
     if isinstance(value, bool):
         raise _Invalid("bad_type", "timestamp must be an RFC 3339 string or epoch milliseconds")

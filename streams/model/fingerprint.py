@@ -95,7 +95,8 @@ def mix_array(z: np.ndarray) -> np.ndarray:
     """:func:`_mix` of each element of a uint64 array (numpy wraps the products)."""
     z = (z ^ (z >> _U30)) * _C1
     z = (z ^ (z >> _U27)) * _C2
-    return z ^ (z >> _U31)
+    mixed: np.ndarray = z ^ (z >> _U31)
+    return mixed
 
 
 _string_hashes: list[dict[str, int]] = [{} for _ in range(_STRING_FIELDS)]

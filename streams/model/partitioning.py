@@ -29,7 +29,8 @@ _SEED = 0x9747B28C
 
 def home_partition(request_id: str, partitions: int) -> int:
     """One request's home partition (the reference for :func:`home_partitions`)."""
-    return (murmur2(request_id.encode()) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(request_id.encode())  # aiokafka is untyped
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def home_partitions(request_ids: Sequence[str], partitions: int) -> list[int]:

@@ -36,9 +36,14 @@ class ModelPrice:
 
 
 class Price(Protocol):
-    prompt_usd_per_token: Decimal
-    completion_usd_per_token: Decimal
-    request_usd: Decimal
+    """A model's prices (read-only: a frozen ``ModelPrice`` is one)."""
+
+    @property
+    def prompt_usd_per_token(self) -> Decimal: ...
+    @property
+    def completion_usd_per_token(self) -> Decimal: ...
+    @property
+    def request_usd(self) -> Decimal: ...
 
 
 def estimate_cost_nano(input_tokens: int, output_tokens: int, price: Price | None) -> int:

@@ -218,7 +218,7 @@ class RawSink:
         self._failures = 0
 
     def _backoff(self) -> float:
-        return min(self.backoff_base * 2 ** (self._failures - 1), self.backoff_cap)
+        return min(self.backoff_base * 2.0 ** (self._failures - 1), self.backoff_cap)
 
     async def _attempt(self, lines: list[str]) -> bool:
         """One write attempt; updates metrics and the breaker. True on success."""

@@ -7,7 +7,7 @@ the running event loop.
 from __future__ import annotations
 
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
-from influxdb_client.client.write_api import WritePrecision
+from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 
 from streams.settings import Settings
@@ -68,7 +68,8 @@ class InfluxV2Writer:
                 bucket=self._bucket,
                 org=self._org,
                 record="\n".join(lines),  # one str: cheaper to serialize than a list
-                write_precision=WritePrecision.NS,
+                # WritePrecision's members are plain str class attributes in its types
+                write_precision=WritePrecision.NS,  # type: ignore[arg-type]
             )
         except ApiException as error:
             body = (error.body or "").strip() if isinstance(error.body, str) else ""
@@ -77,5 +78,5 @@ class InfluxV2Writer:
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.close()
+            await self._client.close()  # type: ignore[no-untyped-call]  # unannotated
             self._client = None

@@ -50,7 +50,10 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from _typeshed import OpenBinaryMode
 
 __all__ = [
     "RawMaintenance",
@@ -135,7 +138,7 @@ def maintain_raw_files(
     return result
 
 
-def open_current_locked(path: Path, mode: str) -> BinaryIO | None:
+def open_current_locked(path: Path, mode: OpenBinaryMode) -> BinaryIO | None:
     """Open ``path`` and hold an exclusive ``flock`` on the file that is *still* at ``path``.
 
     Someone may rename or unlink the file between our ``open`` and our lock; then the

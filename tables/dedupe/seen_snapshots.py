@@ -37,6 +37,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -60,6 +61,14 @@ class SnapshotError(ValueError):
     """A snapshot file that must not be used (why)."""
 
 
+class FenceFields(TypedDict):
+    """A replay fence met on the chain (``agents.home_state.ReplayFence``'s fields)."""
+
+    usage_date: str
+    usage_end: int
+    rerouted_end: int
+
+
 @dataclass(slots=True)
 class Snapshot:
     """One home partition's seen set at a chain head, as written and read."""
@@ -69,7 +78,7 @@ class Snapshot:
     head: ChainHead
     ttl_ms: int
     segments: list[tuple[int, Keys]]  # (bucket end, run)
-    fences: list[dict] = field(default_factory=list)  # ReplayFence fields
+    fences: list[FenceFields] = field(default_factory=list)
     written_ms: int = 0
 
     @property
@@ -153,7 +162,7 @@ def write(folder: Path, snapshot: Snapshot) -> Path:
     return final
 
 
-def read_header(path: Path) -> dict:
+def read_header(path: Path) -> dict[str, Any]:  # JSON, as :func:`write` wrote it
     """The header alone (cheap: the arrays are not read). Raises :class:`SnapshotError`."""
     try:
         with np.load(path, allow_pickle=False) as members:
@@ -216,7 +225,7 @@ def load(path: Path, topic: str, partition: int, ttl_ms: int) -> Snapshot:
     return snapshot
 
 
-def usable(folder: Path, partition: int) -> Iterator[tuple[Path, dict]]:
+def usable(folder: Path, partition: int) -> Iterator[tuple[Path, dict[str, Any]]]:
     """``(path, header)`` of each snapshot whose header reads, newest head first; the
     others are reported and skipped."""
     for path in candidates(folder, partition):

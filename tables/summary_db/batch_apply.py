@@ -29,7 +29,15 @@ from pathlib import Path
 
 import msgspec
 
-from streams.kafka.batch_log import BatchEntry, BatchPart, Chain, ChainHead, Fence, LogRecord
+from streams.kafka.batch_log import (
+    AnyLogRecord,
+    BatchEntry,
+    BatchPart,
+    Chain,
+    ChainHead,
+    Fence,
+    SumRow,
+)
 from tables.summary_db.schema import open_sync, utc_now_text
 from tables.summary_db.summary_keys import SumsFolder
 
@@ -108,7 +116,7 @@ class BatchApplier:
 
     def apply(
         self,
-        records: Sequence[tuple[int, int, LogRecord | None]],
+        records: Sequence[tuple[int, int, AnyLogRecord | None]],
         marks: Mapping[int, tuple[int, str]] | None = None,
     ) -> tuple[ApplyResult, dict[int, StoredHead]]:
         """Apply ``(partition, offset, record)`` in log order per partition (``None``:
@@ -132,7 +140,7 @@ class BatchApplier:
     def _apply(
         self,
         conn: sqlite3.Connection,
-        records: Sequence[tuple[int, int, LogRecord | None]],
+        records: Sequence[tuple[int, int, AnyLogRecord | None]],
         marks: Mapping[int, tuple[int, str]],
     ) -> tuple[ApplyResult, dict[int, StoredHead]]:
         result = ApplyResult()
@@ -140,7 +148,7 @@ class BatchApplier:
         heads = _heads(conn)
         chains: dict[int, Chain] = {}
         next_offsets = {p: stored.next_offset for p, stored in heads.items()}
-        entries: list[tuple[int, BatchEntry]] = []
+        entries: list[tuple[int, BatchEntry[list[SumRow]] | BatchEntry[msgspec.Raw]]] = []
         for partition, offset, record in records:
             if offset < next_offsets.get(partition, 0):
                 result.redelivered += 1
@@ -205,7 +213,7 @@ class BatchApplier:
     def _fold(
         self,
         conn: sqlite3.Connection,
-        entries: Sequence[tuple[int, BatchEntry]],
+        entries: Sequence[tuple[int, BatchEntry[list[SumRow]] | BatchEntry[msgspec.Raw]]],
         result: ApplyResult,
     ) -> tuple[int, int]:
         """The entries' rows, and their parts' rows, as increments of ``daily_pending``
@@ -238,18 +246,18 @@ _STAGE_PART = "INSERT OR REPLACE INTO batch_log_parts VALUES (?, ?, ?)"
 _DROP_PARTS_BEFORE = "DELETE FROM batch_log_parts WHERE partition = ? AND offset < ?"
 
 
-def _rows_blob(rows: object) -> bytes:
+def _rows_blob(rows: list[SumRow] | msgspec.Raw) -> bytes:
     """A part's rows as the JSON text the fold reads back."""
     if isinstance(rows, msgspec.Raw):
         return bytes(rows)
     return msgspec.json.encode(rows)
 
 
-def _add_rows(folder: SumsFolder, rows: object) -> None:
+def _add_rows(folder: SumsFolder, rows: list[SumRow] | msgspec.Raw) -> None:
     if isinstance(rows, msgspec.Raw):
         folder.add_json(rows)
     else:
-        folder.add(rows)  # type: ignore[arg-type]
+        folder.add(rows)
 
 
 _REPLAY_DONE = """

@@ -167,7 +167,7 @@ class BudgetWatch:
         result.undelivered += len(result.fired)
         return result
 
-    def _fired(self, conn: sqlite3.Connection, months: Iterable[str]) -> set[tuple]:
+    def _fired(self, conn: sqlite3.Connection, months: Iterable[str]) -> set[tuple[str, str, int]]:
         wanted = sorted(months)
         rows = conn.execute(
             "SELECT client_org_id, usage_month, threshold_pct FROM budget_alerts"

@@ -120,12 +120,17 @@ def thresholds_text(thresholds: Sequence[int]) -> str:
     return ",".join(str(value) for value in thresholds)
 
 
-def _budget(row: Sequence[object]) -> Budget:
+# A row as its SELECT lists the columns (sqlite3 types rows as Any).
+_BudgetRow = tuple[str, int, str, str | None, str, str]
+_AlertRowValues = tuple[str, str, int, int, int, str, int, int, str | None, str | None]
+
+
+def _budget(row: _BudgetRow) -> Budget:
     return Budget(
         str(row[0]),
-        int(row[1]),  # type: ignore[arg-type]
+        int(row[1]),
         tuple(int(part) for part in str(row[2]).split(",")),
-        row[3],  # type: ignore[arg-type]
+        row[3],
         str(row[4]),
         str(row[5]),
     )
@@ -199,18 +204,18 @@ FROM budget_alerts a LEFT JOIN client_budgets b USING (client_org_id)
 """
 
 
-def _alert(row: Sequence[object]) -> AlertRow:
+def _alert(row: _AlertRowValues) -> AlertRow:
     return AlertRow(
         str(row[0]),
         str(row[1]),
-        int(row[2]),  # type: ignore[arg-type]
-        int(row[3]),  # type: ignore[arg-type]
-        int(row[4]),  # type: ignore[arg-type]
+        int(row[2]),
+        int(row[3]),
+        int(row[4]),
         str(row[5]),
         bool(row[6]),
-        int(row[7]),  # type: ignore[arg-type]
-        row[8],  # type: ignore[arg-type]
-        row[9],  # type: ignore[arg-type]
+        int(row[7]),
+        row[8],
+        row[9],
     )
 
 

@@ -30,7 +30,8 @@ async def summary_db() -> aiosqlite.Connection:
         return _db
 
 
-@app.on_before_shutdown.connect
+# mode types a handler with mypy_extensions' VarArg/NamedArg, which no handler matches
+@app.on_before_shutdown.connect  # type: ignore[arg-type]
 async def _close_summary_db(app: faust.App, **kwargs: object) -> None:
     """Close the shared connection: aiosqlite's thread would otherwise keep the process up."""
     global _db

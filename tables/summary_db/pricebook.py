@@ -20,7 +20,7 @@ as canonical text (:func:`multiplier_text`: ``1.5``, never ``1.50`` or ``15E-1``
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -153,15 +153,19 @@ class Pricebook:
         return DayMarkups(by_pair, by_client, by_model, fallback)
 
 
-def _rule(row: Sequence[object]) -> MarkupRule:
+# A ``markup_rules`` row as its SELECT lists the columns (sqlite3 types rows as Any).
+_RuleRow = tuple[int, str | None, str | None, str, str, str, str | None]
+
+
+def _rule(row: _RuleRow) -> MarkupRule:
     return MarkupRule(
-        id=int(row[0]),  # type: ignore[arg-type]
-        client_org_id=row[1],  # type: ignore[arg-type]
-        model=row[2],  # type: ignore[arg-type]
+        id=int(row[0]),
+        client_org_id=row[1],
+        model=row[2],
         multiplier=Decimal(str(row[3])),
         effective_from=str(row[4]),
         created_at=str(row[5]),
-        note=row[6],  # type: ignore[arg-type]
+        note=row[6],
     )
 
 
@@ -169,7 +173,9 @@ async def load_pricebook(conn: aiosqlite.Connection, default: Decimal) -> Priceb
     """The price book as stored now (a few rows: read whole, inside the caller's
     transaction when there is one, so a pass prices with one consistent set)."""
     async with conn.execute(f"SELECT {_RULE_COLUMNS} FROM markup_rules") as cursor:
-        return Pricebook([_rule(row) for row in await cursor.fetchall()], default)
+        # aiosqlite types rows as sqlite3.Row; with no row_factory they are plain tuples
+        rows: Iterable[_RuleRow] = await cursor.fetchall()  # type: ignore[assignment]
+        return Pricebook([_rule(row) for row in rows], default)
 
 
 def load_rules_sync(conn: sqlite3.Connection, default: Decimal) -> Pricebook:

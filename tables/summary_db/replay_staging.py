@@ -48,6 +48,11 @@ Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
 MEMORY_IDS = 1_000_000
 
 
+#: One key's sums as :meth:`DayTotals.sums` lists them (a JSON array between processes):
+#: client, user, model, input_tokens, output_tokens, requests, estimated_requests, cost_nano
+SumsRow = tuple[str, str, str, int, int, int, int, int]
+
+
 class BilledEvent(NamedTuple):
     """A valid event with its usage date and its cost (resolved or estimated, by
     :func:`streams.pricing.bill`), read at ``(partition, offset)``: what :meth:`ReplayStaging.add`
@@ -255,7 +260,7 @@ class DayTotals:
 
     def add_events(
         self,
-        events: Sequence[UsageEvent] | Sequence[BilledEvent],
+        events: Sequence[UsageEvent | BilledEvent],
         costs: Sequence[int],
         estimated: Sequence[int],
         fresh: Sequence[bool],
@@ -284,7 +289,7 @@ class DayTotals:
                 guesses[at] += guess
                 nanos[at] += cost
 
-    def add_sums(self, rows: Iterable[Sequence]) -> None:
+    def add_sums(self, rows: Iterable[SumsRow]) -> None:
         """Add another fold's :meth:`sums` (a group of partitions read elsewhere)."""
         index = self._index
         inputs, outputs, requests, guesses, nanos = self._columns
@@ -305,7 +310,7 @@ class DayTotals:
                 guesses[at] += guess
                 nanos[at] += cost
 
-    def sums(self) -> list[list]:
+    def sums(self) -> list[list[str | int]]:
         """``[client, user, model, input_tokens, output_tokens, requests,
         estimated_requests, cost_nano]`` per key (JSON-friendly, for :meth:`add_sums`)."""
         inputs, outputs, requests, guesses, nanos = self._columns

@@ -42,12 +42,12 @@ from typing import NamedTuple
 import aiosqlite
 
 from streams.model.money import NanoScaler, nano_to_float
+from tables.summary_db.columns import VALUE_COLUMNS
 from tables.summary_db.pricebook import load_pricebook
 from tables.summary_db.reference import rate_for_date, record_batch_run
 from tables.summary_db.schema import utc_now_text, write_transaction
 from tables.summary_db.statements import Usage, month_is_closed, record_adjustments
 from tables.summary_db.summary_store import (
-    VALUE_COLUMNS,
     Rate,
     SummaryRow,
     _markup_text,
@@ -100,6 +100,33 @@ class StoredRow(NamedTuple):
     updated_at: str
 
 
+#: A stored row's content (``_DAILY_COLUMNS`` but revision and updated_at): what the
+#: upsert stores and what "changed" compares.
+_Content = tuple[
+    int,  # input_tokens
+    int,  # output_tokens
+    int,  # total_tokens
+    int,  # requests
+    int,  # estimated_requests
+    int,  # raw_cost_nano
+    int,  # markup_cost_nano
+    int | None,  # markup_cost_pln_nano
+    float | None,  # raw_cost_usd
+    float | None,  # markup_cost_usd
+    float | None,  # markup_cost_pln
+    str | None,  # usd_pln_rate
+    str | None,  # nbp_table_no
+    str,  # markup_multiplier
+]
+#: A stored row as :func:`_daily_rows` reads it: the values of a :class:`StoredRow`.
+_Stored = tuple[
+    int, int, int, int, int, int, int, int | None, float | None, float | None, float | None,
+    str | None, str | None, str | None, int, str,
+]  # fmt: skip
+#: A row the replace writes (``_NEW_COLUMNS``): its key, sums, amounts and multiplier text.
+_New = tuple[str, str, str, int, int, int, int, int, int, int | None, str]
+
+
 class RowChange(NamedTuple):
     """A ``usage_daily`` row of the date that the replay adds, removes or changes."""
 
@@ -133,7 +160,7 @@ class ReplayOutcome:
         return sum(self.counts.values())
 
 
-async def _daily_rows(conn: aiosqlite.Connection, day: str) -> dict[Key, tuple[object, ...]]:
+async def _daily_rows(conn: aiosqlite.Connection, day: str) -> dict[Key, _Stored]:
     """The date's ``usage_daily`` rows as plain tuples (``_DAILY_COLUMNS`` order): a
     :class:`StoredRow` is built only for the few rows that change (tens of thousands of
     dataclass instances per date cost more than the query)."""
@@ -146,12 +173,11 @@ async def _daily_rows(conn: aiosqlite.Connection, day: str) -> dict[Key, tuple[o
 
 
 _CONTENT = len(_DAILY_COLUMNS) - 2  # every column but revision and updated_at
-_REVISION = _CONTENT
 
 
 def _diff(
-    before: Mapping[Key, tuple[object, ...]],
-    after: Mapping[Key, tuple[object, ...]],
+    before: Mapping[Key, _Stored],
+    after: Mapping[Key, _Stored],
     candidates: Iterable[Key],
 ) -> list[RowChange]:
     """The changes among ``candidates`` (the only keys that may have changed), by key:
@@ -289,13 +315,16 @@ _EXACT_IN_DOUBLE = 2**53
 _MAX_INTEGER = 2**63 - 1
 
 
-def _exact_in_sql(new_rows: Sequence[tuple]) -> bool:
+def _exact_in_sql(new_rows: Sequence[_New]) -> bool:
     """Whether :data:`_UPSERT_NEW` stores exactly what binding every value stores: every
     nano amount exact in a double (else ``x / 1e9`` rounds ``x`` first), and no
     ``input_tokens + output_tokens`` past SQLite's integers (it would become a REAL; a
     bound one is refused)."""
-    for column in (7, 8, 9):
-        amounts = [row[column] for row in new_rows if row[column] is not None]
+    for amounts in (
+        [row[7] for row in new_rows],  # raw_cost_nano
+        [row[8] for row in new_rows],  # markup_cost_nano
+        [row[9] for row in new_rows if row[9] is not None],  # markup_cost_pln_nano
+    ):
         if amounts and not (-_EXACT_IN_DOUBLE < min(amounts) and max(amounts) < _EXACT_IN_DOUBLE):
             return False
     return max(row[3] + row[4] for row in new_rows) <= _MAX_INTEGER
@@ -319,7 +348,7 @@ class _Pricing:
             found = self._pairs[(client, model)] = (_scaler(factor), _markup_text(factor))
         return found
 
-    def content(self, new: tuple) -> tuple[object, ...]:
+    def content(self, new: _New) -> _Content:
         """The stored content (``_DAILY_COLUMNS`` but revision and updated_at) of a new
         row (``_NEW_COLUMNS``): what the upsert stores."""
         _, _, _, inp, out, requests, guesses, raw, markup, pln, text = new
@@ -341,12 +370,12 @@ class _Pricing:
         )
 
 
-def _new_usage(new: tuple) -> Usage:
+def _new_usage(new: _New) -> Usage:
     _, _, _, inp, out, requests, guesses, raw, markup, pln, _ = new
     return Usage(requests, guesses, inp, out, inp + out, raw, markup, pln)
 
 
-def _old_usage(old: tuple) -> Usage:
+def _old_usage(old: _Stored) -> Usage:
     return Usage(old[3], old[4], old[0], old[1], old[2], old[5], old[6], old[7])
 
 
@@ -373,15 +402,15 @@ async def _replace(
     lap("usage_daily before")
     now = utc_now_text()
     # the rows that change (_NEW_COLUMNS): new keys, and keys whose row differs
-    added: list[tuple] = []
-    changed: list[tuple] = []
+    added: list[_New] = []
+    changed: list[_New] = []
     matched = 0  # keys of the totals that were there before
     pairs, pln = pricing.of, pricing.pln
     for row in totals:
         client, user, model, _, inp, out, requests, guesses, raw = row
         scale, text = pairs(client, model)
         marked = scale(raw)
-        new = (
+        new: _New = (
             client,
             user,
             model,
@@ -504,7 +533,7 @@ _KINDS = ("added", "removed", "changed")
 
 async def _upsert(
     conn: aiosqlite.Connection,
-    new_rows: Sequence[tuple],
+    new_rows: Sequence[_New],
     day: str,
     pricing: _Pricing,
     now: str,
@@ -531,8 +560,8 @@ async def _upsert(
 
 
 def _listed(
-    before: Mapping[Key, tuple],
-    new_rows: Sequence[tuple],
+    before: Mapping[Key, _Stored],
+    new_rows: Sequence[_New],
     gone: Sequence[Key],
     pricing: _Pricing,
     now: str,
@@ -551,12 +580,13 @@ def _listed(
     for new in first_new:
         key = new[:3]
         old = before.get(key)
-        revision = 1 if old is None else old[_REVISION] + 1
+        old_row = None if old is None else make(old)
+        revision = 1 if old_row is None else old_row.revision + 1
         row = make((*pricing.content(new), revision, now))
-        if old is None:
+        if old_row is None:
             changes.append(RowChange("added", key, None, row))
         else:
-            changes.append(RowChange("changed", key, make(old), row))
+            changes.append(RowChange("changed", key, old_row, row))
     if first_gone:
         changes += [RowChange("removed", key, make(before[key]), None) for key in first_gone]
         changes.sort(key=lambda change: change.key)

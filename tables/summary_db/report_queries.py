@@ -69,6 +69,12 @@ class ReportRow:
     final: bool
 
 
+# A ReportRow as its SELECT lists the columns, ``final`` an integer (sqlite3 types rows as Any).
+_ReportRowValues = tuple[
+    str, str, str, str, int, int, int, int, int, int, int, int | None, str | None, str | None, int
+]
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedRow:
     """A ``statements`` row: a client's closed month as issued."""
@@ -213,13 +219,10 @@ def month_rows(
     )
     params: tuple[str, ...] = (start, end) if client is None else (start, end, client)
     try:
-        rows = conn.execute(sql, params).fetchall()
+        rows: list[_ReportRowValues] = conn.execute(sql, params).fetchall()
     except sqlite3.Error as error:
         raise ReportSourceError(f"cannot read {source}: {error}") from None
-    daily = [
-        ReportRow(*row[:14], final=bool(row[14]))  # type: ignore[arg-type]
-        for row in rows
-    ]
+    daily = [ReportRow(*row[:14], final=bool(row[14])) for row in rows]
     _refuse_double_rows(daily, source)
     return daily
 

@@ -455,7 +455,7 @@ def utc_now_text() -> str:
 @dataclass
 class _Writer:
     lock: asyncio.Lock
-    owner: asyncio.Task | None = None
+    owner: asyncio.Task[object] | None = None
 
 
 _writers: WeakKeyDictionary[aiosqlite.Connection, _Writer] = WeakKeyDictionary()

@@ -34,12 +34,15 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import aiosqlite
 
 from tables.summary_db.columns import SUMMED_COLUMNS
 from tables.summary_db.schema import utc_now_text, write_transaction
+
+if TYPE_CHECKING:
+    from tables.summary_db.summary_store import SummaryValues
 
 __all__ = [
     "MonthClose",
@@ -73,17 +76,17 @@ class Usage(NamedTuple):
 ZERO = Usage(0, 0, 0, 0, 0, 0, 0, 0)
 
 
-def usage_of_values(values: tuple[object, ...]) -> Usage:
+def usage_of_values(values: SummaryValues) -> Usage:
     """A :func:`tables.summary_db.summary_store._summary_values` tuple's summed columns."""
     return Usage(
-        values[7],  # type: ignore[arg-type]
-        values[8],  # type: ignore[arg-type]
-        values[4],  # type: ignore[arg-type]
-        values[5],  # type: ignore[arg-type]
-        values[6],  # type: ignore[arg-type]
-        values[9],  # type: ignore[arg-type]
-        values[10],  # type: ignore[arg-type]
-        values[11],  # type: ignore[arg-type]
+        values[7],
+        values[8],
+        values[4],
+        values[5],
+        values[6],
+        values[9],
+        values[10],
+        values[11],
     )
 
 
@@ -97,7 +100,9 @@ def closes_on(month: str, grace_days: int) -> date:
     return date.fromisoformat(next_month(month) + "-01") + timedelta(days=grace_days)
 
 
-async def _scalar(conn: aiosqlite.Connection, sql: str, params: tuple = ()) -> object:
+async def _scalar(
+    conn: aiosqlite.Connection, sql: str, params: tuple[object, ...] = ()
+) -> object:
     async with conn.execute(sql, params) as cursor:
         row = await cursor.fetchone()
     return None if row is None else row[0]

@@ -56,8 +56,22 @@ _IN_CHUNK = 900  # bound parameters per IN (...) query
 class Rate(Protocol):
     """An applicable NBP rate (``tables.summary_db.reference.AppliedRate``)."""
 
-    mid: Decimal
-    table_no: str
+    @property
+    def mid(self) -> Decimal: ...
+    @property
+    def table_no(self) -> str: ...
+
+
+#: One row's ``usage_daily`` values as :func:`_summary_values` orders them: the key, then
+#: ``VALUE_COLUMNS``, then ``updated_at``.
+SummaryValues = tuple[
+    str, str, str, str,  # client_org_id, user_id, model, usage_date
+    int, int, int, int, int,  # input, output, total tokens; requests, estimated_requests
+    int, int, int | None,  # raw_cost_nano, markup_cost_nano, markup_cost_pln_nano
+    float | None, float | None, float | None,  # raw_cost_usd, markup_cost_usd, markup_cost_pln
+    str | None, str | None, str,  # usd_pln_rate, nbp_table_no, markup_multiplier
+    str,  # updated_at
+]  # fmt: skip
 
 
 class SummaryRow(NamedTuple):
@@ -228,7 +242,7 @@ def _markup_of(markups: Markups) -> Callable[[str, str], Decimal]:
 
 def _summary_values(
     row: SummaryRow, markup: Decimal, rate: Rate | None, updated_at: str
-) -> tuple[object, ...]:
+) -> SummaryValues:
     """The ``usage_daily`` values of one row (key, then ``VALUE_COLUMNS`` order, then
     ``updated_at``): markup and PLN applied per row, half-even; ``markup`` is the row's
     multiplier, recorded in ``markup_multiplier``."""
@@ -259,7 +273,7 @@ def _summary_values(
 
 def summary_values(
     rows: Sequence[SummaryRow], markups: Markups, rate: Rate | None, updated_at: str
-) -> list[tuple[object, ...]]:
+) -> list[SummaryValues]:
     """:func:`_summary_values` of every row, each with its own multiplier."""
     markup = _markup_of(markups)
     return [
@@ -283,7 +297,7 @@ async def write_summaries(
 
 
 async def upsert_summary_values(
-    conn: aiosqlite.Connection, values: Sequence[tuple[object, ...]], *, row_by_row: bool = False
+    conn: aiosqlite.Connection, values: Sequence[SummaryValues], *, row_by_row: bool = False
 ) -> int:
     """Upsert rows already turned into ``usage_daily`` values (:func:`_summary_values`)
     inside the caller's transaction; returns rows inserted or changed.
@@ -311,11 +325,11 @@ async def upsert_summary_values(
     return changed
 
 
-def _row_key(values: Sequence[object]) -> Sequence[object]:
+def _row_key(values: SummaryValues) -> tuple[str, str, str, str]:
     return values[:4]
 
 
-def _as_json(values: Sequence[tuple[object, ...]]) -> str | None:
+def _as_json(values: Sequence[SummaryValues]) -> str | None:
     """The rows for :data:`_UPSERT_JSON` (the REAL columns left out: SQLite derives them),
     or None when only bound values are exact: an escaped NUL (SQLite's JSON functions
     would cut the text) or a nano amount of 2**53 or more (SQLite's ``x / 1e9`` rounds
@@ -332,7 +346,9 @@ def _as_json(values: Sequence[tuple[object, ...]]) -> str | None:
 RateLookup = Callable[[aiosqlite.Connection, date], Awaitable[Rate | None]]
 
 
-async def _stored_usage(conn: aiosqlite.Connection, day: str) -> dict[tuple, Usage]:
+async def _stored_usage(
+    conn: aiosqlite.Connection, day: str
+) -> dict[tuple[str, str, str, str], Usage]:
     """The stored sums of the date's rows that have pending increments (what a merge
     changes: the "before" of an adjustment)."""
     async with conn.execute(_STORED_USAGE_SQL, (day,)) as cursor:
@@ -381,7 +397,7 @@ async def rollup_day(
             await record_adjustments(
                 conn,
                 day,
-                ((str(v[0]), before.get(tuple(v[:4])), usage_of_values(v)) for v in values),
+                ((str(v[0]), before.get(v[:4]), usage_of_values(v)) for v in values),
                 "late_events",
             )
         await conn.execute("DELETE FROM daily_pending WHERE usage_date = ?", (day,))
