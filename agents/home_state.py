@@ -205,9 +205,7 @@ class Rebuilder:
             await self._check_positions(consumer, partition, head)
         ids = await read_home_ids(
             consumer,
-            HomeTopics(
-                self.settings.USAGE_TOPIC, self.settings.rerouted_topic, self.partitions
-            ),
+            HomeTopics(self.settings.USAGE_TOPIC, self.settings.rerouted_topic, self.partitions),
             partition,
             batches,
             head.usage_next,

@@ -50,6 +50,7 @@ class _BudgetJSON(TypedDict):
     used_pct: str
     alerts: list[_AlertJSON]
 
+
 MAX_CLIENT_CHARS = 128  # docs/contract.md §1
 
 

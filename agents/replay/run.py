@@ -504,9 +504,7 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-async def _register(
-    conn: aiosqlite.Connection, replay_id: str, day: str, started_at: str
-) -> None:
+async def _register(conn: aiosqlite.Connection, replay_id: str, day: str, started_at: str) -> None:
     """The replay's row, before any fence exists: the writer waits for it to complete."""
     await conn.execute(
         "INSERT INTO replay_runs (replay_id, usage_date, status, started_at)"

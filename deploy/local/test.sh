@@ -5,8 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash deploy/local/bootstrap.sh test
 .venv/bin/ruff check .
-# enabled by the integrator after ruff format
-# .venv/bin/ruff format --check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy  # streams/, agents/, tables/ ([tool.mypy] in pyproject.toml)
 set +e
 # pytest runs in 4 processes (pytest-xdist, TEST_WORKERS): the suite mostly waits (group

@@ -100,9 +100,7 @@ def closes_on(month: str, grace_days: int) -> date:
     return date.fromisoformat(next_month(month) + "-01") + timedelta(days=grace_days)
 
 
-async def _scalar(
-    conn: aiosqlite.Connection, sql: str, params: tuple[object, ...] = ()
-) -> object:
+async def _scalar(conn: aiosqlite.Connection, sql: str, params: tuple[object, ...] = ()) -> object:
     async with conn.execute(sql, params) as cursor:
         row = await cursor.fetchone()
     return None if row is None else row[0]

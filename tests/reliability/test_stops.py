@@ -71,8 +71,10 @@ def test_a_stopped_worker_leaves_its_group_and_nothing_is_lost(stack: Stack) -> 
     staying = stack.worker().start()
     leaving = stack.worker(SUMMARY_WRITER="false", DATA_DIR=str(stack.root / "b")).start()
     wait_for(
-        lambda: len(staying.status().get("assigned_partitions", [])) == 2
-        and len(leaving.status().get("assigned_partitions", [])) == 2,
+        lambda: (
+            len(staying.status().get("assigned_partitions", [])) == 2
+            and len(leaving.status().get("assigned_partitions", [])) == 2
+        ),
         120,
         "the partitions shared",
     )
