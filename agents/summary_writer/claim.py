@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
 
 from streams.kafka.broker import (
     BOUNDED_READ_WAIT_MS,
@@ -80,6 +82,10 @@ class ClaimKeeper:
         self._position = 0
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        #: one use of the clients at a time: a heartbeat still reading when the writer
+        #: stops made ``stop()`` close the consumer under it (ConsumerStoppedError, and
+        #: the worker exited 1 on SIGTERM)
+        self._busy = asyncio.Lock()
 
     async def start(self) -> None:
         client = kafka_client_kwargs(self.settings)
@@ -92,15 +98,21 @@ class ClaimKeeper:
         await self._consumer.start()
 
     async def stop(self) -> None:
-        for client in (self._producer, self._consumer):
-            if client is not None:
-                await client.stop()
-        self._producer = self._consumer = None
+        async with self._busy:
+            for client in (self._producer, self._consumer):
+                if client is not None:
+                    await client.stop()
+            self._producer = self._consumer = None
 
     async def say(self, kind: str) -> str | None:
         """Append ``kind`` (claim, heartbeat) and read on: None while this writer owns
         the log, else who does."""
-        assert self._producer is not None and self._consumer is not None
+        async with self._busy:
+            return await self._say(kind)
+
+    async def _say(self, kind: str) -> str | None:
+        if self._producer is None or self._consumer is None:
+            raise KafkaConnectionError("the claim's clients are stopped")
         await append_claim(self._producer, self.settings.writer_topic, kind, self.claimant)
         self._position = await read_claims(
             self._consumer, self.settings.writer_topic, self.state, self._position
@@ -119,8 +131,10 @@ class ClaimKeeper:
         )
 
     async def release(self) -> None:
-        assert self._producer is not None
-        await append_claim(self._producer, self.settings.writer_topic, "release", self.claimant)
+        async with self._busy:
+            if self._producer is None:
+                return
+            await append_claim(self._producer, self.settings.writer_topic, "release", self.claimant)
 
 
 def claimant_of(settings: Settings) -> Claimant:

@@ -158,7 +158,7 @@ class SummaryWriter(mode.Service):
         """Keep the claim on the batch log, and step down (stop applying, ``/ready``
         503) when another writer owns it: this one was frozen past the claim's expiry
         and another took over (streams/kafka/writer_claim.py)."""
-        if self.claim is None:
+        if self.claim is None or self.should_stop:
             return
         try:
             other = await self.claim.say("heartbeat")
