@@ -767,11 +767,17 @@ class Transitions:
         everything = set(range(PARTITIONS))
 
         def balanced_at() -> float | None:
-            for when, held in joiner.probe.metrics.assigned:
-                if held and when >= started:
-                    mine = set(writer.probe.assigned_at(when))
-                    if mine and not mine & set(held) and mine | set(held) == everything:
-                        return when
+            """The first sample, of either probe, at which the two views split every
+            partition between them. Both are sampled on their own clocks: the writer's
+            /status (it reads the summary DB) can see its revocation after the joiner
+            has seen its assignment, so the joiner's change alone is not enough."""
+            changes = [when for when, _ in joiner.probe.metrics.assigned]
+            changes += [when for when, _ in writer.probe.metrics.assigned]
+            for when in sorted(t for t in changes if t >= started):
+                held = set(joiner.probe.assigned_at(when))
+                mine = set(writer.probe.assigned_at(when))
+                if held and mine and not mine & held and mine | held == everything:
+                    return when
             return None
 
         def recovered() -> float | None:
