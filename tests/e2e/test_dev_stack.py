@@ -108,7 +108,7 @@ def test_dev_demo_shows_a_bill_within_a_minute_and_stops_in_order(tmp_path: Path
         children = children_of(dev.pid)
         assert len(children) == 2, children  # the broker and the worker
         names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children}
-        (worker,) = [pid for pid, cmd in names.items() if b"streams\x00worker" in cmd]
+        (worker,) = [pid for pid, cmd in names.items() if b"agents\x00worker" in cmd]
         (broker,) = [pid for pid in children if pid != worker]
         worker_log = data / "worker.log"
         log_offset = worker_log.stat().st_size
