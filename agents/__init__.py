@@ -11,8 +11,8 @@ command. There are no Faust agents: the worker uses no Faust consumer (see
 * ``refresh`` (NBP rates and OpenRouter prices), ``prices_feed``, ``budgets`` (alerts);
 * ``commands/``: the operator commands; ``dev/``: the local stack of ``usage-stream dev``.
 
-Modules here still register themselves with the app when imported (``app.service``,
-``@app.page``, ``@app.timer``, ``@app.task``, ``@app.command``,
-:data:`streams.cli.AFTER_TOPICS`); :func:`streams.cli.main` imports every module of
-``agents`` and ``tables`` before the worker starts, so a broken one stops it.
+No module here registers itself with the app when imported: ``wiring`` is the
+composition root, where every service, page, timer, task, command, start-up check and
+shutdown hook is registered, and ``main`` is the console script that calls it (above
+every other module: nothing imports ``wiring`` or ``main``).
 """

@@ -1,4 +1,5 @@
-"""Budget alerts on the summary writer: fire thresholds, deliver them to webhooks.
+"""Budget alerts on the summary writer (its service, agents/wiring.py): fire thresholds,
+deliver them to webhooks.
 
 Two tasks of one service, beside the rollup and never in its way:
 
@@ -37,7 +38,7 @@ import aiohttp
 import mode
 import orjson
 
-from streams.app import app, settings
+from streams.app import settings
 from streams.metrics import BUDGET_ALERTS, BUDGET_ALERTS_UNDELIVERED, BUDGET_USED_RATIO
 from streams.model.money import nano_text
 from tables.summary_db.budget_watch import BudgetWatch, WatchPass
@@ -229,7 +230,3 @@ class BudgetAlerts(mode.Service):
         except (aiohttp.ClientError, OSError, ValueError) as error:
             text = " ".join(str(error).split()).replace(url, redacted(url))
             return f"{type(error).__name__}: {text}"[:300]
-
-
-if settings.SUMMARY_WRITER:
-    app.service(BudgetAlerts)

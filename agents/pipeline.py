@@ -73,7 +73,7 @@ from agents.home_state import ChainBroken, HomePartition, Rebuilder
 from agents.prices_feed import PricesFeed
 from agents.snapshots import CHECK_SECONDS as SNAPSHOT_CHECK_SECONDS
 from agents.snapshots import STOP_SECONDS as SNAPSHOT_STOP_SECONDS
-from streams.app import app, settings
+from streams.app import settings
 from streams.gc_tuning import tune_for_batches
 from streams.kafka.batch_log import (
     MAX_RECORD_BYTES,
@@ -1073,6 +1073,3 @@ _instance: HotPath | None = None
 def hot_path() -> HotPath | None:
     """The worker's running hot path (None before it started, or in CLI commands)."""
     return _instance
-
-
-app.service(HotPath)

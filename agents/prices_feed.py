@@ -9,6 +9,9 @@ strings), at start-up and whenever they change (checked every ``RELOAD_SECONDS``
 13:00 refresh reaches every worker within minutes). Other workers read the topic's last
 record at start-up and on the same interval. A worker that has no prices yet estimates
 0, exactly as with no price stored, and counts the event in ``estimated_requests``.
+
+On the summary writer the prices are read through the worker's shared connection to the
+summary DB, which the wiring hands over (agents/wiring.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import logging
 import sqlite3
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -26,6 +30,9 @@ from streams.clients.openrouter import ModelPrice
 from streams.kafka.broker import groupless_consumer, kafka_client_kwargs
 from streams.model.pricing import Price
 from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from tables.summary_db.connection import SharedSummaryDb
 
 __all__ = ["PricesFeed", "decode_prices", "encode_prices"]
 
@@ -56,10 +63,13 @@ def decode_prices(value: bytes) -> dict[str, Price]:
 
 
 class PricesFeed:
-    """``current``: the prices this worker estimates with (module docstring)."""
+    """``current``: the prices this worker estimates with (module docstring). ``db``: the
+    worker's shared connection to the summary DB, needed where ``SUMMARY_WRITER`` is true
+    (the others read the topic)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, db: SharedSummaryDb | None = None) -> None:
         self.settings = settings
+        self.db = db
         self.current: dict[str, Price] = {}
         self._published: bytes | None = None
         self._task: asyncio.Task[None] | None = None
@@ -87,10 +97,11 @@ class PricesFeed:
             log.warning("could not load model prices: %s", error)
 
     async def _from_db_and_publish(self) -> None:
-        from tables.summary_db.connection import summary_db
         from tables.summary_db.reference import latest_model_prices
 
-        self.current = dict(await latest_model_prices(await summary_db()))
+        if self.db is None:  # a wiring mistake, not an outage: stop the worker
+            raise RuntimeError("PricesFeed on the summary writer was given no summary DB")
+        self.current = dict(await latest_model_prices(await self.db.get()))
         value = encode_prices(self.current)
         if value == self._published:
             return

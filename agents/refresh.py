@@ -6,7 +6,8 @@ concurrently and independently: one failing does not stop the other. Afterwards 
 ``usage_daily`` row still without PLN whose date now has a certain rate is converted.
 
 :func:`run_refresh` is plain asyncio (the CLI and tests call it with explicit settings and
-connection); the Faust wiring at the bottom only schedules it.
+connection); :class:`RefreshSchedule` at the bottom only schedules it in a worker, and
+:func:`refresh` is the ``usage-stream refresh`` command (agents/wiring.py registers both).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import aiosqlite
@@ -26,7 +28,7 @@ from streams.clients.http import RetryPolicy, SourceError, one_line
 from streams.clients.nbp import NBP_FIRST_DATE, NbpClient, NbpRate
 from streams.clients.openrouter import ModelPrice, OpenRouterClient
 from streams.metrics import REFRESH_LAST_SUCCESS, REFRESH_RUNS, USD_PLN_RATE
-from streams.settings import Settings
+from streams.settings import Settings, get_settings
 from tables.summary_db.reference import (
     fill_waiting_pln,
     last_batch_run,
@@ -42,13 +44,18 @@ from tables.summary_db.reference import (
 )
 from tables.summary_db.schema import connect
 
+if TYPE_CHECKING:
+    import faust
+
 __all__ = [
     "RETRY_INTERVAL_SECONDS",
     "SOURCES",
     "RefreshResult",
+    "RefreshSchedule",
     "last_business_day_before",
     "nbp_ranges",
     "next_refresh_run",
+    "refresh",
     "refresh_needed_at_start",
     "restore_refresh_metrics",
     "retry_due",
@@ -347,104 +354,106 @@ async def restore_refresh_metrics(conn: aiosqlite.Connection) -> None:
         USD_PLN_RATE.set(float(latest.mid))
 
 
-# Faust wiring ---------------------------------------------------------------------------
-# The refresh uses a connection of its own (not the shared streams.app.summary_db()): its
-# transactions then never interleave with the rollup's on one connection; SQLite's write
-# lock (BEGIN IMMEDIATE, busy timeout) serialises them across connections instead.
-
-from streams.app import app  # noqa: E402
-from streams.app import settings as app_settings  # noqa: E402
-
-_run_lock = asyncio.Lock()
+# The worker's schedule and the command -----------------------------------------------
+# The refresh uses a connection of its own (not the worker's shared one,
+# tables/summary_db/connection.py): its transactions then never interleave with the
+# rollup's on one connection; SQLite's write lock (BEGIN IMMEDIATE, busy timeout)
+# serialises them across connections instead.
 
 
-async def _refresh_now(reason: str) -> RefreshResult | None:
-    """One guarded run: never two at once in this process, never crashes the worker."""
-    if _run_lock.locked():
-        log.info("refresh (%s) skipped: a refresh is already running", reason)
-        return None
-    async with _run_lock:
-        log.info("refresh (%s) starting", reason)
-        try:
-            conn = await connect(app_settings.summary_db_path)
+class RefreshSchedule:
+    """When a worker refreshes: its tasks and timer (agents/wiring.py registers
+    :meth:`on_schedule`, :meth:`retry_failed` and :meth:`at_start`), on the summary writer
+    only, and never two runs at once in the process. ``app``: the worker's, which says
+    when it stops and sleeps until then."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self._run_lock = asyncio.Lock()
+
+    async def _refresh_now(self, reason: str) -> RefreshResult | None:
+        """One guarded run: never two at once in this process, never crashes the worker."""
+        if self._run_lock.locked():
+            log.info("refresh (%s) skipped: a refresh is already running", reason)
+            return None
+        async with self._run_lock:
+            log.info("refresh (%s) starting", reason)
             try:
-                return await run_refresh(app_settings, conn)
+                conn = await connect(self.settings.summary_db_path)
+                try:
+                    return await run_refresh(self.settings, conn)
+                finally:
+                    await conn.close()
+            except Exception:
+                log.exception("refresh (%s) crashed", reason)
+                return None
+
+    def _local_today(self) -> date:
+        return datetime.now(self.settings.tz).date()
+
+    async def _retry_due_now(self) -> bool:
+        conn = await connect(self.settings.summary_db_path)
+        try:
+            return await retry_due(conn, self._local_today())
+        finally:
+            await conn.close()
+
+    async def on_schedule(self) -> None:
+        """``REFRESH_CRON`` in ``BUSINESS_TIMEZONE``, on the summary writer only (the one
+        process that has the summary DB; several writers would only repeat idempotent
+        upserts). A task of the app.
+
+        Not ``app.crontab``: faust 0.15.3 computes the next time with croniter on an aware
+        datetime, which fires an hour early/late on DST change days.
+        """
+        app, settings = self.app, self.settings
+        wake = datetime.now(UTC)
+        while not app.should_stop:
+            # After the last wake-up, not just "now": a timer firing a hair early must not
+            # schedule the same run twice.
+            now = datetime.now(UTC)
+            wake = next_refresh_run(settings.REFRESH_CRON, settings.tz, max(now, wake))
+            await app.sleep((wake - now).total_seconds())
+            if not app.should_stop and settings.SUMMARY_WRITER:
+                await self._refresh_now("scheduled")
+
+    async def retry_failed(self) -> None:
+        """After a failed run, try again every :data:`RETRY_INTERVAL_SECONDS` (15 minutes,
+        a timer of the app) for the rest of the local day."""
+        if not self.settings.SUMMARY_WRITER:
+            return
+        try:
+            due = await self._retry_due_now()
+        except Exception:
+            log.exception("refresh retry check failed")
+            return
+        if due:
+            await self._refresh_now("retry")
+
+    async def at_start(self) -> None:
+        """At start-up, refresh at once when the stored data is stale (e.g. after
+        downtime). A task of the app.
+
+        Every worker runs this (leadership is not known yet at start-up); concurrent runs in
+        several processes are harmless: every write is an idempotent upsert.
+        """
+        if not self.settings.SUMMARY_WRITER:
+            return
+        try:
+            conn = await connect(self.settings.summary_db_path)
+            try:
+                await restore_refresh_metrics(conn)
+                needed = await refresh_needed_at_start(conn, self._local_today())
             finally:
                 await conn.close()
         except Exception:
-            log.exception("refresh (%s) crashed", reason)
-            return None
+            log.exception("refresh start-up check failed")
+            return
+        if needed:
+            await self._refresh_now("start-up")
 
 
-def _local_today() -> date:
-    return datetime.now(app_settings.tz).date()
-
-
-async def _retry_due_now() -> bool:
-    conn = await connect(app_settings.summary_db_path)
-    try:
-        return await retry_due(conn, _local_today())
-    finally:
-        await conn.close()
-
-
-@app.task  # type: ignore[untyped-decorator]  # faust: untyped
-async def refresh_on_schedule() -> None:
-    """``REFRESH_CRON`` in ``BUSINESS_TIMEZONE``, on the summary writer only (the one
-    process that has the summary DB; several writers would only repeat idempotent upserts).
-
-    Not ``@app.crontab``: faust 0.15.3 computes the next time with croniter on an aware
-    datetime, which fires an hour early/late on DST change days.
-    """
-    wake = datetime.now(UTC)
-    while not app.should_stop:
-        # After the last wake-up, not just "now": a timer firing a hair early must not
-        # schedule the same run twice.
-        now = datetime.now(UTC)
-        wake = next_refresh_run(app_settings.REFRESH_CRON, app_settings.tz, max(now, wake))
-        await app.sleep((wake - now).total_seconds())
-        if not app.should_stop and app_settings.SUMMARY_WRITER:
-            await _refresh_now("scheduled")
-
-
-@app.timer(interval=RETRY_INTERVAL_SECONDS)  # type: ignore[untyped-decorator]  # faust: untyped
-async def retry_failed_refresh() -> None:
-    """After a failed run, try again every 15 minutes for the rest of the local day."""
-    if not app_settings.SUMMARY_WRITER:
-        return
-    try:
-        due = await _retry_due_now()
-    except Exception:
-        log.exception("refresh retry check failed")
-        return
-    if due:
-        await _refresh_now("retry")
-
-
-@app.task  # type: ignore[untyped-decorator]  # faust: untyped
-async def refresh_at_start() -> None:
-    """At start-up, refresh at once when the stored data is stale (e.g. after downtime).
-
-    Every worker runs this (leadership is not known yet at start-up); concurrent runs in
-    several processes are harmless: every write is an idempotent upsert.
-    """
-    if not app_settings.SUMMARY_WRITER:
-        return
-    try:
-        conn = await connect(app_settings.summary_db_path)
-        try:
-            await restore_refresh_metrics(conn)
-            needed = await refresh_needed_at_start(conn, _local_today())
-        finally:
-            await conn.close()
-    except Exception:
-        log.exception("refresh start-up check failed")
-        return
-    if needed:
-        await _refresh_now("start-up")
-
-
-@app.command()
 async def refresh(self: object) -> None:
     """Refresh the NBP USD/PLN rates and OpenRouter model prices now.
 
@@ -456,12 +465,13 @@ async def refresh(self: object) -> None:
 
     from streams.cli import fail
 
+    settings = get_settings()
     try:
-        conn = await connect(app_settings.summary_db_path)
+        conn = await connect(settings.summary_db_path)
     except (sqlite3.Error, OSError) as error:
-        fail(f"summary DB {app_settings.summary_db_path} is not writable: {error}")
+        fail(f"summary DB {settings.summary_db_path} is not writable: {error}")
     try:
-        result = await run_refresh(app_settings, conn)
+        result = await run_refresh(settings, conn)
     finally:
         await conn.close()
     if not result.ok:

@@ -13,7 +13,7 @@ date's rows are then in ``usage_daily`` and a replay changes none of them) or by
 the worker with the file sink over the whole topic (``--fill worker``: the state
 bench/run.py replays, the date's sums still pending; then use ``run --dry-run``, which
 does the same replace work and rolls it back, so every run starts from that state), and
-writes ``DIR/env.json``. ``run`` times ``python -m streams replay --date D`` (D = the
+writes ``DIR/env.json``. ``run`` times ``python -m agents replay --date D`` (D = the
 workload's middle day, as bench/run.py) as a whole command, optionally under ``py-spy
 record -f raw`` (``--subprocesses``: the reader processes too, ``--nonblocking`` as the
 README says). Why a separate
@@ -61,12 +61,12 @@ def _replay(
     py_spy: Path | None,
     subprocesses: bool = False,
 ) -> float:
-    command = [sys.executable, "-m", "streams", "replay", "--date", day, *extra]
+    command = [sys.executable, "-m", "agents", "replay", "--date", day, *extra]
     if py_spy is not None:
         spy = str(Path(sys.executable).parent / "py-spy")
         command = [spy, "record", "-o", str(py_spy), "-f", "raw", "-r", "250"]
         command += ["--subprocesses", "--nonblocking", "--threads"] if subprocesses else []
-        command += ["--", sys.executable, "-m", "streams", "replay", "--date", day, *extra]
+        command += ["--", sys.executable, "-m", "agents", "replay", "--date", day, *extra]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - started

@@ -42,7 +42,7 @@ def run_replay(
     lines: list[tuple[float, str]] = []
     with out_path.open("wb") as out:
         child = Child(
-            [sys.executable, "-m", "streams", "replay", "--date", day],
+            [sys.executable, "-m", "agents", "replay", "--date", day],
             env=env,
             cwd=REPO,
             stdout=out,

@@ -71,7 +71,8 @@ reference APIs and our own topic, group, ports and data dirs are set, as in
 bench/worker_run.py. ``--env NAME=VALUE`` passes anything else to every worker.
 
 **Another commit**: ``--tree CHECKOUT`` runs the worker of that checkout (``python -m
-streams`` with it as the working directory, this interpreter and its packages), with
+agents``, or ``streams`` before the entry point moved, with it as the working directory,
+this interpreter and its packages), with
 this benchmark's harness; ``--ref GIT_REF`` makes a temporary git worktree of a commit.
 """
 
@@ -118,7 +119,12 @@ from bench.transition_probes import (  # noqa: E402
     marker_requests,
     merged,
 )
-from bench.worker_run import billed_requests, processed_offsets, worker_env  # noqa: E402
+from bench.worker_run import (  # noqa: E402
+    billed_requests,
+    console_module,
+    processed_offsets,
+    worker_env,
+)
 from bench.workload import PARTITIONS, Expected, build, create_topics, produce  # noqa: E402
 from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 
@@ -404,7 +410,7 @@ class Transitions:
         with log_path.open("ab") as log:
             wall = time.time()
             child = Child(
-                [sys.executable, "-m", "streams", "worker", "--loglevel", "info"],
+                [sys.executable, "-m", console_module(self.tree), "worker", "--loglevel", "info"],
                 env=env,
                 cwd=self.tree,
                 stdout=log,

@@ -36,6 +36,15 @@ from bench.results import Check, RunResult
 from bench.workload import Expected
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def console_module(tree: Path) -> str:
+    """What ``python -m`` runs as ``usage-stream`` in the checkout ``tree``: ``agents``
+    (agents/main.py), or ``streams`` in a commit from before the entry point moved there
+    (a ``--baseline`` or ``--tree`` of an older commit)."""
+    return "agents" if (tree / "agents" / "__main__.py").exists() else "streams"
+
+
 SAMPLE_SECONDS = 0.5
 STARTUP_SAMPLE_SECONDS = 0.25  # finer until the first record is consumed: that starts the clock
 SETTLE_SECONDS = 120.0  # after the last offset: closed days reach usage_daily at the next rollup
@@ -260,13 +269,13 @@ def run_worker(
     kind: str = "worker",
 ) -> tuple[RunResult, list[Check]]:
     """Run one worker until every record is processed, check its counts, stop it.
-    ``cwd``: the checkout whose code runs (``python -m streams`` imports from it)."""
+    ``cwd``: the checkout whose code runs (``python -m`` imports from it)."""
     result = RunResult(name, label, kind)
     db = Path(env["DATA_DIR"]) / "usage.db"
     topic, port = env["USAGE_TOPIC"], int(env["WEB_PORT"])
     with log_path.open("wb") as log:
         child = Child(
-            [sys.executable, "-m", "streams", "worker", "--loglevel", "warn"],
+            [sys.executable, "-m", console_module(cwd), "worker", "--loglevel", "warn"],
             env=env,
             cwd=cwd,
             stdout=log,

@@ -1,12 +1,13 @@
-"""usage-stream's foundation: the Faust app object that hosts the services (``app``), the
-console script (``cli``, ``__main__``), the settings (``settings``), the Prometheus
+"""usage-stream's foundation: the Faust app that hosts the services (``app``), the generic
+steps of the console script (``cli``), the settings (``settings``), the Prometheus
 metrics (``metrics``), the worker process class (``worker``) and its runtime tuning
 (``gc_tuning``, ``malloc_tuning``, ``log_throttle``), with the packages the rest builds
 on: ``model`` (the usage event, money, dates, partitioning, pricing), ``kafka`` (clients,
 topics, the batch log), ``sinks`` (raw points) and ``clients`` (HTTP reference data).
 
-Nothing in this package imports ``agents`` or ``tables``, except the console script,
-which imports every module of both so that a broken one stops the worker.
+Nothing in this package imports ``agents`` or ``tables``: the console script and the
+wiring of the services onto the app are at the top, in ``agents`` (:mod:`agents.main`,
+:mod:`agents.wiring`).
 
 The data path: the hot path (:mod:`agents.pipeline`) reads the usage topic in batches,
 validates, deduplicates per home partition and appends one record per batch to the batch

@@ -1,12 +1,16 @@
-"""The ``usage-stream`` console script.
+"""The generic parts of the ``usage-stream`` console script, whose entry point is
+:func:`agents.main.main` (the wiring of this product's services and commands is in
+``agents``, above this package).
 
-Settings are validated first, so a bad value prints one line naming it instead of a
-traceback; ``worker`` also runs the components' start-up checks (:data:`PREFLIGHT`) and
-creates the topics before Faust starts.
-Everything else is Faust's own CLI (``worker`` and the ``@app.command`` commands),
-presented as this product's (:func:`present_cli`): our help text, our commands in
-sections (:data:`COMMAND_SECTIONS`), Faust's own commands hidden (:data:`FAUST_COMMANDS`:
-they still run).
+* :func:`begin`: the settings validated first, so a bad value prints one line naming it
+  instead of a traceback;
+* :func:`prepare_worker`: ``worker`` runs the start-up checks it is given (the preflight
+  checks), creates the topics and runs the after-topics steps, before Faust starts;
+* :func:`present_cli` and :func:`run_app`: everything else is Faust's own CLI (``worker``
+  and the commands the wiring registered), presented as this product's: our help text,
+  our commands in sections (:data:`COMMAND_SECTIONS`), Faust's own commands hidden
+  (:data:`FAUST_COMMANDS`: they still run);
+* :func:`fail`: the one line every operator mistake ends with.
 """
 
 from __future__ import annotations
@@ -14,45 +18,79 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from streams.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
     import click
+    import faust
 
-__all__ = ["COMMAND_SECTIONS", "FAUST_COMMANDS", "fail", "main", "present_cli"]
+__all__ = [
+    "COMMAND_SECTIONS",
+    "FAUST_COMMANDS",
+    "AfterTopics",
+    "Preflight",
+    "begin",
+    "fail",
+    "prepare_worker",
+    "present_cli",
+    "run_app",
+]
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line to stderr and exit: the way every operator mistake ends."""
     print(f"usage-stream: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
-#: Start-up checks that component packages register (``tables`` registers "the summary
-#: DB is writable"): each returns None or a one-line problem, and the worker does not
-#: start on a problem. The CLI knows no component: it runs what they registered.
-PREFLIGHT: list[Callable[[Settings], Awaitable[str | None]]] = []
+#: A start-up check: None, or a one-line problem on which the worker does not start.
+Preflight = Callable[[Settings], Awaitable[str | None]]
+
+#: A step run once the topics exist, before the worker starts.
+AfterTopics = Callable[[Settings], Awaitable[None]]
 
 
-#: Steps that component packages register to run once the topics exist, before the
-#: worker starts (``agents`` registers carrying an upgraded summary DB's offsets over).
-AFTER_TOPICS: list[Callable[[Settings], Awaitable[None]]] = []
+def begin() -> Settings:
+    """The console script's first step, before the app is imported (importing it reads
+    the settings): the settings, or one line naming the bad one (exit 2). aiokafka's own
+    logs of connection failures are silenced meanwhile: the one line of :func:`fail` is
+    the operator's answer (:func:`run_app` gives them back to the worker)."""
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        return get_settings()
+    except SettingsError as error:
+        fail(str(error), 2)
 
 
-async def _prepare_worker() -> None:
+def prepare_worker(
+    settings: Settings, preflight: Sequence[Preflight], after_topics: Sequence[AfterTopics]
+) -> None:
+    """Before Faust starts a worker: its directories, the ``preflight`` checks (the first
+    problem ends in one line), the topics, then the ``after_topics`` steps. A broker that
+    cannot be reached, or a topic that does not match, is one line too."""
+    from streams.kafka.broker import BrokerUnreachable, TopicMismatch
+
+    try:
+        asyncio.run(_prepare_worker(settings, preflight, after_topics))
+    except (BrokerUnreachable, TopicMismatch) as error:
+        fail(str(error))
+
+
+async def _prepare_worker(
+    settings: Settings, preflight: Sequence[Preflight], after_topics: Sequence[AfterTopics]
+) -> None:
     from streams.kafka.broker import ensure_topics
 
-    settings = get_settings()
     _make_directories(settings)
-    for check in PREFLIGHT:
+    for check in preflight:
         problem = await check(settings)
         if problem:
             fail(problem)
     await ensure_topics(settings)
-    for step in AFTER_TOPICS:
+    for step in after_topics:
         await step(settings)
 
 
@@ -70,61 +108,10 @@ def _make_directories(settings: Settings) -> None:
             fail(f"{name}: cannot create {directory}: {error.strerror or error}")
 
 
-def main() -> None:
-    # aiokafka logs connection failures itself; the one line below is the operator's answer.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    try:
-        get_settings()
-    except SettingsError as error:
-        fail(str(error), 2)
-    command = sys.argv[1] if len(sys.argv) > 1 else None
-    if command in STANDALONE_COMMANDS:
-        # its own module's click command, without the Faust app: the command's start-up
-        # is part of its time
-        import importlib
-
-        standalone = importlib.import_module(STANDALONE_COMMANDS[command]).standalone
-        standalone.main(args=sys.argv[2:], prog_name=f"usage-stream {command}")
-        return
-    from streams.app import app
-
-    _import_components()
-    present_cli()
-    if command == "worker" and "--help" not in sys.argv[2:]:
-        from streams.kafka.broker import BrokerUnreachable, TopicMismatch
-
-        try:
-            asyncio.run(_prepare_worker())
-        except (BrokerUnreachable, TopicMismatch) as error:
-            fail(str(error))
+def run_app(app: faust.App) -> None:
+    """Hand the command line to Faust's CLI, with aiokafka's logs back at their level."""
     logging.getLogger("aiokafka").setLevel(logging.NOTSET)
     app.main()
-
-
-#: Commands run by their own module's click command (``standalone``), without the Faust
-#: app. ``replay`` is a batch command timed as a whole: importing every agent (the
-#: InfluxDB client, the web views...), Faust's autodiscovery scan and then Faust and its
-#: CLI themselves cost it ~2 s of start-up, for nothing it uses. (Faust's CLI lists it
-#: too, agents/replay/command.py.)
-STANDALONE_COMMANDS = {
-    "replay": "agents.replay.run",
-    "backup": "agents.commands.backup",
-    # the price book and budgets: short commands on the summary DB alone
-    "markup": "agents.commands.markup",
-    "budget": "agents.commands.budget",
-}
-
-
-def _import_components() -> None:
-    """Import every agent and table module now: Faust's autodiscovery only *logs* an import
-    error and starts without the broken agent, which a billing pipeline must never do."""
-    import importlib
-    import pkgutil
-
-    for package_name in ("agents", "tables"):
-        package = importlib.import_module(package_name)
-        for module in pkgutil.walk_packages(package.__path__, prefix=f"{package_name}."):
-            importlib.import_module(module.name)
 
 
 # The help ----------------------------------------------------------------------------
@@ -181,16 +168,12 @@ Example:
 
 def present_cli() -> None:
     """Make Faust's root command this product's: :data:`ABOUT`, our commands in
-    :data:`COMMAND_SECTIONS` (the standalone ones registered too, so ``--help`` lists
-    them), and :data:`FAUST_COMMANDS` hidden. Names, options and behaviour are Faust's."""
-    import importlib
+    :data:`COMMAND_SECTIONS`, and :data:`FAUST_COMMANDS` hidden. Names, options and
+    behaviour are Faust's (and the commands are the ones the wiring registered)."""
     from types import MethodType
 
     from faust.cli.faust import cli as root
 
-    for name, module in STANDALONE_COMMANDS.items():
-        if name not in root.commands:
-            root.add_command(importlib.import_module(module).standalone, name)
     root.help = ABOUT
     for name in FAUST_COMMANDS:
         if name in root.commands:

@@ -26,7 +26,10 @@ def wall_clock_ms() -> int:
 
 
 class DayCloser:
-    """Tracks watermarks and decides which dates are due. The clock is injectable."""
+    """Tracks watermarks and decides which dates are due. The clock is injectable.
+
+    A worker has one, made by its wiring (agents/wiring.py): the summary writer feeds it
+    the watermarks it applies, the rollup timer asks it which dates are due."""
 
     def __init__(
         self, tz: ZoneInfo, grace_seconds: int, clock: Callable[[], int] = wall_clock_ms
@@ -53,17 +56,3 @@ class DayCloser:
         close = self.close_ms(day)
         watermark = self.watermark_ms
         return self.clock() >= close or (watermark is not None and watermark >= close)
-
-
-_closer: DayCloser | None = None
-
-
-def day_closer() -> DayCloser:
-    """The worker's shared closer: the record agent feeds it, the rollup timer asks it."""
-    global _closer
-    if _closer is None:
-        from streams.settings import get_settings
-
-        settings = get_settings()
-        _closer = DayCloser(settings.tz, settings.WINDOW_GRACE_SECONDS)
-    return _closer

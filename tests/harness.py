@@ -80,7 +80,7 @@ class Worker:
     def start(self) -> Worker:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "streams", "worker", "--loglevel", "info"],
+                [sys.executable, "-m", "agents", "worker", "--loglevel", "info"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -237,7 +237,7 @@ class Stack:
         self, *args: str, input: bytes | None = None, timeout: float = 120, **env: str
     ) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [sys.executable, "-m", "streams", *args],
+            [sys.executable, "-m", "agents", *args],
             env={**self.env, **env},
             input=input,
             capture_output=True,

@@ -151,7 +151,7 @@ def main() -> None:
         }
         with (workdir / "worker.log").open("ab") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "streams", "worker", "--loglevel", "info"],
+                [sys.executable, "-m", "agents", "worker", "--loglevel", "info"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

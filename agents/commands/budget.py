@@ -8,7 +8,7 @@ spend and the alerts fired this month; ``budget rm ORG`` removes one (its fired 
 stay on record). Webhook URLs are shown as ``scheme://host/…``: their path may be a
 token.
 
-Runs without the Faust app (streams/cli.py); bad input is one line on stderr, exit 2, and
+Runs without the Faust app (agents/main.py); bad input is one line on stderr, exit 2, and
 changes nothing; an unknown client for ``rm`` or an unusable DB exit 1.
 """
 

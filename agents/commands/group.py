@@ -5,7 +5,7 @@ Click's own usage errors print a usage block and a hint over four lines; an oper
 script wants one, like every other ``usage-stream`` error (:func:`streams.cli.fail`).
 :class:`OneLineGroup` runs click in non-standalone mode and turns its errors into that
 line (exit 2, click's usage-error status). The same groups are listed in
-``usage-stream --help`` through Faust's CLI (agents/commands/billing.py).
+``usage-stream --help`` through Faust's CLI (agents/wiring.py adds them there).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ still open is refused with one line and nothing changes. ``markup list`` shows e
 with what it covers today (``in force``, ``superseded``, ``future``) and the default
 multiplier (``USAGE_MARKUP_MULTIPLIER``).
 
-Runs without the Faust app (streams/cli.py); bad input is one line on stderr, exit 2;
+Runs without the Faust app (agents/main.py); bad input is one line on stderr, exit 2;
 a refused rule or an unusable DB exit 1.
 """
 

@@ -1,7 +1,8 @@
-"""Operator commands (``@app.command``): publish and the local ``dev`` stack.
+"""Operator commands of Faust's CLI (agents/wiring.py registers them): publish and the
+local ``dev`` stack.
 
 Each command that belongs to an agent lives beside it (``refresh`` in agents/refresh.py,
-``replay`` in agents/replay/run.py with its Faust registration in agents/replay/command.py,
+``replay`` in agents/replay/run.py with its Faust command class in agents/replay/command.py,
 ``report``, ``raw-resend``), so this module imports no agent."""
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from pathlib import Path
 
 from faust.cli import argument, option
 
-from streams.app import app, settings
+from streams.app import settings
 from streams.cli import fail
 
+__all__ = ["DEV_OPTIONS", "PUBLISH_OPTIONS", "dev", "publish"]
 
-@app.command(argument("source", default="-", required=False))
+#: ``publish``'s argument in Faust's CLI
+PUBLISH_OPTIONS = (argument("source", default="-", required=False),)
+
+
 async def publish(self: object, source: str) -> None:
     """Publish JSON-lines events from FILE or stdin (-).
 
@@ -45,10 +50,13 @@ async def publish(self: object, source: str) -> None:
     print(f"sent {sent} events to {settings.USAGE_TOPIC}")
 
 
-@app.command(
+#: ``dev``'s options in Faust's CLI
+DEV_OPTIONS = (
     option("--demo/--no-demo", default=False, help="also run a synthetic producer"),
     option("--rate", default=200, type=int, help="demo events per second"),
 )
+
+
 async def dev(self: object, demo: bool, rate: int) -> None:
     """Run broker, worker and (--demo) a producer on localhost.
 

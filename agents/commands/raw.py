@@ -7,26 +7,29 @@ every set-aside segment to the configured InfluxDB, removing each one InfluxDB t
 Re-sending is idempotent (a point lands on the same series and timestamp), so running
 it twice, or after a partial success, writes nothing twice.
 
-Importing this module also registers the spool metrics in every worker, so
-``usage_stream_raw_rejected_segments`` and friends are exported from the start.
+Importing this module (agents/wiring.py does, in every worker) also registers the spool
+metrics, so ``usage_stream_raw_rejected_segments`` and friends are exported from the start.
 """
 
 from __future__ import annotations
 
 from faust.cli import option
 
-from streams.app import app, settings
+from streams.app import settings
 from streams.cli import fail
 from streams.sinks.shipper import resend_rejected
 
-__all__ = ["raw_resend"]
+__all__ = ["OPTIONS", "raw_resend"]
 
 
-@app.command(
+#: ``raw_resend``'s options in Faust's CLI
+OPTIONS = (
     option(
         "--dry-run", is_flag=True, default=False, help="list what would be resent, send nothing"
     ),
 )
+
+
 async def raw_resend(self: object, dry_run: bool) -> None:
     """Re-send the raw points InfluxDB rejected.
 

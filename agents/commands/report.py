@@ -44,7 +44,7 @@ import click
 import orjson
 from faust.cli import option
 
-from streams.app import app, settings
+from streams.app import settings
 from streams.cli import fail
 from streams.model.money import nano_text
 from tables.summary_db.report_queries import (
@@ -604,7 +604,8 @@ def parse_month(text: str) -> date:
     return date(int(match.group(1)), int(match.group(2)), 1)
 
 
-@app.command(
+#: ``report``'s options in Faust's CLI
+OPTIONS = (
     option("--month", required=True, help="the month to state, YYYY-MM"),
     option("--client", default=None, help="only this client_org_id"),
     option("--detail", is_flag=True, default=False, help="also per user_id and model"),
@@ -616,6 +617,8 @@ def parse_month(text: str) -> date:
         help="table (terminal), csv (spreadsheet) or json",
     ),
 )
+
+
 async def report(
     self: object, month: str, client: str | None, detail: bool, output_format: str
 ) -> None:

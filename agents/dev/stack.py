@@ -190,7 +190,7 @@ async def run_dev_stack(settings: Settings, demo: bool, rate: int) -> None:
     worker_log = settings.DATA_DIR / "worker.log"
     with worker_log.open("ab") as log_file:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "streams", "worker", "--loglevel", "info"],
+            [sys.executable, "-m", "agents", "worker", "--loglevel", "info"],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -1,6 +1,7 @@
-"""``usage-stream replay`` in Faust's CLI, so ``usage-stream --help`` lists it.
+"""``usage-stream replay`` in Faust's CLI, so ``usage-stream --help`` lists it
+(agents/wiring.py registers :func:`replay` with :class:`DirectCommand`).
 
-The plain ``usage-stream replay …`` runs without Faust: streams/cli.py hands it to
+The plain ``usage-stream replay …`` runs without Faust: agents/main.py hands it to
 :func:`agents.replay.run.standalone` before importing the Faust app (the import and Faust's
 CLI took ~0.6 s of a ~10 s command). This registration serves the other spellings, such
 as Faust's global options before the command name; both run the same coroutine with the
@@ -13,11 +14,12 @@ from typing import ClassVar, NoReturn
 
 from faust.cli import AppCommand
 
-from agents.replay.run import HELP, OPTIONS, command, run_direct
-from streams.app import app
+from agents.replay.run import HELP, command, run_direct
+
+__all__ = ["DirectCommand", "replay"]
 
 
-class _DirectCommand(AppCommand):
+class DirectCommand(AppCommand):
     """Runs the command with :func:`~agents.replay.run.run_direct` instead of a Worker."""
 
     abstract: ClassVar[bool] = True
@@ -35,4 +37,3 @@ async def replay(
 
 
 replay.__doc__ = HELP  # Faust's help is the handler's docstring: the standalone's text
-app.command(*OPTIONS, base=_DirectCommand)(replay)

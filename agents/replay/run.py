@@ -592,7 +592,7 @@ def _with_options(command: Callable[..., object]) -> Callable[..., object]:
 def standalone(
     day: str | None, from_offsets: str | None, dry_run: bool, allow_partial: bool
 ) -> NoReturn:
-    """``usage-stream replay`` without Faust's CLI (streams/cli.py runs it): importing
+    """``usage-stream replay`` without Faust's CLI (agents/main.py runs it): importing
     Faust and its CLI took ~0.6 s of the command's ~10 s, for nothing the replay uses."""
     run_direct(lambda: command(day, from_offsets, dry_run, allow_partial))
 

@@ -1,10 +1,10 @@
 """The summary writer's claim on the batch log (the protocol is streams/kafka/writer_claim.py).
 
-* :func:`claim_summary_writer` runs before the worker starts (``streams.cli.AFTER_TOPICS``,
-  before anything touches the summary DB's positions): it takes a lock beside the summary
-  DB (a second writer process on the same file, same host), appends a claim and reads the
-  claims topic to its end. When another writer owns the log, :class:`SecondWriter` stops
-  the worker with one line naming it.
+* :func:`claim_summary_writer` runs before the worker starts (an after-topics step,
+  agents/wiring.py, before anything touches the summary DB's positions): it takes a lock
+  beside the summary DB (a second writer process on the same file, same host), appends a
+  claim and reads the claims topic to its end. When another writer owns the log,
+  :class:`SecondWriter` stops the worker with one line naming it.
 * :class:`ClaimKeeper` is the running writer's side: a heartbeat every few seconds, the
   check that it still owns the log, and the release on a clean stop.
 """
@@ -142,7 +142,7 @@ def claimant_of(settings: Settings) -> Claimant:
 
 
 async def claim_summary_writer(settings: Settings) -> None:
-    """``streams.cli.AFTER_TOPICS``: lock the summary DB, claim the batch log; raise
+    """An after-topics step (agents/wiring.py): lock the summary DB, claim the batch log; raise
     :class:`SecondWriter` when another writer has either."""
     if not settings.SUMMARY_WRITER:
         return

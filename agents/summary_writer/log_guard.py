@@ -181,7 +181,7 @@ async def _topic_facts(
 
 
 async def guard_batch_log(settings: Settings) -> None:
-    """Before the worker starts (:data:`streams.cli.AFTER_TOPICS`): check every batch-log
+    """Before the worker starts (an after-topics step, agents/wiring.py): check every batch-log
     partition on the summary writer; raise :class:`LogMismatch` on a refusal."""
     if not settings.SUMMARY_WRITER:
         return

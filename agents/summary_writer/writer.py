@@ -31,10 +31,9 @@ from msgspec.structs import astuple
 
 from agents.conditions import ConditionLog, until_done
 from agents.replay.results import FoundResult, find_result
-from agents.summary_writer.claim import ClaimKeeper, claim_summary_writer, claimant_of
-from agents.summary_writer.log_guard import BatchLogGuard, guard_batch_log
-from streams.app import app, settings
-from streams.cli import AFTER_TOPICS
+from agents.summary_writer.claim import ClaimKeeper, claimant_of
+from agents.summary_writer.log_guard import BatchLogGuard
+from streams.app import settings
 from streams.kafka.batch_log import (
     BadChainRecord,
     BatchEntry,
@@ -65,9 +64,9 @@ from tables.summary_db.batch_apply import ApplyResult, BatchApplier, StoredHead
 from tables.summary_db.replay_store import replace_day
 from tables.summary_db.schema import connect
 from tables.summary_db.summary_store import SummaryRow
-from tables.watermarks import day_closer
+from tables.watermarks import DayCloser
 
-__all__ = ["SummaryWriter"]
+__all__ = ["SummaryWriter", "carry_over_offsets"]
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +86,17 @@ RESULT_TAKEOVER_SECONDS = 30.0
 
 
 class SummaryWriter(mode.Service):
-    """Applies the batch log (module docstring)."""
+    """Applies the batch log (module docstring). ``closer``: the worker's
+    :class:`~tables.watermarks.DayCloser`, which the rollup asks (agents/wiring.py)."""
+
+    def __init__(self, closer: DayCloser) -> None:
+        self.closer = closer
+        super().__init__()
 
     def __post_init__(self) -> None:
         self.topic = settings.batch_log_topic
         self.applier = BatchApplier(settings.summary_db_path)
         self.consumer: AIOKafkaConsumer | None = None
-        self.closer = day_closer()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "summary-writer")
         self.conditions = ConditionLog(log, "summary writer")
         self.next_offsets: dict[int, int] = {}
@@ -109,8 +112,6 @@ class SummaryWriter(mode.Service):
         self.claim: ClaimKeeper | None = None
         self.lag = 0  # batch-log records not applied yet (usage_stream_summary_writer_lag_records)
         self.stepped_down: str | None = None  # another writer owns the log (who)
-        global _instance
-        _instance = self
 
     async def _in_db(self, function: Any, *args: object) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -436,8 +437,8 @@ class SummaryWriter(mode.Service):
 async def carry_over_offsets(settings: Settings) -> None:
     """Upgrading a summary DB billed by the single-file pipeline (``source_offsets``
     filled, no chain yet): start each partition's chain where that pipeline stopped, so
-    nothing it billed is read and billed again. Runs before the worker starts (registered
-    with :data:`streams.cli.AFTER_TOPICS`), and only appends to an empty batch-log
+    nothing it billed is read and billed again. Runs before the worker starts (an
+    after-topics step, agents/wiring.py), and only appends to an empty batch-log
     partition. Request ids that pipeline saw are read back by the workers from the usage
     topic (copies it saw away from their home partition are not: a copy of one of those
     arriving within the TTL would count again; upgrade while producers are quiet)."""
@@ -477,9 +478,6 @@ async def carry_over_offsets(settings: Settings) -> None:
         await producer.stop()
 
 
-AFTER_TOPICS.extend([claim_summary_writer, carry_over_offsets, guard_batch_log])
-
-
 async def find_replay_result(settings: Settings, replay_id: str) -> FoundResult | None:
     consumer = groupless_consumer(
         settings,
@@ -516,14 +514,3 @@ async def complete_replay(settings: Settings, found: FoundResult) -> None:
         )
     finally:
         await conn.close()
-
-
-_instance: SummaryWriter | None = None
-
-
-def summary_writer() -> SummaryWriter | None:
-    return _instance
-
-
-if settings.SUMMARY_WRITER:
-    app.service(SummaryWriter)

@@ -31,12 +31,13 @@ from typing import Any
 
 import mode
 
-from agents.pipeline import hot_path
-from agents.summary_writer.writer import summary_writer
+from agents.pipeline import HotPath
+from agents.summary_writer.writer import SummaryWriter
 from agents.web.health import PROBE_TIMEOUT_SECONDS, broker_answers, summary_db_writable
-from streams.app import app, settings
+from streams.settings import Settings
+from tables.summary_db.connection import SharedSummaryDb
 
-__all__ = ["MAX_WRITER_LAG", "PROBE_SECONDS", "Readiness", "readiness"]
+__all__ = ["MAX_WRITER_LAG", "PROBE_SECONDS", "Readiness"]
 
 PROBE_SECONDS = 1.0
 #: a broker whose last good answer is older than this is not answering (the check itself
@@ -47,20 +48,33 @@ MAX_WRITER_LAG = 5_000
 
 
 class Readiness(mode.Service):
-    """The background checks and the answer (module docstring)."""
+    """The background checks and the answer (module docstring), about this worker's
+    ``hot_path``, its summary ``writer`` (None where ``SUMMARY_WRITER`` is false) and
+    the shared connection ``db`` (agents/wiring.py hands them over)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        hot_path: HotPath,
+        writer: SummaryWriter | None,
+        db: SharedSummaryDb,
+    ) -> None:
+        self.settings = settings
+        self.hot_path = hot_path
+        self.writer = writer
+        self.db = db
+        super().__init__()
 
     def __post_init__(self) -> None:
         self.broker_ok_at: float | None = None  # monotonic time of the last good answer
         self.broker_problem: str | None = "not checked yet"
         self.db_problem: str | None = None
         self.checked = False
-        global _instance
-        _instance = self
 
     @mode.Service.task
     async def _probe(self) -> None:
         while not self.should_stop:
-            broker, db = await asyncio.gather(broker_answers(settings), self._db_writable())
+            broker, db = await asyncio.gather(broker_answers(self.settings), self._db_writable())
             if broker is None:
                 self.broker_ok_at = time.monotonic()
             self.broker_problem, self.db_problem = broker, db
@@ -68,17 +82,15 @@ class Readiness(mode.Service):
             await self.sleep(PROBE_SECONDS)
 
     async def _db_writable(self) -> str | None:
-        if not settings.SUMMARY_WRITER:  # this worker never opens it
+        path = self.settings.summary_db_path
+        if not self.settings.SUMMARY_WRITER:  # this worker never opens it
             return None
-        from tables.summary_db.connection import summary_db
-
-        writer = summary_writer()
         try:
-            shared = await asyncio.wait_for(summary_db(), PROBE_TIMEOUT_SECONDS)
+            shared = await asyncio.wait_for(self.db.get(), PROBE_TIMEOUT_SECONDS)
         except (sqlite3.Error, OSError, TimeoutError) as error:
-            return f"summary DB {settings.summary_db_path} not writable: {error!r}"
-        own = (shared, writer.applier._conn if writer else None)
-        return await summary_db_writable(settings.summary_db_path, own)
+            return f"summary DB {path} not writable: {error!r}"
+        own = (shared, self.writer.applier.opened if self.writer else None)
+        return await summary_db_writable(path, own)
 
     def answer(self) -> tuple[bool, dict[str, Any]]:
         """``(ready, body)`` for ``/ready`` (module docstring)."""
@@ -90,11 +102,11 @@ class Readiness(mode.Service):
             reasons.append("broker has not answered for several seconds")
         if self.db_problem:
             reasons.append(self.db_problem)
-        pipeline = hot_path()
-        stuck = pipeline.not_ready_reason() if pipeline else None
+        pipeline = self.hot_path
+        stuck = pipeline.not_ready_reason()
         if stuck:
             reasons.append(stuck)
-        writer = summary_writer()
+        writer = self.writer
         if writer is not None:
             if writer.failing:
                 reasons.append(f"summary writer failing: {writer.failing}")
@@ -106,8 +118,8 @@ class Readiness(mode.Service):
                     f"summary writer {writer.lag} batch-log records behind (over {MAX_WRITER_LAG})"
                 )
         body: dict[str, Any] = {}
-        writer_up = not settings.SUMMARY_WRITER or (writer is not None and writer.started)
-        if not self.checked or pipeline is None or not writer_up:
+        writer_up = writer is None or writer.started
+        if not self.checked or not writer_up:
             phase = "starting"
         elif not pipeline.consumer_started or not pipeline.joined:
             phase = "joining"
@@ -128,13 +140,3 @@ class Readiness(mode.Service):
         if reasons:
             body["reasons"] = reasons
         return phase == "consuming", body
-
-
-_instance: Readiness | None = None
-
-
-def readiness() -> Readiness | None:
-    return _instance
-
-
-app.service(Readiness)

@@ -1,4 +1,8 @@
-"""HTTP endpoints on the worker's Faust web server (docs/contract.md §6)."""
+"""HTTP endpoints on the worker's Faust web server (docs/contract.md §6).
+
+The views are plain handlers; those that read the worker's state are made for it by a
+``*_page`` function from the objects they read (agents/wiring.py registers them).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import asyncio
 import re
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -14,40 +18,41 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from faust.web import Request, Response, View
 
-from agents.pipeline import hot_path
-from agents.web.readiness import readiness
-from streams.app import app, settings
+from agents.pipeline import HotPath
+from agents.web.readiness import Readiness
+from streams.app import settings
 from streams.metrics import REGISTRY, render
 from streams.model.money import nano_text
 from tables.summary_db.columns import DAILY_COLUMNS
-from tables.summary_db.connection import summary_db
+from tables.summary_db.connection import SharedSummaryDb
 
 if TYPE_CHECKING:
     from multidict import MultiMapping
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
+#: A view's handler, as Faust's ``app.page(path)`` takes it (Faust makes it the view's
+#: method, so it must be a plain function: the ``*_page`` functions return closures).
+Page = Callable[[View, Request], Awaitable[Response]]
 
-@app.page("/metrics")
+
 async def metrics(web: View, request: Request) -> Response:
     return web.bytes(render(), content_type=PROMETHEUS_CONTENT_TYPE)
 
 
-@app.page("/health")
 async def health(web: View, request: Request) -> Response:
     return web.json({"status": "ok"})
 
 
-@app.page("/ready")
-async def ready(web: View, request: Request) -> Response:
-    """200 only while this worker is consuming; else 503. The JSON names the ``phase``
-    and the reasons (agents/web/readiness.py keeps them current in the background, so this
-    answers at once, whatever the broker or the DB are doing)."""
-    keeper = readiness()
-    if keeper is None:
-        return web.json({"ready": False, "phase": "starting"}, status=503)
-    ok, body = keeper.answer()
-    return web.json(body, status=200 if ok else 503)
+def ready_page(readiness: Readiness) -> Page:
+    async def ready(web: View, request: Request) -> Response:
+        """200 only while this worker is consuming; else 503. The JSON names the ``phase``
+        and the reasons (agents/web/readiness.py keeps them current in the background, so
+        this answers at once, whatever the broker or the DB are doing)."""
+        ok, body = readiness.answer()
+        return web.json(body, status=200 if ok else 503)
+
+    return ready
 
 
 # Reads (/status, /usage) --------------------------------------------------------------
@@ -112,68 +117,72 @@ def _query(
 
 
 async def read_summary(
-    *statements: tuple[str, tuple[object, ...]], timeout: float = READ_TIMEOUT_SECONDS
+    db: SharedSummaryDb,
+    *statements: tuple[str, tuple[object, ...]],
+    timeout: float = READ_TIMEOUT_SECONDS,
 ) -> list[list[dict[str, Any]]]:
     """The rows of each SELECT, read off the event loop through a read-only connection:
-    the worker's shared connection would queue a page behind a rollup transaction (or
-    behind its own first connect, which waits for the write lock to migrate)."""
-    path = settings.summary_db_path
-    if not path.exists():  # the worker creates it at start-up; a read-only one cannot
-        await summary_db()
-    return await asyncio.to_thread(_query, path, statements, timeout)
+    the worker's shared connection ``db`` would queue a page behind a rollup transaction
+    (or behind its own first connect, which waits for the write lock to migrate); it only
+    creates the file when there is none yet."""
+    if not db.path.exists():  # the worker creates it at start-up; a read-only one cannot
+        await db.get()
+    return await asyncio.to_thread(_query, db.path, statements, timeout)
 
 
 def _json(web: View, value: object, status: int = 200) -> Response:
     return web.bytes(orjson.dumps(value), content_type="application/json", status=status)
 
 
-@app.page("/status")
-async def status(web: View, request: Request) -> Response:
-    """Operator's view of one worker.
+def status_page(hot_path: HotPath, db: SharedSummaryDb) -> Page:
+    async def status(web: View, request: Request) -> Response:
+        """Operator's view of one worker.
 
-    ``consumer_lag`` lists the source topic's partitions only (``topic/partition`` →
-    messages not yet recorded), never Faust's internal topics. ``open_days`` are the usage
-    dates with provisional totals: increments pending and the day not closed (a closed day
-    with late events pending is not open again, its corrections are merged within a
-    rollup interval).
-    """
-    pipeline = hot_path()
-    lag = {
-        f"{sample.labels['topic']}/{sample.labels['partition']}": int(sample.value)
-        for metric in REGISTRY.collect()
-        if metric.name == "usage_stream_consumer_lag"
-        for sample in metric.samples
-        if sample.labels["topic"] == settings.USAGE_TOPIC
-    }
-    if not settings.SUMMARY_WRITER:  # no summary DB here: the writer has the rest
+        ``consumer_lag`` lists the source topic's partitions only (``topic/partition`` →
+        messages not yet recorded), never Faust's internal topics. ``open_days`` are the usage
+        dates with provisional totals: increments pending and the day not closed (a closed day
+        with late events pending is not open again, its corrections are merged within a
+        rollup interval).
+        """
+        lag = {
+            f"{sample.labels['topic']}/{sample.labels['partition']}": int(sample.value)
+            for metric in REGISTRY.collect()
+            if metric.name == "usage_stream_consumer_lag"
+            for sample in metric.samples
+            if sample.labels["topic"] == settings.USAGE_TOPIC
+        }
+        if not settings.SUMMARY_WRITER:  # no summary DB here: the writer has the rest
+            return _json(
+                web,
+                {
+                    "assigned_partitions": hot_path.assigned_partitions(),
+                    "summary_writer": False,
+                    "consumer_lag": lag,
+                },
+            )
+        runs, refresh, open_days = await read_summary(
+            db,
+            ("SELECT * FROM batch_runs ORDER BY id DESC LIMIT 20", ()),
+            ("SELECT * FROM refresh_status ORDER BY source", ()),
+            (
+                "SELECT DISTINCT usage_date FROM daily_pending WHERE usage_date NOT IN"
+                " (SELECT usage_date FROM closed_days) ORDER BY usage_date",
+                (),
+            ),
+        )
         return _json(
             web,
             {
-                "assigned_partitions": pipeline.assigned_partitions() if pipeline else [],
-                "summary_writer": False,
+                "assigned_partitions": hot_path.assigned_partitions(),
+                "summary_writer": True,
+                "last_batch_runs": runs,
+                "refresh": refresh,
+                "open_days": [row["usage_date"] for row in open_days],
                 "consumer_lag": lag,
             },
         )
-    runs, refresh, open_days = await read_summary(
-        ("SELECT * FROM batch_runs ORDER BY id DESC LIMIT 20", ()),
-        ("SELECT * FROM refresh_status ORDER BY source", ()),
-        (
-            "SELECT DISTINCT usage_date FROM daily_pending WHERE usage_date NOT IN"
-            " (SELECT usage_date FROM closed_days) ORDER BY usage_date",
-            (),
-        ),
-    )
-    return _json(
-        web,
-        {
-            "assigned_partitions": pipeline.assigned_partitions() if pipeline else [],
-            "summary_writer": True,
-            "last_batch_runs": runs,
-            "refresh": refresh,
-            "open_days": [row["usage_date"] for row in open_days],
-            "consumer_lag": lag,
-        },
-    )
+
+    return status
 
 
 class BadRequest(ValueError):
@@ -227,51 +236,57 @@ def usage_row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-@app.page("/usage")
-async def usage(web: View, request: Request) -> Response:
-    """``GET /usage?client_org_id=…&from=YYYY-MM-DD&to=YYYY-MM-DD`` (docs/contract.md §6).
+def usage_page(db: SharedSummaryDb) -> Page:
+    async def usage(web: View, request: Request) -> Response:
+        """``GET /usage?client_org_id=…&from=YYYY-MM-DD&to=YYYY-MM-DD`` (docs/contract.md §6).
 
-    A JSON array of ``usage_daily_live`` rows of one client, closed and open days together,
-    ordered by ``usage_date``, ``user_id``, ``model``. Keys: ``usage_daily``'s column names
-    plus ``final`` (1: the day closed, the row is the bill; 0: the day is still open and
-    the row is provisional, rewritten every ``ROLLUP_INTERVAL_SECONDS`` until it closes).
-    A late event re-writes a closed row (``revision`` + 1) and it stays ``final`` = 1.
+        A JSON array of ``usage_daily_live`` rows of one client, closed and open days together,
+        ordered by ``usage_date``, ``user_id``, ``model``. Keys: ``usage_daily``'s column names
+        plus ``final`` (1: the day closed, the row is the bill; 0: the day is still open and
+        the row is provisional, rewritten every ``ROLLUP_INTERVAL_SECONDS`` until it closes).
+        A late event re-writes a closed row (``revision`` + 1) and it stays ``final`` = 1.
 
-    Money for billing: every value is returned as stored, because a consumer reconciling
-    against the summary DB must see the same numbers. The exact amounts are the
-    ``*_nano`` integers (1e-9 USD or PLN). They are JSON integers, exact for any parser
-    with 64-bit integers but not for JavaScript's ``Number`` beyond 2**53 nano (~9 M per
-    row), so each is also given as an exact decimal string with 9 decimals:
-    ``raw_cost_usd_exact``, ``markup_cost_usd_exact``, ``markup_cost_pln_exact`` (null
-    while no rate is known, like ``markup_cost_pln_nano``). Sum those or the nano
-    integers; the REAL columns (``raw_cost_usd``…) are for display only, summing floats
-    drifts. ``usd_pln_rate`` is a decimal string, as stored.
+        Money for billing: every value is returned as stored, because a consumer reconciling
+        against the summary DB must see the same numbers. The exact amounts are the
+        ``*_nano`` integers (1e-9 USD or PLN). They are JSON integers, exact for any parser
+        with 64-bit integers but not for JavaScript's ``Number`` beyond 2**53 nano (~9 M per
+        row), so each is also given as an exact decimal string with 9 decimals:
+        ``raw_cost_usd_exact``, ``markup_cost_usd_exact``, ``markup_cost_pln_exact`` (null
+        while no rate is known, like ``markup_cost_pln_nano``). Sum those or the nano
+        integers; the REAL columns (``raw_cost_usd``…) are for display only, summing floats
+        drifts. ``usd_pln_rate`` is a decimal string, as stored.
 
-    Parameters, all required once: a missing, repeated or invalid one is a 400 with
-    ``{"error": "<one-line reason>"}``: a date that is not ``YYYY-MM-DD`` or not a real
-    day, ``from`` after ``to``, a range over 366 days (a year per request keeps a page
-    bounded; ask for longer spans in parts), a client_org_id outside 1-128 characters.
-    Both dates are inclusive usage dates (``BUSINESS_TIMEZONE``). A client without rows
-    in the range, known or not, is a 200 with ``[]``: there is no client registry to tell
-    "unknown" from "no usage", and an empty bill is the truthful answer for both.
+        Parameters, all required once: a missing, repeated or invalid one is a 400 with
+        ``{"error": "<one-line reason>"}``: a date that is not ``YYYY-MM-DD`` or not a real
+        day, ``from`` after ``to``, a range over 366 days (a year per request keeps a page
+        bounded; ask for longer spans in parts), a client_org_id outside 1-128 characters.
+        Both dates are inclusive usage dates (``BUSINESS_TIMEZONE``). A client without rows
+        in the range, known or not, is a 200 with ``[]``: there is no client registry to tell
+        "unknown" from "no usage", and an empty bill is the truthful answer for both.
 
-    The rows are read in one snapshot through a fresh read-only connection (WAL), so a
-    long request never blocks the hot path or the rollup; a read over 30 s is cut off
-    with a 503. Served by the summary writer only (docs/contract.md §6): another worker answers
-    404 with the reason, it has no summary DB.
-    """
-    if not settings.SUMMARY_WRITER:
-        return _json(
-            web, {"error": "not the summary writer: ask the worker with SUMMARY_WRITER=true"}, 404
-        )
-    try:
-        client, first, last = usage_query(request)
-    except BadRequest as error:
-        return _json(web, {"error": str(error)}, status=400)
-    try:
-        (rows,) = await read_summary((_USAGE_SQL, (client, first.isoformat(), last.isoformat())))
-    except ReadTimeout as error:
-        return _json(web, {"error": str(error)}, status=503)
-    except sqlite3.Error as error:
-        return _json(web, {"error": f"summary DB not readable: {error}"}, status=503)
-    return _json(web, [usage_row(row) for row in rows])
+        The rows are read in one snapshot through a fresh read-only connection (WAL), so a
+        long request never blocks the hot path or the rollup; a read over 30 s is cut off
+        with a 503. Served by the summary writer only (docs/contract.md §6): another worker answers
+        404 with the reason, it has no summary DB.
+        """
+        if not settings.SUMMARY_WRITER:
+            return _json(
+                web,
+                {"error": "not the summary writer: ask the worker with SUMMARY_WRITER=true"},
+                404,
+            )
+        try:
+            client, first, last = usage_query(request)
+        except BadRequest as error:
+            return _json(web, {"error": str(error)}, status=400)
+        try:
+            (rows,) = await read_summary(
+                db, (_USAGE_SQL, (client, first.isoformat(), last.isoformat()))
+            )
+        except ReadTimeout as error:
+            return _json(web, {"error": str(error)}, status=503)
+        except sqlite3.Error as error:
+            return _json(web, {"error": f"summary DB not readable: {error}"}, status=503)
+        return _json(web, [usage_row(row) for row in rows])
+
+    return usage

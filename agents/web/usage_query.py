@@ -37,9 +37,18 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
-from agents.web.server import BadRequest, ReadTimeout, _date, _json, query_values, read_summary
-from streams.app import app, settings
+from agents.web.server import (
+    BadRequest,
+    Page,
+    ReadTimeout,
+    _date,
+    _json,
+    query_values,
+    read_summary,
+)
+from streams.app import settings
 from streams.model.money import nano_text
+from tables.summary_db.connection import SharedSummaryDb
 from tables.summary_db.schema import utc_now_text
 
 __all__ = [
@@ -48,6 +57,7 @@ __all__ = [
     "query_rows",
     "query_sql",
     "rows_as_csv",
+    "usage_query_page",
     "wants_csv",
 ]
 
@@ -227,47 +237,51 @@ def wants_csv(accept: str) -> bool:
     return csv_q > 0 and csv_q >= quality.get("application/json", 0.0)
 
 
-@app.page("/v1/usage/query")
-async def usage_query(web: View, request: Request) -> Response:
-    """The query API (module docstring)."""
-    if not settings.SUMMARY_WRITER:
-        return _json(
-            web, {"error": "not the summary writer: ask the worker with SUMMARY_WRITER=true"}, 404
-        )
-    try:
-        query = parse_query(request)
-    except BadRequest as error:
-        return _json(web, {"error": str(error)}, status=400)
-    as_of = utc_now_text()
-    try:
-        (rows,) = await read_summary(query_sql(query))
-    except ReadTimeout as error:
-        return _json(web, {"error": str(error)}, status=503)
-    except sqlite3.Error as error:
-        return _json(web, {"error": f"summary DB not readable: {error}"}, status=503)
-    if len(rows) > MAX_ROWS:
+def usage_query_page(db: SharedSummaryDb) -> Page:
+    async def usage_query(web: View, request: Request) -> Response:
+        """The query API (module docstring)."""
+        if not settings.SUMMARY_WRITER:
+            return _json(
+                web,
+                {"error": "not the summary writer: ask the worker with SUMMARY_WRITER=true"},
+                404,
+            )
+        try:
+            query = parse_query(request)
+        except BadRequest as error:
+            return _json(web, {"error": str(error)}, status=400)
+        as_of = utc_now_text()
+        try:
+            (rows,) = await read_summary(db, query_sql(query))
+        except ReadTimeout as error:
+            return _json(web, {"error": str(error)}, status=503)
+        except sqlite3.Error as error:
+            return _json(web, {"error": f"summary DB not readable: {error}"}, status=503)
+        if len(rows) > MAX_ROWS:
+            return _json(
+                web,
+                {
+                    "error": f"the query answers more than {MAX_ROWS} rows: narrow the dates,"
+                    " the clients, the granularity or group_by"
+                },
+                status=400,
+            )
+        answer = query_rows(query, rows)
+        if wants_csv(request.headers.get("Accept", "")):
+            # as a header: aiohttp refuses a content_type carrying a charset
+            return web.bytes(
+                rows_as_csv(query.columns, answer).encode("utf-8"),
+                headers={"Content-Type": "text/csv; charset=utf-8; header=present"},
+            )
         return _json(
             web,
             {
-                "error": f"the query answers more than {MAX_ROWS} rows: narrow the dates,"
-                " the clients, the granularity or group_by"
+                "time_zone": settings.BUSINESS_TIMEZONE,
+                "as_of": as_of,
+                "granularity": query.granularity,
+                "group_by": list(query.group_by),
+                "rows": answer,
             },
-            status=400,
         )
-    answer = query_rows(query, rows)
-    if wants_csv(request.headers.get("Accept", "")):
-        # as a header: aiohttp refuses a content_type carrying a charset
-        return web.bytes(
-            rows_as_csv(query.columns, answer).encode("utf-8"),
-            headers={"Content-Type": "text/csv; charset=utf-8; header=present"},
-        )
-    return _json(
-        web,
-        {
-            "time_zone": settings.BUSINESS_TIMEZONE,
-            "as_of": as_of,
-            "granularity": query.granularity,
-            "group_by": list(query.group_by),
-            "rows": answer,
-        },
-    )
+
+    return usage_query

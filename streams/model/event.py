@@ -13,8 +13,9 @@ object that decide the precise reason and message. The fast path only ever *acce
 (it never produces an :class:`InvalidEvent`), and it shares the value conversions with
 the reference (but for a cost written as a JSON number: see :func:`_float_nano`), so a
 valid event gives the same :class:`UsageEvent` either way and every invalid one gets the
-reference's reason. ``tests/unit/test_event_properties.py`` checks with hypothesis that
-the fast path never accepts what the reference rejects, nor accepts it differently.
+reference's reason. ``tests/unit/streams/model/test_event_properties.py`` checks with
+hypothesis that the fast path never accepts what the reference rejects, nor accepts it
+differently.
 
 Why the fast decoder forbids unknown fields: msgspec *skips* an unknown field's value
 without checking it as strictly as orjson does (invalid UTF-8, numbers beyond a double

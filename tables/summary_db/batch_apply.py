@@ -94,6 +94,12 @@ class BatchApplier:
             self._conn = open_sync(self.path, cache_mib=self.cache_mib)
         return self._conn
 
+    @property
+    def opened(self) -> sqlite3.Connection | None:
+        """The connection if it is open; never opens it (``/ready`` asks whether this
+        connection holds the write lock, and must not open one for that)."""
+        return self._conn
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

@@ -8,34 +8,34 @@ go through :func:`tables.summary_db.schema.write_transaction`.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import aiosqlite
-import faust
 
-from streams.app import app, settings
 from tables.summary_db.schema import connect
 
-__all__ = ["summary_db"]
-
-_db: aiosqlite.Connection | None = None
-_db_lock = asyncio.Lock()
+__all__ = ["SharedSummaryDb"]
 
 
-async def summary_db() -> aiosqlite.Connection:
-    """The worker's shared connection to the summary DB (opened and migrated on first use)."""
-    global _db
-    async with _db_lock:
-        if _db is None:
-            _db = await connect(settings.summary_db_path)
-        return _db
+class SharedSummaryDb:
+    """One connection, opened and migrated on first use, shared by whoever is handed this
+    object (a worker makes one, agents/wiring.py). :meth:`close` at shutdown: aiosqlite's
+    thread would otherwise keep the process up."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
 
-# mode types a handler with mypy_extensions' VarArg/NamedArg, which no handler matches
-@app.on_before_shutdown.connect  # type: ignore[arg-type]
-async def _close_summary_db(app: faust.App, **kwargs: object) -> None:
-    """Close the shared connection: aiosqlite's thread would otherwise keep the process up."""
-    global _db
-    async with _db_lock:
-        if _db is not None:
-            await _db.close()
-            _db = None
+    async def get(self) -> aiosqlite.Connection:
+        """The connection (opened and migrated on the first call)."""
+        async with self._lock:
+            if self._conn is None:
+                self._conn = await connect(self.path)
+            return self._conn
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None

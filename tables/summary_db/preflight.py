@@ -1,14 +1,14 @@
 """Start-up check of the ``tables`` package: the summary DB opens, migrates and is writable.
 
-Registered with :data:`streams.cli.PREFLIGHT`, so ``usage-stream worker`` stops with one
-line naming the file instead of a traceback from inside Faust.
+One of the worker's preflight checks (agents/wiring.py), run by
+:func:`streams.cli.prepare_worker` before Faust starts, so ``usage-stream worker`` stops
+with one line naming the file instead of a traceback from inside Faust.
 """
 
 from __future__ import annotations
 
 import sqlite3
 
-from streams.cli import PREFLIGHT
 from streams.settings import Settings
 from tables.summary_db.schema import connect
 
@@ -24,6 +24,3 @@ async def summary_db_writable(settings: Settings) -> str | None:
     except (sqlite3.Error, OSError) as error:
         return f"summary DB {settings.summary_db_path} is not writable: {error}"
     return None
-
-
-PREFLIGHT.append(summary_db_writable)

@@ -81,7 +81,7 @@ def test_dev_demo_shows_a_bill_within_a_minute_and_stops_in_order(tmp_path: Path
     started = time.monotonic()
     # its own session: SIGINT to the group below is what a terminal's Ctrl-C does
     dev = subprocess.Popen(
-        [sys.executable, "-m", "streams", "dev", "--demo", "--rate", "300"],
+        [sys.executable, "-m", "agents", "dev", "--demo", "--rate", "300"],
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -108,7 +108,7 @@ def test_dev_demo_shows_a_bill_within_a_minute_and_stops_in_order(tmp_path: Path
         children = children_of(dev.pid)
         assert len(children) == 2, children  # the broker and the worker
         names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children}
-        (worker,) = [pid for pid, cmd in names.items() if b"streams\x00worker" in cmd]
+        (worker,) = [pid for pid, cmd in names.items() if b"agents\x00worker" in cmd]
         (broker,) = [pid for pid in children if pid != worker]
         worker_log = data / "worker.log"
         log_offset = worker_log.stat().st_size
@@ -163,7 +163,7 @@ def test_dev_demo_shows_a_bill_within_a_minute_and_stops_in_order(tmp_path: Path
     }
     # ... and the printed command states the demo's closed days
     result = subprocess.run(
-        [sys.executable, "-m", "streams", *command[1:], "--format", "json"],
+        [sys.executable, "-m", "agents", *command[1:], "--format", "json"],
         env={**env, **assignments},
         cwd=REPO,
         capture_output=True,
@@ -274,7 +274,7 @@ def test_dev_run_twice_in_one_folder_keeps_the_first_bills_and_bills_the_second_
     runs: list[dict[tuple[str, str, str, str], int]] = []
     for run in range(2):
         dev = subprocess.Popen(
-            [sys.executable, "-m", "streams", "dev", "--demo", "--rate", "200"],
+            [sys.executable, "-m", "agents", "dev", "--demo", "--rate", "200"],
             env=env,
             cwd=REPO,
             stdout=subprocess.DEVNULL,

@@ -23,7 +23,7 @@ async def run_cli(fake: FakeApis, data_dir: Path) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "streams",
+        "agents",
         "refresh",
         env=env,
         cwd=REPO,

@@ -71,7 +71,7 @@ class DebugWorker(Worker):
     def start(self) -> DebugWorker:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "streams", "worker", "--loglevel", "debug"],
+                [sys.executable, "-m", "agents", "worker", "--loglevel", "debug"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -3,7 +3,7 @@
 Every case runs in process through :func:`load_settings` reading the environment. The
 cases marked ``cli`` (one per kind of check, and every Kafka security one, the settings
 that used to die late in aiokafka) also run through the real console script
-(``python -m streams worker``) as a subprocess, which must exit 2 fast with exactly one
+(``python -m agents worker``) as a subprocess, which must exit 2 fast with exactly one
 stderr line naming the setting and no traceback. The console script turns *any*
 :class:`SettingsError` into that line, so the in-process cases carry the rest; running all
 ~65 through a subprocess costs ~0.7 s of CPU each, ~25 s on two cores. The subprocesses
@@ -237,13 +237,13 @@ class Run:
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
-    """``python -m streams worker`` once per case, all cases concurrently."""
+    """``python -m agents worker`` once per case, all cases concurrently."""
     root = tmp_path_factory.mktemp("cli-settings")
 
     def run(case: Case) -> Run:
         started = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "streams", "worker"],
+            [sys.executable, "-m", "agents", "worker"],
             env={**base_env(root), **concrete(case.env, root)},
             capture_output=True,
             timeout=60,

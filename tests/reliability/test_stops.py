@@ -138,7 +138,7 @@ def test_dev_piped_into_tee_stops_in_order_on_ctrl_c_in_a_terminal(tmp_path: Pat
         "OPENROUTER_API_URL": "http://127.0.0.1:9/api/v1",
         "PYTHONUNBUFFERED": "1",
     }
-    command = f"{sys.executable} -m streams dev --demo | tee {tmp_path / 'demo.log'}"
+    command = f"{sys.executable} -m agents dev --demo | tee {tmp_path / 'demo.log'}"
     pid, fd = pty.fork()
     if pid == 0:  # the child: a shell on the pty, as in a terminal
         os.chdir(REPO)

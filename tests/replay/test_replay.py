@@ -504,7 +504,7 @@ def _replay_until_its_plan(stack: Stack) -> tuple[subprocess.Popen[bytes], list[
     """``usage-stream replay`` of DAY, started and followed until it prints its plan: its
     readers have fixed their slices and read."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "streams", "replay", "--date", DAY.isoformat()],
+        [sys.executable, "-m", "agents", "replay", "--date", DAY.isoformat()],
         env=stack.env,
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -607,7 +607,7 @@ def test_replay_while_the_worker_runs(stack: Stack) -> None:
     publisher = live_traffic(stack.broker, stack.topic, batch, stop, published)
     try:
         process = subprocess.run(
-            [sys.executable, "-m", "streams", "replay", "--date", DAY.isoformat()],
+            [sys.executable, "-m", "agents", "replay", "--date", DAY.isoformat()],
             env=stack.env,
             capture_output=True,
             timeout=120,

@@ -1,6 +1,6 @@
 """``usage-stream report`` against hand-computed totals, on real SQLite files built with the
 real schema (``tables.summary_db.schema.connect``) and rows inserted here, through the real command
-(``python -m streams report`` in a child process: exit codes and stderr as an operator
+(``python -m agents report`` in a child process: exit codes and stderr as an operator
 sees them).
 
 The expected amounts below were computed by hand from the inserted nano integers; they are
@@ -168,7 +168,7 @@ def run_report(db: Path, *args: str, columns: int = 250) -> subprocess.Completed
         "COLUMNS": str(columns),
     }
     return subprocess.run(
-        [sys.executable, "-m", "streams", "report", *args],
+        [sys.executable, "-m", "agents", "report", *args],
         env=env,
         cwd=REPO,
         capture_output=True,

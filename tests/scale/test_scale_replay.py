@@ -133,7 +133,7 @@ def kill_replay_after_fencing(stack: Stack, day: str) -> tuple[str, int]:
     applies the batch log and says so on stderr, and waits for its readers, which are
     stopped: it is killed there, and its readers with it."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "streams", "replay", "--date", day],
+        [sys.executable, "-m", "agents", "replay", "--date", day],
         env=stack.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

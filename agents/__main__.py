@@ -1,0 +1,3 @@
+from agents.main import main
+
+main()
