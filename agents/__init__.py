@@ -2,7 +2,7 @@
 command. There are no Faust agents: the worker uses no Faust consumer (see
 :class:`streams.app.ServicesBoot`).
 
-* the hot path: :mod:`agents.pipeline` with its home-partition state (``home_state``,
+* the hot path: :mod:`agents.hot_path.service` with its home-partition state (``home_state``,
   ``home_assignor``, ``dedupe``, ``rebuild_ids``, ``snapshots``) and ``conditions``
   (failing stages retried and reported, shared with the summary writer);
 * ``summary_writer/``: the batch log into the summary DB, the rollup, the writer's claim;

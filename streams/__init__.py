@@ -8,7 +8,7 @@ topics, the batch log), ``sinks`` (raw points) and ``clients`` (HTTP reference d
 Nothing in this package imports ``agents`` or ``tables``, except the console script,
 which imports every module of both so that a broken one stops the worker.
 
-The data path: the hot path (:mod:`agents.pipeline`) reads the usage topic in batches,
+The data path: the hot path (:mod:`agents.hot_path.service`) reads the usage topic in batches,
 validates, deduplicates per home partition and appends one record per batch to the batch
 log (:mod:`streams.kafka.batch_log`); the one summary writer
 (:mod:`agents.summary_writer`) folds the log into the SQLite summary DB

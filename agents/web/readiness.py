@@ -31,7 +31,7 @@ from typing import Any
 
 import mode
 
-from agents.pipeline import hot_path
+from agents.hot_path.service import hot_path
 from agents.summary_writer.writer import summary_writer
 from agents.web.health import PROBE_TIMEOUT_SECONDS, broker_answers, summary_db_writable
 from streams.app import app, settings

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from faust.web import Request, Response, View
 
-from agents.pipeline import hot_path
+from agents.hot_path.service import hot_path
 from agents.web.readiness import readiness
 from streams.app import app, settings
 from streams.metrics import REGISTRY, render

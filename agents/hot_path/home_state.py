@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from agents.rebuild_ids import ChainBatches, HomeTopics, read_home_ids
-from agents.snapshots import SnapshotKeeper, usable_snapshot
+from agents.hot_path.rebuild_ids import ChainBatches, HomeTopics, read_home_ids
+from agents.hot_path.snapshots import SnapshotKeeper, usable_snapshot
 from streams.kafka.batch_log import (
     BadChainRecord,
     BatchPart,
@@ -87,7 +87,7 @@ class HomePartition:
     head: ChainHead = field(default_factory=ChainHead)
     fences: dict[str, ReplayFence] = field(default_factory=dict)
     #: the batch log's next offset as last seen: where this worker's next append must
-    #: land to be sure nothing came between (else it catches up; see agents/pipeline.py)
+    #: land to be sure nothing came between (else it catches up; see agents/hot_path/service.py)
     log_end: int = 0
 
     def bounds(self) -> tuple[int, int] | None:
@@ -237,7 +237,7 @@ class Rebuilder:
         return ChainBatches(fences, usage_from, rerouted_from)
 
     async def _from_snapshot(self, consumer: AIOKafkaConsumer, partition: int) -> HomePartition:
-        """The state of the newest usable snapshot (agents/snapshots.py), else empty."""
+        """The state of the newest usable snapshot (agents/hot_path/snapshots.py), else empty."""
         if self.snapshots is None:
             return self.empty(partition)
 

@@ -8,7 +8,7 @@ assignor). Faust keeps everything else: its web server, timers, the CLI.
 
 **Home partitions.** Every request is deduplicated on its home partition
 (:mod:`streams.model.partitioning`), by the worker that owns it, in memory
-(:class:`agents.home_state.HomePartition`). Producers key by request id, so nearly every
+(:class:`agents.hot_path.home_state.HomePartition`). Producers key by request id, so nearly every
 event is read at home; a copy read elsewhere is produced unchanged to the rerouted
 topic, partition home, and counted there.
 
@@ -32,7 +32,7 @@ Per batch, in OpenMeter's sink order:
 
 If the appended record did not land right after the head it extends, another record came
 first (a zombie that still thinks it owns the partition, or a replay's fence): the
-partition's state is caught up from the log (:class:`agents.home_state.Rebuilder`), the
+partition's state is caught up from the log (:class:`agents.hot_path.home_state.Rebuilder`), the
 consumer goes back to the head's positions, and what this worker had prepared on top of
 the old head is dropped (its raw points may be written twice: the same points).
 
@@ -67,12 +67,12 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError, MessageSizeTooLarg
 from aiokafka.structs import OffsetAndMetadata
 
 from agents.conditions import ConditionLog, until_done
-from agents.dedupe import NO_FENCE, judge, ranks
-from agents.home_assignor import sticky_home_assignor
-from agents.home_state import ChainBroken, HomePartition, Rebuilder
+from agents.hot_path.dedupe import NO_FENCE, judge, ranks
+from agents.hot_path.home_assignor import sticky_home_assignor
+from agents.hot_path.home_state import ChainBroken, HomePartition, Rebuilder
+from agents.hot_path.snapshots import CHECK_SECONDS as SNAPSHOT_CHECK_SECONDS
+from agents.hot_path.snapshots import STOP_SECONDS as SNAPSHOT_STOP_SECONDS
 from agents.prices_feed import PricesFeed
-from agents.snapshots import CHECK_SECONDS as SNAPSHOT_CHECK_SECONDS
-from agents.snapshots import STOP_SECONDS as SNAPSHOT_STOP_SECONDS
 from streams.app import app, settings
 from streams.gc_tuning import tune_for_batches
 from streams.kafka.batch_log import (
@@ -128,7 +128,7 @@ class HomeBatch:
     epoch: int  # the state's epoch when prepared: a resync in between voids it
     usage_next: int = -1  # next offset after the batch's usage records (-1: none read)
     rerouted_next: int = -1
-    new: Keys | None = None  # the new requests' keys and fingerprints (agents/dedupe.py)
+    new: Keys | None = None  # the new requests' keys and fingerprints (agents/hot_path/dedupe.py)
     sums: dict[tuple[str, str, str, str], list[int]] = field(default_factory=dict)
     newest_event_ms: int = -1
     usage_mark: str = ""  # record_mark of the last usage / rerouted record read
@@ -249,7 +249,7 @@ class HotPath(mode.Service):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             # partition p of the usage and the rerouted topic to the same worker, kept
-            # with the worker that holds its state (agents/home_assignor.py)
+            # with the worker that holds its state (agents/hot_path/home_assignor.py)
             partition_assignment_strategy=(sticky_home_assignor(lambda: set(self.states)),),
             session_timeout_ms=int(settings.KAFKA_SESSION_TIMEOUT_SECONDS * 1000),
             rebalance_timeout_ms=int(settings.KAFKA_REBALANCE_TIMEOUT_SECONDS * 1000),
@@ -707,7 +707,7 @@ class HotPath(mode.Service):
         partition: int,
         pairs: list[tuple[ConsumerRecord, UsageEvent]],
     ) -> list[tuple[UsageEvent, ConsumerRecord]]:
-        """Judge one home partition's events (:func:`agents.dedupe.judge`): count the
+        """Judge one home partition's events (:func:`agents.hot_path.dedupe.judge`): count the
         duplicates, send the conflicting copies to the dead-letter topic, and return the
         new requests' first copies (their keys go with the batch, into the state when it
         is appended)."""
@@ -1029,8 +1029,8 @@ class HotPath(mode.Service):
 
     @mode.Service.timer(SNAPSHOT_CHECK_SECONDS)
     async def _snapshots(self) -> None:
-        """Snapshot the owned home partitions' seen sets that are due (agents/snapshots.py):
-        taken here, between appends, written in a thread."""
+        """Snapshot the owned home partitions' seen sets that are due
+        (agents/hot_path/snapshots.py): taken here, between appends, written in a thread."""
         keeper = self.rebuilder.snapshots if self.rebuilder is not None else None
         if keeper is None:
             return

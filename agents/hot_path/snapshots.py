@@ -46,7 +46,7 @@ from tables.dedupe import seen_snapshots
 from tables.dedupe.seen_snapshots import Snapshot, SnapshotError
 
 if TYPE_CHECKING:
-    from agents.home_state import HomePartition
+    from agents.hot_path.home_state import HomePartition
 
 __all__ = [
     "CHECK_SECONDS",
