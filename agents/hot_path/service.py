@@ -69,7 +69,8 @@ from aiokafka.structs import OffsetAndMetadata
 from agents.conditions import ConditionLog, until_done
 from agents.hot_path.dedupe import NO_FENCE, judge, ranks
 from agents.hot_path.home_assignor import sticky_home_assignor
-from agents.hot_path.home_state import ChainBroken, HomePartition, Rebuilder
+from agents.hot_path.home_partition import HomePartition
+from agents.hot_path.home_state import ChainBroken, Rebuilder
 from agents.hot_path.snapshots import CHECK_SECONDS as SNAPSHOT_CHECK_SECONDS
 from agents.hot_path.snapshots import STOP_SECONDS as SNAPSHOT_STOP_SECONDS
 from agents.prices_feed import PricesFeed
