@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiokafka import ConsumerRecord, TopicPartition
@@ -82,29 +83,19 @@ def fence_order(
     return kept + later, seeks
 
 
+@dataclass(slots=True)
 class BatchReader:
     """Reads the next batch of the owned home partitions (module docstring)."""
 
-    def __init__(
-        self,
-        consumer: FetchingConsumer,
-        ownership: Ownership,
-        topics: Topics,
-        conditions: ConditionLog,
-        max_events: int,
-        max_seconds: float,
-        sink_batch: int,
-    ) -> None:
-        """``max_events``: ``BATCH_MAX_EVENTS``; ``max_seconds``: ``RAW_BATCH_SECONDS``;
-        ``sink_batch``: ``RAW_BATCH_SIZE``, see :meth:`_caught_up`."""
-        self.consumer = consumer
-        self.ownership = ownership
-        self.topics = topics
-        self.conditions = conditions
-        self.max_events = max_events
-        self.max_seconds = max_seconds
-        self.sink_batch = sink_batch
-        self._gaps: dict[TopicPartition, tuple[int, int]] = {}  # last (expected, found)
+    consumer: FetchingConsumer
+    ownership: Ownership
+    topics: Topics
+    conditions: ConditionLog
+    max_events: int  # BATCH_MAX_EVENTS
+    max_seconds: float  # RAW_BATCH_SECONDS
+    sink_batch: int  # RAW_BATCH_SIZE, see _caught_up
+    _gaps: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict, init=False)
+    """per partition, the last gap met (expected, found)"""
 
     async def next_batch(self) -> list[ConsumerRecord]:
         """The next batch, in the order the fences ask (:func:`fence_order`)."""

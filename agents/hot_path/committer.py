@@ -105,24 +105,16 @@ class InFlight:
     reroutes_started: int = 0
 
 
+@dataclass(slots=True)
 class Committer:
     """Stores prepared batches (module docstring) for the partitions ``ownership`` owns."""
 
-    def __init__(
-        self,
-        producer: Producer,
-        consumer: OffsetCommitter,
-        sink: LineSink,
-        ownership: Ownership,
-        topics: Topics,
-        conditions: ConditionLog,
-    ) -> None:
-        self.producer = producer
-        self.consumer = consumer
-        self.sink = sink
-        self.ownership = ownership
-        self.topics = topics
-        self.conditions = conditions
+    producer: Producer
+    consumer: OffsetCommitter
+    sink: LineSink
+    ownership: Ownership
+    topics: Topics
+    conditions: ConditionLog
 
     def start_sends(self, in_flight: InFlight) -> None:
         """Start the dead letters and reroutes the stages found since the last call: they

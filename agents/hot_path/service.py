@@ -56,6 +56,7 @@ from agents.hot_path.ownership import Ownership, RebalanceListener
 from agents.hot_path.prepare import Preparer
 from agents.hot_path.snapshots import CHECK_SECONDS as SNAPSHOT_CHECK_SECONDS
 from agents.hot_path.snapshots import STOP_SECONDS as SNAPSHOT_STOP_SECONDS
+from agents.hot_path.snapshots import SnapshotKeeper
 from agents.prices_feed import PricesFeed
 from streams.app import app, settings
 from streams.gc_tuning import tune_for_batches
@@ -386,25 +387,26 @@ class HotPath(mode.Service):
     async def _snapshots(self) -> None:
         """Snapshot the owned home partitions' seen sets that are due
         (agents/hot_path/snapshots.py): taken here, between appends, written in a thread."""
-        ownership = self._parts.ownership if self._parts is not None else None
-        keeper = ownership.rebuilder.snapshots if ownership and ownership.rebuilder else None
-        if ownership is None or keeper is None:
-            return
-        for state in ownership.owned_states():
-            if keeper.due(state):
-                keeper.start(state)
+        self._start_snapshots(on_stop=False)
 
     async def _snapshot_on_stop(self) -> None:
         """A last snapshot of each owned partition whose head moved since its last one, so
         a restart reads (nearly) nothing back; bounded, a write left unfinished is lost."""
+        keeper = self._start_snapshots(on_stop=True)
+        if keeper is not None:
+            await keeper.settle(SNAPSHOT_STOP_SECONDS)
+
+    def _start_snapshots(self, on_stop: bool) -> SnapshotKeeper | None:
+        """Start a snapshot of each owned partition that is due, or on stop of each whose
+        head moved since its last one; the keeper, None before the first assignment."""
         ownership = self._parts.ownership if self._parts is not None else None
         keeper = ownership.rebuilder.snapshots if ownership and ownership.rebuilder else None
         if ownership is None or keeper is None:
-            return
+            return None
         for state in ownership.owned_states():
-            if keeper.moved(state):
+            if keeper.moved(state) if on_stop else keeper.due(state):
                 keeper.start(state)
-        await keeper.settle(SNAPSHOT_STOP_SECONDS)
+        return keeper
 
     @mode.Service.timer(PRUNE_SECONDS)
     async def _prune(self) -> None:

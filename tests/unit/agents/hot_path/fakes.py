@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-import orjson
 from aiokafka import ConsumerRecord, TopicPartition
 
 from agents.hot_path.batch import Topics
@@ -19,6 +18,7 @@ from streams.model.business_time import UsageDates
 from streams.model.money import NanoScaler
 from streams.model.partitioning import home_partitions
 from tables.dedupe.seen_requests import SeenRequests
+from tests.unit.test_event import event as valid_event
 
 TOPICS = Topics("usage", "usage-rerouted", "usage-batch-log", "usage-dlq")
 PARTITIONS = 4
@@ -28,18 +28,8 @@ TTL_MS = 7 * 86_400_000
 
 
 def event(request_id: str, **overrides: object) -> bytes:
-    body: dict[str, object] = {
-        "request_id": request_id,
-        "client_org_id": "org-1",
-        "user_id": "user-1",
-        "model": "openai/gpt-4o-mini",
-        "input_tokens": 1250,
-        "output_tokens": 180,
-        "cost_usd": 0.0002187,
-        "timestamp": "2026-11-20T10:11:12.123Z",
-    }
-    body.update(overrides)
-    return orjson.dumps({k: v for k, v in body.items() if v is not ...})
+    """A valid event's bytes (tests/unit/test_event.py's), with ``overrides``."""
+    return valid_event(request_id=request_id, **overrides)
 
 
 def record(
