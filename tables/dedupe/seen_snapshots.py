@@ -62,7 +62,7 @@ class SnapshotError(ValueError):
 
 
 class FenceFields(TypedDict):
-    """A replay fence met on the chain (``agents.hot_path.home_state.ReplayFence``'s fields)."""
+    """A replay fence met on the chain (``agents.hot_path.home_partition.ReplayFence``'s fields)."""
 
     usage_date: str
     usage_end: int
