@@ -2,9 +2,12 @@
 command. There are no Faust agents: the worker uses no Faust consumer (see
 :class:`streams.app.ServicesBoot`).
 
-* the hot path: :mod:`agents.pipeline` with its home-partition state (``home_state``,
-  ``home_assignor``, ``dedupe``, ``rebuild_ids``, ``snapshots``) and ``conditions``
-  (failing stages retried and reported, shared with the summary writer);
+* ``hot_path/``: the hot path, one object per stage (``service``, ``ownership``,
+  ``batch_reader``, ``prepare``, ``committer``) and its home-partition state
+  (``home_partition``, ``home_state``, ``home_assignor``, ``dedupe``, ``rebuild_ids``,
+  ``snapshots``); see :mod:`agents.hot_path`;
+* ``conditions``: failing stages retried and reported, shared by the hot path and the
+  summary writer;
 * ``summary_writer/``: the batch log into the summary DB, the rollup, the writer's claim;
 * ``replay/``: ``usage-stream replay`` and its fences;
 * ``web/``: the HTTP views, ``/ready`` and the usage query;

@@ -1,5 +1,5 @@
 """Failing stages retried forever, and reported once: shared by the hot path
-(agents/pipeline.py) and the summary writer (agents/summary_writer/writer.py).
+(agents/hot_path/service.py) and the summary writer (agents/summary_writer/writer.py).
 
 Neither may skip what it is working on (a batch, a group of batch-log records): a full
 disk, a locked database or a frozen broker stalls it, with backoff, until it goes away.

@@ -29,7 +29,7 @@ from agents.commands.raw import OPTIONS as RAW_RESEND_OPTIONS
 from agents.commands.raw import raw_resend
 from agents.commands.report import OPTIONS as REPORT_OPTIONS
 from agents.commands.report import report
-from agents.pipeline import HotPath
+from agents.hot_path.service import HotPath
 from agents.prices_feed import PricesFeed
 from agents.refresh import RETRY_INTERVAL_SECONDS, RefreshSchedule, refresh
 from agents.replay.command import DirectCommand, replay
@@ -74,10 +74,7 @@ def wire(app: faust.App, settings: Settings) -> Wiring:
 
     # Services, started in this order. Only the summary writer (SUMMARY_WRITER=true)
     # has the summary DB: the writer and the budget alerts run there alone.
-    hot_path = HotPath()
-    # HotPath makes a PricesFeed without the connection; the writer's reads prices
-    # through the shared one (until HotPath takes its collaborators in its constructor)
-    hot_path.prices = PricesFeed(settings, db)
+    hot_path = HotPath(PricesFeed(settings, db))
     writer = SummaryWriter(closer) if settings.SUMMARY_WRITER else None
     budget_alerts = BudgetAlerts() if settings.SUMMARY_WRITER else None
     readiness = Readiness(settings, hot_path, writer, db)

@@ -10,7 +10,7 @@ for the old sets: a new id is looked for in every bucket). Measures, per event:
 * **before**: ``tables/dedupe/seen_requests.py`` of ``--before`` (default: the commit before
   this module's, read with ``git show``), and the dedupe loop of ``HotPath.prepare`` as
   it was then (``compact`` and a set lookup per bucket, per event);
-* **after**: :func:`agents.dedupe.judge` (keys, billing fingerprints, the vectorised
+* **after**: :func:`agents.hot_path.dedupe.judge` (keys, billing fingerprints, the vectorised
   lookup, the verdicts) and the ``add_keys`` of a committed batch.
 
 Memory per tracked id is measured the same way for both (tracemalloc of the state).
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from agents.dedupe import NO_FENCE, judge, ranks  # noqa: E402
+from agents.hot_path.dedupe import NO_FENCE, judge, ranks  # noqa: E402
 from streams.model.event import UsageEvent  # noqa: E402
 from streams.model.fingerprint import billing_fingerprints  # noqa: E402
 from tables.dedupe.seen_requests import Keys, SeenRequests  # noqa: E402

@@ -5,7 +5,7 @@
 For each N: a Tansu broker in memory, one partition of the usage topic holding N valid
 events (canonical UUID ids, all at home), and a batch-log chain over them (one entry per
 5,000 records, with real record marks), as a worker would have left them. Then the real
-:class:`agents.home_state.Rebuilder`, in this process:
+:class:`agents.hot_path.home_state.Rebuilder`, in this process:
 
 1. ``catch_up(None, 0)`` with no snapshot: the state read back from the topics (what
    every restart cost before snapshots); it then writes its snapshot (timed apart);
@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
 from aiokafka import AIOKafkaProducer  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 
-from agents.home_state import Rebuilder  # noqa: E402
+from agents.hot_path.home_state import Rebuilder  # noqa: E402
 from streams.kafka.batch_log import BatchEntry, encode  # noqa: E402
 from streams.kafka.broker import EmbeddedBroker  # noqa: E402
 from streams.settings import Settings  # noqa: E402

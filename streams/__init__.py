@@ -9,7 +9,7 @@ Nothing in this package imports ``agents`` or ``tables``: the console script and
 wiring of the services onto the app are at the top, in ``agents`` (:mod:`agents.main`,
 :mod:`agents.wiring`).
 
-The data path: the hot path (:mod:`agents.pipeline`) reads the usage topic in batches,
+The data path: the hot path (:mod:`agents.hot_path.service`) reads the usage topic in batches,
 validates, deduplicates per home partition and appends one record per batch to the batch
 log (:mod:`streams.kafka.batch_log`); the one summary writer
 (:mod:`agents.summary_writer`) folds the log into the SQLite summary DB

@@ -45,7 +45,7 @@ class ServicesBoot(BootStrategy):
     of its own.
 
     Why: nothing here uses Faust's consumer or producer. The hot path reads the usage
-    topic with its own batched consumer (agents/pipeline.py), the summary writer the
+    topic with its own batched consumer (agents/hot_path/service.py), the summary writer the
     batch log, and they produce with their own producers. Faust's consumer would still
     join a consumer group of its own (``APP_ID-control``) to elect a leader nobody asks
     for, and Faust starts the app's services only after that join: 30 s of every start

@@ -45,7 +45,8 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from agents.home_state import ReplayFence, follow_chain, read_range
+from agents.hot_path.home_partition import ReplayFence
+from agents.hot_path.home_state import follow_chain, read_range
 from agents.replay.topic_slice import ReplayReadError
 from streams.kafka.batch_log import (
     BadChainRecord,

@@ -272,7 +272,7 @@ async def _read_range(
     snapshot and its fence), staged like the rest."""
     from aiokafka import TopicPartition
 
-    from agents.home_state import read_range
+    from agents.hot_path.home_state import read_range
     from streams.kafka.broker import BOUNDED_READ_WAIT_MS
 
     if not any(end > start for start, end in ranges.values()):

@@ -17,7 +17,7 @@ Each probe returns None when fine, else a one-line reason for the 503 body.
   DB file. A full disk does not stop this probe (taking and dropping a lock writes
   nothing); the summary writer's failing transaction reports it. Workers with
   ``SUMMARY_WRITER=false`` have no summary DB and skip this probe.
-* **Hot path**: :meth:`agents.pipeline.HotPath.not_ready_reason`: a stage (prepare,
+* **Hot path**: :meth:`agents.hot_path.service.HotPath.not_ready_reason`: a stage (prepare,
   commit, fetch, rebuild) failing and retrying, or the raw file sink failing.
 """
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import mode
 
-from agents.pipeline import HotPath
+from agents.hot_path.service import HotPath
 from agents.summary_writer.writer import SummaryWriter
 from agents.web.health import PROBE_TIMEOUT_SECONDS, broker_answers, summary_db_writable
 from streams.settings import Settings

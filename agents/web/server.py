@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from faust.web import Request, Response, View
 
-from agents.pipeline import HotPath
+from agents.hot_path.service import HotPath
 from agents.web.readiness import Readiness
 from streams.app import settings
 from streams.metrics import REGISTRY, render

@@ -3,7 +3,7 @@ at every start.
 
 Deduplication after a rebuild lasts only as long as the usage and rerouted topics keep
 their records: a worker that takes a home partition reads its request ids back from them
-(agents/home_state.py), ``LEDGER_RETENTION_DAYS`` into the past. The batch log is
+(agents/hot_path/home_state.py), ``LEDGER_RETENTION_DAYS`` into the past. The batch log is
 followed from its start by a new summary DB and by rebuilds, so it is kept for ever. And
 a compacted usage topic would drop copies and history the pipeline counts on. So:
 

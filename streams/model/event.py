@@ -69,7 +69,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 #: The reason of a later copy of a request whose billing fields differ from the first's
-#: (docs/contract.md §1): decided by the dedupe (agents/dedupe.py), never by :func:`parse_event`.
+#: (docs/contract.md §1): decided by the dedupe (agents/hot_path/dedupe.py), never by
+#: :func:`parse_event`.
 CONFLICT = "conflicting_duplicate"
 
 #: Every value of the ``reason`` label of ``usage_stream_events_invalid_total``.

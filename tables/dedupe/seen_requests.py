@@ -5,7 +5,7 @@ copy's billing fields: the worker's dedupe state (issues 9, 20 and 23).
 every id of a valid home event below the head's positions, with the fingerprint
 (:mod:`streams.model.fingerprint`) of the copy that was billed. So it is rebuilt exactly by
 reading those events again in the order the chain consumed them
-(:mod:`agents.home_state`), or loaded from a snapshot taken at a chain head
+(:mod:`agents.hot_path.home_state`), or loaded from a snapshot taken at a chain head
 (:mod:`tables.dedupe.seen_snapshots`) and caught up from there.
 
 **Expiry.** Ids are kept per time bucket (an eighth of ``ttl_ms``); an id is forgotten

@@ -23,7 +23,7 @@ snapshots and maybe a temporary file (removed at the next write).
 wrong members or lengths, unsorted runs, another format, partition or topic, or a shorter
 TTL than the worker's is skipped with a warning. That its chain head is on *this*
 batch log and that its positions are positions in *these* topics is checked by the
-caller against the topics (:mod:`agents.home_state`).
+caller against the topics (:mod:`agents.hot_path.home_state`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class SnapshotError(ValueError):
 
 
 class FenceFields(TypedDict):
-    """A replay fence met on the chain (``agents.home_state.ReplayFence``'s fields)."""
+    """A replay fence met on the chain (``agents.hot_path.home_partition.ReplayFence``'s fields)."""
 
     usage_date: str
     usage_end: int

@@ -5,8 +5,8 @@ Why: a home partition's state is rebuilt from every request id of
 10M events a day for 7 days). Run inside aiokafka's rebalance callback, where no
 heartbeat is sent, it outlasted the session: the member was expelled mid-rebuild, the
 partitions reshuffled, and restarts became a rebalance storm. The hot path now rebuilds
-outside the callback with the partitions paused (agents/pipeline.py
-``partitions_assigned``), so heartbeats go on.
+outside the callback with the partitions paused (agents/hot_path/ownership.py
+``Ownership.assigned``), so heartbeats go on.
 
 How: the broker is reached through a link whose broker-to-client direction is throttled
 per connection (a slow network, as a real fault: the broker advertises the link's port),

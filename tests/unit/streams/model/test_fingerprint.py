@@ -1,4 +1,4 @@
-"""The billing fingerprint and the dedupe verdicts built on it (agents/dedupe.py)."""
+"""The billing fingerprint and the dedupe verdicts built on it (agents/hot_path/dedupe.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.dedupe import NO_FENCE, judge, ranks
+from agents.hot_path.dedupe import NO_FENCE, judge, ranks
 from streams.model.event import CONFLICT, REASONS, UsageEvent
 from streams.model.fingerprint import (
     BILLING_FIELDS,

@@ -35,18 +35,16 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agents.hot_path.home_partition import HomePartition
 from streams.kafka.batch_log import BadChainRecord, BatchEntry, ChainHead, Fence, decode_rows_raw
 from streams.kafka.log_reads import partition_bounds, record_at
 from streams.metrics import SNAPSHOTS
 from tables.dedupe import seen_snapshots
 from tables.dedupe.seen_snapshots import Snapshot, SnapshotError
-
-if TYPE_CHECKING:
-    from agents.home_state import HomePartition
 
 __all__ = [
     "CHECK_SECONDS",

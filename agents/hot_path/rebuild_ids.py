@@ -1,9 +1,9 @@
 """Reading a home partition's ids back into its seen set, in the order the chain
-consumed them (the id-reading half of :class:`agents.home_state.Rebuilder`).
+consumed them (the id-reading half of :class:`agents.hot_path.home_state.Rebuilder`).
 
 Which copy of a request was billed, and so which fingerprint the seen set keeps, depends
 on the order the hot path met the copies: batch by batch along the chain, and inside a
-batch by :func:`agents.dedupe.ranks`. The chain tells each batch's positions, so the
+batch by :func:`agents.hot_path.dedupe.ranks`. The chain tells each batch's positions, so the
 rebuild reads the usage and rerouted partitions in windows of whole batches, ranks every
 home event by (its batch, the replay-fence bounds open when that batch was prepared,
 topic, offset), and keeps each id's first copy: the same verdicts as the live path.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from agents.dedupe import NO_FENCE, ranks
+from agents.hot_path.dedupe import NO_FENCE, ranks
 from streams.kafka.batch_log import BatchEntry, ChainRecord, Fence
 from streams.kafka.log_reads import read_range
 from streams.model.event import UsageEvent, parse_records

@@ -1,7 +1,7 @@
 """One home partition's dedupe verdicts for a batch: new, duplicate, or conflicting.
 
-The same rule for the hot path (:mod:`agents.pipeline`) and the rebuild
-(:mod:`agents.home_state`), so that both keep the same fingerprint for every id and a
+The same rule for the hot path (:mod:`agents.hot_path.service`) and the rebuild
+(:mod:`agents.hot_path.home_state`), so that both keep the same fingerprint for every id and a
 later copy gets the same verdict whoever holds the partition:
 
 * copies are ranked by the order the chain consumed them: batch by batch, and inside a

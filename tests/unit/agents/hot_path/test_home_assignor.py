@@ -1,11 +1,11 @@
-"""agents/home_assignor.py: balanced, sticky assignment of whole home partitions."""
+"""agents/hot_path/home_assignor.py: balanced, sticky assignment of whole home partitions."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.home_assignor import assign_home_partitions
+from agents.hot_path.home_assignor import assign_home_partitions
 
 
 def test_a_joining_member_takes_only_its_share() -> None:

@@ -1,9 +1,6 @@
-"""A home partition's state on the worker that owns it, and how it is (re)built exactly.
-
-State (:class:`HomePartition`): the request ids seen (:class:`tables.dedupe.seen_requests.
-SeenRequests`), the batch log's chain head (where the usage and rerouted partitions were
-read up to, :mod:`streams.kafka.batch_log`), the replay fences met on the chain, and the
-partition's event-time watermark.
+"""How a home partition's state (:class:`agents.hot_path.home_partition.HomePartition`)
+is (re)built exactly: :class:`Rebuilder`, and :func:`follow_chain`, which the replay's
+fences share.
 
 What the seen set must hold is *defined* by the chain head: every request id of a valid
 event homed at p below the head's positions (usage partition p: events at home only;
@@ -30,12 +27,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from agents.rebuild_ids import ChainBatches, HomeTopics, read_home_ids
-from agents.snapshots import SnapshotKeeper, usable_snapshot
+from agents.hot_path.home_partition import HomePartition, ReplayFence
+from agents.hot_path.rebuild_ids import ChainBatches, HomeTopics, read_home_ids
+from agents.hot_path.snapshots import SnapshotKeeper, usable_snapshot
 from streams.kafka.batch_log import (
     BadChainRecord,
     BatchPart,
@@ -54,10 +51,8 @@ from tables.dedupe.seen_requests import SeenRequests
 
 __all__ = [
     "ChainBroken",
-    "HomePartition",
     "LogReplaced",
     "Rebuilder",
-    "ReplayFence",
     "follow_chain",
     "read_range",
 ]
@@ -69,49 +64,6 @@ log = logging.getLogger(__name__)
 REBUILT_SNAPSHOT_IDS = 10_000
 #: catch-ups (home partition rebuilds) at once, each with its own reader
 CONCURRENT_CATCH_UPS = 4
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayFence:
-    """A replay counted the events of ``usage_date`` below these positions itself."""
-
-    usage_date: str
-    usage_end: int
-    rerouted_end: int
-
-
-@dataclass(slots=True)
-class HomePartition:
-    partition: int
-    seen: SeenRequests
-    head: ChainHead = field(default_factory=ChainHead)
-    fences: dict[str, ReplayFence] = field(default_factory=dict)
-    #: the batch log's next offset as last seen: where this worker's next append must
-    #: land to be sure nothing came between (else it catches up; see agents/pipeline.py)
-    log_end: int = 0
-
-    def bounds(self) -> tuple[int, int] | None:
-        """The highest fence positions (usage, rerouted) this partition has not read past
-        in both topics, or None. Below them the replay counted a date; copies below must
-        be read before copies above, or a request could count on both sides."""
-        open_fences = [
-            f
-            for f in self.fences.values()
-            if self.head.usage_next < f.usage_end or self.head.rerouted_next < f.rerouted_end
-        ]
-        if not open_fences:
-            return None
-        return (
-            max(f.usage_end for f in open_fences),
-            max(f.rerouted_end for f in open_fences),
-        )
-
-    def fenced(self, usage_date: str, rerouted: bool, offset: int) -> bool:
-        """True when a replay counted this event (its date, below the fence)."""
-        fence = self.fences.get(usage_date)
-        if fence is None:
-            return False
-        return offset < (fence.rerouted_end if rerouted else fence.usage_end)
 
 
 class Rebuilder:
@@ -237,7 +189,7 @@ class Rebuilder:
         return ChainBatches(fences, usage_from, rerouted_from)
 
     async def _from_snapshot(self, consumer: AIOKafkaConsumer, partition: int) -> HomePartition:
-        """The state of the newest usable snapshot (agents/snapshots.py), else empty."""
+        """The state of the newest usable snapshot (agents/hot_path/snapshots.py), else empty."""
         if self.snapshots is None:
             return self.empty(partition)
 
