@@ -374,11 +374,12 @@ class DayTotals:
         try:
             return np.fromiter(map(codes.__getitem__, values), np.int64, len(values))
         except KeyError:
+            # the new values found in C (a batch of many-keys meets a few new users
+            # among thousands: a loop over every value cost more than the lookups)
             names = self._names[column]
-            for value in values:
-                if value not in codes:
-                    codes[value] = len(names)
-                    names.append(value)
+            for value in sorted(set(values).difference(codes)):
+                codes[value] = len(names)
+                names.append(value)
             return np.fromiter(map(codes.__getitem__, values), np.int64, len(values))
 
     def _add(self, keys: list[np.ndarray], sums: list[np.ndarray]) -> None:
