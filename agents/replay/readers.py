@@ -625,7 +625,7 @@ class ReaderProcesses:
     ) -> tuple[DayTotals, ReadCounts]:
         """Hand each reader its partitions' stretches up to the fences (``{partition:
         {topic: (start, end)}}``, empty for none) and add up what they found."""
-        totals = self.totals
+        totals, self.totals = self.totals, DayTotals()  # (the replay frees it once read)
         parts: list[ReadCountsJSON] = []
         for reader in self.readers:
             reader.send(extra={p: extra[p] for p in reader.group if p in extra})
