@@ -81,8 +81,6 @@ class ReadCountsJSON(TypedDict):
     unique: int
 
 
-#: Summary keys per ``totals`` line (a line is read whole into memory by the replay).
-TOTALS_PER_LINE = 10_000
 #: Seconds a reader gets to exit after ``done`` or after its stdin closed, before SIGKILL.
 EXIT_SECONDS = 10.0
 #: Errors a reader reports by class, raised again as such by the replay.
@@ -293,8 +291,11 @@ async def _read_range(
         await consumer.stop()
 
 
+_DUMPS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
 def _say(**message: object) -> None:
-    sys.stdout.buffer.write(orjson.dumps(message, option=orjson.OPT_NON_STR_KEYS) + b"\n")
+    sys.stdout.buffer.write(orjson.dumps(message, option=_DUMPS) + b"\n")
     sys.stdout.buffer.flush()
 
 
@@ -400,9 +401,8 @@ async def _read_group_until_done(settings: Settings) -> None:
 
 
 def _say_totals(totals: DayTotals) -> None:
-    rows = totals.sums()
-    for start in range(0, len(rows), TOTALS_PER_LINE):
-        _say(totals=rows[start : start + TOTALS_PER_LINE])
+    for chunk in totals.sums():  # (each a line of at most SUMS_PER_CHUNK keys)
+        _say(totals=chunk)
 
 
 def main() -> None:
@@ -507,7 +507,7 @@ class ReaderProcesses:
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     env=_child_env(),
-                    limit=64 * 1024 * 1024,  # a totals line: TOTALS_PER_LINE keys
+                    limit=64 * 1024 * 1024,  # a totals line: SUMS_PER_CHUNK keys
                 )
                 self.readers.append(_Reader([], process))
         except BaseException:
@@ -607,7 +607,7 @@ class ReaderProcesses:
                 progress(message["progress"])
                 return False
             if "totals" in message:
-                self.totals.add_sums(message["totals"])
+                self.totals.add_sums([message["totals"]])
                 return False
             read = message.get("read")
             if read is None:
@@ -625,14 +625,14 @@ class ReaderProcesses:
     ) -> tuple[DayTotals, ReadCounts]:
         """Hand each reader its partitions' stretches up to the fences (``{partition:
         {topic: (start, end)}}``, empty for none) and add up what they found."""
-        totals = self.totals
+        totals, self.totals = self.totals, DayTotals()  # (the replay frees it once read)
         parts: list[ReadCountsJSON] = []
         for reader in self.readers:
             reader.send(extra={p: extra[p] for p in reader.group if p in extra})
 
         def take(index: int, message: Message) -> bool:
             if "totals" in message:
-                totals.add_sums(message["totals"])
+                totals.add_sums([message["totals"]])
                 return False
             if "done" in message:
                 parts.append(message["done"])

@@ -400,8 +400,13 @@ async def run_replay(
                 report.counts = counts
                 lap("finish")
                 rows = totals.rows(day.isoformat())
-                if replay_id is not None:
-                    await publish_replay_result(
+                del totals
+                # the result goes to the replays topic while the replace works, and the
+                # replace commits only once it is there (replace_day's before_commit)
+                result = (
+                    None
+                    if replay_id is None
+                    else publish_replay_result(
                         settings,
                         replay_id,
                         day.isoformat(),
@@ -410,7 +415,7 @@ async def run_replay(
                         report.records_read,
                         started_at,
                     )
-                    lap("result")
+                )
                 with collector_paused():
                     report.outcome = await replace_day(
                         conn,
@@ -422,6 +427,7 @@ async def run_replay(
                         records_processed=report.records_read,
                         replay_id=replay_id,
                         list_changes=None if dry_run else LIST_CHANGES,
+                        before_commit=result,
                     )
             except Exception as error:
                 if not dry_run:

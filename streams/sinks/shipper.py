@@ -179,6 +179,8 @@ class SpoolingSink(RawSink):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._shipper
             self._shipper = None
+        # as the shipper left it: a cancel while _reject awaited its count left it short
+        REJECTED_SEGMENTS.set(len(await asyncio.to_thread(rejected_segments, self.spool.root)))
         await asyncio.to_thread(self.spool.close)
         for gauge in (SPOOL_BYTES, SPOOL_POINTS, SPOOL_OLDEST_AGE):
             gauge.set_function(lambda: 0.0)
@@ -297,8 +299,9 @@ class SpoolingSink(RawSink):
             "sink": self.name,
         }
         target = await asyncio.to_thread(self.spool.reject, segment, sidecar)
+        # the segment is set aside: count it and say so before the next await, which a
+        # close() may cancel (the gauge's count comes last; close() counts again)
         POINTS_REJECTED.inc(unwritten)
-        REJECTED_SEGMENTS.set(len(await asyncio.to_thread(rejected_segments, self.spool.root)))
         self._rejecting = not isinstance(rejection.error, SpoolCorrupt)
         self._last_rejection = time.monotonic()
         log.error(
@@ -310,6 +313,7 @@ class SpoolingSink(RawSink):
             rejection.attempts,
             target,
         )
+        REJECTED_SEGMENTS.set(len(await asyncio.to_thread(rejected_segments, self.spool.root)))
 
 
 def _iso(unix: float) -> str:

@@ -27,9 +27,11 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Sequence
+from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
+import numpy as np
 import orjson
 
 from tables.summary_db.schema import json_for_sqlite
@@ -38,7 +40,14 @@ from tables.summary_db.summary_store import SummaryRow
 if TYPE_CHECKING:
     from streams.model.event import UsageEvent
 
-__all__ = ["MEMORY_IDS", "BilledEvent", "DayTotals", "ReplayStaging", "sweep_abandoned"]
+__all__ = [
+    "MEMORY_IDS",
+    "BilledEvent",
+    "DayTotals",
+    "ReplayStaging",
+    "SumsChunk",
+    "sweep_abandoned",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +55,6 @@ Key = tuple[str, str, str]  # (client_org_id, user_id, model) within the date
 
 #: Request ids a reader keeps in memory before it spills them to its file (see above).
 MEMORY_IDS = 1_000_000
-
-
-#: One key's sums as :meth:`DayTotals.sums` lists them (a JSON array between processes):
-#: client, user, model, input_tokens, output_tokens, requests, estimated_requests, cost_nano
-SumsRow = tuple[str, str, str, int, int, int, int, int]
 
 
 class BilledEvent(NamedTuple):
@@ -229,25 +233,56 @@ class ReplayStaging:
         self.close()
 
 
+class SumsChunk(TypedDict):
+    """Part of a :class:`DayTotals` fold as :meth:`DayTotals.sums` lists it (JSON between
+    processes, self-contained): ``names`` per key column (client, user, model) and, per
+    key, the index of its name in each (``keys``), then its five sums (``sums``: input
+    tokens, output tokens, requests, estimated requests, cost in nano-USD)."""
+
+    names: list[list[str]]
+    keys: list[Any]  # three arrays of name indexes (numpy arrays, or lists once decoded)
+    sums: list[Any]  # five arrays of sums, likewise
+
+
+#: Keys per :class:`SumsChunk`: a chunk is one line of the reader protocol, read whole, and
+#: its names are at most 3 x this many strings of up to 256 characters.
+SUMS_PER_CHUNK = 10_000
+#: Below this bound on a column's sum of absolute values, int64 sums are exact (a column
+#: at or above it is summed as Python integers).
+_INT64_SAFE = 2**62
+_KEY_FIELDS = ("client_org_id", "user_id", "model")
+_VALUE_FIELDS = ("input_tokens", "output_tokens")
+
+
 class DayTotals:
     """The date's exact totals per (client, user, model), folded from first copies.
 
-    In memory: a date has as many of these as summary keys (tens or hundreds of
-    thousands), not events, and folding in Python costs less than grouping the events
-    again in SQL. Columns, not a list per key: a key's index into five lists of ints.
-    Why: a list per key is an object the garbage collector tracks for as long as the
-    fold lives, and with ~290k keys per reader (``--workload many-keys``) its young
-    collections took 1-2 s of a reader's ~8 s of CPU; ints and lists of them are one
-    object per column (the index's key tuples hold only strings, which the collector
-    stops tracking at its first look)."""
+    Columnar: each key column's strings get a small integer code (a dict per column), a
+    batch of events becomes arrays of codes and values, and the fold is a sort-based
+    group-by in numpy (:meth:`_fold`), run when enough batches are pending and before
+    the sums are read. Why: folding event by event into a dict keyed by the
+    (client, user, model) tuple cost ~1.7 µs per event on the many-keys workload
+    (``bench/run.py --workload many-keys``: ~290k keys per reader, so every lookup missed
+    the caches several times: the tuple, its three strings), ~26 % of a reader. A
+    lookup per column in a dict of that column's distinct values (40 clients, 5 models,
+    60k users there) plus numpy's group-by cost a fraction of that, and the fold holds
+    8 integers per key in arrays instead of a tuple, a dict entry and five ints.
+
+    Exact: sums are int64 only while a column's sum of absolute values stays below
+    ``_INT64_SAFE``; beyond it that column is summed as Python integers."""
 
     def __init__(self) -> None:
-        self._index: dict[Key, int] = {}
-        # input_tokens, output_tokens, requests, estimated_requests, cost_nano per key
-        self._columns: tuple[list[int], ...] = ([], [], [], [], [])
+        self._codes: tuple[dict[str, int], ...] = ({}, {}, {})
+        self._names: tuple[list[str], ...] = ([], [], [])
+        # the folded part: codes per key column, then the five sums, one row per key
+        self._keys: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(3)]
+        self._sums: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(5)]
+        self._pending: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
+        self._pending_rows = 0
 
     def __len__(self) -> int:
-        return len(self._index)
+        self._fold()
+        return len(self._keys[0])
 
     def add(self, entries: Iterable[BilledEvent]) -> None:
         entries = list(entries)
@@ -268,64 +303,153 @@ class DayTotals:
         """Fold the events flagged in ``fresh``, each with its cost in nano-USD and 1 if
         that was estimated (:func:`streams.pricing.bill`): :meth:`add` without a
         :class:`BilledEvent` per event (the reader's path)."""
-        index = self._index
-        inputs, outputs, requests, guesses, nanos = self._columns
-        for e, cost, guess, first in zip(events, costs, estimated, fresh, strict=True):
-            if not first:
-                continue
-            key = (e.client_org_id, e.user_id, e.model)
-            at = index.get(key)
-            if at is None:
-                index[key] = len(inputs)
-                inputs.append(e.input_tokens)
-                outputs.append(e.output_tokens)
-                requests.append(1)
-                guesses.append(guess)
-                nanos.append(cost)
-            else:
-                inputs[at] += e.input_tokens
-                outputs[at] += e.output_tokens
-                requests[at] += 1
-                guesses[at] += guess
-                nanos[at] += cost
-
-    def add_sums(self, rows: Iterable[SumsRow]) -> None:
-        """Add another fold's :meth:`sums` (a group of partitions read elsewhere)."""
-        index = self._index
-        inputs, outputs, requests, guesses, nanos = self._columns
-        for org, user, model, inp, out, count, guess, cost in rows:
-            key = (org, user, model)
-            at = index.get(key)
-            if at is None:
-                index[key] = len(inputs)
-                inputs.append(inp)
-                outputs.append(out)
-                requests.append(count)
-                guesses.append(guess)
-                nanos.append(cost)
-            else:
-                inputs[at] += inp
-                outputs[at] += out
-                requests[at] += count
-                guesses[at] += guess
-                nanos[at] += cost
-
-    def sums(self) -> list[list[str | int]]:
-        """``[client, user, model, input_tokens, output_tokens, requests,
-        estimated_requests, cost_nano]`` per key (JSON-friendly, for :meth:`add_sums`)."""
-        inputs, outputs, requests, guesses, nanos = self._columns
-        return [
-            [*key, inputs[at], outputs[at], requests[at], guesses[at], nanos[at]]
-            for key, at in self._index.items()
+        count = len(events)
+        if count != len(costs) or count != len(estimated) or count != len(fresh):
+            raise ValueError("add_events: events, costs, estimated and fresh differ in length")
+        if not count:
+            return
+        keep = np.fromiter(fresh, bool, count)
+        if not keep.any():
+            return
+        keys = [
+            self._encode(column, list(map(attrgetter(name), events)))
+            for column, name in enumerate(_KEY_FIELDS)
         ]
+        sums = [_integers(map(attrgetter(name), events), count) for name in _VALUE_FIELDS]
+        sums += [np.ones(count, np.int64), _integers(estimated, count), _integers(costs, count)]
+        if not keep.all():
+            keys = [column[keep] for column in keys]
+            sums = [column[keep] for column in sums]
+        self._add(keys, sums)
+
+    def add_sums(self, chunks: Iterable[SumsChunk]) -> None:
+        """Add another fold's :meth:`sums` (a group of partitions read elsewhere)."""
+        for chunk in chunks:
+            count = len(chunk["sums"][0])
+            if not count:
+                continue
+            keys = [
+                self._encode(column, names)[np.asarray(codes, np.int64)]
+                for column, (names, codes) in enumerate(
+                    zip(chunk["names"], chunk["keys"], strict=True)
+                )
+            ]
+            self._add(keys, [_integers(column, count) for column in chunk["sums"]])
+
+    def sums(self) -> list[SumsChunk]:
+        """The fold as self-contained chunks of at most ``SUMS_PER_CHUNK`` keys, for
+        :meth:`add_sums` (JSON-friendly with ``orjson.OPT_SERIALIZE_NUMPY``)."""
+        self._fold()
+        chunks: list[SumsChunk] = []
+        total = len(self._keys[0])
+        for start in range(0, total, SUMS_PER_CHUNK):
+            part = slice(start, start + SUMS_PER_CHUNK)
+            names: list[list[str]] = []
+            keys: list[Any] = []
+            for column, codes in enumerate(self._keys):
+                used, local = np.unique(codes[part], return_inverse=True)
+                every = self._names[column]
+                names.append([every[code] for code in used.tolist()])
+                keys.append(local.astype(np.int64))
+            sums = [_transportable(column[part]) for column in self._sums]
+            chunks.append({"names": names, "keys": keys, "sums": sums})
+        return chunks
 
     def rows(self, day: str) -> list[SummaryRow]:
-        inputs, outputs, requests, guesses, nanos = self._columns
+        self._fold()
+        clients, users, models = self._names
         make = SummaryRow._make
         return [
-            make((*key, day, inputs[at], outputs[at], requests[at], guesses[at], nanos[at]))
-            for key, at in self._index.items()
+            make((clients[c], users[u], models[m], day, *values))
+            for c, u, m, *values in zip(
+                *(column.tolist() for column in self._keys),
+                *(column.tolist() for column in self._sums),
+                strict=True,
+            )
         ]
+
+    def _encode(self, column: int, values: list[str]) -> np.ndarray:
+        """Each value's code in its column (new values get the next codes)."""
+        codes = self._codes[column]
+        try:
+            return np.fromiter(map(codes.__getitem__, values), np.int64, len(values))
+        except KeyError:
+            # the new values found in C (a batch of many-keys meets a few new users
+            # among thousands: a loop over every value cost more than the lookups)
+            names = self._names[column]
+            for value in sorted(set(values).difference(codes)):
+                codes[value] = len(names)
+                names.append(value)
+            return np.fromiter(map(codes.__getitem__, values), np.int64, len(values))
+
+    def _add(self, keys: list[np.ndarray], sums: list[np.ndarray]) -> None:
+        self._pending.append((keys, sums))
+        self._pending_rows += len(keys[0])
+        # fold once the batches waiting outnumber the keys folded: memory stays ~2x the
+        # fold's, and each row is sorted O(log) times at most
+        if self._pending_rows > max(_FOLD_AT_LEAST, len(self._keys[0])):
+            self._fold()
+
+    def _fold(self) -> None:
+        """The folded part and the pending batches grouped by key, sums added."""
+        if not self._pending:
+            return
+        parts = [(self._keys, self._sums), *self._pending]
+        self._pending, self._pending_rows = [], 0
+        keys = [np.concatenate([part[0][i] for part in parts]) for i in range(3)]
+        sums = [_concatenate([part[1][i] for part in parts]) for i in range(5)]
+        parts.clear()
+        sizes = [len(names) or 1 for names in self._names]
+        if sizes[0] * sizes[1] * sizes[2] < 2**63:  # one integer per key, in key order
+            packed = (keys[0] * sizes[1] + keys[1]) * sizes[2] + keys[2]
+            order = np.argsort(packed, kind="stable")
+            packed = packed[order]
+            starts = np.flatnonzero(np.concatenate(([True], packed[1:] != packed[:-1])))
+            first = order[starts]
+        else:  # (not expected: over 2**63 combinations of the names)
+            _, first_index, inverse = np.unique(
+                np.stack(keys, axis=1), axis=0, return_index=True, return_inverse=True
+            )
+            order = np.argsort(inverse.ravel(), kind="stable")
+            boundaries = inverse.ravel()[order]
+            starts = np.flatnonzero(np.concatenate(([True], boundaries[1:] != boundaries[:-1])))
+            first = first_index
+        self._keys = [column[first] for column in keys]
+        self._sums = [np.add.reduceat(_summable(column)[order], starts) for column in sums]
+
+
+#: Pending rows below which :class:`DayTotals` does not fold yet.
+_FOLD_AT_LEAST = 1 << 18
+
+
+def _integers(values: Iterable[int], count: int) -> np.ndarray:
+    """``values`` as int64, or as Python integers (object) when one does not fit."""
+    values = values if isinstance(values, (list, np.ndarray)) else list(values)
+    try:
+        return np.fromiter(values, np.int64, count)
+    except (OverflowError, TypeError):
+        return np.array(list(values), dtype=object)
+
+
+def _concatenate(columns: list[np.ndarray]) -> np.ndarray:
+    if all(column.dtype == np.int64 for column in columns):
+        return np.concatenate(columns)
+    return np.concatenate([column.astype(object) for column in columns])
+
+
+def _summable(column: np.ndarray) -> np.ndarray:
+    """``column`` itself when its int64 sums cannot overflow, else as Python integers."""
+    if column.dtype == np.int64 and len(column):
+        bound = float(np.abs(column.astype(np.float64)).sum())
+        if bound < _INT64_SAFE:
+            return column
+        return column.astype(object)
+    return column
+
+
+def _transportable(column: np.ndarray) -> Any:
+    """An int64 column as it is (orjson writes numpy arrays); Python integers as a list."""
+    return column if column.dtype == np.int64 else column.tolist()
 
 
 _PREFIX = ".replay-"

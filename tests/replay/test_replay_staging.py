@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tables.summary_db import replay_staging
 from tables.summary_db.replay_staging import BilledEvent, DayTotals, ReplayStaging, sweep_abandoned
 from tables.summary_db.summary_store import SummaryRow
 from tests.harness import REPO
@@ -156,3 +158,93 @@ def test_the_fold_of_flagged_events_is_the_fold_of_their_ledger_entries() -> Non
     merged.add_sums(plain.sums())
     assert sorted(flagged.rows("d")) == sorted(plain.rows("d")) == sorted(merged.rows("d"))
     assert len(flagged) == 3
+
+
+_NAMES = st.sampled_from(["a", "b", "żółw", 'q"\\', "d\x00", "long-" * 20])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            _NAMES,
+            _NAMES,
+            _NAMES,
+            st.integers(0, 10**12),
+            st.integers(0, 10**12),
+            st.integers(0, 10**15),
+            st.booleans(),
+        ),
+        max_size=60,
+    ),
+    st.integers(1, 9),
+    st.integers(1, 5),
+)
+def test_the_columnar_fold_is_the_exact_sum_per_key_through_chunks_and_json(
+    rows: list[tuple[str, str, str, int, int, int, bool]],
+    step: int,
+    chunk: int,
+) -> None:
+    """Folded batch by batch (and folded again and again: tiny thresholds), sent as JSON
+    chunks and added up by another fold: the same exact sums per key as a plain dict."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(replay_staging, "_FOLD_AT_LEAST", 2)
+        patch.setattr(replay_staging, "SUMS_PER_CHUNK", chunk)
+        _fold_and_compare(rows, step, chunk)
+
+
+def _fold_and_compare(
+    rows: list[tuple[str, str, str, int, int, int, bool]], step: int, chunk: int
+) -> None:
+    events = [
+        BilledEvent(f"r{i}", "d", 1, org, user, model, inp, out, cost, i % 2, 0, 0, i)
+        for i, (org, user, model, inp, out, cost, _) in enumerate(rows)
+    ]
+    fresh = [first for *_, first in rows]
+    totals = DayTotals()
+    for start in range(0, len(events), step):
+        part = slice(start, start + step)
+        totals.add_events(
+            events[part],
+            [e.cost_nano for e in events[part]],
+            [e.cost_estimated for e in events[part]],
+            fresh[part],
+        )
+    expected: dict[tuple[str, str, str], list[int]] = {}
+    for e, first in zip(events, fresh, strict=True):
+        if first:
+            sums = expected.setdefault((e.client_org_id, e.user_id, e.model), [0, 0, 0, 0, 0])
+            for i, value in enumerate(
+                (e.input_tokens, e.output_tokens, 1, e.cost_estimated, e.cost_nano)
+            ):
+                sums[i] += value
+    want = sorted(SummaryRow(*key, "d", *sums) for key, sums in expected.items())
+    assert sorted(totals.rows("d")) == want and len(totals) == len(want)
+    chunks = totals.sums()
+    assert all(len(c["sums"][0]) <= chunk for c in chunks)
+    sent = [orjson.loads(orjson.dumps(c, option=orjson.OPT_SERIALIZE_NUMPY)) for c in chunks]
+    merged = DayTotals()
+    merged.add_sums(sent[::2])
+    merged.add_sums(sent[1::2])
+    assert sorted(merged.rows("d")) == want
+
+
+def test_sums_past_64_bits_stay_exact() -> None:
+    """A column whose sums could overflow int64 is summed as Python integers (and sent
+    as such: orjson writes integers up to 2**64 - 1, as it did the former rows)."""
+    big = 2**62
+    totals = DayTotals()
+    totals.add_sums(
+        [
+            {"names": [["o"], ["u"], ["m"]], "keys": [[0], [0], [0]], "sums": [[big]] * 5},
+            {"names": [["o"], ["u"], ["m"]], "keys": [[0], [0], [0]], "sums": [[big + 5]] * 5},
+        ]
+    )
+    assert totals.rows("d") == [SummaryRow("o", "u", "m", "d", *[2 * big + 5] * 5)]
+    again = DayTotals()
+    again.add_sums(orjson.loads(orjson.dumps(totals.sums(), option=orjson.OPT_SERIALIZE_NUMPY)))
+    assert again.rows("d") == totals.rows("d")
+    again.add_sums(
+        [{"names": [["o"], ["u"], ["m"]], "keys": [[0], [0], [0]], "sums": [[2**70]] * 5}]
+    )
+    assert again.rows("d") == [SummaryRow("o", "u", "m", "d", *[2 * big + 5 + 2**70] * 5)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streams.sinks.lineprotocol import (
     RawPoint,
@@ -145,3 +147,73 @@ def test_times_outside_influxdb_range_are_clamped_not_rejected() -> None:
         assert len(times) == 2
         assert all(-(2**63) + 2 <= ns <= 2**63 - 2 for ns in times)
     assert line("a", "o", "u", "m", 1, 1, 0, 0, 5).endswith(f" {5_000_000 + sub_ms('a')}")
+
+
+def _reference_line(
+    request_id: str,
+    client_org_id: str,
+    user_id: str,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cost_nano: int,
+    markup_cost_nano: int,
+    event_ms: int,
+) -> str:
+    """The line as the module docstring writes it, part by part (no caches, no inlining)."""
+    top = 2**63 - 1
+    inp, out = min(input_tokens, top), min(output_tokens, top)
+    tags = ""
+    for key, value in (("client_org_id", client_org_id), ("model", model), ("user_id", user_id)):
+        if value:
+            escaped = "".join(
+                {"\\": "\\\\", ",": "\\,", " ": "\\ ", "=": "\\="}.get(c, c) for c in value
+            )
+            escaped = escaped.replace("\n", "\\n").replace("\r", "\\r")
+            tags += f",{key}={escaped}" + ("\\ " if value.endswith("\\") else "")
+    rid = "".join(
+        {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"}.get(c, c) for c in request_id
+    )
+    low, high = -(2**63 - 2) // 1_000_000 + 1, (2**63 - 2) // 1_000_000 - 1
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    ns = min(max(event_ms, low), high) * 1_000_000 + int.from_bytes(digest, "big") % 1_000_000
+    return (
+        f"usage_tracking{tags} input_tokens={inp}i,output_tokens={out}i,"
+        f"total_tokens={min(inp + out, top)}i,cost_usd={format_nano(min(cost_nano, top))},"
+        f"markup_cost_usd={format_nano(min(markup_cost_nano, top))},"
+        f'request_id="{rid}" {ns}'
+    )
+
+
+_TEXT = st.text(alphabet=st.sampled_from(list('ab\\, ="\n\rż\x00')), max_size=6)
+_COUNT = st.one_of(st.integers(0, 10**12), st.just(2**63 - 1), st.just(2**64))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(min_size=1, max_size=8),
+    _TEXT,
+    _TEXT,
+    _TEXT,
+    _COUNT,
+    _COUNT,
+    _COUNT,
+    _COUNT,
+    st.one_of(st.integers(-(2**64), 2**64), st.integers(0, 4 * 10**12)),
+)
+def test_line_is_the_documented_text_byte_for_byte(
+    request_id: str,
+    org: str,
+    user: str,
+    model: str,
+    inp: int,
+    out: int,
+    cost: int,
+    markup: int,
+    ms: int,
+) -> None:
+    """The hot path's line (caches, inlined time) is the documented text exactly: a
+    resent point must overwrite itself."""
+    args = (request_id, org, user, model, inp, out, cost, markup, ms)
+    assert line(*args) == _reference_line(*args)
+    assert line(*args) == to_line(RawPoint(*args))
