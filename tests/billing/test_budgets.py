@@ -256,3 +256,95 @@ def test_bad_budget_input_is_one_line_and_changes_nothing(stack: Stack) -> None:
     assert stored() == before
     assert stack.cli("budget", "rm", "org-1").returncode == 0
     assert stored() == []
+
+
+def test_removing_a_budget_drops_its_undelivered_alerts(stack: Stack) -> None:
+    """``budget rm`` while an alert waits for a receiver that is down: the alert is
+    dropped (kept on record, never sent: not to the budget's webhook once it is back, not
+    to ``BUDGET_WEBHOOK_URL``), the undelivered gauge falls to 0, and an alert delivered
+    before stays as it was."""
+    today = local_today()
+    month = month_of(today)
+    receiver = Receiver().start()  # the budget's own webhook
+    fallback = Receiver().start()  # BUDGET_WEBHOOK_URL: where a budget-less alert went
+    try:
+        stack.env["BUDGET_WEBHOOK_URL"] = fallback.url
+        worker = stack.worker().start()
+        worker.wait_assigned()
+        done = stack.cli(
+            "budget", "set", "org-r", "--monthly-usd", "1", "--alert-at", "50,100",
+            "--webhook", receiver.url,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        publish(stack, [event("r-1", "org-r", today, "0.5")])  # 65 %: 50 % delivered
+        wait_for(lambda: len(receiver.received) == 1, 60, "the 50 % alert")
+
+        receiver.stop()
+        publish(stack, [event("r-2", "org-r", today, "0.35", second=1)])  # 110 %
+        wait_for(
+            lambda: (
+                stack.query(
+                    "SELECT attempts >= 1 FROM budget_alerts WHERE threshold_pct = 100"
+                    " AND delivered = 0 AND last_error IS NOT NULL"
+                )
+                == [(1,)]
+            ),
+            60,
+            "the 100 % alert to fail",
+        )
+        wait_for(
+            lambda: worker.metrics()["usage_stream_budget_alerts_undelivered"] == 1,
+            30,
+            "the undelivered gauge at 1",
+        )
+
+        removed = stack.cli("budget", "rm", "org-r")
+        assert removed.returncode == 0, removed.stderr
+        assert removed.stdout.decode().strip() == (
+            "budget removed for org-r (1 undelivered alert dropped)"
+        )
+        ((attempts,),) = stack.query("SELECT attempts FROM budget_alerts WHERE threshold_pct = 100")
+        # kept on record: the delivered one as it was, the undelivered one dropped
+        assert stack.query(
+            "SELECT usage_month, threshold_pct, delivered, dropped_at IS NOT NULL, last_error"
+            " FROM budget_alerts ORDER BY threshold_pct"
+        ) == [
+            (month, 50, 1, 0, None),
+            (month, 100, 0, 1, "dropped: budget removed before delivery"),
+        ]
+        wait_for(
+            lambda: worker.metrics()["usage_stream_budget_alerts_undelivered"] == 0,
+            30,
+            "the undelivered gauge back to 0",
+        )
+        assert "usage_stream_budget_used_ratio{client_org_id=org-r}" not in worker.metrics()
+
+        # the receiver is back: another client's alert reaches it, the dropped one never
+        receiver.start()
+        done = stack.cli(
+            "budget", "set", "org-s", "--monthly-usd", "1", "--alert-at", "50",
+            "--webhook", receiver.url,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        publish(stack, [event("s-1", "org-s", today, "0.5")])
+        wait_for(lambda: len(receiver.received) == 2, 60, "org-s's alert")
+        # past the dropped one's next retry (backoff 1, 2, 4 … 60 s)
+        time.sleep(min(60, 2 ** max(attempts - 1, 0)) + 4 * INTERVAL)
+        assert [(b["client_org_id"], b["threshold_pct"]) for b in receiver.bodies] == [
+            ("org-r", 50),
+            ("org-s", 50),
+        ]
+        assert fallback.received == []
+        assert stack.query("SELECT attempts FROM budget_alerts WHERE threshold_pct = 100") == [
+            (attempts,)
+        ]
+        assert worker.metrics()["usage_stream_budget_alerts_undelivered"] == 0
+        # set again this month: the dropped threshold stays fired (once per month)
+        done = stack.cli("budget", "set", "org-r", "--monthly-usd", "1", "--alert-at", "50,100")
+        assert done.returncode == 0, done.stderr
+        time.sleep(4 * INTERVAL)
+        assert fallback.received == [] and len(receiver.received) == 2
+        assert worker.stop() == 0
+    finally:
+        receiver.stop()
+        fallback.stop()
