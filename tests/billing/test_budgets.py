@@ -21,6 +21,7 @@ from tests.billing.helpers import (
     publish,
     settled,
 )
+from tests.ground_truth import Expected, ground_truth
 from tests.harness import Stack, wait_for
 
 INTERVAL = 0.5  # the stack's ROLLUP_INTERVAL_SECONDS
@@ -348,3 +349,92 @@ def test_removing_a_budget_drops_its_undelivered_alerts(stack: Stack) -> None:
     finally:
         receiver.stop()
         fallback.stop()
+
+
+def test_a_receiver_that_hangs_never_blocks_billing(stack: Stack) -> None:
+    """A receiver that accepts the POST and answers only after HTTP_TIMEOUT_SECONDS:
+    the attempt fails with the timeout as its last_error, billing goes on exactly
+    meanwhile, and the alert is delivered once the receiver answers in time."""
+    today = local_today()
+    closed = today - timedelta(days=2)
+    receiver = Receiver().start()
+    receiver.hang_seconds = 3.0  # past the 1 s timeout below
+    try:
+        worker = stack.worker(HTTP_TIMEOUT_SECONDS="1").start()
+        worker.wait_assigned()
+        done = stack.cli(
+            "budget", "set", "org-h", "--monthly-usd", "1", "--alert-at", "50",
+            "--webhook", receiver.url,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        crossing = event("h-0", "org-h", today, "0.5")  # 65 %
+        publish(stack, [crossing])
+
+        def alert() -> list[tuple]:
+            return stack.query(
+                "SELECT delivered, attempts, last_error FROM budget_alerts"
+                " WHERE client_org_id = 'org-h' AND threshold_pct = 50"
+            )
+
+        wait_for(
+            lambda: (rows := alert()) and rows[0][0] == 0 and rows[0][1] >= 1,
+            60,
+            "a delivery attempt to time out",
+        )
+        assert alert()[0][2] == "no answer within 1 s"
+        assert receiver.hung and receiver.received == []
+
+        # billing while the receiver hangs: a closed day of three clients, exact
+        events = [
+            event(
+                f"h-{n}",
+                f"org-{'hij'[n % 3]}",
+                closed,
+                f"0.{n * 7919 % 10**9:09d}",
+                user=f"user-{n % 4}",
+                tokens=(100 + n, 20 + n),
+                second=n,
+            )
+            for n in range(1, 61)
+        ]
+        publish(stack, events)
+        settled(stack, 61)
+        truth = ground_truth(events)
+        columns = ", ".join(Expected._fields)
+        wait_for(
+            lambda: (
+                {
+                    tuple(row[:4]): Expected(*row[4:])
+                    for row in stack.query(
+                        f"SELECT client_org_id, user_id, model, usage_date, {columns}"
+                        " FROM usage_daily WHERE usage_date = ?",
+                        (closed.isoformat(),),
+                    )
+                }
+                == truth
+            ),
+            60,
+            "the closed day billed exactly",
+        )
+        (row,) = alert()
+        assert row[0] == 0 and row[2] == "no answer within 1 s", row
+        assert receiver.received == []
+
+        receiver.hang_seconds = 0
+        wait_for(lambda: len(receiver.received) == 1, 90, "the alert once the receiver answers")
+        assert receiver.bodies[0] | {"fired_at": None} == {
+            "client_org_id": "org-h",
+            "usage_month": month_of(today),
+            "threshold_pct": 50,
+            "limit_usd": "1.000000000",
+            "spent_usd": "0.650000000",
+            "fired_at": None,
+        }
+        wait_for(lambda: alert()[0][0] == 1, 30, "the delivery recorded")
+        delivered, attempts, last_error = alert()[0]
+        assert attempts >= 2 and last_error is None
+        assert worker.metrics()["usage_stream_budget_alerts_total{result=failed}"] >= 1
+        assert worker.stop() == 0
+    finally:
+        receiver.hang_seconds = 0
+        receiver.stop()
