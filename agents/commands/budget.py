@@ -5,8 +5,8 @@ replaces) a client's budget in marked-up USD per business-time month; the summar
 fires each threshold once per month (agents/budgets.py) and POSTs it to the webhook
 (else ``BUDGET_WEBHOOK_URL``). ``budget list`` shows every budget with this month's live
 spend and the alerts fired this month; ``budget rm ORG`` removes one (its fired alerts
-stay on record). Webhook URLs are shown as ``scheme://host/…``: their path may be a
-token.
+stay on record; the undelivered ones are dropped, never sent). Webhook URLs are shown
+as ``scheme://host/…``: their path may be a token.
 
 Runs without the Faust app (agents/main.py); bad input is one line on stderr, exit 2, and
 changes nothing; an unknown client for ``rm`` or an unusable DB exit 1.
@@ -143,7 +143,8 @@ def set_budget_command(org: str, monthly_usd: str, alert_at: str, webhook: str |
 @standalone.command(name="rm")
 @click.argument("org")
 def remove_budget_command(org: str) -> None:
-    """Remove a client's budget (its fired alerts stay on record).
+    """Remove a client's budget (its fired alerts stay on record; undelivered ones are
+    dropped, never sent).
 
     \b
     Example:
@@ -161,14 +162,17 @@ def remove_budget_command(org: str) -> None:
     except CommandDbError as error:
         fail(str(error))
     try:
-        removed = has_table(conn, "client_budgets") and remove_budget(conn, client)
+        removed, dropped = (
+            remove_budget(conn, client) if has_table(conn, "client_budgets") else (False, 0)
+        )
     except Exception as error:  # sqlite3.Error: one line, no traceback
         _db_error(settings, error)
     finally:
         conn.close()
     if not removed:
         fail(f"no budget for {client!r}: nothing removed")
-    print(f"budget removed for {client}")
+    dropped_note = f" ({dropped} undelivered alert{'s' if dropped != 1 else ''} dropped)"
+    print(f"budget removed for {client}{dropped_note if dropped else ''}")
 
 
 @standalone.command(name="list")

@@ -119,7 +119,7 @@ class BudgetWatch:
             budgets = {budget.client_org_id: budget for budget in list_budgets(conn)}
             (top,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM batch_runs").fetchone()
             (result.undelivered,) = conn.execute(
-                "SELECT COUNT(*) FROM budget_alerts WHERE delivered = 0"
+                "SELECT COUNT(*) FROM budget_alerts WHERE delivered = 0 AND dropped_at IS NULL"
             ).fetchone()
             months = {current_month}
             if self.position is None or not budgets:

@@ -4,7 +4,9 @@
 thresholds in percent (``50,80,100``), an optional webhook (NULL: ``BUDGET_WEBHOOK_URL``).
 ``budget_alerts``: one row per client, business-time month and threshold that fired (the
 primary key is what makes "at most once" hold across restarts and races), with its
-delivery state.
+delivery state. Removing a budget drops its client's undelivered alerts: they stay on
+record with ``dropped_at`` set and ``last_error`` :data:`DROPPED`, and are never sent; the
+delivered ones stay as they are.
 
 This module is the SQL and the validation; the watch that fires thresholds is
 tables/summary_db/budget_watch.py and the webhook delivery agents/budgets.py. Plain ``sqlite3``: the
@@ -24,6 +26,7 @@ from tables.summary_db.schema import utc_now_text
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "DROPPED",
     "MAX_LIMIT_USD",
     "AlertRow",
     "Budget",
@@ -45,6 +48,8 @@ MAX_LIMIT_USD = Decimal(1_000_000_000)
 MAX_THRESHOLD_PCT = 1000
 MAX_THRESHOLDS = 20
 _INTEGER = re.compile(r"\d{1,4}")
+#: ``last_error`` of an alert dropped by ``budget rm`` before it was delivered.
+DROPPED = "dropped: budget removed before delivery"
 
 
 class BudgetRefused(ValueError):
@@ -182,19 +187,33 @@ def set_budget(conn: sqlite3.Connection, budget: Budget) -> tuple[Budget, bool]:
     return _budget(stored), existed is None
 
 
-def remove_budget(conn: sqlite3.Connection, client_org_id: str) -> bool:
-    """Delete a client's budget; False (and nothing changed) when it has none. Its fired
-    alerts stay in ``budget_alerts`` (the record of what was sent)."""
+def remove_budget(conn: sqlite3.Connection, client_org_id: str) -> tuple[bool, int]:
+    """Delete a client's budget and drop its undelivered alerts, in one transaction:
+    (removed, alerts dropped); (False, 0) and nothing changed when it has none.
+
+    Its alerts stay in ``budget_alerts`` (the record of what was sent): the delivered ones
+    as they are, the undelivered ones with ``dropped_at`` and ``last_error`` =
+    :data:`DROPPED`, so the delivery never sends them (to ``BUDGET_WEBHOOK_URL`` or
+    anywhere) and they no longer count as undelivered. A budget set again later does not
+    revive them: each threshold fires at most once per month."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         cursor = conn.execute(
             "DELETE FROM client_budgets WHERE client_org_id = ?", (client_org_id,)
         )
+        removed = cursor.rowcount > 0
+        dropped = 0
+        if removed:
+            dropped = conn.execute(
+                "UPDATE budget_alerts SET dropped_at = ?, last_error = ?"
+                " WHERE client_org_id = ? AND delivered = 0 AND dropped_at IS NULL",
+                (utc_now_text(), DROPPED, client_org_id),
+            ).rowcount
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return cursor.rowcount > 0
+    return removed, dropped
 
 
 _ALERT_SELECT = """
@@ -220,10 +239,10 @@ def _alert(row: _AlertRowValues) -> AlertRow:
 
 
 def undelivered_alerts(conn: sqlite3.Connection) -> list[AlertRow]:
-    """Alerts not delivered yet, oldest first."""
+    """Alerts to deliver (not delivered, not dropped by ``budget rm``), oldest first."""
     rows = conn.execute(
-        _ALERT_SELECT + " WHERE a.delivered = 0 ORDER BY a.fired_at, a.client_org_id,"
-        " a.threshold_pct"
+        _ALERT_SELECT + " WHERE a.delivered = 0 AND a.dropped_at IS NULL"
+        " ORDER BY a.fired_at, a.client_org_id, a.threshold_pct"
     )
     return [_alert(row) for row in rows.fetchall()]
 
@@ -237,10 +256,18 @@ def alerts_of_month(conn: sqlite3.Connection, usage_month: str) -> list[AlertRow
 
 
 def mark_attempt(conn: sqlite3.Connection, key: tuple[str, str, int], error: str | None) -> None:
-    """Record one delivery attempt: delivered when ``error`` is None."""
+    """Record one delivery attempt: delivered when ``error`` is None. A failed attempt
+    that was under way when ``budget rm`` dropped the alert leaves it as dropped."""
     conn.execute(
         "UPDATE budget_alerts SET attempts = attempts + 1, last_error = ?,"
         " delivered = ?, delivered_at = ?"
-        " WHERE client_org_id = ? AND usage_month = ? AND threshold_pct = ?",
-        (error, int(error is None), utc_now_text() if error is None else None, *key),
+        " WHERE client_org_id = ? AND usage_month = ? AND threshold_pct = ?"
+        " AND (dropped_at IS NULL OR ?)",
+        (
+            error,
+            int(error is None),
+            utc_now_text() if error is None else None,
+            *key,
+            int(error is None),
+        ),
     )

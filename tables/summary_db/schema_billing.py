@@ -24,6 +24,9 @@ equal). Triggers on ``usage_daily`` keep them exact in the same transaction as e
 insert, update and delete, whoever writes; rows that fall to zero rows are deleted. They
 cost ~10-15 % more per ``usage_daily`` row written (measured on an 80k-row upsert) and
 let a year of every client be read as ~18k rows instead of 18M at 50k keys a day.
+
+After version 22: ``budget_alerts.dropped_at`` is set on the alerts still undelivered
+when their client's budget was removed (``budget rm``); nothing delivers them any more.
 """
 
 from __future__ import annotations
@@ -243,6 +246,14 @@ BILLING_MIGRATIONS: list[tuple[int, list[str]]] = [
             # a year of every client from these instead of 18M rows at 50k keys a day.
             *(stmt for table, keys in _LEVELS.items() for stmt in _totals_table(table, keys)),
             *_totals_triggers(),
+        ],
+    ),
+    (
+        22,
+        [
+            # Removing a budget drops its undelivered alerts: the row stays (delivered 0,
+            # last_error saying why), dropped_at says when; the delivery skips them.
+            "ALTER TABLE budget_alerts ADD COLUMN dropped_at TEXT",
         ],
     ),
 ]

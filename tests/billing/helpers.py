@@ -137,11 +137,16 @@ def one_line_error(result: Any) -> str:
 
 class Receiver:
     """A real webhook receiver on a fixed localhost port: records every POST (time and
-    JSON body), answers 200; can be stopped and started again on the same port."""
+    JSON body), answers 200; can be stopped and started again on the same port.
+
+    While ``hang_seconds`` > 0 it accepts each POST and reads it, then answers only after
+    that many seconds (a hung receiver): such POSTs go to ``hung``, not ``received``."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.received: list[tuple[float, dict[str, Any]]] = []
+        self.hung: list[dict[str, Any]] = []
+        self.hang_seconds = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
@@ -157,6 +162,10 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
         assert request.headers["Content-Type"].startswith("application/json")
+        if (hang := self.hang_seconds) > 0:
+            self.hung.append(body)
+            await asyncio.sleep(hang)
+            return web.json_response({"ok": "too late"})
         self.received.append((time.time(), body))
         return web.json_response({"ok": True})
 

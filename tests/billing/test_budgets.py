@@ -21,6 +21,7 @@ from tests.billing.helpers import (
     publish,
     settled,
 )
+from tests.ground_truth import Expected, ground_truth
 from tests.harness import Stack, wait_for
 
 INTERVAL = 0.5  # the stack's ROLLUP_INTERVAL_SECONDS
@@ -256,3 +257,184 @@ def test_bad_budget_input_is_one_line_and_changes_nothing(stack: Stack) -> None:
     assert stored() == before
     assert stack.cli("budget", "rm", "org-1").returncode == 0
     assert stored() == []
+
+
+def test_removing_a_budget_drops_its_undelivered_alerts(stack: Stack) -> None:
+    """``budget rm`` while an alert waits for a receiver that is down: the alert is
+    dropped (kept on record, never sent: not to the budget's webhook once it is back, not
+    to ``BUDGET_WEBHOOK_URL``), the undelivered gauge falls to 0, and an alert delivered
+    before stays as it was."""
+    today = local_today()
+    month = month_of(today)
+    receiver = Receiver().start()  # the budget's own webhook
+    fallback = Receiver().start()  # BUDGET_WEBHOOK_URL: where a budget-less alert went
+    try:
+        stack.env["BUDGET_WEBHOOK_URL"] = fallback.url
+        worker = stack.worker().start()
+        worker.wait_assigned()
+        done = stack.cli(
+            "budget", "set", "org-r", "--monthly-usd", "1", "--alert-at", "50,100",
+            "--webhook", receiver.url,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        publish(stack, [event("r-1", "org-r", today, "0.5")])  # 65 %: 50 % delivered
+        wait_for(lambda: len(receiver.received) == 1, 60, "the 50 % alert")
+
+        receiver.stop()
+        publish(stack, [event("r-2", "org-r", today, "0.35", second=1)])  # 110 %
+        wait_for(
+            lambda: (
+                stack.query(
+                    "SELECT attempts >= 1 FROM budget_alerts WHERE threshold_pct = 100"
+                    " AND delivered = 0 AND last_error IS NOT NULL"
+                )
+                == [(1,)]
+            ),
+            60,
+            "the 100 % alert to fail",
+        )
+        wait_for(
+            lambda: worker.metrics()["usage_stream_budget_alerts_undelivered"] == 1,
+            30,
+            "the undelivered gauge at 1",
+        )
+
+        removed = stack.cli("budget", "rm", "org-r")
+        assert removed.returncode == 0, removed.stderr
+        assert removed.stdout.decode().strip() == (
+            "budget removed for org-r (1 undelivered alert dropped)"
+        )
+        ((attempts,),) = stack.query("SELECT attempts FROM budget_alerts WHERE threshold_pct = 100")
+        # kept on record: the delivered one as it was, the undelivered one dropped
+        assert stack.query(
+            "SELECT usage_month, threshold_pct, delivered, dropped_at IS NOT NULL, last_error"
+            " FROM budget_alerts ORDER BY threshold_pct"
+        ) == [
+            (month, 50, 1, 0, None),
+            (month, 100, 0, 1, "dropped: budget removed before delivery"),
+        ]
+        wait_for(
+            lambda: worker.metrics()["usage_stream_budget_alerts_undelivered"] == 0,
+            30,
+            "the undelivered gauge back to 0",
+        )
+        assert "usage_stream_budget_used_ratio{client_org_id=org-r}" not in worker.metrics()
+
+        # the receiver is back: another client's alert reaches it, the dropped one never
+        receiver.start()
+        done = stack.cli(
+            "budget", "set", "org-s", "--monthly-usd", "1", "--alert-at", "50",
+            "--webhook", receiver.url,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        publish(stack, [event("s-1", "org-s", today, "0.5")])
+        wait_for(lambda: len(receiver.received) == 2, 60, "org-s's alert")
+        # past the dropped one's next retry (backoff 1, 2, 4 … 60 s)
+        time.sleep(min(60, 2 ** max(attempts - 1, 0)) + 4 * INTERVAL)
+        assert [(b["client_org_id"], b["threshold_pct"]) for b in receiver.bodies] == [
+            ("org-r", 50),
+            ("org-s", 50),
+        ]
+        assert fallback.received == []
+        assert stack.query("SELECT attempts FROM budget_alerts WHERE threshold_pct = 100") == [
+            (attempts,)
+        ]
+        assert worker.metrics()["usage_stream_budget_alerts_undelivered"] == 0
+        # set again this month: the dropped threshold stays fired (once per month)
+        done = stack.cli("budget", "set", "org-r", "--monthly-usd", "1", "--alert-at", "50,100")
+        assert done.returncode == 0, done.stderr
+        time.sleep(4 * INTERVAL)
+        assert fallback.received == [] and len(receiver.received) == 2
+        assert worker.stop() == 0
+    finally:
+        receiver.stop()
+        fallback.stop()
+
+
+def test_a_receiver_that_hangs_never_blocks_billing(stack: Stack) -> None:
+    """A receiver that accepts the POST and answers only after HTTP_TIMEOUT_SECONDS:
+    the attempt fails with the timeout as its last_error, billing goes on exactly
+    meanwhile, and the alert is delivered once the receiver answers in time."""
+    today = local_today()
+    closed = today - timedelta(days=2)
+    receiver = Receiver().start()
+    receiver.hang_seconds = 3.0  # past the 1 s timeout below
+    try:
+        worker = stack.worker(HTTP_TIMEOUT_SECONDS="1").start()
+        worker.wait_assigned()
+        done = stack.cli(
+            "budget", "set", "org-h", "--monthly-usd", "1", "--alert-at", "50",
+            "--webhook", receiver.url,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        crossing = event("h-0", "org-h", today, "0.5")  # 65 %
+        publish(stack, [crossing])
+
+        def alert() -> list[tuple]:
+            return stack.query(
+                "SELECT delivered, attempts, last_error FROM budget_alerts"
+                " WHERE client_org_id = 'org-h' AND threshold_pct = 50"
+            )
+
+        wait_for(
+            lambda: (rows := alert()) and rows[0][0] == 0 and rows[0][1] >= 1,
+            60,
+            "a delivery attempt to time out",
+        )
+        assert alert()[0][2] == "no answer within 1 s"
+        assert receiver.hung and receiver.received == []
+
+        # billing while the receiver hangs: a closed day of three clients, exact
+        events = [
+            event(
+                f"h-{n}",
+                f"org-{'hij'[n % 3]}",
+                closed,
+                f"0.{n * 7919 % 10**9:09d}",
+                user=f"user-{n % 4}",
+                tokens=(100 + n, 20 + n),
+                second=n,
+            )
+            for n in range(1, 61)
+        ]
+        publish(stack, events)
+        settled(stack, 61)
+        truth = ground_truth(events)
+        columns = ", ".join(Expected._fields)
+        wait_for(
+            lambda: (
+                {
+                    tuple(row[:4]): Expected(*row[4:])
+                    for row in stack.query(
+                        f"SELECT client_org_id, user_id, model, usage_date, {columns}"
+                        " FROM usage_daily WHERE usage_date = ?",
+                        (closed.isoformat(),),
+                    )
+                }
+                == truth
+            ),
+            60,
+            "the closed day billed exactly",
+        )
+        (row,) = alert()
+        assert row[0] == 0 and row[2] == "no answer within 1 s", row
+        assert receiver.received == []
+
+        receiver.hang_seconds = 0
+        wait_for(lambda: len(receiver.received) == 1, 90, "the alert once the receiver answers")
+        assert receiver.bodies[0] | {"fired_at": None} == {
+            "client_org_id": "org-h",
+            "usage_month": month_of(today),
+            "threshold_pct": 50,
+            "limit_usd": "1.000000000",
+            "spent_usd": "0.650000000",
+            "fired_at": None,
+        }
+        wait_for(lambda: alert()[0][0] == 1, 30, "the delivery recorded")
+        delivered, attempts, last_error = alert()[0]
+        assert attempts >= 2 and last_error is None
+        assert worker.metrics()["usage_stream_budget_alerts_total{result=failed}"] >= 1
+        assert worker.stop() == 0
+    finally:
+        receiver.hang_seconds = 0
+        receiver.stop()

@@ -237,7 +237,38 @@ def test_late_events_and_a_replay_after_the_close_become_exact_adjustments(
     lines = list(csv.DictReader(io.StringIO(text, newline="")))
     total = sum(Decimal(line["markup_cost_usd"]) for line in lines)
     assert total == Decimal(sum(values[6] for values in everything.values())) / 10**9
+    # the table format (the default) shows them as lines of their own too: the closed
+    # month as issued, then its adjustments; the open month the ones billed on it
+    recorded_lines = [
+        [str(id_), client, day, reason, billed_on, str(requests), usd(markup)]
+        for id_, client, day, reason, billed_on, requests, markup in stack.query(
+            "SELECT id, client_org_id, usage_date, reason, statement_month, requests,"
+            " markup_cost_nano FROM adjustments ORDER BY id"
+        )
+    ]
+    assert len(recorded_lines) == len(recorded)
+    for shown, title in (
+        (month, f"recorded after {month} closed (billed on statement_month)"),
+        (first_open, f"billed on {first_open}"),
+    ):
+        # COLUMNS: one table, not blocks, whatever terminal the tests run under
+        table = ok(stack.cli("report", "--month", shown, COLUMNS="250")).decode()
+        assert f"adjustments: corrections of a closed month {title}" in table, table
+        assert ("as issued" in table) == (shown == month), table
+        # id, client_org_id, usage_date, reason, statement_month, recorded_at, requests,
+        # estimated_requests, input/output/total_tokens, raw_cost_usd, markup_cost_usd, PLN
+        shown_lines = [cells for cells in table_rows(table) if cells[0].isdigit()]
+        assert [[*cells[:5], cells[6], cells[12]] for cells in shown_lines] == recorded_lines, table
     assert worker.stop() == 0
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of every row of the rich tables in ``text``."""
+    rows = []
+    for line in text.splitlines():
+        if "│" in line:
+            rows.append([cell.strip() for cell in line.strip().strip("│┃").split("│")])
+    return rows
 
 
 def usd(nano: int | None) -> str | None:
