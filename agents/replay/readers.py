@@ -16,7 +16,9 @@ talks JSON lines: the replay writes to its stdin, it writes to its stdout; logs 
 stderr. In order:
 
 1. replay → reader: the job: ``day``, ``partitions`` (the group), ``partition_count``,
-   ``from_offsets``, ``prices`` (the replay's snapshot, so every group prices alike).
+   ``from_offsets``, ``prices`` (the replay's snapshot, so every group prices alike),
+   ``losers`` (per partition of the group, the offsets of each topic's copies the workers
+   dead-lettered as conflicting duplicates: left out, :mod:`agents.replay.worker_verdicts`).
 2. reader → replay: ``ranges`` (its usage-topic slice, fixed), then ``progress`` per
    fetch, then ``totals`` lines (the usage slice's sums per key, in chunks: added up
    while the reader reads its rerouted slice and the other readers read), ``totals``
@@ -60,6 +62,9 @@ from streams.settings import Settings
 from tables.summary_db.replay_staging import MEMORY_IDS, DayTotals, ReplayStaging
 
 if TYPE_CHECKING:
+    from aiokafka import ConsumerRecord
+
+    from agents.replay.worker_verdicts import ConflictLosers
     from streams.model.event import KafkaRecord, UsageEvent
     from streams.model.pricing import Price
 
@@ -139,7 +144,9 @@ class _DayStager:
     """Validates fetched records and stages the events of the date, like the worker:
     from the usage topic only events at their home partition (a copy read elsewhere is
     counted through its rerouted copy, as the live pipeline counts it), from the rerouted
-    topic every one. Then deduplicates them (the first copy read wins, so in read order)
+    topic every one, leaving out the copies the workers judged conflicting duplicates
+    (``losers``: ``(rerouted, partition)`` -> offsets). Then deduplicates them (the first
+    copy read wins, so in read order: the copies left of a request bill alike)
     and folds the first copies into ``totals``: in this thread while the ids fit in
     memory, on a thread of its own (one batch at a time, awaited before the next) once
     they spilled to the staging file, whose SQL releases the GIL.
@@ -158,10 +165,12 @@ class _DayStager:
         prices: Mapping[str, Price],
         settings: Settings,
         partitions: int,
+        losers: Mapping[tuple[bool, int], set[int]],
     ) -> None:
         from streams.model.business_time import UsageDates, local_midnight_ms
 
         self.staging = staging
+        self.losers = losers
         self.totals = totals
         self.counts = counts
         self.prices = prices
@@ -176,7 +185,7 @@ class _DayStager:
         self.loop = asyncio.get_running_loop()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="replay-staging")
 
-    async def stage(self, rerouted: bool, batch: list[tuple[int, list[KafkaRecord]]]) -> int:
+    async def stage(self, rerouted: bool, batch: list[tuple[int, list[ConsumerRecord]]]) -> int:
         """One fetch: ``(partition, records)`` pairs; returns the records it held."""
         from streams.model.event import (
             MAX_FUTURE_MS,
@@ -201,6 +210,9 @@ class _DayStager:
 
         for partition, records in batch:
             count += len(records)
+            losers = self.losers.get((rerouted, partition))
+            if losers:
+                records = [record for record in records if record.offset not in losers]
             if not validate_all:  # only what may be an event of the date
                 records = [record for record in records if maybe_of_the_day(record)]
             for record, event in zip(records, parse_records(records), strict=True):
@@ -351,6 +363,11 @@ async def _read_group_until_done(settings: Settings) -> None:
         model: ModelPrice(model, Decimal(prompt), Decimal(completion), Decimal(request))
         for model, prompt, completion, request in job["prices"]
     }
+    losers = {
+        (topic == settings.rerouted_topic, int(partition)): set(offsets)
+        for partition, topics in job["losers"].items()
+        for topic, offsets in topics.items()
+    }
     counts, totals = ReadCounts(), DayTotals()
     with ReplayStaging(settings.summary_db_path.parent, MEMORY_IDS) as staging:
         async with ReplayReader(settings, day, from_offsets, partitions=group) as reader:
@@ -360,7 +377,7 @@ async def _read_group_until_done(settings: Settings) -> None:
                 ]
             )
             stager = _DayStager(
-                staging, totals, counts, day, prices, settings, job["partition_count"]
+                staging, totals, counts, day, prices, settings, job["partition_count"], losers
             )
             try:
                 await _read_slice(reader, stager, False, _say)
@@ -522,8 +539,10 @@ class ReaderProcesses:
         partition_count: int,
         from_offsets: Mapping[int, int] | None,
         prices: Mapping[str, Price],
+        losers: ConflictLosers | None = None,
     ) -> None:
-        """Give each of the first ``len(groups)`` readers its group (at most ``count``);
+        """Give each of the first ``len(groups)`` readers its group (at most ``count``)
+        and the conflict losers of its partitions;
         the others, not needed (fewer partitions than readers), find their stdin closed
         and exit."""
         job = {
@@ -541,7 +560,8 @@ class ReaderProcesses:
         self.readers = self.readers[: len(groups)]
         for reader, group in zip(self.readers, groups, strict=True):
             reader.group = group
-            reader.send(**job, partitions=group)
+            mine = {p: (losers or {})[p] for p in group if p in (losers or {})}
+            reader.send(**job, partitions=group, losers=mine)
             self._streams.append(reader.messages())
         for reader in spare:
             assert reader.process.stdin is not None

@@ -310,6 +310,7 @@ async def run_replay(
     from agents.replay.fences import append_fences, apply_up_to_fences
     from agents.replay.readers import ReaderProcesses, reader_groups
     from agents.replay.topic_slice import topic_partitions
+    from agents.replay.worker_verdicts import conflict_losers
     from tables.summary_db.batch_apply import BatchApplier
     from tables.summary_db.reference import latest_model_prices, record_batch_run
     from tables.summary_db.replay_store import Lap, replace_day
@@ -332,7 +333,9 @@ async def run_replay(
                 lap = Lap(report.read_timings)
                 partitions = await topic_partitions(settings, settings.USAGE_TOPIC)
                 groups = reader_groups(partitions, readers.count)
-                await readers.start(day, groups, len(partitions), from_offsets, prices)
+                # the copies the workers billed, where copies of a request conflict
+                losers = await conflict_losers(settings, day, from_offsets)
+                await readers.start(day, groups, len(partitions), from_offsets, prices, losers)
                 report.ranges = list((await readers.ranges()).values())
                 cut = [r.partition for r in report.ranges if r.cut]
                 if cut and not allow_partial:

@@ -298,10 +298,18 @@ class SpoolingSink(RawSink):
             "points": segment.points,
             "sink": self.name,
         }
-        target = await asyncio.to_thread(self.spool.reject, segment, sidecar)
-        # the segment is set aside: count it and say so before the next await, which a
-        # close() may cancel (the gauge's count comes last; close() counts again)
-        POINTS_REJECTED.inc(unwritten)
+
+        def set_aside() -> Path:
+            # counted in the thread that moves the file: a close() that cancels this task
+            # while the thread runs (tests wait for the file, then close) cannot separate
+            # the two
+            target = self.spool.reject(segment, sidecar)
+            POINTS_REJECTED.inc(unwritten)
+            return target
+
+        target = await asyncio.to_thread(set_aside)
+        # say so before the next await, which a close() may cancel (the gauge's count
+        # comes last; close() counts again)
         self._rejecting = not isinstance(rejection.error, SpoolCorrupt)
         self._last_rejection = time.monotonic()
         log.error(

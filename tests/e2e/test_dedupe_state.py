@@ -155,6 +155,36 @@ def test_conflicts_are_judged_alike_after_a_rebuild_and_a_snapshot_restart(
     assert len(dead_letters(stack, 3)) == 3
 
 
+def test_a_replay_bills_the_copy_the_worker_billed(stack: Stack) -> None:
+    """The copy billed was read from the rerouted topic in an earlier batch than the
+    conflicting copy at home in the usage topic. A replay, which reads the usage slice
+    before the rerouted one, leaves out the copy the worker dead-lettered and bills what
+    the worker billed; twice, the same."""
+    rid = "replayed-1"
+    day = "2026-11-20"
+    worker = stack.worker().start()
+    worker.wait_assigned()
+    stack.publish([usage(rid, input_tokens=100)], partitions=[away(rid)])
+    wait_for(lambda: billed(stack) == (1, 100), 60, "the rerouted copy billed")
+    stack.publish([usage(rid, input_tokens=999)], partitions=[home(rid)])
+    wait_for(lambda: metric(worker, CONFLICTS) == 1, 60, "the conflict")
+    wait_for(lambda: stack.records_committed() == 2, 30, "both records committed")
+    (letter,) = dead_letters(stack, 1)
+    assert letter[0] == usage(rid, input_tokens=999)
+
+    def daily() -> list[tuple[int, int]]:
+        return stack.query(
+            "SELECT requests, input_tokens FROM usage_daily WHERE usage_date = ?", (day,)
+        )
+
+    for _ in range(2):
+        done = stack.cli("replay", "--date", day, timeout=180)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        assert daily() == [(1, 100)]
+    assert billed(stack) == (1, 100)
+    assert worker.stop() == 0
+
+
 def _snapshot_files(stack: Stack) -> list[Path]:
     return sorted((Path(stack.env["DATA_DIR"]) / "snapshots").rglob("p*.npz"))
 
