@@ -157,8 +157,9 @@ class Settings(BaseSettings):
     BUSINESS_TIMEZONE: str = "Europe/Warsaw"
     WINDOW_GRACE_SECONDS: int = Field(3600, ge=0)
     DEDUP_TTL_DAYS: float = Field(7, gt=0)  # fractions allowed (tests use seconds)
-    # Per-event rows (the ledger that deduplicates and lets a late or replayed day be
-    # corrected) are pruned after this many days; unset = DEDUP_TTL_DAYS.
+    # How far back a worker that takes a home partition reads request ids from the topics
+    # (and the retention the usage and rerouted topics are created with, plus a day);
+    # unset = DEDUP_TTL_DAYS.
     LEDGER_RETENTION_DAYS: float | None = Field(None, gt=0)
     ROLLUP_INTERVAL_SECONDS: float = Field(5.0, gt=0)
     # A month's statement closes this many days after its last day

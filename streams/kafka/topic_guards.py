@@ -35,7 +35,9 @@ DAY_MS = 86_400_000
 #: Apache Kafka's default ``max.message.bytes``, set explicitly on the batch log: the
 #: worker keeps its records under it (streams/kafka/batch_log.py MAX_RECORD_BYTES).
 BATCH_LOG_MAX_MESSAGE_BYTES = 1_048_588
-#: Dead letters are kept a month by default: long enough to look at them and re-send.
+#: Dead letters are kept a month by default, long enough to look at them and re-send, and
+#: never less than the usage topic: a replay reads the workers' ``conflicting_duplicate``
+#: verdicts back from them (agents/replay/worker_verdicts.py).
 DLQ_RETENTION_DAYS = 30
 
 
@@ -61,7 +63,12 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
         settings.rerouted_topic: dict(source),
         settings.dlq_topic: {
             "cleanup.policy": "delete",
-            "retention.ms": str(max(DLQ_RETENTION_DAYS, settings.DEDUP_TTL_DAYS) * DAY_MS),
+            "retention.ms": str(
+                max(
+                    int(max(DLQ_RETENTION_DAYS, settings.DEDUP_TTL_DAYS) * DAY_MS),
+                    source_retention_ms(settings),
+                )
+            ),
         },
         settings.batch_log_topic: {
             "cleanup.policy": "delete",

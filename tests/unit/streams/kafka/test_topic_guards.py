@@ -25,6 +25,21 @@ def test_what_the_worker_creates_passes_its_own_checks(settings: Settings) -> No
     assert int(topic_configs(settings)["usage"]["retention.ms"]) == 8 * DAY_MS
 
 
+def test_dead_letters_outlive_the_usage_topic(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A month by default, and never less than the usage topic: a replay reads the
+    workers' conflict verdicts back from the dead letters."""
+    assert int(topic_configs(settings)["usage-dlq"]["retention.ms"]) == 30 * DAY_MS
+    monkeypatch.setenv("LEDGER_RETENTION_DAYS", "60")
+    longer = Settings()
+    assert int(topic_configs(longer)["usage-dlq"]["retention.ms"]) == 61 * DAY_MS
+    assert (
+        topic_configs(longer)["usage-dlq"]["retention.ms"]
+        == (topic_configs(longer)["usage"]["retention.ms"])
+    )
+
+
 def test_a_broker_that_reports_nothing_is_taken_at_its_defaults(settings: Settings) -> None:
     assert check_topic_configs(settings, {}) == []
 
