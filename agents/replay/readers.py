@@ -59,7 +59,12 @@ import orjson
 from agents.replay.topic_slice import PartitionRange, ReplayReader, ReplayReadError, TopicNotFound
 from streams.kafka.broker import BrokerUnreachable, groupless_consumer
 from streams.settings import Settings
-from tables.summary_db.replay_staging import MEMORY_IDS, DayTotals, ReplayStaging
+from tables.summary_db.replay_staging import (
+    MEMORY_IDS,
+    DayTotals,
+    ReplayStaging,
+    sweep_abandoned,
+)
 
 if TYPE_CHECKING:
     from aiokafka import ConsumerRecord
@@ -508,8 +513,11 @@ class ReaderProcesses:
     :meth:`start` and driven through the protocol of the module docstring. Leaving the
     block ends the readers still running (an error, a cancellation)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, staging_dir: Path | None = None) -> None:
         self.count = max(1, count)
+        #: where the readers keep their dedupe files (the summary DB's directory): swept
+        #: after a reader had to be killed, so no file outlives the replay
+        self.staging_dir = staging_dir
         self.readers: list[_Reader] = []
         self.totals = DayTotals()  # the readers' sums, added up as they arrive
         self._streams: list[AsyncIterator[Message]] = []
@@ -579,12 +587,20 @@ class ReaderProcesses:
     async def close(self) -> None:
         """End the readers still running (SIGTERM: they remove their dedupe files; one
         that said "done" is exiting on its own), and SIGKILL those that do not end
-        within ``EXIT_SECONDS``."""
+        within ``EXIT_SECONDS``. Their stdin is closed too: a reader whose SIGTERM came
+        while nothing could be cancelled (still starting, or in a call that swallowed
+        the cancellation) then finds it closed when it next waits for the replay, and
+        exits through the same clean-up instead of waiting for the SIGKILL, which would
+        leave its dedupe file to the next replay's sweep."""
         running = [r.process for r in self.readers if r.process.returncode is None]
         for reader in self.readers:
             if reader.process.returncode is None and not reader.done:
+                stdin = reader.process.stdin
+                if stdin is not None and not stdin.is_closing():
+                    stdin.close()
                 with contextlib.suppress(ProcessLookupError):
                     reader.process.terminate()
+        killed = False
         for process in running:
             try:
                 await asyncio.wait_for(asyncio.shield(process.wait()), EXIT_SECONDS)
@@ -592,6 +608,10 @@ class ReaderProcesses:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
+                killed = True
+        if killed and self.staging_dir is not None:
+            for gone in sweep_abandoned(self.staging_dir):
+                log.warning("removed %s, left by a replay reader that had to be killed", gone)
 
     async def _each(self, until: Callable[[int, Message], bool]) -> None:
         """Feed each reader's messages to ``until`` (reader index, message) until it

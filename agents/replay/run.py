@@ -321,7 +321,7 @@ async def run_replay(
     report = ReplayReport(day, settings.USAGE_TOPIC, dry_run)
     out = stream or sys.stderr
     # the readers start first: their start-up overlaps the checks and lookups below
-    async with ReaderProcesses(settings.replay_readers) as readers:
+    async with ReaderProcesses(settings.replay_readers, settings.summary_db_path.parent) as readers:
         conn = await connect(settings.summary_db_path)
         replay_id: str | None = None
         try:
