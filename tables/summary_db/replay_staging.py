@@ -422,13 +422,14 @@ class DayTotals:
 _FOLD_AT_LEAST = 1 << 18
 
 
-def _integers(values: Iterable[int], count: int) -> np.ndarray:
-    """``values`` as int64, or as Python integers (object) when one does not fit."""
+def _integers(values: Iterable[int | str], count: int) -> np.ndarray:
+    """``values`` as int64, or as Python integers (object) when one does not fit (or came
+    as decimal text: :func:`_transportable`)."""
     values = values if isinstance(values, (list, np.ndarray)) else list(values)
     try:
         return np.fromiter(values, np.int64, count)
-    except (OverflowError, TypeError):
-        return np.array(list(values), dtype=object)
+    except (OverflowError, TypeError, ValueError):
+        return np.array([int(value) for value in values], dtype=object)
 
 
 def _concatenate(columns: list[np.ndarray]) -> np.ndarray:
@@ -448,8 +449,17 @@ def _summable(column: np.ndarray) -> np.ndarray:
 
 
 def _transportable(column: np.ndarray) -> Any:
-    """An int64 column as it is (orjson writes numpy arrays); Python integers as a list."""
-    return column if column.dtype == np.int64 else column.tolist()
+    """An int64 column as it is (orjson writes numpy arrays); Python integers as a list,
+    those outside orjson's range (-2**63 .. 2**64 - 1) as decimal text, which
+    :func:`_integers` reads back exactly."""
+    if column.dtype == np.int64:
+        return column
+    return [
+        value if _ORJSON_MIN <= value <= _ORJSON_MAX else str(value) for value in column.tolist()
+    ]
+
+
+_ORJSON_MIN, _ORJSON_MAX = -(2**63), 2**64 - 1
 
 
 _PREFIX = ".replay-"

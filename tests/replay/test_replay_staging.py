@@ -248,3 +248,8 @@ def test_sums_past_64_bits_stay_exact() -> None:
         [{"names": [["o"], ["u"], ["m"]], "keys": [[0], [0], [0]], "sums": [[2**70]] * 5}]
     )
     assert again.rows("d") == [SummaryRow("o", "u", "m", "d", *[2 * big + 5 + 2**70] * 5)]
+    # and past orjson's 64 bits, between processes too (as decimal text)
+    sent = orjson.loads(orjson.dumps(again.sums(), option=orjson.OPT_SERIALIZE_NUMPY))
+    third = DayTotals()
+    third.add_sums(sent)
+    assert third.rows("d") == again.rows("d")
