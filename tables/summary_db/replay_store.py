@@ -50,6 +50,8 @@ from tables.summary_db.reference import rate_for_date, record_batch_run
 from tables.summary_db.schema import utc_now_text, write_transaction
 from tables.summary_db.statements import Usage, month_is_closed, record_adjustments
 from tables.summary_db.summary_store import (
+    IF_CHANGED,
+    INSERT_DAILY,
     Rate,
     SummaryRow,
     _markup_text,
@@ -321,21 +323,12 @@ _INSERT_NEW = f"INSERT INTO {_NEW_TABLE} VALUES ({', '.join('?' * len(_NEW_COLUM
 #: (the REAL ones as :func:`streams.money.nano_to_float` does: below 2**53 a nano amount
 #: is an exact double and ``x / 1e9`` is the correctly rounded quotient, as Python's
 #: ``x / 10**9``), the rate, its table and ``updated_at`` are the same for every row.
-_UPSERT_NEW = f"""
-INSERT INTO usage_daily (
-    client_org_id, user_id, model, usage_date, {", ".join(VALUE_COLUMNS)}, revision, updated_at
-)
+_UPSERT_NEW = f"""{INSERT_DAILY}
 SELECT client_org_id, user_id, model, :day, input_tokens, output_tokens,
     input_tokens + output_tokens, requests, estimated_requests, raw_cost_nano,
     markup_cost_nano, markup_cost_pln_nano, raw_cost_nano / 1e9, markup_cost_nano / 1e9,
     markup_cost_pln_nano / 1e9, :rate, :table_no, markup_multiplier, 1, :now
-FROM {_NEW_TABLE} WHERE true ORDER BY client_org_id, user_id, model
-ON CONFLICT (client_org_id, user_id, model, usage_date) DO UPDATE SET
-    {", ".join(f"{c} = excluded.{c}" for c in VALUE_COLUMNS)},
-    revision = usage_daily.revision + 1,
-    updated_at = excluded.updated_at
-WHERE {" OR ".join(f"usage_daily.{c} IS NOT excluded.{c}" for c in VALUE_COLUMNS)}
-"""
+FROM {_NEW_TABLE} WHERE true ORDER BY client_org_id, user_id, model{IF_CHANGED}"""
 _EXACT_IN_DOUBLE = 2**53
 _MAX_INTEGER = 2**63 - 1
 

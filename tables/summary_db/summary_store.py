@@ -37,6 +37,8 @@ from tables.summary_db.schema import json_for_sqlite, utc_now_text, write_transa
 from tables.summary_db.statements import Usage, month_is_closed, record_adjustments, usage_of_values
 
 __all__ = [
+    "IF_CHANGED",
+    "INSERT_DAILY",
     "DayRollup",
     "Rate",
     "SummaryRow",
@@ -166,16 +168,23 @@ async def _late_events(conn: aiosqlite.Connection, day: str) -> int:
     return int(row[0]) if row else 0
 
 
-_UPSERT = f"""
+#: The head of every ``usage_daily`` upsert: all its columns, in table order.
+INSERT_DAILY = f"""
 INSERT INTO usage_daily (
     client_org_id, user_id, model, usage_date, {", ".join(VALUE_COLUMNS)}, revision, updated_at
-) VALUES (?,?,?,?,{",".join("?" * len(VALUE_COLUMNS))},1,?)
+)"""
+#: The tail of every ``usage_daily`` upsert (the rollup's and the replay's): a row whose
+#: values all equal the stored ones is left alone, one that differs is rewritten with
+#: ``revision`` + 1. Why one rule: a revision counts real changes of a bill, whoever
+#: writes the row, and a consumer re-reads the rows whose revision moved.
+IF_CHANGED = f"""
 ON CONFLICT (client_org_id, user_id, model, usage_date) DO UPDATE SET
     {", ".join(f"{c} = excluded.{c}" for c in VALUE_COLUMNS)},
     revision = usage_daily.revision + 1,
     updated_at = excluded.updated_at
 WHERE {" OR ".join(f"usage_daily.{c} IS NOT excluded.{c}" for c in VALUE_COLUMNS)}
 """
+_UPSERT = f"{INSERT_DAILY} VALUES (?,?,?,?,{','.join('?' * len(VALUE_COLUMNS))},1,?){IF_CHANGED}"
 
 
 def _json_rows(revision: int) -> str:
@@ -195,17 +204,7 @@ FROM json_each(?)"""
 #: and 58 s beside a busy Python thread here; in the worker a closed day's rollup held
 #: SQLite's write lock for 6-9 s and stalled the summary writer. One statement releases
 #: the GIL for its whole run.
-_UPSERT_JSON = f"""
-INSERT INTO usage_daily (
-    client_org_id, user_id, model, usage_date, {", ".join(VALUE_COLUMNS)}, revision, updated_at
-)
-{_json_rows(revision=1)} WHERE true
-ON CONFLICT (client_org_id, user_id, model, usage_date) DO UPDATE SET
-    {", ".join(f"{c} = excluded.{c}" for c in VALUE_COLUMNS)},
-    revision = usage_daily.revision + 1,
-    updated_at = excluded.updated_at
-WHERE {" OR ".join(f"usage_daily.{c} IS NOT excluded.{c}" for c in VALUE_COLUMNS)}
-"""
+_UPSERT_JSON = f"{INSERT_DAILY}\n{_json_rows(revision=1)} WHERE true{IF_CHANGED}"
 _EXACT_IN_DOUBLE = 2**53
 _OPEN_COLUMNS = f"client_org_id, user_id, model, usage_date, {', '.join(VALUE_COLUMNS)}"
 _OPEN_UPSERT = (
