@@ -17,7 +17,13 @@ import sqlite3
 import urllib.parse
 from pathlib import Path
 
-__all__ = ["CommandDbError", "has_table", "open_read_only", "open_read_write"]
+__all__ = [
+    "CommandDbError",
+    "connect_read_only",
+    "has_table",
+    "open_read_only",
+    "open_read_write",
+]
 
 
 class CommandDbError(RuntimeError):
@@ -47,13 +53,21 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     """The existing DB, read-only; a missing file is an error, never a new empty DB."""
     if not path.is_file():
         raise CommandDbError(f"summary DB {path} does not exist (is DATA_DIR right?)")
-    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=30)
-        conn.execute("PRAGMA busy_timeout = 30000")
+        conn = connect_read_only(path)
         conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.Error as error:
         raise CommandDbError(f"summary DB {path} is not readable: {_reason(error)}") from None
+    return conn
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the file at ``path`` (``mode=ro``: it never creates one),
+    for every command that only reads (``budget list``, ``markup list``, ``report``).
+    Waits up to 30 s for the worker's write transactions rather than failing at once."""
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=30)
+    conn.execute("PRAGMA busy_timeout = 30000")
     return conn
 
 

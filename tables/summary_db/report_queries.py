@@ -15,12 +15,12 @@ tables have no closed months and no adjustments.
 from __future__ import annotations
 
 import sqlite3
-import urllib.parse
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 from tables.summary_db.columns import KEY_COLUMNS, SUMMED_COLUMNS
+from tables.summary_db.command_db import connect_read_only, has_table
 
 __all__ = [
     "AdjustmentRow",
@@ -111,15 +111,12 @@ class AdjustmentRow:
     created_at: str
 
 
-_SUMS = (
-    "requests, estimated_requests, input_tokens, output_tokens, total_tokens, raw_cost_nano,"
-    " markup_cost_nano, markup_cost_pln_nano"
-)
+_SUMS = ", ".join(SUMMED_COLUMNS)
 
 
 def closed_at(conn: sqlite3.Connection, month: date) -> str | None:
     """When ``month``'s statement was issued (None: open, or a DB without statements)."""
-    if _relation_kind(conn, "closed_months") is None:
+    if not has_table(conn, "closed_months"):
         return None
     row = conn.execute(
         "SELECT closed_at FROM closed_months WHERE usage_month = ?", (month.strftime("%Y-%m"),)
@@ -144,7 +141,7 @@ def adjustment_rows(
 ) -> list[AdjustmentRow]:
     """Of a closed month: the adjustments of its dates (every one is recorded after its
     close). Of an open month: the adjustments that land on it. In the order recorded."""
-    if _relation_kind(conn, "adjustments") is None:
+    if not has_table(conn, "adjustments"):
         return []
     start, end = month_bounds(month)
     where, params = (
@@ -171,29 +168,20 @@ def open_readonly(path: Path) -> sqlite3.Connection:
     """
     if not path.is_file():
         raise ReportSourceError(f"summary DB {path} does not exist")
-    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=30)
-        conn.execute("PRAGMA busy_timeout = 30000")
-        found = _relation_kind(conn, CLOSED_SOURCE)
+        conn = connect_read_only(path)
+        found = has_table(conn, CLOSED_SOURCE)
     except sqlite3.Error as error:
         raise ReportSourceError(f"summary DB {path} is not readable: {error}") from None
-    if found is None:
+    if not found:
         conn.close()
         raise ReportSourceError(f"{path} is not a usage-stream summary DB (no usage_daily)")
     return conn
 
 
-def _relation_kind(conn: sqlite3.Connection, name: str) -> str | None:
-    row = conn.execute(
-        "SELECT type FROM sqlite_master WHERE name = ? AND type IN ('table', 'view')", (name,)
-    ).fetchone()
-    return None if row is None else str(row[0])
-
-
 def usage_source(conn: sqlite3.Connection) -> str:
     """``usage_daily_live`` when the DB has it (table or view), else ``usage_daily``."""
-    return LIVE_SOURCE if _relation_kind(conn, LIVE_SOURCE) else CLOSED_SOURCE
+    return LIVE_SOURCE if has_table(conn, LIVE_SOURCE) else CLOSED_SOURCE
 
 
 def month_bounds(month: date) -> tuple[str, str]:
@@ -247,7 +235,7 @@ def unrolled_dates(conn: sqlite3.Connection, month: date) -> list[str]:
 
     Used only without ``usage_daily_live``: there, such a date has no closed data yet.
     """
-    if _relation_kind(conn, "rollup_pending") is None:
+    if not has_table(conn, "rollup_pending"):
         return []
     start, end = month_bounds(month)
     try:
