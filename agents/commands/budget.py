@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 import click
 
-from agents.commands.group import OneLineGroup, print_json, print_table
+from agents.commands.group import OneLineGroup, format_option, print_json, print_table
 from streams.cli import fail
 from streams.model.money import nano_text
 from streams.settings import Settings, get_settings, webhook_url_problem
@@ -176,13 +176,7 @@ def remove_budget_command(org: str) -> None:
 
 
 @standalone.command(name="list")
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    help="table (terminal) or json",
-)
+@format_option
 def list_budgets_command(output_format: str) -> None:
     """List the budgets with this month's live spend and the alerts fired.
 

@@ -20,7 +20,7 @@ import orjson
 
 from streams.cli import fail
 
-__all__ = ["OneLineGroup", "print_json", "print_table", "single_line"]
+__all__ = ["OneLineGroup", "format_option", "print_json", "print_table", "single_line"]
 
 
 class OneLineGroup(click.Group):
@@ -51,6 +51,17 @@ class OneLineGroup(click.Group):
         except click.Abort:
             fail("interrupted; nothing changed", 130)
         raise SystemExit(code if isinstance(code, int) else 0)
+
+
+#: ``--format`` of the groups' ``list`` commands: one option, so that every list offers
+#: the same choices under the same name (scripts switch between them).
+format_option = click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    help="table (terminal) or json",
+)
 
 
 def single_line(text: str) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from agents.commands.group import OneLineGroup, print_json, print_table
+from agents.commands.group import OneLineGroup, format_option, print_json, print_table
 from streams.cli import fail
 from streams.settings import get_settings
 
@@ -149,13 +149,7 @@ def rule_status(rules: list[MarkupRule], today: str) -> dict[int, str]:
 
 
 @standalone.command(name="list")
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    help="table (terminal) or json",
-)
+@format_option
 def list_rules_command(output_format: str) -> None:
     """List the markup rules, oldest first, and the default multiplier.
 

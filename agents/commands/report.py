@@ -47,6 +47,7 @@ from faust.cli import option
 from streams.app import settings
 from streams.cli import fail
 from streams.model.money import nano_text
+from tables.summary_db.columns import SUMMED_COLUMNS
 from tables.summary_db.report_queries import (
     AdjustmentRow,
     IssuedRow,
@@ -183,16 +184,7 @@ class StatementLine:
 
     def merge(self, other: StatementLine) -> None:
         """Add another line's sums (a grand total over clients)."""
-        for name in (
-            "requests",
-            "estimated_requests",
-            "input_tokens",
-            "output_tokens",
-            "total_tokens",
-            "raw_cost_nano",
-            "markup_cost_nano",
-            "markup_cost_pln_nano",
-        ):
+        for name in SUMMED_COLUMNS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.pln_pending_dates |= other.pln_pending_dates
         self.provisional_dates |= other.provisional_dates
