@@ -29,21 +29,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tables.summary_db.budgets import list_budgets
+from tables.summary_db.budgets import Fired, list_budgets
 from tables.summary_db.schema import open_sync, utc_now_text
 from tables.summary_db.statements import next_month
 
 __all__ = ["BudgetWatch", "Fired", "WatchPass", "previous_month"]
-
-
-@dataclass(frozen=True, slots=True)
-class Fired:
-    client_org_id: str
-    usage_month: str
-    threshold_pct: int
-    spent_nano: int
-    limit_nano: int
-    fired_at: str
 
 
 @dataclass(slots=True)

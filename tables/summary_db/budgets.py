@@ -31,6 +31,7 @@ __all__ = [
     "AlertRow",
     "Budget",
     "BudgetRefused",
+    "Fired",
     "alerts_of_month",
     "list_budgets",
     "mark_attempt",
@@ -67,8 +68,10 @@ class Budget:
 
 
 @dataclass(frozen=True, slots=True)
-class AlertRow:
-    """A ``budget_alerts`` row, and where it goes now (the budget's webhook, if any)."""
+class Fired:
+    """A threshold crossed: what ``budget_alerts`` records when it fires (budget_watch.py).
+    :class:`AlertRow` extends it, so that the alert fired and the alert read back for
+    delivery cannot drift apart."""
 
     client_org_id: str
     usage_month: str
@@ -76,6 +79,12 @@ class AlertRow:
     spent_nano: int
     limit_nano: int
     fired_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRow(Fired):
+    """A ``budget_alerts`` row, and where it goes now (the budget's webhook, if any)."""
+
     delivered: bool
     attempts: int
     last_error: str | None
