@@ -7,6 +7,7 @@ The views are plain handlers; those that read the worker's state are made for it
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import sqlite3
 import time
@@ -189,6 +190,33 @@ class BadRequest(ValueError):
     """A /usage parameter is missing or invalid; the message is the one-line reason."""
 
 
+def summary_writer_query(handler: Page) -> Page:
+    """A query page of the summary DB (``/usage``, ``/v1/usage/query``), its failures
+    answered alike (docs/contract.md §6): 404 on a worker that is not the summary writer
+    (it has no summary DB), 400 with the one-line reason of a :class:`BadRequest`, 503
+    when the read timed out or the DB could not be read. One place, so that a client
+    handles both pages' errors the same way."""
+
+    @functools.wraps(handler)
+    async def page(web: View, request: Request) -> Response:
+        if not settings.SUMMARY_WRITER:
+            return _json(
+                web,
+                {"error": "not the summary writer: ask the worker with SUMMARY_WRITER=true"},
+                404,
+            )
+        try:
+            return await handler(web, request)
+        except BadRequest as error:
+            return _json(web, {"error": str(error)}, status=400)
+        except ReadTimeout as error:
+            return _json(web, {"error": str(error)}, status=503)
+        except sqlite3.Error as error:
+            return _json(web, {"error": f"summary DB not readable: {error}"}, status=503)
+
+    return page
+
+
 def query_values(request: Request, name: str) -> list[str]:
     """Every value of query parameter ``name``. faust types ``Request.query`` as a
     ``Mapping``; under its aiohttp driver it is a ``MultiDictProxy``, repeats kept."""
@@ -237,6 +265,7 @@ def usage_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def usage_page(db: SharedSummaryDb) -> Page:
+    @summary_writer_query
     async def usage(web: View, request: Request) -> Response:
         """``GET /usage?client_org_id=…&from=YYYY-MM-DD&to=YYYY-MM-DD`` (docs/contract.md §6).
 
@@ -269,24 +298,10 @@ def usage_page(db: SharedSummaryDb) -> Page:
         with a 503. Served by the summary writer only (docs/contract.md §6): another worker answers
         404 with the reason, it has no summary DB.
         """
-        if not settings.SUMMARY_WRITER:
-            return _json(
-                web,
-                {"error": "not the summary writer: ask the worker with SUMMARY_WRITER=true"},
-                404,
-            )
-        try:
-            client, first, last = usage_query(request)
-        except BadRequest as error:
-            return _json(web, {"error": str(error)}, status=400)
-        try:
-            (rows,) = await read_summary(
-                db, (_USAGE_SQL, (client, first.isoformat(), last.isoformat()))
-            )
-        except ReadTimeout as error:
-            return _json(web, {"error": str(error)}, status=503)
-        except sqlite3.Error as error:
-            return _json(web, {"error": f"summary DB not readable: {error}"}, status=503)
+        client, first, last = usage_query(request)
+        (rows,) = await read_summary(
+            db, (_USAGE_SQL, (client, first.isoformat(), last.isoformat()))
+        )
         return _json(web, [usage_row(row) for row in rows])
 
     return usage

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -40,11 +39,11 @@ from faust.web import Request, Response, View
 from agents.web.server import (
     BadRequest,
     Page,
-    ReadTimeout,
     _date,
     _json,
     query_values,
     read_summary,
+    summary_writer_query,
 )
 from streams.app import settings
 from streams.model.money import nano_text
@@ -238,25 +237,12 @@ def wants_csv(accept: str) -> bool:
 
 
 def usage_query_page(db: SharedSummaryDb) -> Page:
+    @summary_writer_query
     async def usage_query(web: View, request: Request) -> Response:
         """The query API (module docstring)."""
-        if not settings.SUMMARY_WRITER:
-            return _json(
-                web,
-                {"error": "not the summary writer: ask the worker with SUMMARY_WRITER=true"},
-                404,
-            )
-        try:
-            query = parse_query(request)
-        except BadRequest as error:
-            return _json(web, {"error": str(error)}, status=400)
+        query = parse_query(request)
         as_of = utc_now_text()
-        try:
-            (rows,) = await read_summary(db, query_sql(query))
-        except ReadTimeout as error:
-            return _json(web, {"error": str(error)}, status=503)
-        except sqlite3.Error as error:
-            return _json(web, {"error": f"summary DB not readable: {error}"}, status=503)
+        (rows,) = await read_summary(db, query_sql(query))
         if len(rows) > MAX_ROWS:
             return _json(
                 web,
