@@ -162,25 +162,26 @@ class StatementLine:
     rates: dict[str, RateUse] = field(default_factory=dict)
 
     def add(self, row: ReportRow) -> None:
-        self.requests += row.requests
-        self.estimated_requests += row.estimated_requests
-        self.input_tokens += row.input_tokens
-        self.output_tokens += row.output_tokens
-        self.total_tokens += row.total_tokens
-        self.raw_cost_nano += row.raw_cost_nano
-        self.markup_cost_nano += row.markup_cost_nano
+        usage = row.usage
+        self.requests += usage.requests
+        self.estimated_requests += usage.estimated_requests
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.total_tokens += usage.total_tokens
+        self.raw_cost_nano += usage.raw_cost_nano
+        self.markup_cost_nano += usage.markup_cost_nano
         if not row.final:
             self.provisional_dates.add(row.usage_date)
-        if row.markup_cost_pln_nano is None or row.usd_pln_rate is None:
+        if usage.markup_cost_pln_nano is None or row.usd_pln_rate is None:
             self.pln_pending_dates.add(row.usage_date)
             return
-        self.markup_cost_pln_nano += row.markup_cost_pln_nano
+        self.markup_cost_pln_nano += usage.markup_cost_pln_nano
         use = self.rates.setdefault(row.usd_pln_rate, RateUse(row.usd_pln_rate))
         if row.nbp_table_no:
             use.nbp_table_no.add(row.nbp_table_no)
         use.usage_dates.add(row.usage_date)
-        use.markup_cost_nano += row.markup_cost_nano
-        use.markup_cost_pln_nano += row.markup_cost_pln_nano
+        use.markup_cost_nano += usage.markup_cost_nano
+        use.markup_cost_pln_nano += usage.markup_cost_pln_nano
 
     def merge(self, other: StatementLine) -> None:
         """Add another line's sums (a grand total over clients)."""
@@ -295,18 +296,11 @@ def as_issued(statement: Statement, issued: Sequence[IssuedRow]) -> None:
     only (rates and dates are on the detail lines, which show the rows as they are now)."""
     lines = []
     for row in issued:
+        pln = row.usage.markup_cost_pln_nano
         line = StatementLine(
-            row.client_org_id,
-            requests=row.requests,
-            estimated_requests=row.estimated_requests,
-            input_tokens=row.input_tokens,
-            output_tokens=row.output_tokens,
-            total_tokens=row.total_tokens,
-            raw_cost_nano=row.raw_cost_nano,
-            markup_cost_nano=row.markup_cost_nano,
-            markup_cost_pln_nano=row.markup_cost_pln_nano or 0,
+            row.client_org_id, **row.usage._replace(markup_cost_pln_nano=pln or 0)._asdict()
         )
-        if row.markup_cost_pln_nano is None:  # not issued so (a month waits for its rates)
+        if pln is None:  # not issued so (a month waits for its rates)
             line.pln_pending_dates.add(f"{statement.month}-01")
         lines.append(line)
     statement.clients = lines
@@ -318,15 +312,16 @@ def adjustment_values(adjustment: AdjustmentRow, month: str, detail: bool) -> di
     values: dict[str, Any] = {"usage_month": month, "client_org_id": adjustment.client_org_id}
     if detail:
         values |= {"user_id": None, "model": None}
-    pln = adjustment.markup_cost_pln_nano
+    deltas = adjustment.usage
+    pln = deltas.markup_cost_pln_nano
     values |= {
-        "requests": adjustment.requests,
-        "estimated_requests": adjustment.estimated_requests,
-        "input_tokens": adjustment.input_tokens,
-        "output_tokens": adjustment.output_tokens,
-        "total_tokens": adjustment.total_tokens,
-        "raw_cost_usd": nano_text(adjustment.raw_cost_nano),
-        "markup_cost_usd": nano_text(adjustment.markup_cost_nano),
+        "requests": deltas.requests,
+        "estimated_requests": deltas.estimated_requests,
+        "input_tokens": deltas.input_tokens,
+        "output_tokens": deltas.output_tokens,
+        "total_tokens": deltas.total_tokens,
+        "raw_cost_usd": nano_text(deltas.raw_cost_nano),
+        "markup_cost_usd": nano_text(deltas.markup_cost_nano),
         "markup_cost_pln": None if pln is None else nano_text(pln),
         "usd_pln_rate": None,
         "nbp_table_no": None,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tables.summary_db.columns import KEY_COLUMNS, SUMMED_COLUMNS
 from tables.summary_db.command_db import connect_read_only, has_table
+from tables.summary_db.statements import Usage
 
 __all__ = [
     "AdjustmentRow",
@@ -50,20 +51,14 @@ class ReportSourceError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class ReportRow:
-    """One ``usage_daily`` (or ``usage_daily_live``) row, money in exact nano-units."""
+    """One ``usage_daily`` (or ``usage_daily_live``) row; its sums (money in exact
+    nano-units) as the :class:`~tables.summary_db.statements.Usage` every sum row shares."""
 
     client_org_id: str
     user_id: str
     model: str
     usage_date: str
-    requests: int
-    estimated_requests: int
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
-    raw_cost_nano: int
-    markup_cost_nano: int
-    markup_cost_pln_nano: int | None
+    usage: Usage
     usd_pln_rate: str | None
     nbp_table_no: str | None
     final: bool
@@ -77,36 +72,23 @@ _ReportRowValues = tuple[
 
 @dataclass(frozen=True, slots=True)
 class IssuedRow:
-    """A ``statements`` row: a client's closed month as issued."""
+    """A ``statements`` row: a client's closed month as issued, its sums a ``Usage``."""
 
     client_org_id: str
     closed_at: str
-    requests: int
-    estimated_requests: int
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
-    raw_cost_nano: int
-    markup_cost_nano: int
-    markup_cost_pln_nano: int | None
+    usage: Usage
 
 
 @dataclass(frozen=True, slots=True)
 class AdjustmentRow:
-    """An ``adjustments`` row: a correction of a closed month, billed on ``statement_month``."""
+    """An ``adjustments`` row: a correction of a closed month, billed on ``statement_month``
+    (``usage`` holds the deltas)."""
 
     id: int
     client_org_id: str
     usage_date: str
     statement_month: str
-    requests: int
-    estimated_requests: int
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
-    raw_cost_nano: int
-    markup_cost_nano: int
-    markup_cost_pln_nano: int | None
+    usage: Usage
     reason: str
     created_at: str
 
@@ -133,7 +115,9 @@ def issued_rows(conn: sqlite3.Connection, month: date, client: str | None) -> li
     )
     label = month.strftime("%Y-%m")
     params: tuple[str, ...] = (label,) if client is None else (label, client)
-    return [IssuedRow(*row) for row in conn.execute(sql, params).fetchall()]
+    return [
+        IssuedRow(row[0], row[1], Usage(*row[2:])) for row in conn.execute(sql, params).fetchall()
+    ]
 
 
 def adjustment_rows(
@@ -157,7 +141,10 @@ def adjustment_rows(
         f" FROM adjustments WHERE {where} ORDER BY id",
         params,
     ).fetchall()
-    return [AdjustmentRow(*row) for row in rows]
+    return [
+        AdjustmentRow(row[0], row[1], row[2], row[3], Usage(*row[4:12]), row[12], row[13])
+        for row in rows
+    ]
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:
@@ -210,7 +197,10 @@ def month_rows(
         rows: list[_ReportRowValues] = conn.execute(sql, params).fetchall()
     except sqlite3.Error as error:
         raise ReportSourceError(f"cannot read {source}: {error}") from None
-    daily = [ReportRow(*row[:14], final=bool(row[14])) for row in rows]
+    daily = [
+        ReportRow(*row[:4], Usage(*row[4:12]), row[12], row[13], final=bool(row[14]))
+        for row in rows
+    ]
     _refuse_double_rows(daily, source)
     return daily
 
