@@ -243,16 +243,24 @@ def _date(request: Request, name: str) -> date:
         raise BadRequest(f"{name} must be a date YYYY-MM-DD, got {text[:40]!r}") from None
 
 
+def date_range(request: Request, max_days: int) -> tuple[date, date]:
+    """``from`` and ``to`` of a query page, both inclusive, or :class:`BadRequest`. Each
+    page passes its own bound (``/usage`` :data:`MAX_RANGE_DAYS`, the query API its
+    own): the checks and their messages stay one, so a client reads both pages' alike."""
+    first, last = _date(request, "from"), _date(request, "to")
+    if first > last:
+        raise BadRequest(f"from {first} is after to {last}")
+    if (days := (last - first).days + 1) > max_days:
+        raise BadRequest(f"range over {max_days} days ({days}): ask for it in parts")
+    return first, last
+
+
 def usage_query(request: Request) -> tuple[str, date, date]:
     """(client_org_id, from, to) of a /usage request, or :class:`BadRequest`."""
     client = _one(request, "client_org_id")
     if not 1 <= len(client) <= MAX_CLIENT_ID_CHARS:
         raise BadRequest(f"client_org_id must be 1-{MAX_CLIENT_ID_CHARS} characters")
-    first, last = _date(request, "from"), _date(request, "to")
-    if first > last:
-        raise BadRequest(f"from {first} is after to {last}")
-    if (days := (last - first).days + 1) > MAX_RANGE_DAYS:
-        raise BadRequest(f"range over {MAX_RANGE_DAYS} days ({days}): ask for it in parts")
+    first, last = date_range(request, MAX_RANGE_DAYS)
     return client, first, last
 
 

@@ -39,8 +39,8 @@ from faust.web import Request, Response, View
 from agents.web.server import (
     BadRequest,
     Page,
-    _date,
     _json,
+    date_range,
     query_values,
     read_summary,
     summary_writer_query,
@@ -111,11 +111,7 @@ def parse_query(request: Request) -> Query:
     for name in request.query:
         if name not in PARAMETERS:
             raise BadRequest(f"unknown parameter {name[:40]!r}: expected {', '.join(PARAMETERS)}")
-    first, last = _date(request, "from"), _date(request, "to")
-    if first > last:
-        raise BadRequest(f"from {first} is after to {last}")
-    if (days := (last - first).days + 1) > MAX_RANGE_DAYS:
-        raise BadRequest(f"range over {MAX_RANGE_DAYS} days ({days}): ask for it in parts")
+    first, last = date_range(request, MAX_RANGE_DAYS)
     clients = tuple(dict.fromkeys(query_values(request, "client_org_id")))
     if len(clients) > MAX_CLIENTS:
         raise BadRequest(f"more than {MAX_CLIENTS} client_org_id values ({len(clients)})")
