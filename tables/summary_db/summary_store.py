@@ -56,11 +56,12 @@ __all__ = [
 _WORKER = f"{socket.gethostname()}"
 _IN_CHUNK = 900  # bound parameters per IN (...) query
 #: Summary keys per step of :func:`rollup_day` and :func:`refresh_open_days`. Why this
-#: size: while its step runs a key costs ~1.3 kB of Python objects (the row read, its
-#: :class:`SummaryRow`, its 19 values and its part of the JSON payload), so a step holds
-#: ~26 MB, where a many-keys date of 289k keys taken whole raised the worker's RSS by
-#: ~370 MB (docs/performance.md); and a step's fixed cost (two statements) is lost
-#: against 20,000 rows.
+#: size: a step's keys are all in Python at once (the rows read, their
+#: :class:`SummaryRow`, 19 values each, the JSON payload), ~3 kB a key at the peak, so
+#: closing a date of 289k keys peaks at +65 MB with 20,000 (+36 MB with 10,000, +153 MB
+#: with 50,000), where the whole date at once took +507 MB (bench/rollup_memory.py,
+#: docs/performance.md); and the steps' own cost (two statements each) is lost against
+#: their rows: 5,000 to 50,000 took the same ~6.2-6.6 s as the whole date.
 CHUNK_KEYS = 20_000
 
 
@@ -410,13 +411,19 @@ def _as_json(values: Sequence[SummaryValues]) -> str | None:
 RateLookup = Callable[[aiosqlite.Connection, date], Awaitable[Rate | None]]
 
 
-def _merged(row: sqlite3.Row) -> tuple[SummaryRow, SummaryRow, Usage | None]:
-    """A :data:`_ROLLUP_CHUNK_SQL` row as its pending increments, the row's new totals
-    (stored plus pending) and its stored sums (None: no row yet; the "before" of an
-    adjustment)."""
+class _Merge(NamedTuple):
+    """One key of a date being closed."""
+
+    pending: SummaryRow  # the increments
+    total: SummaryRow  # the row's new totals: stored plus pending
+    before: Usage | None  # the stored sums (None: no row yet); an adjustment's "before"
+
+
+def _merged(row: sqlite3.Row) -> _Merge:
+    """A :data:`_ROLLUP_CHUNK_SQL` row as a :class:`_Merge`."""
     pending = SummaryRow(*row[:9])
     if not row[9]:
-        return pending, pending, None
+        return _Merge(pending, pending, None)
     before = Usage(*row[10:18])
     stored = SummaryRow(
         pending.client_org_id,
@@ -429,7 +436,7 @@ def _merged(row: sqlite3.Row) -> tuple[SummaryRow, SummaryRow, Usage | None]:
         before.estimated_requests,
         before.raw_cost_nano,
     )
-    return pending, stored.plus(pending), before
+    return _Merge(pending, stored.plus(pending), before)
 
 
 async def rollup_day(
@@ -462,18 +469,19 @@ async def rollup_day(
         last_client: str | None = None
         async for chunk in _day_chunks(conn, day, _ROLLUP_CHUNK_SQL):
             merged = [_merged(row) for row in chunk]
-            values = summary_values([row for _, row, _ in merged], markups, rate, now)
+            values = summary_values([m.total for m in merged], markups, rate, now)
             if adjustments is not None:
                 adjustments.add(
-                    (str(v[0]), before, usage_of_values(v))
-                    for (_, _, before), v in zip(merged, values, strict=True)
+                    (str(v[0]), m.before, usage_of_values(v))
+                    for m, v in zip(merged, values, strict=True)
                 )
             written += await upsert_summary_values(conn, values)
-            for pending, _, _ in merged:
-                records += pending.requests
-                if pending.client_org_id != last_client:  # key order: a client's keys in a row
+            for m in merged:
+                records += m.pending.requests
+                client = m.pending.client_org_id
+                if client != last_client:  # in key order, a client's keys come together
                     clients += 1
-                    last_client = pending.client_org_id
+                    last_client = client
         if adjustments is not None:
             await adjustments.write(conn, day, "late_events")
         await conn.execute("DELETE FROM daily_pending WHERE usage_date = ?", (day,))
