@@ -1,14 +1,15 @@
 """Peak RSS and seconds of closing one date of many keys (``rollup_day``), alone.
 
     nice -n 19 .venv/bin/python bench/rollup_memory.py [--keys 289000] [--stored 0]
-        [--chunk N] [--code DIR]
+        [--chunk N] [--open] [--code DIR]
 
 Fills a summary DB (the project's migrations) with one date of ``--keys`` pending keys
 shaped like the many-keys workload's (40 organisations, end users, 5 models; key ids in
 an order unrelated to key order), ``--stored`` of them already in ``usage_daily`` from an
 earlier close (so that they merge), then closes the date in a fresh process and prints
 that process's RSS before the close, its peak (``VmHWM``) and the close's seconds.
-``--chunk N`` sets ``CHUNK_KEYS``; ``--code DIR`` imports the project from another
+``--open`` refreshes the date's provisional rows instead (``refresh_open_days``, every
+key dirty); ``--chunk N`` sets ``CHUNK_KEYS``; ``--code DIR`` imports the project from another
 checkout (e.g. the main one, to compare with the code before a change).
 """
 
@@ -80,10 +81,10 @@ async def _no_rate(conn: object, day: object) -> None:
     return None
 
 
-async def _close(path: Path, chunk: int | None) -> None:
+async def _close(path: Path, chunk: int | None, open_day: bool) -> None:
     from tables.summary_db import summary_store
     from tables.summary_db.schema import connect
-    from tables.summary_db.summary_store import rollup_day
+    from tables.summary_db.summary_store import refresh_open_days, rollup_day
 
     if chunk is not None:
         summary_store.CHUNK_KEYS = chunk  # type: ignore[attr-defined]  # absent before chunks
@@ -92,13 +93,16 @@ async def _close(path: Path, chunk: int | None) -> None:
     try:
         before_kb = _status_kb("VmRSS")
         started = time.perf_counter()
-        result = await rollup_day(conn, DAY, Decimal("1.3"), _no_rate)
+        if open_day:
+            rows = await refresh_open_days(conn, [DAY], Decimal("1.3"), _no_rate)
+        else:
+            rows = (await rollup_day(conn, DAY, Decimal("1.3"), _no_rate)).summaries_written
         seconds = time.perf_counter() - started
     finally:
         await conn.close()
     print(
         f"{Path(rollup_day.__code__.co_filename).parents[2].name}"
-        f" rollup_day: {result.summaries_written} rows in {seconds:.2f} s;"
+        f" {'refresh_open_days' if open_day else 'rollup_day'}: {rows} rows in {seconds:.2f} s;"
         f" RSS {before_kb / 1024:.0f} MB before, peak {_status_kb('VmHWM') / 1024:.0f} MB"
         f" (+{(_status_kb('VmHWM') - before_kb) / 1024:.0f} MB)"
     )
@@ -109,12 +113,13 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=289_000)
     parser.add_argument("--stored", type=int, default=0)
     parser.add_argument("--chunk", type=int)
+    parser.add_argument("--open", action="store_true")
     parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--close", type=Path, help=argparse.SUPPRESS)  # the child's DB
     args = parser.parse_args()
     sys.path.insert(0, str(args.code.resolve()))
     if args.close is not None:
-        asyncio.run(_close(args.close, args.chunk))
+        asyncio.run(_close(args.close, args.chunk, args.open))
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "usage.db"
@@ -122,6 +127,8 @@ def main() -> None:
         command = [sys.executable, __file__, "--code", str(args.code), "--close", str(path)]
         if args.chunk is not None:
             command += ["--chunk", str(args.chunk)]
+        if args.open:
+            command.append("--open")
         subprocess.run(command, check=True)
 
 
