@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from tables.summary_db.summary_store import SummaryValues
 
 __all__ = [
+    "AdjustmentDeltas",
     "MonthClose",
     "Usage",
     "close_due_months",
@@ -121,6 +122,48 @@ async def first_open_month(conn: aiosqlite.Connection) -> str | None:
     return None if last is None else next_month(last)
 
 
+class AdjustmentDeltas:
+    """Per-client sums of the changes (client, row before or None, row after or None) to
+    one date's rows, fed in any number of steps and written once: a rollup reads a
+    date's keys in chunks (tables/summary_db/summary_store.py), but ``adjustments`` has
+    one row per client and date with the whole change. The PLN delta is None when a side
+    has no PLN amount. Memory is one small list per client, not per key."""
+
+    def __init__(self) -> None:
+        self._deltas: dict[str, list[int | None]] = {}
+
+    def add(self, changes: Iterable[tuple[str, Usage | None, Usage | None]]) -> None:
+        deltas = self._deltas
+        for client, old, new in changes:
+            before, after = old or ZERO, new or ZERO
+            delta = deltas.setdefault(client, [0] * len(SUMMED_COLUMNS))
+            for index in range(len(SUMMED_COLUMNS)):
+                was, now, sum_so_far = before[index], after[index], delta[index]
+                if was is None or now is None or sum_so_far is None:
+                    delta[index] = None
+                else:
+                    delta[index] = sum_so_far + now - was
+
+    async def write(self, conn: aiosqlite.Connection, usage_date: str, reason: str) -> int:
+        """Inside the caller's transaction: one ``adjustments`` row per client whose sum
+        differs. Returns the rows written (none while no month is closed)."""
+        statement_month = await first_open_month(conn)
+        if statement_month is None:  # no month closed: nothing to adjust
+            return 0
+        rows = [
+            (client, usage_date, statement_month, *delta, reason, utc_now_text())
+            for client, delta in sorted(self._deltas.items())
+            if any(value != 0 for value in delta)
+        ]
+        await conn.executemany(
+            f"INSERT INTO adjustments (client_org_id, usage_date, statement_month,"
+            f" {', '.join(SUMMED_COLUMNS)}, reason, created_at)"
+            f" VALUES (?, ?, ?, {', '.join('?' * len(SUMMED_COLUMNS))}, ?, ?)",
+            rows,
+        )
+        return len(rows)
+
+
 async def record_adjustments(
     conn: aiosqlite.Connection,
     usage_date: str,
@@ -130,31 +173,11 @@ async def record_adjustments(
     """Inside the caller's transaction: one ``adjustments`` row per client of
     ``changes`` (client, row before or None, row after or None) whose sum differs; the
     PLN delta is NULL when a side has no PLN amount. Returns the rows written."""
-    statement_month = await first_open_month(conn)
-    if statement_month is None:  # no month closed: nothing to adjust
+    if await first_open_month(conn) is None:  # no month closed: nothing to adjust
         return 0
-    deltas: dict[str, list[int | None]] = {}
-    for client, old, new in changes:
-        before, after = old or ZERO, new or ZERO
-        delta = deltas.setdefault(client, [0] * len(SUMMED_COLUMNS))
-        for index in range(len(SUMMED_COLUMNS)):
-            was, now, sum_so_far = before[index], after[index], delta[index]
-            if was is None or now is None or sum_so_far is None:
-                delta[index] = None
-            else:
-                delta[index] = sum_so_far + now - was
-    rows = [
-        (client, usage_date, statement_month, *delta, reason, utc_now_text())
-        for client, delta in sorted(deltas.items())
-        if any(value != 0 for value in delta)
-    ]
-    await conn.executemany(
-        f"INSERT INTO adjustments (client_org_id, usage_date, statement_month,"
-        f" {', '.join(SUMMED_COLUMNS)}, reason, created_at)"
-        f" VALUES (?, ?, ?, {', '.join('?' * len(SUMMED_COLUMNS))}, ?, ?)",
-        rows,
-    )
-    return len(rows)
+    deltas = AdjustmentDeltas()
+    deltas.add(changes)
+    return await deltas.write(conn, usage_date, reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,9 @@ row's new totals are its stored totals plus the pending increments, markup and P
 the totals (per row, half-even), and the pending rows deleted, in one ``BEGIN IMMEDIATE``
 transaction. A batch-log record read again is below the stored next offset and skipped,
 and a rollup pass applied twice finds nothing pending, so nothing counts twice; the cost
-of closing a day is its number of summary keys, not its events.
+of closing a day is its number of summary keys, not its events. The keys are read and
+written in chunks of :data:`CHUNK_KEYS` inside that one transaction, so the memory a
+close needs is bounded by the chunk, not by the day's number of keys.
 
 Markup is the price book's (tables/summary_db/pricebook.py): each row's multiplier for its date,
 client and model, recorded in ``markup_multiplier``. A merge into a month whose statement
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -34,9 +37,10 @@ from streams.model.money import NanoScaler, nano_to_float
 from tables.summary_db.columns import VALUE_COLUMNS
 from tables.summary_db.pricebook import load_pricebook, multiplier_text
 from tables.summary_db.schema import json_for_sqlite, utc_now_text, write_transaction
-from tables.summary_db.statements import Usage, month_is_closed, record_adjustments, usage_of_values
+from tables.summary_db.statements import AdjustmentDeltas, Usage, month_is_closed, usage_of_values
 
 __all__ = [
+    "CHUNK_KEYS",
     "IF_CHANGED",
     "INSERT_DAILY",
     "DayRollup",
@@ -53,6 +57,14 @@ __all__ = [
 
 _WORKER = f"{socket.gethostname()}"
 _IN_CHUNK = 900  # bound parameters per IN (...) query
+#: Summary keys per step of :func:`rollup_day` and :func:`refresh_open_days`. Why this
+#: size: a step's keys are all in Python at once (the rows read, their
+#: :class:`SummaryRow`, 19 values each, the JSON payload), ~3 kB a key at the peak, so
+#: closing a date of 289k keys peaks at +65 MB with 20,000 (+36 MB with 10,000, +153 MB
+#: with 50,000), where the whole date at once took +507 MB (bench/rollup_memory.py,
+#: docs/performance.md); and the steps' own cost (two statements each) is lost against
+#: their rows: 5,000 to 50,000 took the same ~6.2-6.6 s as the whole date.
+CHUNK_KEYS = 20_000
 
 
 class Rate(Protocol):
@@ -140,24 +152,77 @@ async def closed_days(conn: aiosqlite.Connection, dates: Sequence[str]) -> set[s
     )
 
 
-_PENDING_SQL = """
-    SELECT k.client_org_id, k.user_id, k.model, p.usage_date, p.input_tokens,
-           p.output_tokens, p.requests, p.estimated_requests, p.raw_cost_nano
-    FROM daily_pending p JOIN summary_keys k USING (key_id) WHERE p.usage_date = ?
+#: The keys of one date's pending rows, in key order: what :func:`_day_chunks` pages
+#: through. A TEMP table (spilled to a temporary file past the page cache, not held in
+#: memory), because ``daily_pending`` is ordered by ``key_id``: paging it in that order
+#: would scatter every chunk's writes over all of ``usage_daily``'s B-tree, where key
+#: order writes each page once, as the unchunked rollup did.
+_DAY_KEYS_TABLE = """
+    CREATE TEMP TABLE IF NOT EXISTS day_keys (
+        client_org_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        key_id INTEGER NOT NULL,
+        PRIMARY KEY (client_org_id, user_id, model)
+    ) WITHOUT ROWID
 """
-_STORED_SQL = """
-    SELECT d.client_org_id, d.user_id, d.model, d.usage_date, d.input_tokens,
-           d.output_tokens, d.requests, d.estimated_requests, d.raw_cost_nano
+_FILL_DAY_KEYS = """
+    INSERT INTO temp.day_keys
+    SELECT k.client_org_id, k.user_id, k.model, k.key_id
     FROM daily_pending p JOIN summary_keys k USING (key_id)
-    JOIN usage_daily d ON d.client_org_id = k.client_org_id AND d.user_id = k.user_id
-        AND d.model = k.model AND d.usage_date = p.usage_date
-    WHERE p.usage_date = ?
+    WHERE p.usage_date = :day{dirty}
+    ORDER BY 1, 2, 3
 """
+_PENDING_COLUMNS = """r.client_org_id, r.user_id, r.model, p.usage_date, p.input_tokens,
+    p.output_tokens, p.requests, p.estimated_requests, p.raw_cost_nano"""
+#: A chunk of an open date: the pending rows (:class:`SummaryRow` order).
+_OPEN_CHUNK_SQL = f"""
+    SELECT {_PENDING_COLUMNS}
+    FROM temp.day_keys r JOIN daily_pending p ON p.usage_date = :day AND p.key_id = r.key_id
+"""
+#: A chunk of a date being closed: the pending rows (:class:`SummaryRow` order), whether
+#: ``usage_daily`` has the row already, and its stored sums (:class:`Usage` order).
+_ROLLUP_CHUNK_SQL = f"""
+    SELECT {_PENDING_COLUMNS}, d.usage_date IS NOT NULL, d.requests, d.estimated_requests,
+        d.input_tokens, d.output_tokens, d.total_tokens, d.raw_cost_nano,
+        d.markup_cost_nano, d.markup_cost_pln_nano
+    FROM temp.day_keys r JOIN daily_pending p ON p.usage_date = :day AND p.key_id = r.key_id
+    LEFT JOIN usage_daily d ON d.client_org_id = r.client_org_id AND d.user_id = r.user_id
+        AND d.model = r.model AND d.usage_date = :day
+"""
+_AFTER = " WHERE (r.client_org_id, r.user_id, r.model) > (:client, :user, :model)"
+_PAGE = " ORDER BY r.client_org_id, r.user_id, r.model LIMIT :keys"
 
 
-async def _summary_rows(conn: aiosqlite.Connection, sql: str, day: str) -> list[SummaryRow]:
-    async with conn.execute(sql, (day,)) as cursor:
-        return [SummaryRow(*row) for row in await cursor.fetchall()]
+async def _day_chunks(
+    conn: aiosqlite.Connection, day: str, chunk_sql: str, *, dirty_only: bool = False
+) -> AsyncIterator[list[sqlite3.Row]]:
+    """The date's pending rows (only those with ``live_dirty`` set, if ``dirty_only``) as
+    ``chunk_sql`` reads them, at most :data:`CHUNK_KEYS` at a time, in key order, inside
+    the caller's transaction.
+
+    Why chunks: a date can have hundreds of thousands of keys, and every key's rows and
+    values in Python at once cost ~1.3 kB each. Keyset pagination (after the last key of
+    the previous chunk) on :data:`_DAY_KEYS_TABLE`, so each chunk costs its own keys, and
+    the caller writes each chunk before the next is read: the chunks are disjoint, so
+    what a chunk reads of ``usage_daily`` is still as it was before the transaction.
+    """
+    await conn.execute(_DAY_KEYS_TABLE)
+    await conn.execute("DELETE FROM temp.day_keys")
+    dirty = " AND p.live_dirty = 1" if dirty_only else ""
+    await conn.execute(_FILL_DAY_KEYS.format(dirty=dirty), {"day": day})
+    params: dict[str, object] = {"day": day, "keys": CHUNK_KEYS}
+    sql = chunk_sql + _PAGE
+    while True:
+        async with conn.execute(sql, params) as cursor:
+            chunk = list(await cursor.fetchall())
+        if chunk:
+            yield chunk
+        if len(chunk) < CHUNK_KEYS:
+            break
+        params.update(zip(("client", "user", "model"), chunk[-1][:3], strict=True))
+        sql = chunk_sql + _AFTER + _PAGE
+    await conn.execute("DELETE FROM temp.day_keys")
 
 
 async def _late_events(conn: aiosqlite.Connection, day: str) -> int:
@@ -345,24 +410,32 @@ def _as_json(values: Sequence[SummaryValues]) -> str | None:
 RateLookup = Callable[[aiosqlite.Connection, date], Awaitable[Rate | None]]
 
 
-async def _stored_usage(
-    conn: aiosqlite.Connection, day: str
-) -> dict[tuple[str, str, str, str], Usage]:
-    """The stored sums of the date's rows that have pending increments (what a merge
-    changes: the "before" of an adjustment)."""
-    async with conn.execute(_STORED_USAGE_SQL, (day,)) as cursor:
-        return {(*row[:3], day): Usage(*row[3:]) for row in await cursor.fetchall()}
+class _Merge(NamedTuple):
+    """One key of a date being closed."""
+
+    pending: SummaryRow  # the increments
+    total: SummaryRow  # the row's new totals: stored plus pending
+    before: Usage | None  # the stored sums (None: no row yet); an adjustment's "before"
 
 
-_STORED_USAGE_SQL = """
-    SELECT d.client_org_id, d.user_id, d.model, d.requests, d.estimated_requests,
-           d.input_tokens, d.output_tokens, d.total_tokens, d.raw_cost_nano,
-           d.markup_cost_nano, d.markup_cost_pln_nano
-    FROM daily_pending p JOIN summary_keys k USING (key_id)
-    JOIN usage_daily d ON d.client_org_id = k.client_org_id AND d.user_id = k.user_id
-        AND d.model = k.model AND d.usage_date = p.usage_date
-    WHERE p.usage_date = ?
-"""
+def _merged(row: sqlite3.Row) -> _Merge:
+    """A :data:`_ROLLUP_CHUNK_SQL` row as a :class:`_Merge`."""
+    pending = SummaryRow(*row[:9])
+    if not row[9]:
+        return _Merge(pending, pending, None)
+    before = Usage(*row[10:18])
+    stored = SummaryRow(
+        pending.client_org_id,
+        pending.user_id,
+        pending.model,
+        pending.usage_date,
+        before.input_tokens,
+        before.output_tokens,
+        before.requests,
+        before.estimated_requests,
+        before.raw_cost_nano,
+    )
+    return _Merge(pending, stored.plus(pending), before)
 
 
 async def rollup_day(
@@ -379,26 +452,37 @@ async def rollup_day(
     the date closed (so later events for it count as late) and deletes its pending rows.
     A merge into a month whose statement is closed records the difference per client in
     ``adjustments`` (reason ``late_events``; tables/summary_db/statements.py).
+
+    The date's keys are taken in chunks (:func:`_day_chunks`), all in the one
+    transaction, so a crash anywhere leaves the date as it was.
     """
     day = usage_date if isinstance(usage_date, str) else usage_date.isoformat()
     async with write_transaction(conn):
         rate = await rate_lookup(conn, date.fromisoformat(day))
         markups = (await load_pricebook(conn, markup)).for_day(day)
         was_closed = bool(await closed_days(conn, [day]))
-        pending = await _summary_rows(conn, _PENDING_SQL, day)
-        stored = {row.key: row for row in await _summary_rows(conn, _STORED_SQL, day)}
         late = await _late_events(conn, day)
-        rows = [stored[row.key].plus(row) if row.key in stored else row for row in pending]
-        values = summary_values(rows, markups, rate, utc_now_text())
-        before = await _stored_usage(conn, day) if await month_is_closed(conn, day[:7]) else None
-        written = await upsert_summary_values(conn, values)
-        if before is not None:
-            await record_adjustments(
-                conn,
-                day,
-                ((str(v[0]), before.get(v[:4]), usage_of_values(v)) for v in values),
-                "late_events",
-            )
+        adjustments = AdjustmentDeltas() if await month_is_closed(conn, day[:7]) else None
+        now = utc_now_text()
+        records = written = clients = 0
+        last_client: str | None = None
+        async for chunk in _day_chunks(conn, day, _ROLLUP_CHUNK_SQL):
+            merged = [_merged(row) for row in chunk]
+            values = summary_values([m.total for m in merged], markups, rate, now)
+            if adjustments is not None:
+                adjustments.add(
+                    (str(v[0]), m.before, usage_of_values(v))
+                    for m, v in zip(merged, values, strict=True)
+                )
+            written += await upsert_summary_values(conn, values)
+            for m in merged:
+                records += m.pending.requests
+                client = m.pending.client_org_id
+                if client != last_client:  # in key order, a client's keys come together
+                    clients += 1
+                    last_client = client
+        if adjustments is not None:
+            await adjustments.write(conn, day, "late_events")
         await conn.execute("DELETE FROM daily_pending WHERE usage_date = ?", (day,))
         await conn.execute("DELETE FROM usage_daily_open WHERE usage_date = ?", (day,))
         await conn.execute(
@@ -406,9 +490,9 @@ async def rollup_day(
         )
     return DayRollup(
         usage_date=day,
-        records=sum(row.requests for row in pending),
+        records=records,
         summaries_written=written,
-        clients=len({row.client_org_id for row in pending}),
+        clients=clients,
         late_rewrite=was_closed,
         late_events=late,
     )
@@ -425,7 +509,8 @@ async def refresh_open_days(
     multipliers; ``markup`` is the default one). Only keys whose totals changed since the
     last pass are rewritten (``live_dirty``; a new price-book rule marks the dates it
     covers), so a pass costs what arrived since the previous one, not the size of the
-    day."""
+    day; and like :func:`rollup_day` it takes a date's keys in chunks (:func:`_day_chunks`),
+    so a date whose every key is dirty (its rate arrived) does not need them all at once."""
     written = 0
     async with write_transaction(conn):
         now = utc_now_text()
@@ -441,19 +526,22 @@ async def refresh_open_days(
                     await conn.execute(
                         "UPDATE daily_pending SET live_dirty = 1 WHERE usage_date = ?", (day,)
                     )
-            rows = await _summary_rows(conn, _PENDING_SQL + " AND p.live_dirty = 1", day)
-            if not rows:
-                continue
             assert book is not None
-            values = summary_values(rows, book.for_day(day), rate, now)
-            payload = _as_json(values)
-            if payload is None:
-                await conn.executemany(_OPEN_UPSERT, values)
-            else:  # one statement, like write_summaries (see _UPSERT_JSON)
-                await conn.execute(_OPEN_UPSERT_JSON, (payload,))
+            markups = book.for_day(day)
+            day_written = 0
+            async for chunk in _day_chunks(conn, day, _OPEN_CHUNK_SQL, dirty_only=True):
+                values = summary_values([SummaryRow(*row) for row in chunk], markups, rate, now)
+                payload = _as_json(values)
+                if payload is None:
+                    await conn.executemany(_OPEN_UPSERT, values)
+                else:  # one statement, like write_summaries (see _UPSERT_JSON)
+                    await conn.execute(_OPEN_UPSERT_JSON, (payload,))
+                day_written += len(values)
+            if not day_written:
+                continue
             await conn.execute(
                 "UPDATE daily_pending SET live_dirty = 0 WHERE usage_date = ? AND live_dirty = 1",
                 (day,),
             )
-            written += len(rows)
+            written += day_written
     return written
