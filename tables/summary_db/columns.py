@@ -8,7 +8,7 @@ as its deltas.
 
 from __future__ import annotations
 
-__all__ = ["DAILY_COLUMNS", "KEY_COLUMNS", "SUMMED_COLUMNS", "VALUE_COLUMNS"]
+__all__ = ["DAILY_COLUMNS", "KEY_COLUMNS", "SUMMED_COLUMNS", "VALUE_COLUMNS", "SummaryValues"]
 
 #: The key of a ``usage_daily`` row, in primary-key order.
 KEY_COLUMNS = ("client_org_id", "user_id", "model", "usage_date")
@@ -45,3 +45,15 @@ SUMMED_COLUMNS = (
     "markup_cost_nano",
     "markup_cost_pln_nano",
 )
+
+#: One row's ``usage_daily`` values in the order the rollup writes them
+#: (tables/summary_db/summary_store.py): the key, then :data:`VALUE_COLUMNS`, then
+#: ``updated_at``.
+SummaryValues = tuple[
+    str, str, str, str,  # client_org_id, user_id, model, usage_date
+    int, int, int, int, int,  # input, output, total tokens; requests, estimated_requests
+    int, int, int | None,  # raw_cost_nano, markup_cost_nano, markup_cost_pln_nano
+    float | None, float | None, float | None,  # raw_cost_usd, markup_cost_usd, markup_cost_pln
+    str | None, str | None, str,  # usd_pln_rate, nbp_table_no, markup_multiplier
+    str,  # updated_at
+]  # fmt: skip

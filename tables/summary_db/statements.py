@@ -34,15 +34,12 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import aiosqlite
 
-from tables.summary_db.columns import SUMMED_COLUMNS
+from tables.summary_db.columns import SUMMED_COLUMNS, SummaryValues
 from tables.summary_db.schema import utc_now_text, write_transaction
-
-if TYPE_CHECKING:
-    from tables.summary_db.summary_store import SummaryValues
 
 __all__ = [
     "AdjustmentDeltas",

@@ -34,7 +34,7 @@ import aiosqlite
 import orjson
 
 from streams.model.money import NanoScaler, nano_to_float
-from tables.summary_db.columns import VALUE_COLUMNS
+from tables.summary_db.columns import VALUE_COLUMNS, SummaryValues
 from tables.summary_db.pricebook import load_pricebook, multiplier_text
 from tables.summary_db.schema import json_for_sqlite, utc_now_text, write_transaction
 from tables.summary_db.statements import AdjustmentDeltas, Usage, month_is_closed, usage_of_values
@@ -74,18 +74,6 @@ class Rate(Protocol):
     def mid(self) -> Decimal: ...
     @property
     def table_no(self) -> str: ...
-
-
-#: One row's ``usage_daily`` values as :func:`_summary_values` orders them: the key, then
-#: ``VALUE_COLUMNS``, then ``updated_at``.
-SummaryValues = tuple[
-    str, str, str, str,  # client_org_id, user_id, model, usage_date
-    int, int, int, int, int,  # input, output, total tokens; requests, estimated_requests
-    int, int, int | None,  # raw_cost_nano, markup_cost_nano, markup_cost_pln_nano
-    float | None, float | None, float | None,  # raw_cost_usd, markup_cost_usd, markup_cost_pln
-    str | None, str | None, str,  # usd_pln_rate, nbp_table_no, markup_multiplier
-    str,  # updated_at
-]  # fmt: skip
 
 
 class SummaryRow(NamedTuple):
