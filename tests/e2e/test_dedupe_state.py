@@ -177,8 +177,10 @@ def test_a_replay_bills_the_copy_the_worker_billed(stack: Stack) -> None:
             "SELECT requests, input_tokens FROM usage_daily WHERE usage_date = ?", (day,)
         )
 
-    for _ in range(2):
-        done = stack.cli("replay", "--date", day, timeout=180)
+    # twice, then from offsets (the dead letters are then read whole)
+    whole = ",".join(f"{p}:0" for p in range(PARTITIONS))
+    for extra in ([], [], ["--from-offsets", whole]):
+        done = stack.cli("replay", "--date", day, *extra, timeout=180)
         assert done.returncode == 0, done.stderr.decode()[-2000:]
         assert daily() == [(1, 100)]
     assert billed(stack) == (1, 100)
