@@ -162,7 +162,12 @@ async def _guard_configs(admin: AIOKafkaAdminClient, settings: Settings) -> None
     """streams/kafka/topic_guards.py's checks on what the broker reports: a fatal problem stops
     the worker (:class:`TopicMismatch`, one line); the others are logged once each and
     shown as ``usage_stream_topic_config_problems{topic,check}``."""
-    topics = [settings.USAGE_TOPIC, settings.rerouted_topic, settings.batch_log_topic]
+    topics = [
+        settings.USAGE_TOPIC,
+        settings.rerouted_topic,
+        settings.dlq_topic,
+        settings.batch_log_topic,
+    ]
     answers = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
     )

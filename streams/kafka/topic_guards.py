@@ -87,8 +87,9 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
 def check_topic_configs(
     settings: Settings, reported: Mapping[str, Mapping[str, str]]
 ) -> list[TopicProblem]:
-    """The problems of the usage, rerouted and batch-log topics' configs as the broker
-    reports them (``{topic: {name: value}}``; a missing name is the broker's default)."""
+    """The problems of the usage, rerouted, dead-letter and batch-log topics' configs as
+    the broker reports them (``{topic: {name: value}}``; a missing name is the broker's
+    default)."""
     problems: list[TopicProblem] = []
     needed_ms = int(settings.ledger_retention_days * DAY_MS)
     for topic in (settings.USAGE_TOPIC, settings.rerouted_topic):
@@ -132,6 +133,21 @@ def check_topic_configs(
                     fatal=False,
                 )
             )
+    dlq = settings.dlq_topic
+    retention = int(reported.get(dlq, {}).get("retention.ms", "-1"))
+    if 0 <= retention < needed_ms:
+        problems.append(
+            TopicProblem(
+                dlq,
+                "retention_ms",
+                f"topic {dlq} keeps dead letters {retention / DAY_MS:g} days (retention.ms="
+                f"{retention}), less than LEDGER_RETENTION_DAYS="
+                f"{settings.ledger_retention_days:g}: a replay of an older date cannot read"
+                " the workers' conflicting_duplicate verdicts back and may bill another"
+                f" copy of a conflicting request; raise retention.ms to at least {needed_ms}",
+                fatal=False,
+            )
+        )
     log = settings.batch_log_topic
     configs = reported.get(log, {})
     for name in ("retention.ms", "retention.bytes"):

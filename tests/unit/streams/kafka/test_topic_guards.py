@@ -40,6 +40,18 @@ def test_dead_letters_outlive_the_usage_topic(
     )
 
 
+def test_dead_letters_kept_less_than_the_ledger_are_a_warning(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay of an older date needs the workers' conflict verdicts: a dead-letter topic
+    that keeps fewer days than LEDGER_RETENTION_DAYS is named, without stopping the
+    worker (Apache Kafka's 7-day default covers the default ledger)."""
+    kafka_default = {"usage-dlq": {"retention.ms": str(7 * DAY_MS)}}
+    assert checks(settings, kafka_default) == set()
+    monkeypatch.setenv("LEDGER_RETENTION_DAYS", "30")
+    assert checks(Settings(), kafka_default) == {("usage-dlq", "retention_ms", False)}
+
+
 def test_a_broker_that_reports_nothing_is_taken_at_its_defaults(settings: Settings) -> None:
     assert check_topic_configs(settings, {}) == []
 
