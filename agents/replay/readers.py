@@ -568,7 +568,7 @@ class ReaderProcesses:
         self.readers = self.readers[: len(groups)]
         for reader, group in zip(self.readers, groups, strict=True):
             reader.group = group
-            mine = {p: (losers or {})[p] for p in group if p in (losers or {})}
+            mine = {p: losers[p] for p in group if losers and p in losers}
             reader.send(**job, partitions=group, losers=mine)
             self._streams.append(reader.messages())
         for reader in spare:

@@ -331,10 +331,13 @@ async def run_replay(
             prices = await latest_model_prices(conn)
             try:
                 lap = Lap(report.read_timings)
-                partitions = await topic_partitions(settings, settings.USAGE_TOPIC)
+                # the partitions to deal out and, read meanwhile, the copies the workers
+                # dead-lettered where copies of a request conflict
+                partitions, losers = await asyncio.gather(
+                    topic_partitions(settings, settings.USAGE_TOPIC),
+                    conflict_losers(settings, day, from_offsets),
+                )
                 groups = reader_groups(partitions, readers.count)
-                # the copies the workers billed, where copies of a request conflict
-                losers = await conflict_losers(settings, day, from_offsets)
                 await readers.start(day, groups, len(partitions), from_offsets, prices, losers)
                 report.ranges = list((await readers.ranges()).values())
                 cut = [r.partition for r in report.ranges if r.cut]

@@ -190,10 +190,11 @@ async def _day_chunks(
     the caller's transaction.
 
     Why chunks: a date can have hundreds of thousands of keys, and every key's rows and
-    values in Python at once cost ~1.3 kB each. Keyset pagination (after the last key of
-    the previous chunk) on :data:`_DAY_KEYS_TABLE`, so each chunk costs its own keys, and
-    the caller writes each chunk before the next is read: the chunks are disjoint, so
-    what a chunk reads of ``usage_daily`` is still as it was before the transaction.
+    values in Python at once cost ~3 kB each (bench/rollup_memory.py). Keyset pagination
+    (after the last key of the previous chunk) on :data:`_DAY_KEYS_TABLE`, so each chunk
+    costs its own keys, and the caller writes each chunk before the next is read: the
+    chunks are disjoint, so what a chunk reads of ``usage_daily`` is still as it was
+    before the transaction.
     """
     await conn.execute(_DAY_KEYS_TABLE)
     await conn.execute("DELETE FROM temp.day_keys")
