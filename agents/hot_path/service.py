@@ -104,7 +104,8 @@ class HotPath(mode.Service):
     """Consumes the usage and rerouted topics in batches (module docstring)."""
 
     def __init__(self, prices: PricesFeed, **kwargs: Any) -> None:
-        # the price book's feed is shared with the summary writer's reads (wiring.py)
+        # model prices for the estimated costs; on the summary writer they are read
+        # through the shared summary DB connection that wire() gave the feed
         self.prices = prices
         super().__init__(**kwargs)
 
