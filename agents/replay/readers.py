@@ -17,8 +17,9 @@ stderr. In order:
 
 1. replay → reader: the job: ``day``, ``partitions`` (the group), ``partition_count``,
    ``from_offsets``, ``prices`` (the replay's snapshot, so every group prices alike),
-   ``losers`` (per partition of the group, the offsets of each topic's copies the workers
-   dead-lettered as conflicting duplicates: left out, :mod:`agents.replay.worker_verdicts`).
+   ``losers`` (per partition of the group, the offsets and value digests of each topic's
+   copies the workers dead-lettered as conflicting duplicates: left out,
+   :mod:`agents.replay.worker_verdicts`).
 2. reader → replay: ``ranges`` (its usage-topic slice, fixed), then ``progress`` per
    fetch, then ``totals`` lines (the usage slice's sums per key, in chunks: added up
    while the reader reads its rerouted slice and the other readers read), ``totals``
@@ -57,6 +58,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import orjson
 
 from agents.replay.topic_slice import PartitionRange, ReplayReader, ReplayReadError, TopicNotFound
+from agents.replay.worker_verdicts import ConflictLosers, without_losers
 from streams.kafka.broker import BrokerUnreachable, groupless_consumer
 from streams.settings import Settings
 from tables.summary_db.replay_staging import (
@@ -69,7 +71,6 @@ from tables.summary_db.replay_staging import (
 if TYPE_CHECKING:
     from aiokafka import ConsumerRecord
 
-    from agents.replay.worker_verdicts import ConflictLosers
     from streams.model.event import KafkaRecord, UsageEvent
     from streams.model.pricing import Price
 
@@ -150,7 +151,8 @@ class _DayStager:
     from the usage topic only events at their home partition (a copy read elsewhere is
     counted through its rerouted copy, as the live pipeline counts it), from the rerouted
     topic every one, leaving out the copies the workers judged conflicting duplicates
-    (``losers``: ``(rerouted, partition)`` -> offsets). Then deduplicates them (the first
+    (``losers``: ``(rerouted, partition)`` -> offset -> value digest). Then deduplicates
+    them (the first
     copy read wins, so in read order: the copies left of a request bill alike)
     and folds the first copies into ``totals``: in this thread while the ids fit in
     memory, on a thread of its own (one batch at a time, awaited before the next) once
@@ -170,7 +172,7 @@ class _DayStager:
         prices: Mapping[str, Price],
         settings: Settings,
         partitions: int,
-        losers: Mapping[tuple[bool, int], set[int]],
+        losers: Mapping[tuple[bool, int], Mapping[int, str]],
     ) -> None:
         from streams.model.business_time import UsageDates, local_midnight_ms
 
@@ -217,7 +219,7 @@ class _DayStager:
             count += len(records)
             losers = self.losers.get((rerouted, partition))
             if losers:
-                records = [record for record in records if record.offset not in losers]
+                records = without_losers(records, losers)
             if not validate_all:  # only what may be an event of the date
                 records = [record for record in records if maybe_of_the_day(record)]
             for record, event in zip(records, parse_records(records), strict=True):
@@ -369,9 +371,11 @@ async def _read_group_until_done(settings: Settings) -> None:
         for model, prompt, completion, request in job["prices"]
     }
     losers = {
-        (topic == settings.rerouted_topic, int(partition)): set(offsets)
+        (topic == settings.rerouted_topic, int(partition)): {
+            offset: digest for offset, digest in copies
+        }
         for partition, topics in job["losers"].items()
-        for topic, offsets in topics.items()
+        for topic, copies in topics.items()
     }
     counts, totals = ReadCounts(), DayTotals()
     with ReplayStaging(settings.summary_db_path.parent, MEMORY_IDS) as staging:

@@ -13,6 +13,11 @@ every conflict: the dead-letter topic, with the copy's ``source-offset``
 range as the usage topic and leaves those copies out; each remaining copy of a request
 then has the billed fingerprint, and whichever it reads first bills the same.
 
+A verdict names its copy by position and by the copy's bytes (the dead letter's value is
+the original value): a position alone would, after the usage or rerouted topic was
+recreated (offsets start again at 0) under a dead-letter topic that kept its records,
+name another record, and a valid event there would be left out.
+
 What this does not cover: a conflict the workers had not judged yet when the replay read
 the dead-letter topic (copies at the live edge) is judged by the replay's own order; a
 dead-letter topic whose retention already deleted the date's verdicts (keep it at least
@@ -21,20 +26,46 @@ as long as the usage topic) likewise.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Mapping
 from datetime import date
+from typing import Protocol, TypeVar
 
 from agents.replay.topic_slice import ReplayReader, TopicNotFound, topic_partitions
 from streams.model.event import CONFLICT
 from streams.settings import Settings
 
-__all__ = ["ConflictLosers", "conflict_losers", "parse_source"]
+__all__ = ["ConflictLosers", "conflict_losers", "parse_source", "value_digest", "without_losers"]
 
-#: home partition -> topic -> offsets of the copies the workers dead-lettered as conflicts
-ConflictLosers = dict[int, dict[str, list[int]]]
+#: home partition -> topic -> ``[offset, value digest]`` of each copy the workers
+#: dead-lettered as a conflict (lists: they cross to the reader processes as JSON)
+ConflictLosers = dict[int, dict[str, list[tuple[int, str]]]]
 
 _ERROR_PREFIX = f"{CONFLICT}:".encode()
+
+
+def value_digest(value: bytes | None) -> str:
+    """What names a copy's bytes in a verdict (module docstring)."""
+    return hashlib.blake2b(value or b"", digest_size=8).hexdigest()
+
+
+class _Record(Protocol):
+    offset: int
+    value: bytes | None
+
+
+_R = TypeVar("_R", bound=_Record)
+
+
+def without_losers(records: list[_R], losers: Mapping[int, str]) -> list[_R]:
+    """``records`` of one partition but the copies judged conflicts (``losers``: offset
+    -> value digest): the very copy, by its position and its bytes (module docstring)."""
+    return [
+        record
+        for record in records
+        if (digest := losers.get(record.offset)) is None or digest != value_digest(record.value)
+    ]
 
 
 def parse_source(value: bytes) -> tuple[str, int, int] | None:
@@ -72,7 +103,7 @@ async def conflict_losers(
                         source = parse_source(headers.get("source-offset", b""))
                         if source is not None and source[0] in wanted:
                             topic, partition, offset = source
-                            losers[partition][topic].append(offset)
+                            losers[partition][topic].append((offset, value_digest(record.value)))
     except TopicNotFound:
         return {}
     return {p: dict(topics) for p, topics in losers.items()}
